@@ -1,0 +1,126 @@
+"""Built-in unpaired data with a known answer: Y = T(X) for a hidden invertible mapping T.
+
+X images are reddish shapes (discs, boxes) on bluish, shaded backgrounds, so no task's T leaves them unchanged and
+the identity is a poor translation. Training sets are unpaired (x-train and y-train come from independent scenes);
+test sets are paired (y-test[k] = T(x-test[k]), same keys), so PSNR of G(x) against T(x) measures quality.
+
+Tasks:
+  colour  - T permutes the colour channels (R, G, B) -> (B, R, G): easy, learnable in minutes on a CPU.
+  stripes - T darkens every other pair of rows inside the shapes (invertible up to rounding): harder.
+
+    python -m shards.synthetic --task colour --out data/colour --size 32 --train 2048 --test 64
+"""
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from shards.manifest import split_entry, write_manifest
+from shards.writer import write_shards
+
+Scene = tuple[np.ndarray, np.ndarray]  # image [H, W, 3] uint8, object mask [H, W] bool
+
+
+def render_scene(rng: np.random.Generator, size: int) -> Scene:
+    """One X-domain scene: a shaded bluish background with 1-3 reddish discs or boxes."""
+    rows = np.linspace(0.0, 1.0, size)[:, None, None]
+    top = rng.uniform([20, 40, 150], [70, 110, 230])
+    bottom = rng.uniform([10, 20, 110], [50, 80, 190])
+    image = top * (1 - rows) + bottom * rows + rng.normal(0, 4, (size, size, 3))
+    image = np.broadcast_to(image, (size, size, 3)).copy()
+    mask = np.zeros((size, size), bool)
+    yy, xx = np.mgrid[:size, :size]
+    for _ in range(rng.integers(1, 4)):
+        colour = rng.uniform([170, 20, 20], [250, 90, 90])
+        cy, cx = rng.uniform(0.15, 0.85, 2) * size
+        radius = rng.uniform(0.1, 0.25) * size
+        if rng.random() < 0.5:
+            shape = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        else:
+            shape = (np.abs(yy - cy) <= radius) & (np.abs(xx - cx) <= radius * rng.uniform(0.5, 1.0))
+        image[shape] = colour + rng.normal(0, 4, (int(shape.sum()), 3))
+        mask |= shape
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def colour_task(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """T for `colour`: new (R, G, B) = old (B, R, G)."""
+    return image[..., [2, 0, 1]].copy()
+
+
+def stripes_task(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """T for `stripes`: inside the shapes, rows 0-1 of every 4 are darkened to 35%."""
+    out = image.astype(np.float32)
+    rows = (np.arange(image.shape[0]) // 2) % 2 == 0
+    out[mask & rows[:, None]] *= 0.35
+    return np.round(out).astype(np.uint8)
+
+
+TASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"colour": colour_task, "stripes": stripes_task}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Lossless PNG encoding of an [H, W, 3] uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _samples(task: str, size: int, count: int, seed: int, transform: bool) -> Iterator[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        image, mask = render_scene(rng, size)
+        if transform:
+            image = TASKS[task](image, mask)
+        yield {"__key__": f"{index:07d}", "png": png_bytes(image)}
+
+
+def write_synthetic(
+    out: str | Path, task: str, size: int, train: int, test: int, seed: int = 0, maxcount: int = 1024
+) -> Path:
+    """Write x-train, y-train (unpaired) and x-test, y-test (paired) shards of `task` plus the manifest.
+
+    Returns:
+        The path of manifest.json.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(TASKS)}")
+    # Three seed streams: x-train and y-train must not share scenes (unpaired); the test pairs share theirs.
+    x_train, y_train, test_seed = np.random.SeedSequence(seed).generate_state(3)
+    plan = {
+        "x-train": _samples(task, size, train, int(x_train), transform=False),
+        "y-train": _samples(task, size, train, int(y_train), transform=True),
+        "x-test": _samples(task, size, test, int(test_seed), transform=False),
+        "y-test": _samples(task, size, test, int(test_seed), transform=True),
+    }
+    splits = {
+        split: split_entry(write_shards(out, split, samples, maxcount), (size, size))
+        for split, samples in plan.items()
+        if (train if split.endswith("train") else test) > 0
+    }
+    return write_manifest(out, splits, {"synthetic": {"task": task, "seed": seed, "paired_test": True}})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic unpaired dataset with a known answer as shards.")
+    parser.add_argument("--task", choices=sorted(TASKS), default="colour")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--size", type=int, default=32, help="image height and width in pixels")
+    parser.add_argument("--train", type=int, default=2048, help="training images per domain")
+    parser.add_argument("--test", type=int, default=64, help="paired test images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--maxcount", type=int, default=1024, help="samples per shard")
+    args = parser.parse_args(argv)
+    if args.size < 8 or args.train < 0 or args.test < 0 or args.maxcount < 1:
+        parser.error("--size must be >= 8, --train/--test >= 0 and --maxcount >= 1")
+    path = write_synthetic(args.out, args.task, args.size, args.train, args.test, args.seed, args.maxcount)
+    print(f"wrote {args.task} shards and {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+import typing
+
+import pytest
+
+from trainer.config import Config, ConfigError, ModelConfig, load_config, save_config
+from trainer.models import GENERATORS
+
+BAD_OVERRIDES = [
+    (["trian.steps=3"], "unknown key trian; valid keys here: model, loss"),
+    (["train.stpes=3"], "did you mean train.steps?"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed; expected a number > 0"),
+    (["data.crop_size=300", "data.load_size=286"], "data.crop_size=300 exceeds data.load_size=286"),
+    (["model.generator=unet"], "model.generator='unet' is not allowed; expected one of: resnet_9blocks"),
+    (["model.discriminator=big"], "model.discriminator='big' is not allowed; expected one of: patchgan, pixel, hnet"),
+    (["train.batch_size=abc"], "train.batch_size='abc' has the wrong type; expected int"),
+    (["train.steps=2.5"], "train.steps=2.5 has the wrong type; expected int"),
+    (["train.steps=0"], "train.steps=0 is not allowed; expected an integer >= 1"),
+    (["loss.gan_mode=wgan"], "loss.gan_mode='wgan' is not allowed; expected one of: lsgan, vanilla, hinge"),
+    (["loss.lambda_cycle=-1"], "loss.lambda_cycle=-1.0 is not allowed"),
+    (["logging.wandb=always"], "logging.wandb='always' is not allowed; expected one of: online, offline, disabled"),
+    (["model.norm_g=layer"], "model.norm_g='layer' is not allowed; expected one of: batch, instance, none"),
+    (["model.generator=resnet_9blocks", "model.n_blocks=4"], "model.n_blocks=4 contradicts model.generator"),
+    (["loss.lambda_feature=1.0"], "loss.lambda_feature=1.0 needs model.discriminator=hnet"),
+    (["model.generator=unet_256", "data.load_size=286", "data.crop_size=128"],
+     "data.crop_size=128 must be a multiple of 256 for model.generator=unet_256"),
+    (["train.flip=true"], "unknown key train.flip"),
+    (["data.flip=1"], "data.flip=1 has the wrong type; expected bool"),
+    (["train"], "override 'train' must look like section.key=value"),
+    (["train.steps.max=3"], "train.steps={'max': 3} has the wrong type; expected int"),
+    (["optimizer.beta1=1.0"], "optimizer.beta1=1.0 is not allowed; expected a number in [0, 1)"),
+    (["checkpoint.keep=0"], "checkpoint.keep=0 is not allowed; expected an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_OVERRIDES)
+def test_bad_config_is_refused_with_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_missing_and_malformed_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections"):
+        load_config(listed)
+
+
+def test_yaml_then_overrides_win_in_order(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  batch_size: 4\n  steps: 7\noptimizer:\n  lr: 1e-3\n")
+    cfg = load_config(path, ["train.batch_size=8", "model.generator=unet_article"])
+    assert cfg.train.batch_size == 8
+    assert cfg.train.steps == 7
+    assert cfg.optimizer.lr == pytest.approx(1e-3)  # "1e-3" (YAML reads it as a string) is accepted for a float
+    assert cfg.model.generator == "unet_article"
+    assert cfg.model.ngf == 64  # default kept
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["model.generator=resnet_6blocks", "loss.gan_mode=hinge", "optimizer.lr_d=1e-4"])
+    assert cfg.model.n_blocks == 6
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_every_generator_name_in_the_config_has_a_builder():
+    names = typing.get_args(typing.get_type_hints(ModelConfig)["generator"])
+    assert set(names) == set(GENERATORS)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert isinstance(load_config(path), Config)

@@ -1,0 +1,378 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted command-line overrides, validation.
+
+Later sources win: dataclass defaults, then the YAML file, then `key.path=value` overrides. Every user mistake
+(unknown key, wrong type, impossible value) raises `ConfigError` with one line naming the key, the value and what is
+allowed. This module knows nothing about torch.distributed or accelerate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+GeneratorName = Literal[
+    "resnet_9blocks", "resnet_6blocks", "resnet", "unet_article", "unet_128", "unet_256", "encoder_decoder", "densenet"
+]
+DiscriminatorName = Literal["patchgan", "pixel", "hnet"]
+NormName = Literal["batch", "instance", "none"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names the key and what is allowed."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    generator: GeneratorName = "resnet_9blocks"
+    """Generator family for both g_xy (the paper's G) and g_yx (the paper's F)."""
+    discriminator: DiscriminatorName = "patchgan"
+    """patchgan (70x70 PatchGAN), pixel (1x1 PatchGAN) or hnet (shared trunk H with heads H'_X, H'_Y)."""
+    ngf: int = 64
+    """Filters in the generators' first layer."""
+    ndf: int = 64
+    """Filters in the discriminators' first layer."""
+    n_layers_d: int = 3
+    """Strided conv layers of the PatchGAN (3 gives the 70x70 receptive field)."""
+    n_blocks: int | None = None
+    """Residual blocks of resnet (default 9), dense blocks of densenet (default 3); resnet_6blocks/_9blocks fix it."""
+    n_skip: int = 2
+    """Encoder/decoder levels of the article's U-Net (unet_article)."""
+    norm_g: NormName = "instance"
+    """Normalization in the generators."""
+    norm_d: NormName = "instance"
+    """Normalization in the discriminators."""
+    use_dropout: bool = False
+    """Dropout(0.5) in the ResNet blocks and the U-Net decoders."""
+    init: Literal["normal", "xavier", "kaiming", "orthogonal"] = "normal"
+    """Weight initialization; normal is N(0, init_gain) as in the reference implementation."""
+    init_gain: float = 0.02
+    """Std of the normal init, gain of xavier/orthogonal."""
+    hnet_trunk_layers: int = 2
+    """For discriminator=hnet: PatchGAN stages in the shared trunk H; the rest form each head H'."""
+    input_nc: int = 3
+    """Channels of the generators' and discriminators' image input."""
+
+    def __post_init__(self) -> None:
+        _require(self.ngf >= 1, "model.ngf", self.ngf, "an integer >= 1")
+        _require(self.ndf >= 1, "model.ndf", self.ndf, "an integer >= 1")
+        _require(self.n_layers_d >= 1, "model.n_layers_d", self.n_layers_d, "an integer >= 1")
+        fixed = {"resnet_6blocks": 6, "resnet_9blocks": 9}.get(self.generator)
+        if fixed is not None and self.n_blocks not in (None, fixed):
+            raise ConfigError(
+                f"model.n_blocks={self.n_blocks} contradicts model.generator={self.generator}; "
+                "use model.generator=resnet to choose the block count"
+            )
+        if self.n_blocks is None:
+            self.n_blocks = fixed or {"densenet": 3}.get(self.generator, 9)
+        _require(self.n_blocks >= 1, "model.n_blocks", self.n_blocks, "an integer >= 1")
+        _require(1 <= self.n_skip <= 6, "model.n_skip", self.n_skip, "an integer in [1, 6]")
+        _require(self.init_gain > 0, "model.init_gain", self.init_gain, "a number > 0")
+        _require(self.input_nc >= 1, "model.input_nc", self.input_nc, "an integer >= 1")
+        max_trunk = self.n_layers_d + 1
+        _require(
+            1 <= self.hnet_trunk_layers <= max_trunk, "model.hnet_trunk_layers", self.hnet_trunk_layers,
+            f"an integer in [1, {max_trunk}] (n_layers_d + 1)",
+        )
+
+    def min_image_multiple(self) -> int:
+        """The spatial size of images must be a multiple of this for the chosen generator."""
+        return {"unet_128": 2**7, "unet_256": 2**8, "unet_article": 2**self.n_skip, "encoder_decoder": 16}.get(
+            self.generator, 4
+        )
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    gan_mode: Literal["lsgan", "vanilla", "hinge"] = "lsgan"
+    """Adversarial objective: least squares (the paper and the article), BCE-with-logits, or hinge."""
+    lambda_adv: float = 1.0
+    """Weight of each generator's adversarial term."""
+    lambda_cycle: float = 10.0
+    """lambda in Eq. 3 of the paper; weight of ||F(G(x)) - x||_1 and ||G(F(y)) - y||_1."""
+    lambda_identity: float = 0.5
+    """Identity loss ||G(y) - y||_1 + ||F(x) - x||_1 at weight lambda_identity * lambda_cycle (the paper's 0.5)."""
+    lambda_preserve: float = 0.0
+    """The article's input-preservation term ||G(x) - x||_1 + ||F(y) - y||_1 (the article uses 0.5); 0 disables."""
+    lambda_feature: float = 0.0
+    """Feature-level cycle loss ||H(F(G(x))) - H(x)||_1 + ||H(G(F(y))) - H(y)||_1; needs discriminator=hnet."""
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_adv", "lambda_cycle", "lambda_identity", "lambda_preserve", "lambda_feature"):
+            value = getattr(self, name)
+            _require(value >= 0, f"loss.{name}", value, "a number >= 0")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 2e-4
+    """Adam learning rate of the generator pair (and of the discriminator pair unless lr_d is set)."""
+    lr_d: float | None = None
+    """Adam learning rate of the discriminator pair; null means lr."""
+    beta1: float = 0.5
+    """Adam beta1 (the paper uses 0.5)."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) for both units."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optimizer.lr", self.lr, "a number > 0")
+        if self.lr_d is not None:
+            _require(self.lr_d > 0, "optimizer.lr_d", self.lr_d, "a number > 0 or null")
+        _require(0 <= self.beta1 < 1, "optimizer.beta1", self.beta1, "a number in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optimizer.beta2", self.beta2, "a number in [0, 1)")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    kind: Literal["linear", "cosine", "constant"] = "linear"
+    """linear: constant, then linear decay to zero at train.steps (the paper); cosine: cosine decay to zero."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to the full learning rate over this many steps."""
+    decay_start: float = 0.5
+    """For kind=linear: fraction of train.steps after which the linear decay starts (the paper: 100 of 200 epochs)."""
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(0 <= self.decay_start <= 1, "schedule.decay_start", self.decay_start, "a number in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str = ""
+    """Directory of tar shards with a manifest.json (written by `python -m shards.write` or `shards.synthetic`)."""
+    load_size: int = 286
+    """Images are resized to load_size x load_size, then randomly cropped to crop_size (the paper: 286 -> 256)."""
+    crop_size: int = 256
+    """Training resolution."""
+    flip: bool = True
+    """Random horizontal flip."""
+    rotation_deg: float = 0.0
+    """Random rotation in [-rotation_deg, rotation_deg]; 0 disables it."""
+    shuffle_buffer: int = 256
+    """Samples held in each domain's shuffle buffer."""
+
+    def __post_init__(self) -> None:
+        _require(self.crop_size >= 1, "data.crop_size", self.crop_size, "an integer >= 1")
+        if self.crop_size > self.load_size:
+            raise ConfigError(
+                f"data.crop_size={self.crop_size} exceeds data.load_size={self.load_size}; "
+                "lower crop_size or raise load_size"
+            )
+        _require(0 <= self.rotation_deg <= 180, "data.rotation_deg", self.rotation_deg, "a number in [0, 180]")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer updates of each unit."""
+    batch_size: int = 1
+    """Images of each domain per rank per step (the global batch is batch_size x world size)."""
+    run_dir: str = "runs/default"
+    """Where the resolved config, metrics.jsonl, image grids, checkpoints and exported weights go."""
+    seed: int = 0
+    """Seeds weights, data order, augmentation and the image pools."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocasts the networks' forward passes (losses stay fp32)."""
+    pool_size: int = 50
+    """Image history pool of generated images shown to the discriminators; 0 disables it."""
+    eval_every_steps: int = 0
+    """Evaluate on the paired test split every N steps (and at the end); 0 means only at the end."""
+    eval_images: int = 64
+    """Test pairs used by the evaluation."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _require(bool(self.run_dir), "train.run_dir", self.run_dir, "a non-empty path")
+        _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        _require(self.pool_size >= 0, "train.pool_size", self.pool_size, "an integer >= 0")
+        _require(self.eval_every_steps >= 0, "train.eval_every_steps", self.eval_every_steps, "an integer >= 0")
+        _require(self.eval_images >= 0, "train.eval_images", self.eval_images, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    backend: Literal["ddp"] = "ddp"
+    """Data-parallel backend for both units. DeepSpeed ZeRO arrives with issue 4."""
+    cpu: bool = False
+    """Train on CPU even when CUDA is available."""
+    timeout_s: int = 600
+    """Process-group timeout: a hung collective fails after this many seconds instead of blocking forever."""
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s >= 1, "distributed.timeout_s", self.timeout_s, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    """Weights & Biases mode; offline writes the run under run_dir/wandb for a later `wandb sync`."""
+    project: str = "cyclegan-dist"
+    """W&B project."""
+    every_steps: int = 10
+    """Scalars are reduced across ranks and written every N steps."""
+    image_every_steps: int = 100
+    """Sample grids (x | G(x) | F(G(x)) and y | F(y) | G(F(y))) every N steps and at the end; 0: only at the end."""
+    sample_images: int = 4
+    """Fixed test images per domain shown in the sample grids."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "logging.every_steps", self.every_steps, "an integer >= 1")
+        _require(self.image_every_steps >= 0, "logging.image_every_steps", self.image_every_steps, "an integer >= 0")
+        _require(self.sample_images >= 1, "logging.sample_images", self.sample_images, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
+    keep: int = 3
+    """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.lambda_feature > 0 and self.model.discriminator != "hnet":
+            raise ConfigError(
+                f"loss.lambda_feature={self.loss.lambda_feature} needs model.discriminator=hnet "
+                f"(got {self.model.discriminator}); set lambda_feature to 0 or use the hnet discriminator"
+            )
+        multiple = self.model.min_image_multiple()
+        if self.data.crop_size % multiple:
+            raise ConfigError(
+                f"data.crop_size={self.data.crop_size} must be a multiple of {multiple} for "
+                f"model.generator={self.model.generator}"
+            )
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; expected {allowed}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from an optional YAML file and `section.key=value` overrides.
+
+    Raises:
+        ConfigError: for a missing or malformed file, an unknown key, a wrong type or an impossible value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides:
+        _apply_override(data, item)
+    return from_dict(Config, data, "")
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.batch_size=8")
+    *parents, leaf = key.split(".")
+    node = data
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parents[: depth + 1])} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw else ""
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, checking keys and types; `prefix` names the section in errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown key {path}; valid keys here: {', '.join(fields)}{hint}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = from_dict(kind, value, f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, kind, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, path: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed:
+            raise ConfigError(f"{path}={value!r} is not allowed; expected one of: {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [option for option in options if option is not type(None)]
+        return _coerce(value, inner, path)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "2e-4" (no dot) as a string; accept it for float fields.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config field type {kind} at {path}")
+    raise ConfigError(f"{path}={value!r} has the wrong type; expected {kind.__name__}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML, JSON and trackers)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML that `load_config` reads back to an equal Config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

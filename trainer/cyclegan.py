@@ -1,0 +1,137 @@
+"""The CycleGAN algorithm (Zhu et al., 2017), free of any distributed or tracking code.
+
+Names follow the paper and the source article: g_xy is the paper's G (X -> Y), g_yx is its F (Y -> X); d_x tells
+real x from g_yx(y), d_y tells real y from g_xy(x). The generators form one trainable unit (`GeneratorPair`), the
+discriminators the other (`DiscriminatorPair`); each unit's `forward` does all of that unit's work for its step,
+so a distributed wrapper sees exactly one forward per backward. The step functions return losses and never call
+backward() or step(): the engine does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from trainer.config import LossConfig, ModelConfig
+from trainer.losses import discriminator_loss, generator_adv_loss, l1
+from trainer.models import build_discriminator, build_generator, build_hnet
+
+Tensors = dict[str, torch.Tensor]
+
+
+class GeneratorPair(nn.Module):
+    """g_xy and g_yx; `forward` runs the translations, reconstructions and (if used) identity mappings."""
+
+    def __init__(self, g_xy: nn.Module, g_yx: nn.Module, use_identity: bool):
+        super().__init__()
+        self.g_xy = g_xy
+        self.g_yx = g_yx
+        self.use_identity = use_identity
+
+    def forward(self, real_x: torch.Tensor, real_y: torch.Tensor) -> Tensors:  # each [N, C, H, W]
+        fake_y = self.g_xy(real_x)
+        fake_x = self.g_yx(real_y)
+        out = {"fake_y": fake_y, "rec_x": self.g_yx(fake_y), "fake_x": fake_x, "rec_y": self.g_xy(fake_x)}
+        if self.use_identity:
+            out["idt_x"] = self.g_yx(real_x)  # F should leave an X image as it is
+            out["idt_y"] = self.g_xy(real_y)
+        return out
+
+
+class DiscriminatorPair(nn.Module):
+    """d_x and d_y. For the article's H/H' variant both share `trunk` (H): d_x = H'_X(H(.)), d_y = H'_Y(H(.))."""
+
+    def __init__(self, d_x: nn.Module, d_y: nn.Module, trunk: nn.Module | None = None):
+        super().__init__()
+        self.d_x = d_x
+        self.d_y = d_y
+        self.trunk = trunk
+
+    def forward(self, real_x: torch.Tensor, fake_x: torch.Tensor, real_y: torch.Tensor, fake_y: torch.Tensor) -> Tensors:
+        return {
+            "real_x": self.d_x(real_x), "fake_x": self.d_x(fake_x),
+            "real_y": self.d_y(real_y), "fake_y": self.d_y(fake_y),
+        }
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """H(images): the shared trunk's features (only for the H/H' variant)."""
+        if self.trunk is None:
+            raise ValueError("feature-level cycle loss needs model.discriminator=hnet")
+        return self.trunk(images)
+
+
+def build_units(model_cfg: ModelConfig, loss_cfg: LossConfig) -> tuple[GeneratorPair, DiscriminatorPair]:
+    """The two trainable units, initialized from the global torch RNG (seed it first for identical ranks)."""
+    gens = GeneratorPair(build_generator(model_cfg), build_generator(model_cfg), loss_cfg.lambda_identity > 0)
+    if model_cfg.discriminator == "hnet":
+        trunk, head_x, head_y = build_hnet(model_cfg)
+        discs = DiscriminatorPair(nn.Sequential(trunk, head_x), nn.Sequential(trunk, head_y), trunk)
+    else:
+        discs = DiscriminatorPair(build_discriminator(model_cfg), build_discriminator(model_cfg))
+    return gens, discs
+
+
+def generator_step(
+    gens: nn.Module, discs: DiscriminatorPair, real_x: torch.Tensor, real_y: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, Tensors, Tensors]:
+    """The generator objective (Eq. 3 of the paper plus identity and the article's optional terms).
+
+    `discs` must be the plain (unwrapped) discriminator pair with requires_grad off: it only scores the fakes.
+
+    Returns:
+        (loss, stats, outputs): the scalar loss, detached per-term values keyed `loss/...`, and the generator
+        outputs (fake_x, fake_y, ...) for the discriminator step and the sample grids.
+    """
+    out = gens(real_x, real_y)
+    terms = {
+        # Eq. 1, generator side: g_xy wants d_y to call its fakes real, and g_yx likewise for d_x.
+        "adv_g_xy": generator_adv_loss(discs.d_y(out["fake_y"]), cfg.gan_mode),
+        "adv_g_yx": generator_adv_loss(discs.d_x(out["fake_x"]), cfg.gan_mode),
+        # Eq. 2: ||g_yx(g_xy(x)) - x||_1 and ||g_xy(g_yx(y)) - y||_1
+        "cycle_x": l1(out["rec_x"], real_x),
+        "cycle_y": l1(out["rec_y"], real_y),
+    }
+    loss = cfg.lambda_adv * (terms["adv_g_xy"] + terms["adv_g_yx"])
+    loss = loss + cfg.lambda_cycle * (terms["cycle_x"] + terms["cycle_y"])
+    if cfg.lambda_identity > 0:
+        # Identity (Sec. 5.2 of the paper): ||g_yx(x) - x||_1 + ||g_xy(y) - y||_1
+        terms["idt_x"] = l1(out["idt_x"], real_x)
+        terms["idt_y"] = l1(out["idt_y"], real_y)
+        loss = loss + cfg.lambda_cycle * cfg.lambda_identity * (terms["idt_x"] + terms["idt_y"])
+    if cfg.lambda_preserve > 0:
+        # The article's input preservation: ||g_xy(x) - x||_1 + ||g_yx(y) - y||_1
+        terms["preserve_x"] = l1(out["fake_y"], real_x)
+        terms["preserve_y"] = l1(out["fake_x"], real_y)
+        loss = loss + cfg.lambda_preserve * (terms["preserve_x"] + terms["preserve_y"])
+    if cfg.lambda_feature > 0:
+        # The article's feature-level cycle loss through the frozen trunk: ||H(F(G(x))) - H(x)||_1 + ...
+        terms["feature_x"] = l1(discs.features(out["rec_x"]), discs.features(real_x))
+        terms["feature_y"] = l1(discs.features(out["rec_y"]), discs.features(real_y))
+        loss = loss + cfg.lambda_feature * (terms["feature_x"] + terms["feature_y"])
+    stats = {f"loss/{name}": value.detach() for name, value in terms.items()}
+    stats["loss/g_total"] = loss.detach()
+    return loss, stats, out
+
+
+def discriminator_step(
+    discs: nn.Module,
+    real_x: torch.Tensor,
+    real_y: torch.Tensor,
+    fake_x: torch.Tensor,
+    fake_y: torch.Tensor,
+    cfg: LossConfig,
+) -> tuple[torch.Tensor, Tensors]:
+    """The discriminators' objective on real images vs (pooled, detached) fakes.
+
+    Returns:
+        (loss, stats): loss = loss_d_x + loss_d_y and detached per-term values keyed `loss/...`.
+    """
+    preds = discs(real_x, fake_x.detach(), real_y, fake_y.detach())
+    loss_x, real_part_x, fake_part_x = discriminator_loss(preds["real_x"], preds["fake_x"], cfg.gan_mode)
+    loss_y, real_part_y, fake_part_y = discriminator_loss(preds["real_y"], preds["fake_y"], cfg.gan_mode)
+    loss = loss_x + loss_y
+    stats = {
+        "loss/d_x": loss_x, "loss/d_x_real": real_part_x, "loss/d_x_fake": fake_part_x,
+        "loss/d_y": loss_y, "loss/d_y_real": real_part_y, "loss/d_y_fake": fake_part_y,
+        "loss/d_total": loss,
+    }
+    return loss, {key: value.detach() for key, value in stats.items()}

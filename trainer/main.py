@@ -1,0 +1,33 @@
+"""Command line: `[accelerate launch] trainer/main.py --config configs/NAME.yaml [section.key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (how `accelerate launch` runs it): Python put trainer/ itself first on sys.path, where
+    # trainer/data.py or trainer/config.py would shadow same-named top-level modules. Use the repo root instead.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from trainer.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train a CycleGAN (single process, DDP or DeepSpeed via accelerate).")
+    parser.add_argument("--config", help="YAML experiment file, e.g. configs/demo-cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=8")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from trainer.train import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

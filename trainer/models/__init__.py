@@ -1,0 +1,63 @@
+"""Generators and discriminators, built from `ModelConfig` through one registry.
+
+Every network here is plain PyTorch: no accelerate, deepspeed or wandb.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from trainer.config import ModelConfig
+from trainer.models.densenet import DenseNetGenerator
+from trainer.models.encoder_decoder import EncoderDecoderGenerator
+from trainer.models.layers import init_weights
+from trainer.models.patchgan import PatchDiscriminator, PixelDiscriminator, patchgan_stages
+from trainer.models.resnet import ResnetGenerator
+from trainer.models.unet import ArticleUnetGenerator, DeepUnetGenerator
+
+GeneratorBuilder = Callable[[ModelConfig, int, int], nn.Module]
+
+GENERATORS: dict[str, GeneratorBuilder] = {
+    "resnet_9blocks": lambda c, i, o: ResnetGenerator(i, o, c.ngf, c.norm_g, c.use_dropout, c.n_blocks),
+    "resnet_6blocks": lambda c, i, o: ResnetGenerator(i, o, c.ngf, c.norm_g, c.use_dropout, c.n_blocks),
+    "resnet": lambda c, i, o: ResnetGenerator(i, o, c.ngf, c.norm_g, c.use_dropout, c.n_blocks),
+    "unet_article": lambda c, i, o: ArticleUnetGenerator(i, o, c.ngf, c.norm_g, c.use_dropout, c.n_skip),
+    "unet_128": lambda c, i, o: DeepUnetGenerator(i, o, c.ngf, c.norm_g, c.use_dropout, num_downs=7),
+    "unet_256": lambda c, i, o: DeepUnetGenerator(i, o, c.ngf, c.norm_g, c.use_dropout, num_downs=8),
+    "encoder_decoder": lambda c, i, o: EncoderDecoderGenerator(i, o, c.ngf, c.norm_g, c.use_dropout),
+    "densenet": lambda c, i, o: DenseNetGenerator(i, o, c.ngf, c.norm_g, c.n_blocks),
+}
+
+OUTPUT_NC = 3
+
+
+def build_generator(cfg: ModelConfig) -> nn.Module:
+    """One initialized generator mapping cfg.input_nc channels to an RGB image in [-1, 1]."""
+    net = GENERATORS[cfg.generator](cfg, cfg.input_nc, OUTPUT_NC)
+    init_weights(net, cfg.init, cfg.init_gain)
+    return net
+
+
+def build_discriminator(cfg: ModelConfig) -> nn.Module:
+    """One initialized PatchGAN or pixel discriminator (for hnet see `build_hnet`)."""
+    if cfg.discriminator == "patchgan":
+        net: nn.Module = PatchDiscriminator(OUTPUT_NC, cfg.ndf, cfg.n_layers_d, cfg.norm_d)
+    elif cfg.discriminator == "pixel":
+        net = PixelDiscriminator(OUTPUT_NC, cfg.ndf, cfg.norm_d)
+    else:
+        raise ValueError(f"model.discriminator={cfg.discriminator!r} is built by build_hnet")
+    init_weights(net, cfg.init, cfg.init_gain)
+    return net
+
+
+def build_hnet(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The article's improved variant: a shared PatchGAN trunk H and two heads, so D_X = H'_X(H(.)) and
+    D_Y = H'_Y(H(.)). Returns (trunk, head_x, head_y), each initialized."""
+    split = cfg.hnet_trunk_layers
+    trunk = nn.Sequential(*patchgan_stages(OUTPUT_NC, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[:split])
+    head_x = nn.Sequential(*patchgan_stages(OUTPUT_NC, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[split:])
+    head_y = nn.Sequential(*patchgan_stages(OUTPUT_NC, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[split:])
+    for net in (trunk, head_x, head_y):
+        init_weights(net, cfg.init, cfg.init_gain)
+    return trunk, head_x, head_y

@@ -1,0 +1,55 @@
+"""ResNet generator of the CycleGAN paper (Johnson et al. style): c7s1-ngf, two stride-2 downsamplings,
+residual blocks, two transposed-conv upsamplings, c7s1-3 with tanh. 9 blocks for 256 px, 6 for 128 px."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from trainer.models.layers import conv_bias, norm_layer
+
+
+class ResnetBlock(nn.Module):
+    """x + conv3x3(norm, relu, [dropout], conv3x3, norm)(x) with reflection padding."""
+
+    def __init__(self, channels: int, norm: str, use_dropout: bool):
+        super().__init__()
+        bias = conv_bias(norm)
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias), norm_layer(norm, channels), nn.ReLU(True)
+        ]
+        if use_dropout:
+            layers.append(nn.Dropout(0.5))
+        layers += [nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias), norm_layer(norm, channels)]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """Image-to-image ResNet; the output is in [-1, 1]."""
+
+    def __init__(self, input_nc: int, output_nc: int, ngf: int, norm: str, use_dropout: bool, n_blocks: int):
+        super().__init__()
+        bias = conv_bias(norm)
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, bias=bias), norm_layer(norm, ngf), nn.ReLU(True)
+        ]
+        for mult in (1, 2):
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
+                norm_layer(norm, ngf * mult * 2),
+                nn.ReLU(True),
+            ]
+        layers += [ResnetBlock(ngf * 4, norm, use_dropout) for _ in range(n_blocks)]
+        for mult in (4, 2):
+            layers += [
+                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
+                norm_layer(norm, ngf * mult // 2),
+                nn.ReLU(True),
+            ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, output_nc, H, W]
+        return self.net(x)
