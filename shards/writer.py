@@ -1,4 +1,5 @@
-"""Write samples into numbered tar shards with webdataset's TarWriter; each shard appears atomically."""
+"""Write samples into numbered tar shards with webdataset's TarWriter; each shard appears atomically and is
+byte-for-byte reproducible (fixed member mtime)."""
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ def write_shards(out_dir: str | Path, split: str, samples: Iterable[dict[str, An
     for sample in samples:
         if writer is None:
             path = out_dir / f"{split}-{len(entries):06d}.tar.tmp"
-            writer, count = wds.TarWriter(str(path)), 0
+            writer, count = wds.TarWriter(str(path), mtime=0.0), 0  # fixed mtime: same samples, same bytes
         writer.write(sample)
         count += 1
         if count == maxcount:

@@ -1,0 +1,66 @@
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.manifest import read_manifest, sha256_file
+from shards.synthetic import TASKS, render_scene, write_synthetic
+
+
+def read_tar_images(path):
+    with tarfile.open(path) as tar:
+        return {m.name: np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read()))) for m in tar.getmembers()}
+
+
+def test_manifest_counts_and_hashes_match_the_shards(colour_shards):
+    manifest = read_manifest(colour_shards)
+    assert set(manifest["splits"]) == {"x-train", "y-train", "x-test", "y-test"}
+    train = manifest["splits"]["x-train"]
+    assert train["samples"] == 96 and [s["samples"] for s in train["shards"]] == [40, 40, 16]
+    assert train["image_size"] == [32, 32]
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = colour_shards / shard["name"]
+            assert sha256_file(path) == shard["sha256"]
+            assert path.stat().st_size == shard["bytes"]
+            assert len(read_tar_images(path)) == shard["samples"]
+    assert not list(colour_shards.glob("*.tmp"))
+
+
+def test_test_split_is_paired_with_the_known_answer(colour_shards):
+    xs = read_tar_images(colour_shards / "x-test-000000.tar")
+    ys = read_tar_images(colour_shards / "y-test-000000.tar")
+    assert xs.keys() == ys.keys()
+    for key in xs:
+        np.testing.assert_array_equal(ys[key], xs[key][..., [2, 0, 1]])
+
+
+def test_train_split_is_unpaired(colour_shards):
+    xs = read_tar_images(colour_shards / "x-train-000000.tar")
+    ys = read_tar_images(colour_shards / "y-train-000000.tar")
+    matches = sum(np.array_equal(ys[k], xs[k][..., [2, 0, 1]]) for k in xs)
+    assert matches == 0
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_tasks_change_the_image_and_identity_is_a_poor_answer(task):
+    rng = np.random.default_rng(0)
+    image, mask = render_scene(rng, 64)
+    out = TASKS[task](image, mask)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - image.astype(int)).mean() > 5
+    assert mask.any()
+
+
+def test_same_seed_gives_the_same_bytes(tmp_path):
+    a = write_synthetic(tmp_path / "a", "stripes", size=16, train=5, test=2, seed=1)
+    b = write_synthetic(tmp_path / "b", "stripes", size=16, train=5, test=2, seed=1)
+    shas = lambda m: [s["sha256"] for split in read_manifest(m.parent)["splits"].values() for s in split["shards"]]
+    assert shas(a) == shas(b)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"manifest.json not found; write shards with"):
+        read_manifest(tmp_path)
