@@ -2,8 +2,10 @@
 logging, sample grids, evaluation and checkpoints on intervals, and exported generators at the end."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -104,15 +106,24 @@ def train(cfg: Config) -> dict[str, float]:
     return metrics
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off, batch-norm running stats) and no autograd for the block, then back to training."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
 def _sample_grids(gens: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict:
     """x | G(x) | F(G(x)) and y | F(y) | G(F(y)) rows for the fixed sample images."""
-    was_training = gens.training
-    gens.eval()
-    x, y = x.to(device), y.to(device)
-    fake_y, fake_x = gens.g_xy(x), gens.g_yx(y)
-    rec_x, rec_y = gens.g_yx(fake_y), gens.g_xy(fake_x)
-    gens.train(was_training)
+    with _eval_mode(gens):
+        x, y = x.to(device), y.to(device)
+        fake_y, fake_x = gens.g_xy(x), gens.g_yx(y)
+        rec_x, rec_y = gens.g_yx(fake_y), gens.g_xy(fake_x)
     return {
         "x_to_y": image_grid([list(row) for row in zip(x, fake_y, rec_x)]),
         "y_to_x": image_grid([list(row) for row in zip(y, fake_x, rec_y)]),
@@ -120,9 +131,6 @@ def _sample_grids(gens: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, devic
 
 
 def _evaluate(gens: torch.nn.Module, test: tuple, device: torch.device) -> dict[str, float]:
-    was_training = gens.training
-    gens.eval()
     x, y, paired = test
-    metrics = translation_metrics(gens.g_xy, gens.g_yx, x.to(device), y.to(device), paired)
-    gens.train(was_training)
-    return metrics
+    with _eval_mode(gens):
+        return translation_metrics(gens.g_xy, gens.g_yx, x.to(device), y.to(device), paired)
