@@ -73,12 +73,15 @@ def save_checkpoint(engine: Engine, run_dir: Path, step: int, rank_state: dict[s
     return final
 
 
-def save_generators(out_dir: Path, g_xy: nn.Module, g_yx: nn.Module, model_cfg: ModelConfig, image_size: int) -> None:
-    """Write g_xy.safetensors, g_yx.safetensors and model.json (architecture and training resolution)."""
+def save_generators(out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, image_size: int) -> None:
+    """Write g_xy.safetensors and g_yx.safetensors from the generator pair's full state dict (keys `g_xy.*`,
+    `g_yx.*`), plus model.json (architecture and training resolution)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, net in (("g_xy", g_xy), ("g_yx", g_yx)):
+    for name in ("g_xy", "g_yx"):
+        prefix = f"{name}."
+        tensors = {k[len(prefix):]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
         tmp = out_dir / f"{name}.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        save_file(tensors, str(tmp))
         os.replace(tmp, out_dir / f"{name}.safetensors")
     meta = {"model": dataclasses.asdict(model_cfg), "image_size": image_size}
     _write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))

@@ -120,6 +120,15 @@ class OptimizerConfig:
     """Adam beta2."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) for both units."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Scale lr and lr_d by (global batch / base_batch), or its square root; the global batch is
+    train.batch_size x world size x train.grad_accum_steps."""
+    base_batch: int = 1
+    """The global batch the learning rates are given for (the paper trains at batch 1)."""
+    clip_grad_norm_g: float = 0.0
+    """Clip the generator pair's gradient norm to this value; 0 disables clipping."""
+    clip_grad_norm_d: float = 0.0
+    """Clip the discriminator pair's gradient norm to this value; 0 disables clipping."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optimizer.lr", self.lr, "a number > 0")
@@ -128,6 +137,9 @@ class OptimizerConfig:
         _require(0 <= self.beta1 < 1, "optimizer.beta1", self.beta1, "a number in [0, 1)")
         _require(0 <= self.beta2 < 1, "optimizer.beta2", self.beta2, "a number in [0, 1)")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.base_batch >= 1, "optimizer.base_batch", self.base_batch, "an integer >= 1")
+        _require(self.clip_grad_norm_g >= 0, "optimizer.clip_grad_norm_g", self.clip_grad_norm_g, "a number >= 0")
+        _require(self.clip_grad_norm_d >= 0, "optimizer.clip_grad_norm_d", self.clip_grad_norm_d, "a number >= 0")
 
 
 @dataclass(kw_only=True)
@@ -180,8 +192,12 @@ class TrainConfig:
     """Where the resolved config, metrics.jsonl, image grids, checkpoints and exported weights go."""
     seed: int = 0
     """Seeds weights, data order, augmentation and the image pools."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocasts the networks' forward passes (losses stay fp32)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16/fp16 autocast the networks' forward passes (losses stay fp32); fp16 adds a loss scaler per unit."""
+    grad_accum_steps: int = 1
+    """Micro-batches of batch_size accumulated into one optimizer update of each unit."""
+    compile: bool = False
+    """torch.compile the generators and discriminators (in place; weights keep their names)."""
     pool_size: int = 50
     """Image history pool of generated images shown to the discriminators; 0 disables it."""
     eval_every_steps: int = 0
@@ -192,6 +208,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
         _require(bool(self.run_dir), "train.run_dir", self.run_dir, "a non-empty path")
         _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         _require(self.pool_size >= 0, "train.pool_size", self.pool_size, "an integer >= 0")
@@ -201,15 +218,32 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DistributedConfig:
-    backend: Literal["ddp"] = "ddp"
-    """Data-parallel backend for both units. DeepSpeed ZeRO arrives with issue 4."""
+    backend: Literal["auto", "ddp", "deepspeed"] = "auto"
+    """auto follows the launcher: DeepSpeed (stage and offload from the accelerate config) when launched with a
+    DeepSpeed accelerate config, else DDP. ddp and deepspeed force a backend."""
+    zero_stage: Literal[1, 2, 3] = 2
+    """ZeRO stage for backend=deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer states in CPU memory."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3: keep parameters in CPU memory."""
+    sync_batchnorm: bool = True
+    """DDP on CUDA: convert BatchNorm layers to SyncBatchNorm so statistics cover the global batch."""
     cpu: bool = False
     """Train on CPU even when CUDA is available."""
     timeout_s: int = 600
     """Process-group timeout: a hung collective fails after this many seconds instead of blocking forever."""
+    debug_skip_grad_sync: bool = False
+    """Test-only: DDP never all-reduces gradients, so ranks drift apart (proves the synchronization tests can fail)."""
 
     def __post_init__(self) -> None:
         _require(self.timeout_s >= 1, "distributed.timeout_s", self.timeout_s, "an integer >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(
+                f"distributed.offload_params=true needs distributed.zero_stage=3 (got {self.zero_stage})"
+            )
+        if self.backend == "ddp" and (self.offload_optimizer or self.offload_params):
+            raise ConfigError("distributed.offload_optimizer/offload_params need distributed.backend=deepspeed or auto")
 
 
 @dataclass(kw_only=True)

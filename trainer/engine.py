@@ -1,37 +1,132 @@
-"""The one place that knows the distributed backend: Accelerate with DDP for the two trainable units.
+"""The one place that knows the distributed backend: Accelerate driving DDP or DeepSpeed ZeRO-1/2/3 for the two
+trainable units (the generator pair "g" and the discriminator pair "d").
 
-`Engine` builds the Accelerator, prepares the generator pair and the discriminator pair with their optimizers,
-freezes a unit, runs backward + optimizer + scheduler per unit, and reduces metrics across ranks. The algorithm
-(cyclegan.py) never sees any of this.
+`Engine` builds the Accelerator, prepares each unit with its optimizer (two DDP modules, or two DeepSpeed engines
+with their own DeepSpeed config each), and owns everything between a loss and updated weights: autocast, the
+fp16 loss scaler of each unit, gradient accumulation without all-reduce on non-final micro-batches, clipping,
+optimizer and scheduler steps, freezing a unit, consolidated weights and the cross-rank reduction of metrics.
+The algorithm (cyclegan.py) never sees any of this.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import os
 from datetime import timedelta
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-from trainer.config import DistributedConfig
+from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig
 
-PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16"}
+UNITS = ("g", "d")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_backend(cfg: DistributedConfig, environ: Mapping[str, str] = os.environ) -> DistributedConfig:
+    """Settle backend=auto from the launcher: `accelerate launch` with a DeepSpeed config (launch/zero*.yaml) sets
+    ACCELERATE_USE_DEEPSPEED and the ZeRO stage/offload variables; anything else means DDP.
+
+    Raises:
+        ConfigError: when the config forces DDP but the launcher set up DeepSpeed.
+    """
+    launched_deepspeed = environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if cfg.backend == "ddp" and launched_deepspeed:
+        raise ConfigError(
+            "distributed.backend=ddp but accelerate launched with a DeepSpeed config; use distributed.backend=auto "
+            "or launch with a DDP config such as launch/cpu-ddp-2.yaml"
+        )
+    if cfg.backend != "auto":
+        return cfg
+    if not launched_deepspeed:
+        return dataclasses.replace(cfg, backend="ddp")
+
+    def offloaded(key: str) -> bool:
+        return environ.get(key, "none").lower() not in ("none", "")
+
+    return dataclasses.replace(
+        cfg,
+        backend="deepspeed",
+        zero_stage=int(environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", cfg.zero_stage)),
+        offload_optimizer=offloaded("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE") or cfg.offload_optimizer,
+        offload_params=offloaded("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE") or cfg.offload_params,
+    )
+
+
+def deepspeed_config(cfg: DistributedConfig, train: TrainConfig, clip: float, on_cuda: bool) -> dict:
+    """The DeepSpeed config of one unit (each unit gets its own: clipping differs, and so would fp16 scaling)."""
+    zero: dict = {"stage": cfg.zero_stage, "contiguous_gradients": True}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # We hand DeepSpeed a torch AdamW (no compiled DeepSpeed ops needed), also under CPU offload.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def _single_process_rendezvous() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    )
 
 
 class Engine:
-    """Owns the Accelerator and, after `prepare`, the two units with their optimizers and schedulers."""
+    """Owns the Accelerator and, after `prepare`, both units with their optimizers, schedulers and scalers."""
 
-    def __init__(self, cfg: DistributedConfig, precision: str, log_with: str | None = None):
+    def __init__(self, cfg: DistributedConfig, train: TrainConfig, optim: OptimizerConfig, log_with: str | None = None):
+        cfg = resolve_backend(cfg)
+        self.cfg = cfg
+        self.precision = train.precision
+        self.accum_steps = train.grad_accum_steps
+        self.use_compile = train.compile
+        self.is_deepspeed = cfg.backend == "deepspeed"
+        on_cuda = torch.cuda.is_available() and not cfg.cpu
+        if self.is_deepspeed and "WORLD_SIZE" not in os.environ:
+            _single_process_rendezvous()  # DeepSpeed needs a process group even for one process without a launcher
+        group_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))
+        if not on_cuda and (self.is_deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            group_kwargs.backend = "gloo"  # else DeepSpeed on CPU gives every rank process_index 0
+        clips = {"g": optim.clip_grad_norm_g, "d": optim.clip_grad_norm_d}
+        self.clips = clips
+        plugins = None
+        if self.is_deepspeed:
+            if train.precision == "fp16" and not on_cuda:
+                raise ConfigError("train.precision=fp16 with DeepSpeed needs CUDA; use bf16 or fp32 on CPU")
+            # The launcher's DeepSpeed fields were read by resolve_backend; the DeepSpeed configs below are complete,
+            # and accelerate refuses a full config while this variable lists fields from an accelerate config.
+            os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+            plugins = {u: DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, train, clips[u], on_cuda)) for u in UNITS}
         self.accelerator = Accelerator(
-            cpu=cfg.cpu,
-            mixed_precision=PRECISION_TO_ACCELERATE[precision],
+            cpu=cfg.cpu and not self.is_deepspeed,
+            # DDP: autocast and the per-unit GradScalers are ours; DeepSpeed: its config carries the precision.
+            mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[train.precision] if self.is_deepspeed else "no",
+            deepspeed_plugins=plugins,
             log_with=log_with,
             # Schedulers are stepped by us once per update; accelerate would step them once per process.
             step_scheduler_with_optimizer=False,
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))],
+            kwargs_handlers=[group_kwargs, DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
+        scaler_on = train.precision == "fp16" and not self.is_deepspeed
+        self.scalers = {u: torch.amp.GradScaler(self.device.type, enabled=scaler_on) for u in UNITS}
         self.units: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
@@ -52,6 +147,18 @@ class Engine:
     def world_size(self) -> int:
         return self.accelerator.num_processes
 
+    @property
+    def backend_name(self) -> str:
+        """`ddp` or `zero1`/`zero2`/`zero3` (+`-offload`), for logs."""
+        if not self.is_deepspeed:
+            return "ddp"
+        offload = "-offload" if self.cfg.offload_optimizer or self.cfg.offload_params else ""
+        return f"zero{self.cfg.zero_stage}{offload}"
+
+    def global_batch(self, batch_size: int) -> int:
+        """Images per domain per optimizer update over all ranks and micro-batches."""
+        return batch_size * self.world_size * self.accum_steps
+
     def prepare(
         self,
         units: dict[str, nn.Module],
@@ -59,15 +166,27 @@ class Engine:
         schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler],
     ) -> dict[str, nn.Module]:
         """Wrap the units ("g", "d") and their optimizers for the backend; returns the wrapped units."""
-        names = list(units)
-        prepared = self.accelerator.prepare(*[units[n] for n in names], *[optimizers[n] for n in names])
-        self.units = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(names, prepared[len(names) :]))
+        if self.use_compile:
+            for unit in units.values():
+                for child in unit.children():
+                    child.compile()  # in place: parameter names (checkpoints, exports) stay the same
+        if self.is_deepspeed:
+            for name in UNITS:
+                # Two engines from one Accelerator: select this unit's DeepSpeed config, prepare one model at a time.
+                self.accelerator.state.select_deepspeed_plugin(name)
+                self.units[name], self.optimizers[name] = self.accelerator.prepare(units[name], optimizers[name])
+        else:
+            if self.cfg.sync_batchnorm and self.world_size > 1 and self.device.type == "cuda":
+                units = {n: nn.SyncBatchNorm.convert_sync_batchnorm(u) for n, u in units.items()}
+            prepared = self.accelerator.prepare(*[units[n] for n in UNITS], *[optimizers[n] for n in UNITS])
+            self.units = dict(zip(UNITS, prepared[:2]))
+            self.optimizers = dict(zip(UNITS, prepared[2:]))
         self.schedulers = schedulers
         return self.units
 
     def unwrap(self, which: str) -> nn.Module:
-        """The plain module of unit `which`, for forwards that must bypass the DDP wrapper (the frozen D in G's step)."""
+        """The plain module of unit `which`, for forwards that must bypass the DDP wrapper or DeepSpeed engine
+        (the frozen discriminators in the generator step, sampling, evaluation)."""
         return self.accelerator.unwrap_model(self.units[which])
 
     @contextlib.contextmanager
@@ -84,25 +203,89 @@ class Engine:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision autocast for network forwards (a no-op in fp32)."""
-        return self.accelerator.autocast()
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
-    def backward_and_step(self, loss: torch.Tensor, which: str) -> None:
-        """Backward of `loss` into unit `which` (gradients all-reduced), optimizer step, scheduler step, zero grads."""
-        self.accelerator.backward(loss)
-        self.optimizers[which].step()
+    def accumulate(self, which: str, is_last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward of unit `which`: under DDP, gradients are all-reduced
+        only on the last micro-batch (DeepSpeed manages its own accumulation boundary)."""
+        skip_sync = self.cfg.debug_skip_grad_sync or not is_last
+        if self.is_deepspeed or self.world_size == 1 or not skip_sync:
+            return contextlib.nullcontext()
+        return self.units[which].no_sync()
+
+    def backward(self, loss: torch.Tensor, which: str) -> None:
+        """Backward of one micro-batch's loss into unit `which`, averaged over the accumulation steps."""
+        if self.is_deepspeed:
+            engine = self.units[which]
+            engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+            engine.step()  # counts micro-batches; updates only at the accumulation boundary
+        else:
+            self.scalers[which].scale(loss / self.accum_steps).backward()
+
+    def step(self, which: str) -> torch.Tensor:
+        """Finish the update of unit `which` after its last micro-batch: unscale, clip, optimizer step (skipped by
+        the unit's own scaler on fp16 overflow), scheduler step, zero grads.
+
+        Returns:
+            The unit's gradient norm before clipping (a device tensor; NaN where the backend does not report it).
+        """
+        if self.is_deepspeed:
+            self.schedulers[which].step()
+            norm = self.units[which].get_global_grad_norm()
+            return torch.tensor(float("nan") if norm is None else float(norm))
+        optimizer, scaler = self.optimizers[which], self.scalers[which]
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clips[which] or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
         self.schedulers[which].step()
-        self.optimizers[which].zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
 
     def lr(self, which: str) -> float:
         """Current learning rate of unit `which`."""
-        return self.optimizers[which].param_groups[0]["lr"]
+        return self.schedulers[which].get_last_lr()[0]
+
+    def loss_scale(self, which: str) -> float:
+        """Current fp16 loss scale of unit `which` (1.0 without fp16). Syncs with the device: call at log time."""
+        if self.is_deepspeed:
+            return float(getattr(self.units[which].optimizer, "cur_scale", 1.0))
+        return float(self.scalers[which].get_scale()) if self.scalers[which].is_enabled() else 1.0
+
+    def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+        """Consolidated fp32 weights and buffers of unit `which` on CPU; a collective under DeepSpeed (every rank
+        must call it), since ZeRO shards or half-precision copies hold the parameters."""
+        module = self.unwrap(which)
+        state = {name: buf.detach().cpu().clone() for name, buf in module.named_buffers()}
+        if self.is_deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, param in module.named_parameters():
+                state[name] = safe_get_full_fp32_param(param).detach().cpu().clone()
+        else:
+            for name, param in module.named_parameters():
+                state[name] = param.detach().float().cpu().clone()
+        return state
+
+    def optimizer_state_bytes(self, which: str) -> int:
+        """Bytes of optimizer state (and fp32 master partitions under DeepSpeed) that this rank holds for `which`."""
+        optimizer = self.optimizers[which]
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        base = getattr(inner, "optimizer", inner)  # DeepSpeed's ZeRO optimizer wraps the torch one
+        return sum(
+            t.numel() * t.element_size() for state in base.state.values() for t in state.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
 
     def reduce_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean of each scalar over ranks, in one collective and one host sync."""
         if not values:
             return {}
         names = sorted(values)
-        stacked = torch.stack([values[n].detach().float().reshape(()) for n in names]).to(self.device)
+        stacked = torch.stack([values[n].detach().float().reshape(()).to(self.device) for n in names])
         reduced = self.accelerator.reduce(stacked, reduction="mean")
         return dict(zip(names, reduced.cpu().tolist()))
 

@@ -3,6 +3,8 @@ logging, sample grids, evaluation and checkpoints on intervals, and exported gen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Iterator
@@ -10,7 +12,7 @@ from typing import Iterator
 import torch
 
 from trainer.checkpoint import save_checkpoint, save_generators
-from trainer.config import Config, save_config, to_dict
+from trainer.config import Config, LossConfig, OptimizerConfig, save_config, to_dict
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import UnpairedStream, load_test_images
 from trainer.engine import Engine
@@ -19,37 +21,84 @@ from trainer.pool import ImagePool
 from trainer.schedule import build_scheduler
 from trainer.tracking import Tracker, image_grid
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # real_x, real_y: [N, 3, H, W] each
 
-def _is_due(step: int, every: int, total: int) -> bool:
-    """True after update `step` (1-based) when it is a multiple of `every` (0: never) or the last one."""
-    return step == total or (every > 0 and step % every == 0)
+
+def lr_scale(cfg: OptimizerConfig, global_batch: int) -> float:
+    """Multiplier of the configured learning rates for `global_batch` under cfg.lr_scaling."""
+    ratio = global_batch / cfg.base_batch
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+
+
+def train_step(
+    engine: Engine, units: dict, pools: tuple[ImagePool, ImagePool], micro_batches: list[Batch], loss_cfg: LossConfig
+) -> dict[str, torch.Tensor]:
+    """One optimizer update of each unit over `micro_batches` (gradient accumulation when there are several).
+
+    Returns:
+        Detached stats on the device: each loss term averaged over the micro-batches and each unit's grad norm.
+    """
+    last = len(micro_batches) - 1
+    sums: dict[str, torch.Tensor] = {}
+    fakes = []
+    with engine.frozen("d") as plain_discs:  # D gets no gradients from the generator step
+        for i, (real_x, real_y) in enumerate(micro_batches):
+            with engine.accumulate("g", is_last=i == last):
+                with engine.autocast():
+                    g_loss, stats, out = generator_step(units["g"], plain_discs, real_x, real_y, loss_cfg)
+                engine.backward(g_loss, "g")
+            fakes.append((pools[0].query(out["fake_x"].detach().float()), pools[1].query(out["fake_y"].detach().float())))
+            _accumulate(sums, stats)
+    norm_g = engine.step("g")
+    for i, ((real_x, real_y), (fake_x, fake_y)) in enumerate(zip(micro_batches, fakes)):
+        with engine.accumulate("d", is_last=i == last):
+            with engine.autocast():
+                d_loss, stats = discriminator_step(units["d"], real_x, real_y, fake_x, fake_y, loss_cfg)
+            engine.backward(d_loss, "d")
+        _accumulate(sums, stats)
+    norm_d = engine.step("d")
+    means = {key: value / len(micro_batches) for key, value in sums.items()}
+    return {**means, "grad_norm/g": norm_g, "grad_norm/d": norm_d}
+
+
+def _accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+    for key, value in stats.items():
+        sums[key] = sums[key] + value if key in sums else value
 
 
 def train(cfg: Config) -> dict[str, float]:
     """Train a CycleGAN as `cfg` says; returns the final evaluation metrics (empty without a test split)."""
-    engine = Engine(cfg.distributed, cfg.train.precision, log_with=None if cfg.logging.wandb == "disabled" else "wandb")
+    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb")
+    cfg = dataclasses.replace(cfg, distributed=engine.cfg)  # backend=auto resolved from the launcher
     run_dir = Path(cfg.train.run_dir)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    total = cfg.train.steps
+    total, accum = cfg.train.steps, cfg.train.grad_accum_steps
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     gens, discs = build_units(cfg.model, cfg.loss)
+    global_batch = engine.global_batch(cfg.train.batch_size)
+    scale = lr_scale(cfg.optimizer, global_batch)
     optimizers, schedulers = {}, {}
     for name, unit, lr in (("g", gens, cfg.optimizer.lr), ("d", discs, cfg.optimizer.lr_d or cfg.optimizer.lr)):
-        betas = (cfg.optimizer.beta1, cfg.optimizer.beta2)
-        optimizers[name] = torch.optim.AdamW(unit.parameters(), lr=lr, betas=betas, weight_decay=cfg.optimizer.weight_decay)
+        optimizers[name] = torch.optim.AdamW(
+            unit.parameters(), lr=lr * scale, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
+            weight_decay=cfg.optimizer.weight_decay,
+        )
         schedulers[name] = build_scheduler(optimizers[name], cfg.schedule, total)
     units = engine.prepare({"g": gens, "d": discs}, optimizers, schedulers)
 
     tracker = Tracker(engine.accelerator, run_dir, cfg.logging, to_dict(cfg), total)
     if engine.is_main:
-        global_batch = cfg.train.batch_size * engine.world_size
-        print(f"training on {engine.world_size} process(es), {engine.device}; global batch {global_batch}")
+        print(
+            f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
+            f"global batch {global_batch} = {cfg.train.batch_size} per rank x {engine.world_size} ranks x {accum} "
+            f"micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr {cfg.optimizer.lr * scale:.4g}"
+        )
+    tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
     stream = iter(UnpairedStream(cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size))
-    pool_x = ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank)
-    pool_y = ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + 1)
+    pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
     test = load_test_images(cfg.data.root, cfg.train.eval_images, cfg.data.crop_size)
     samples = load_test_images(cfg.data.root, cfg.logging.sample_images, cfg.data.crop_size)
 
@@ -58,52 +107,49 @@ def train(cfg: Config) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for step in range(1, total + 1):
         wait_start = time.perf_counter()
-        batch = next(stream)
-        real_x, real_y = batch["x"].to(engine.device), batch["y"].to(engine.device)  # [N, 3, H, W] each
+        micro_batches = [(b["x"].to(engine.device), b["y"].to(engine.device)) for b in (next(stream) for _ in range(accum))]
         data_wait += time.perf_counter() - wait_start
 
-        with engine.frozen("d") as plain_discs:
-            with engine.autocast():
-                g_loss, g_stats, out = generator_step(units["g"], plain_discs, real_x, real_y, cfg.loss)
-            engine.backward_and_step(g_loss, "g")
-        fake_x = pool_x.query(out["fake_x"].detach().float())
-        fake_y = pool_y.query(out["fake_y"].detach().float())
-        with engine.autocast():
-            d_loss, d_stats = discriminator_step(units["d"], real_x, real_y, fake_x, fake_y, cfg.loss)
-        engine.backward_and_step(d_loss, "d")
-
-        for key, value in {**g_stats, **d_stats}.items():  # accumulate on device: no host sync per step
-            sums[key] = sums.get(key, 0.0) + value
+        _accumulate(sums, train_step(engine, units, pools, micro_batches, cfg.loss))  # no host sync per step
         window_steps += 1
         if _is_due(step, cfg.logging.every_steps, total):
             elapsed = time.perf_counter() - window_start
             logged = engine.reduce_mean({k: v / window_steps for k, v in sums.items()})
             logged.update({
                 "lr/g": engine.lr("g"), "lr/d": engine.lr("d"),
-                "perf/images_per_s": window_steps * cfg.train.batch_size * engine.world_size / elapsed,
+                "perf/images_per_s": window_steps * global_batch / elapsed,
                 "perf/step_time_s": elapsed / window_steps,
                 "perf/data_wait_fraction": data_wait / elapsed,
             })
+            if cfg.train.precision == "fp16":
+                logged.update({"loss_scale/g": engine.loss_scale("g"), "loss_scale/d": engine.loss_scale("d")})
             tracker.log(step, logged)
             tracker.advance(window_steps, {"g": logged["loss/g_total"], "d": logged["loss/d_total"]})
             sums, window_steps, window_start, data_wait = {}, 0, time.perf_counter(), 0.0
 
         plain_gens = engine.unwrap("g")
         if samples is not None and _is_due(step, cfg.logging.image_every_steps, total):
-            tracker.log_images(step, _sample_grids(plain_gens, samples[0], samples[1], engine.device))
+            with engine.autocast():
+                tracker.log_images(step, _sample_grids(plain_gens, samples[0], samples[1], engine.device))
         if test is not None and _is_due(step, cfg.train.eval_every_steps, total):
-            metrics = _evaluate(plain_gens, test, engine.device)
+            with engine.autocast():
+                metrics = _evaluate(plain_gens, test, engine.device)
             tracker.log(step, metrics)
         if _is_due(step, cfg.checkpoint.every_steps, total):
-            pools = {"pool_x": pool_x.state_dict(), "pool_y": pool_y.state_dict()}
-            save_checkpoint(engine, run_dir, step, pools, cfg.checkpoint.keep)
+            pool_states = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict()}
+            save_checkpoint(engine, run_dir, step, pool_states, cfg.checkpoint.keep)
 
+    weights = engine.full_state_dict("g")  # collective under DeepSpeed
     if engine.is_main:
-        plain_gens = engine.unwrap("g")
-        save_generators(run_dir / "export", plain_gens.g_xy, plain_gens.g_yx, cfg.model, cfg.data.crop_size)
+        save_generators(run_dir / "export", weights, cfg.model, cfg.data.crop_size)
     tracker.close()
     engine.end()
     return metrics
+
+
+def _is_due(step: int, every: int, total: int) -> bool:
+    """True after update `step` (1-based) when it is a multiple of `every` (0: never) or the last one."""
+    return step == total or (every > 0 and step % every == 0)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import DistributedConfig, LossConfig, ModelConfig
+from trainer.config import DistributedConfig, LossConfig, ModelConfig, OptimizerConfig, TrainConfig
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.engine import Engine
 from trainer.losses import discriminator_loss, generator_adv_loss
@@ -29,7 +29,7 @@ def snapshot(module):
 
 
 def prepared(gens, discs):
-    engine = Engine(DistributedConfig(cpu=True), "fp32")
+    engine = Engine(DistributedConfig(cpu=True), TrainConfig(), OptimizerConfig())
     opts = {n: torch.optim.Adam(u.parameters(), lr=1e-2) for n, u in (("g", gens), ("d", discs))}
     scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for n, o in opts.items()}
     return engine, engine.prepare({"g": gens, "d": discs}, opts, scheds)
@@ -43,7 +43,8 @@ def test_generator_step_leaves_discriminators_untouched(kind):
     real_x, real_y = batch()
     with engine.frozen("d") as plain:
         loss, _, _ = generator_step(units["g"], plain, real_x, real_y, cfg)
-        engine.backward_and_step(loss, "g")
+        engine.backward(loss, "g")
+        engine.step("g")
     for name, param in discs.named_parameters():
         assert torch.equal(param, d_before[name]), name
         assert param.grad is None, name
@@ -58,7 +59,8 @@ def test_discriminator_step_leaves_generators_untouched():
     out = gens(real_x, real_y)
     d_before, g_before = snapshot(discs), snapshot(gens)
     loss, stats = discriminator_step(units["d"], real_x, real_y, out["fake_x"], out["fake_y"], cfg)
-    engine.backward_and_step(loss, "d")
+    engine.backward(loss, "d")
+    engine.step("d")
     for name, param in gens.named_parameters():
         assert torch.equal(param, g_before[name]), name
         assert param.grad is None, name
