@@ -16,3 +16,37 @@ def colour_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("colour")
     write_synthetic(root, "colour", size=32, train=96, test=16, seed=3, maxcount=40)
     return root
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_bounded(cmd: list[str], timeout_s: int, env: dict | None = None):
+    """Run `cmd` from the repo root in its own process group; on timeout kill the whole group (a hung collective
+    must fail one test, not the suite). Returns the CompletedProcess."""
+    import os
+    import signal
+    import subprocess
+
+    full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def accelerate_launch(launch_config: str, num_processes: int) -> list[str]:
+    """The `accelerate launch` prefix for one of launch/*.yaml on a fresh port."""
+    return ["accelerate", "launch", "--config_file", f"launch/{launch_config}.yaml", "--num_processes",
+            str(num_processes), "--main_process_port", str(free_port())]

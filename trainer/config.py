@@ -118,6 +118,8 @@ class OptimizerConfig:
     """Adam beta1 (the paper uses 0.5)."""
     beta2: float = 0.999
     """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) for both units."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
@@ -136,6 +138,7 @@ class OptimizerConfig:
             _require(self.lr_d > 0, "optimizer.lr_d", self.lr_d, "a number > 0 or null")
         _require(0 <= self.beta1 < 1, "optimizer.beta1", self.beta1, "a number in [0, 1)")
         _require(0 <= self.beta2 < 1, "optimizer.beta2", self.beta2, "a number in [0, 1)")
+        _require(self.eps > 0, "optimizer.eps", self.eps, "a number > 0")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
         _require(self.base_batch >= 1, "optimizer.base_batch", self.base_batch, "an integer >= 1")
         _require(self.clip_grad_norm_g >= 0, "optimizer.clip_grad_norm_g", self.clip_grad_norm_g, "a number >= 0")

@@ -116,7 +116,8 @@ class Engine:
             os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
             plugins = {u: DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, train, clips[u], on_cuda)) for u in UNITS}
         self.accelerator = Accelerator(
-            cpu=cfg.cpu and not self.is_deepspeed,
+            # cpu=True also makes a multi-process launch on a machine without CUDA use DDP over gloo.
+            cpu=not on_cuda and not self.is_deepspeed,
             # DDP: autocast and the per-unit GradScalers are ours; DeepSpeed: its config carries the precision.
             mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[train.precision] if self.is_deepspeed else "no",
             deepspeed_plugins=plugins,
@@ -178,6 +179,9 @@ class Engine:
         else:
             if self.cfg.sync_batchnorm and self.world_size > 1 and self.device.type == "cuda":
                 units = {n: nn.SyncBatchNorm.convert_sync_batchnorm(u) for n, u in units.items()}
+                synced = sum(isinstance(m, nn.SyncBatchNorm) for u in units.values() for m in u.modules())
+                if synced and self.is_main:
+                    print(f"SyncBatchNorm: {synced} batch-norm layers share statistics across {self.world_size} ranks")
             prepared = self.accelerator.prepare(*[units[n] for n in UNITS], *[optimizers[n] for n in UNITS])
             self.units = dict(zip(UNITS, prepared[:2]))
             self.optimizers = dict(zip(UNITS, prepared[2:]))

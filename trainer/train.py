@@ -66,6 +66,26 @@ def _accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -
         sums[key] = sums[key] + value if key in sums else value
 
 
+def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
+    """Seeded units, AdamW optimizers with the scaled LRs and schedules, prepared by the engine.
+
+    Returns:
+        (the prepared units {"g", "d"}, the global batch, the LR scale factor applied).
+    """
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    gens, discs = build_units(cfg.model, cfg.loss)
+    global_batch = engine.global_batch(cfg.train.batch_size)
+    scale = lr_scale(cfg.optimizer, global_batch)
+    optimizers, schedulers = {}, {}
+    for name, unit, lr in (("g", gens, cfg.optimizer.lr), ("d", discs, cfg.optimizer.lr_d or cfg.optimizer.lr)):
+        optimizers[name] = torch.optim.AdamW(
+            unit.parameters(), lr=lr * scale, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
+            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay,
+        )
+        schedulers[name] = build_scheduler(optimizers[name], cfg.schedule, cfg.train.steps)
+    return engine.prepare({"g": gens, "d": discs}, optimizers, schedulers), global_batch, scale
+
+
 def train(cfg: Config) -> dict[str, float]:
     """Train a CycleGAN as `cfg` says; returns the final evaluation metrics (empty without a test split)."""
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb")
@@ -76,19 +96,7 @@ def train(cfg: Config) -> dict[str, float]:
         save_config(cfg, run_dir / "config.yaml")
     total, accum = cfg.train.steps, cfg.train.grad_accum_steps
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    gens, discs = build_units(cfg.model, cfg.loss)
-    global_batch = engine.global_batch(cfg.train.batch_size)
-    scale = lr_scale(cfg.optimizer, global_batch)
-    optimizers, schedulers = {}, {}
-    for name, unit, lr in (("g", gens, cfg.optimizer.lr), ("d", discs, cfg.optimizer.lr_d or cfg.optimizer.lr)):
-        optimizers[name] = torch.optim.AdamW(
-            unit.parameters(), lr=lr * scale, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-            weight_decay=cfg.optimizer.weight_decay,
-        )
-        schedulers[name] = build_scheduler(optimizers[name], cfg.schedule, total)
-    units = engine.prepare({"g": gens, "d": discs}, optimizers, schedulers)
-
+    units, global_batch, scale = build_training(cfg, engine)
     tracker = Tracker(engine.accelerator, run_dir, cfg.logging, to_dict(cfg), total)
     if engine.is_main:
         print(

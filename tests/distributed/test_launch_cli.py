@@ -1,0 +1,42 @@
+"""The README's demo command, unchanged, under `accelerate launch` with each launch/ config on CPU."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.conftest import accelerate_launch, run_bounded
+from trainer.checkpoint import load_generators
+from trainer.config import load_config
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
+
+CASES = {
+    # launcher, processes, expected backend
+    "python": (None, 1, "ddp"),
+    "cpu-ddp-2": ("cpu-ddp-2", 2, "ddp"),
+    "zero2": ("zero2", 2, "deepspeed"),
+    "zero3": ("zero3", 2, "deepspeed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_demo_command_runs_under_each_launcher(case, tmp_path, colour_shards):
+    launch_config, nproc, backend = CASES[case]
+    prefix = [sys.executable] if launch_config is None else accelerate_launch(launch_config, nproc)
+    run_dir = tmp_path / "run"
+    result = run_bounded(
+        prefix + ["trainer/main.py", "--config", "configs/demo-cpu.yaml", f"data.root={colour_shards}",
+                  f"train.run_dir={run_dir}", "train.steps=4", "logging.every_steps=2", "train.eval_images=8"],
+        timeout_s=400,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    global_batch = 4 * nproc
+    assert f"global batch {global_batch} = 4 per rank x {nproc} ranks" in result.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0] == {"step": 0, "run/global_batch": global_batch, "run/world_size": nproc, "run/lr_scale": 1.0}
+    assert [r["step"] for r in records if "loss/g_total" in r] == [2, 4]
+    assert load_config(run_dir / "config.yaml").distributed.backend == backend
+    g_xy, _, _, _ = load_generators(run_dir / "export")
+    assert sum(p.numel() for p in g_xy.parameters()) > 0

@@ -1,0 +1,45 @@
+"""Engine pieces that need no second process: backend resolution, clipping, LR scaling, compile."""
+import pytest
+import torch
+
+from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig
+from trainer.engine import Engine, resolve_backend
+from trainer.train import lr_scale
+
+
+def test_auto_backend_follows_the_launcher():
+    assert resolve_backend(DistributedConfig(), {}).backend == "ddp"
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none"}
+    resolved = resolve_backend(DistributedConfig(), env)
+    assert (resolved.backend, resolved.zero_stage, resolved.offload_optimizer, resolved.offload_params) == (
+        "deepspeed", 3, True, False)
+    explicit = resolve_backend(DistributedConfig(backend="deepspeed", zero_stage=1), env)
+    assert explicit.zero_stage == 1  # an explicit backend keeps its own settings
+
+
+def test_forcing_ddp_under_a_deepspeed_launch_is_refused():
+    with pytest.raises(ConfigError, match="distributed.backend=ddp but accelerate launched with a DeepSpeed config"):
+        resolve_backend(DistributedConfig(backend="ddp"), {"ACCELERATE_USE_DEEPSPEED": "true"})
+
+
+@pytest.mark.parametrize("rule,expected", [("none", 1.0), ("linear", 8.0), ("sqrt", 8.0**0.5)])
+def test_lr_scaling_rules(rule, expected):
+    assert lr_scale(OptimizerConfig(lr_scaling=rule, base_batch=2), 16) == pytest.approx(expected)
+
+
+def test_clipping_bounds_the_update_and_reports_the_raw_norm():
+    engine = Engine(DistributedConfig(cpu=True), TrainConfig(), OptimizerConfig(clip_grad_norm_g=0.5))
+    weight = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        weight.weight.zero_()
+    units = {"g": weight, "d": torch.nn.Linear(1, 1)}
+    optimizers = {n: torch.optim.SGD(u.parameters(), lr=1.0) for n, u in units.items()}  # update = -grad
+    schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for n, o in optimizers.items()}
+    prepared = engine.prepare(units, optimizers, schedulers)
+    loss = (prepared["g"].weight * torch.full((1, 4), 3.0)).sum()  # gradient (3, 3, 3, 3): norm 6
+    engine.backward(loss, "g")
+    raw = engine.step("g")
+    assert raw.item() == pytest.approx(6.0)
+    assert weight.weight.norm().item() == pytest.approx(0.5)  # the step used the clipped gradient
+    assert weight.weight.grad is None  # zeroed after the step
