@@ -25,6 +25,7 @@ from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, Trai
 
 UNITS = ("g", "d")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def resolve_backend(cfg: DistributedConfig, environ: Mapping[str, str] = os.environ) -> DistributedConfig:
@@ -105,8 +106,7 @@ class Engine:
         group_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))
         if not on_cuda and (self.is_deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             group_kwargs.backend = "gloo"  # else DeepSpeed on CPU gives every rank process_index 0
-        clips = {"g": optim.clip_grad_norm_g, "d": optim.clip_grad_norm_d}
-        self.clips = clips
+        self.clips = {"g": optim.clip_grad_norm_g, "d": optim.clip_grad_norm_d}
         plugins = None
         if self.is_deepspeed:
             if train.precision == "fp16" and not on_cuda:
@@ -114,12 +114,12 @@ class Engine:
             # The launcher's DeepSpeed fields were read by resolve_backend; the DeepSpeed configs below are complete,
             # and accelerate refuses a full config while this variable lists fields from an accelerate config.
             os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
-            plugins = {u: DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, train, clips[u], on_cuda)) for u in UNITS}
+            plugins = {u: DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, train, self.clips[u], on_cuda)) for u in UNITS}
         self.accelerator = Accelerator(
             # cpu=True also makes a multi-process launch on a machine without CUDA use DDP over gloo.
             cpu=not on_cuda and not self.is_deepspeed,
             # DDP: autocast and the per-unit GradScalers are ours; DeepSpeed: its config carries the precision.
-            mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[train.precision] if self.is_deepspeed else "no",
+            mixed_precision=ACCELERATE_PRECISION[train.precision] if self.is_deepspeed else "no",
             deepspeed_plugins=plugins,
             log_with=log_with,
             # Schedulers are stepped by us once per update; accelerate would step them once per process.
