@@ -65,25 +65,45 @@ TASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"colour": co
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """Lossless PNG encoding of an [H, W, 3] uint8 array."""
+    """Lossless PNG encoding of an [H, W, 3] (or [H, W] grey) uint8 array."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _samples(task: str, size: int, count: int, seed: int, transform: bool) -> Iterator[dict[str, Any]]:
+
+def colour_histogram(image: np.ndarray, bins: int = 8) -> np.ndarray:
+    """Per-channel histograms of an [H, W, 3] uint8 image, each normalized to sum 1: float32 [3 * bins]."""
+    hists = [np.histogram(image[..., c], bins=bins, range=(0, 256))[0] for c in range(3)]
+    return (np.concatenate(hists) / (image.shape[0] * image.shape[1])).astype(np.float32)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _samples(task: str, size: int, count: int, seed: int, transform: bool, extras: bool) -> Iterator[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     for index in range(count):
         image, mask = render_scene(rng, size)
         if transform:
             image = TASKS[task](image, mask)
-        yield {"__key__": f"{index:07d}", "png": png_bytes(image)}
+        sample = {"__key__": f"{index:07d}", "png": png_bytes(image)}
+        if extras:
+            # Label map: 255 on the objects, 0 on the background; histogram of the image as stored.
+            sample["label.png"] = png_bytes((mask * 255).astype(np.uint8))
+            sample["hist.npy"] = npy_bytes(colour_histogram(image))
+        yield sample
 
 
 def write_synthetic(
-    out: str | Path, task: str, size: int, train: int, test: int, seed: int = 0, maxcount: int = 1024
+    out: str | Path, task: str, size: int, train: int, test: int, seed: int = 0, maxcount: int = 1024,
+    extras: bool = False,
 ) -> Path:
-    """Write x-train, y-train (unpaired) and x-test, y-test (paired) shards of `task` plus the manifest.
+    """Write x-train, y-train (unpaired) and x-test, y-test (paired) shards of `task` plus the manifest; with
+    `extras` every sample also carries label.png (the object mask) and hist.npy (its colour histogram).
 
     Returns:
         The path of manifest.json.
@@ -93,10 +113,10 @@ def write_synthetic(
     # Three seed streams: x-train and y-train must not share scenes (unpaired); the test pairs share theirs.
     x_train, y_train, test_seed = np.random.SeedSequence(seed).generate_state(3)
     plan = {
-        "x-train": _samples(task, size, train, int(x_train), transform=False),
-        "y-train": _samples(task, size, train, int(y_train), transform=True),
-        "x-test": _samples(task, size, test, int(test_seed), transform=False),
-        "y-test": _samples(task, size, test, int(test_seed), transform=True),
+        "x-train": _samples(task, size, train, int(x_train), transform=False, extras=extras),
+        "y-train": _samples(task, size, train, int(y_train), transform=True, extras=extras),
+        "x-test": _samples(task, size, test, int(test_seed), transform=False, extras=extras),
+        "y-test": _samples(task, size, test, int(test_seed), transform=True, extras=extras),
     }
     splits = {
         split: split_entry(write_shards(out, split, samples, maxcount), (size, size))
@@ -115,10 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", type=int, default=64, help="paired test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--maxcount", type=int, default=1024, help="samples per shard")
+    parser.add_argument("--extras", action="store_true", help="also store label.png and hist.npy per sample")
     args = parser.parse_args(argv)
     if args.size < 8 or args.train < 0 or args.test < 0 or args.maxcount < 1:
         parser.error("--size must be >= 8, --train/--test >= 0 and --maxcount >= 1")
-    path = write_synthetic(args.out, args.task, args.size, args.train, args.test, args.seed, args.maxcount)
+    path = write_synthetic(args.out, args.task, args.size, args.train, args.test, args.seed, args.maxcount, args.extras)
     print(f"wrote {args.task} shards and {path}")
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from trainer.config import ConfigError, ModelConfig, from_dict
+from trainer.config import ConfigError, DataConfig, ModelConfig, from_dict
 from trainer.engine import Engine
 from trainer.models import build_generator
 
@@ -73,9 +74,9 @@ def save_checkpoint(engine: Engine, run_dir: Path, step: int, rank_state: dict[s
     return final
 
 
-def save_generators(out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, image_size: int) -> None:
+def save_generators(out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     """Write g_xy.safetensors and g_yx.safetensors from the generator pair's full state dict (keys `g_xy.*`,
-    `g_yx.*`), plus model.json (architecture and training resolution)."""
+    `g_yx.*`), plus model.json (architecture, training resolution and the extra input channels' kind)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("g_xy", "g_yx"):
         prefix = f"{name}."
@@ -83,16 +84,21 @@ def save_generators(out_dir: Path, gens_state: dict[str, torch.Tensor], model_cf
         tmp = out_dir / f"{name}.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, out_dir / f"{name}.safetensors")
-    meta = {"model": dataclasses.asdict(model_cfg), "image_size": image_size}
+    meta = {"model": dataclasses.asdict(model_cfg), "image_size": data_cfg.crop_size, "extra": data_cfg.extra}
     _write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))
 
 
-def load_generators(path: str | Path) -> tuple[nn.Module, nn.Module, ModelConfig, int]:
-    """Load exported generators (no unpickling) in eval mode.
+@dataclass
+class ExportedGenerators:
+    g_xy: nn.Module  # the paper's G: X -> Y, in eval mode
+    g_yx: nn.Module  # the paper's F: Y -> X
+    model: ModelConfig
+    image_size: int  # the training resolution
+    extra: str  # data.extra of the training run
 
-    Returns:
-        (g_xy, g_yx, model config, training image size).
-    """
+
+def load_generators(path: str | Path) -> ExportedGenerators:
+    """Load exported generators (safetensors: nothing is unpickled) in eval mode."""
     path = Path(path)
     meta_path = path / "model.json"
     if not meta_path.is_file():
@@ -104,4 +110,4 @@ def load_generators(path: str | Path) -> tuple[nn.Module, nn.Module, ModelConfig
         net = build_generator(model_cfg)
         net.load_state_dict(load_file(str(path / f"{name}.safetensors")))
         nets.append(net.eval())
-    return nets[0], nets[1], model_cfg, int(meta["image_size"])
+    return ExportedGenerators(nets[0], nets[1], model_cfg, int(meta["image_size"]), meta.get("extra", "none"))

@@ -55,8 +55,8 @@ class ModelConfig:
     """Std of the normal init, gain of xavier/orthogonal."""
     hnet_trunk_layers: int = 2
     """For discriminator=hnet: PatchGAN stages in the shared trunk H; the rest form each head H'."""
-    input_nc: int = 3
-    """Channels of the generators' and discriminators' image input."""
+    input_nc: int | None = None
+    """Generator input channels: 3 plus the channels of data.extra (set from it when null)."""
 
     def __post_init__(self) -> None:
         _require(self.ngf >= 1, "model.ngf", self.ngf, "an integer >= 1")
@@ -73,12 +73,16 @@ class ModelConfig:
         _require(self.n_blocks >= 1, "model.n_blocks", self.n_blocks, "an integer >= 1")
         _require(1 <= self.n_skip <= 6, "model.n_skip", self.n_skip, "an integer in [1, 6]")
         _require(self.init_gain > 0, "model.init_gain", self.init_gain, "a number > 0")
-        _require(self.input_nc >= 1, "model.input_nc", self.input_nc, "an integer >= 1")
         max_trunk = self.n_layers_d + 1
         _require(
             1 <= self.hnet_trunk_layers <= max_trunk, "model.hnet_trunk_layers", self.hnet_trunk_layers,
             f"an integer in [1, {max_trunk}] (n_layers_d + 1)",
         )
+
+    @property
+    def in_channels(self) -> int:
+        """Generator input channels (RGB alone unless the full Config set input_nc from data.extra)."""
+        return 3 if self.input_nc is None else self.input_nc
 
     def min_image_multiple(self) -> int:
         """The spatial size of images must be a multiple of this for the chosen generator."""
@@ -159,10 +163,22 @@ class ScheduleConfig:
         _require(0 <= self.decay_start <= 1, "schedule.decay_start", self.decay_start, "a number in [0, 1]")
 
 
+EXTRA_CHANNELS = {"none": 0, "hist": 24, "label": 1}
+"""Generator input channels added by each per-sample extra (hist: 8 bins x RGB; label: one map)."""
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     root: str = ""
     """Directory of tar shards with a manifest.json (written by `python -m shards.write` or `shards.synthetic`)."""
+    x_train: str = ""
+    """Shard URLs of the X training set instead of root's manifest: a path, a brace pattern
+    (`data/x-train-{000000..000009}.tar`), several separated by spaces, or one `pipe:` command; counted by a
+    scan at start."""
+    y_train: str = ""
+    """Shard URLs of the Y training set (see x_train)."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs (they run a shell command)."""
     load_size: int = 286
     """Images are resized to load_size x load_size, then randomly cropped to crop_size (the paper: 286 -> 256)."""
     crop_size: int = 256
@@ -171,8 +187,19 @@ class DataConfig:
     """Random horizontal flip."""
     rotation_deg: float = 0.0
     """Random rotation in [-rotation_deg, rotation_deg]; 0 disables it."""
+    scale_min: float = 1.0
+    """Random zoom: resize to load_size x s, s uniform in [scale_min, 1], before the crop; 1 disables it."""
+    extra: Literal["none", "hist", "label"] = "none"
+    """Per-sample extra fed to the generators as extra input channels: a colour histogram (hist.npy) or a label
+    map (label.png) stored in the shards."""
     shuffle_buffer: int = 256
-    """Samples held in each domain's shuffle buffer."""
+    """Samples held in each (rank, worker, domain) shuffle buffer."""
+    num_workers: int = 2
+    """Loader worker processes per rank; each reads its own part of the shards."""
+    resampled: bool = False
+    """Draw each epoch's shard list with replacement instead of a permutation."""
+    max_bad_fraction: float = 0.01
+    """Training stops with an error when more than this fraction of the samples read so far were bad."""
 
     def __post_init__(self) -> None:
         _require(self.crop_size >= 1, "data.crop_size", self.crop_size, "an integer >= 1")
@@ -182,7 +209,15 @@ class DataConfig:
                 "lower crop_size or raise load_size"
             )
         _require(0 <= self.rotation_deg <= 180, "data.rotation_deg", self.rotation_deg, "a number in [0, 180]")
+        _require(0 < self.scale_min <= 1, "data.scale_min", self.scale_min, "a number in (0, 1]")
+        if self.load_size * self.scale_min < self.crop_size:
+            raise ConfigError(
+                f"data.scale_min={self.scale_min} shrinks data.load_size={self.load_size} below "
+                f"data.crop_size={self.crop_size}; raise scale_min"
+            )
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", self.max_bad_fraction, "a number in [0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -293,6 +328,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        input_nc = 3 + EXTRA_CHANNELS[self.data.extra]
+        if self.model.input_nc not in (None, input_nc):
+            raise ConfigError(
+                f"model.input_nc={self.model.input_nc} contradicts data.extra={self.data.extra} ({input_nc} channels); "
+                "leave model.input_nc unset"
+            )
+        self.model.input_nc = input_nc
         if self.loss.lambda_feature > 0 and self.model.discriminator != "hnet":
             raise ConfigError(
                 f"loss.lambda_feature={self.loss.lambda_feature} needs model.discriminator=hnet "

@@ -27,14 +27,27 @@ class GeneratorPair(nn.Module):
         self.g_yx = g_yx
         self.use_identity = use_identity
 
-    def forward(self, real_x: torch.Tensor, real_y: torch.Tensor) -> Tensors:  # each [N, C, H, W]
-        fake_y = self.g_xy(real_x)
-        fake_x = self.g_yx(real_y)
-        out = {"fake_y": fake_y, "rec_x": self.g_yx(fake_y), "fake_x": fake_x, "rec_y": self.g_xy(fake_x)}
+    def forward(
+        self, real_x: torch.Tensor, real_y: torch.Tensor,
+        extra_x: torch.Tensor | None = None, extra_y: torch.Tensor | None = None,
+    ) -> Tensors:  # images [N, 3, H, W]; extras [N, C, H, W] or None
+        # A scene's extras (label map, colour histogram) describe it on both sides of a translation, so x's
+        # extras go with every generator input derived from x, and y's with those derived from y.
+        fake_y = self.g_xy(with_extra(real_x, extra_x))
+        fake_x = self.g_yx(with_extra(real_y, extra_y))
+        out = {
+            "fake_y": fake_y, "rec_x": self.g_yx(with_extra(fake_y, extra_x)),
+            "fake_x": fake_x, "rec_y": self.g_xy(with_extra(fake_x, extra_y)),
+        }
         if self.use_identity:
-            out["idt_x"] = self.g_yx(real_x)  # F should leave an X image as it is
-            out["idt_y"] = self.g_xy(real_y)
+            out["idt_x"] = self.g_yx(with_extra(real_x, extra_x))  # F should leave an X image as it is
+            out["idt_y"] = self.g_xy(with_extra(real_y, extra_y))
         return out
+
+
+def with_extra(images: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """Generator input: the images, followed by the extra channels when there are any."""
+    return images if extra is None else torch.cat([images, extra.to(images.dtype)], dim=1)
 
 
 class DiscriminatorPair(nn.Module):
@@ -71,17 +84,19 @@ def build_units(model_cfg: ModelConfig, loss_cfg: LossConfig) -> tuple[Generator
 
 
 def generator_step(
-    gens: nn.Module, discs: DiscriminatorPair, real_x: torch.Tensor, real_y: torch.Tensor, cfg: LossConfig
+    gens: nn.Module, discs: DiscriminatorPair, real_x: torch.Tensor, real_y: torch.Tensor, cfg: LossConfig,
+    extra_x: torch.Tensor | None = None, extra_y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Tensors, Tensors]:
     """The generator objective (Eq. 3 of the paper plus identity and the article's optional terms).
 
     `discs` must be the plain (unwrapped) discriminator pair with requires_grad off: it only scores the fakes.
+    `extra_x`/`extra_y` are optional extra generator input channels (data.extra).
 
     Returns:
         (loss, stats, outputs): the scalar loss, detached per-term values keyed `loss/...`, and the generator
         outputs (fake_x, fake_y, ...) for the discriminator step and the sample grids.
     """
-    out = gens(real_x, real_y)
+    out = gens(real_x, real_y, extra_x, extra_y)
     terms = {
         # Eq. 1, generator side: g_xy wants d_y to call its fakes real, and g_yx likewise for d_x.
         "adv_g_xy": generator_adv_loss(discs.d_y(out["fake_y"]), cfg.gan_mode),

@@ -1,14 +1,24 @@
-"""Unpaired X/Y image streams from tar shards (webdataset), augmentation, and the fixed test images.
+"""Unpaired X/Y training streams from tar shards with WebDataset, per-(rank, worker) plans and exact resume.
 
-X and Y are read independently (unpaired) and zipped into batches {"x": [N, 3, H, W], "y": [N, 3, H, W]} in
-[-1, 1]. All randomness (shard order, shuffle buffer, augmentation) derives from (seed, rank, domain, epoch).
-Each rank keeps every world_size-th sample of each domain's stream, so ranks see disjoint data.
+The plan. For each domain and epoch the shard list is permuted (or, with `resampled`, drawn with replacement) from
+(seed, domain, epoch); its samples form one sequence of `total` positions. With S = world_size x num_workers
+slots, slot s reads the L = ceil(total / S) positions starting at s * total // S, wrapping around at the end: every
+sample is read once per epoch, and a slot whose share is one short re-reads one sample of the next share (the
+documented padding). Every slot, so every rank, reads exactly L samples per epoch, whatever the shard counts.
+
+Inside a slot, samples pass a seeded shuffle buffer, are decoded (a counting handler skips bad ones without
+sleeping) and augmented with randomness derived from (seed, domain, epoch, slot, position). The position within
+the epoch is therefore the whole state of a slot: resuming replays the raw samples up to it without decoding.
+X and Y are separate streams, zipped into batches inside the worker, and every batch carries its worker's state.
 """
 from __future__ import annotations
 
 import io
 import math
 import random
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,112 +29,427 @@ import webdataset as wds
 from PIL import Image
 
 from shards.manifest import read_manifest, split_urls
-from trainer.config import DataConfig
+from trainer.config import ConfigError, DataConfig
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-
-
-def decode_image(sample: dict[str, Any], where: str) -> torch.Tensor:
-    """The sample's image as a float tensor [3, H, W] in [-1, 1]; grey and RGBA images are converted to RGB."""
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
-            array = torch.from_numpy(np.asarray(image).copy())  # [H, W, 3] uint8
-            return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
-    raise ValueError(f"{where}: sample {sample.get('__key__')!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DOMAINS = ("x", "y")
+BAD_KINDS = ("corrupt", "missing", "truncated")
 
 
-def augment(image: torch.Tensor, cfg: DataConfig, generator: torch.Generator) -> torch.Tensor:
-    """Resize to load_size, random crop to crop_size, random flip and rotation (as configured)."""
-    image = resize(image, cfg.load_size)
+def mix(*values: int) -> int:
+    """A 63-bit seed from several integers (splitmix64 steps); stable across processes and Python runs."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return state >> 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int
+
+
+def expand_urls(spec: str, allow_pipe: bool, key: str) -> list[str]:
+    """Shard URLs from a path, a brace pattern or several of them separated by spaces; a spec that starts with
+    `pipe:` is one command (brace patterns inside it expand).
+
+    Raises:
+        ConfigError: for a `pipe:` URL without data.allow_pipe, or a local file that does not exist.
+    """
+    parts = [spec] if spec.startswith("pipe:") else spec.split()
+    urls = [url for part in parts for url in wds.shardlists.expand_urls(part)]
+    for url in urls:
+        if url.startswith("pipe:"):
+            if not allow_pipe:
+                raise ConfigError(f"{key}={url!r} runs a shell command; set data.allow_pipe=true to allow pipe: URLs")
+        elif "://" not in url and not Path(url).is_file():
+            raise ConfigError(f"{key}: shard {url} does not exist")
+    if not urls:
+        raise ConfigError(f"{key}={spec!r} names no shards")
+    return urls
+
+
+def count_samples(url: str) -> int:
+    """Samples in one tar shard, by reading its headers (a scan, for shards without a manifest)."""
+    if url.startswith("pipe:"):
+        return sum(1 for _ in wds.tariterators.tarfile_samples([{"url": url}]))
+    keys = set()
+    with tarfile.open(url) as tar:
+        for member in tar:
+            if member.isfile():
+                keys.add(wds.tariterators.base_plus_ext(member.name)[0])
+    return len(keys)
+
+
+def train_shards(cfg: DataConfig, domain: str) -> list[Shard]:
+    """The training shards of `domain` with their sample counts, from data.<domain>_train or root's manifest."""
+    spec = getattr(cfg, f"{domain}_train")
+    if spec:
+        return [Shard(url, count_samples(url)) for url in expand_urls(spec, cfg.allow_pipe, f"data.{domain}_train")]
+    if not cfg.root:
+        raise ConfigError("data.root is empty; set it to a shard directory, or set data.x_train and data.y_train")
+    manifest = read_manifest(cfg.root)
+    urls = split_urls(cfg.root, manifest, f"{domain}-train")
+    counts = [entry["samples"] for entry in manifest["splits"][f"{domain}-train"]["shards"]]
+    return [Shard(url, count) for url, count in zip(urls, counts)]
+
+
+class BadSampleCounter:
+    """Counts bad samples by kind and remembers the last few (shard, key) for the log; never sleeps."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.examples: list[str] = []
+
+    def add(self, kind: str, where: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples) < 8:
+            self.examples.append(f"{kind}: {where}")
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset error handler for tar-level failures: note the error and go on with the next shard (the
+        shard then comes up short of its sample count, which counts it as truncated)."""
+        if len(self.examples) < 8:
+            self.examples.append(f"unreadable: {exn!s:.200}")
+        return True
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last call."""
+        counts, self.counts = dict(self.counts), Counter()
+        return counts
+
+
+def _shard_samples(url: str, skip: int, bad: BadSampleCounter) -> Iterator[dict[str, Any]]:
+    samples = wds.tariterators.tarfile_samples([{"url": url}], handler=bad.handler)
+    for index, sample in enumerate(samples):
+        if index >= skip:
+            yield sample
+
+
+def _ring(order: list[Shard], start: int, length: int, bad: BadSampleCounter) -> Iterator[dict[str, Any]]:
+    """`length` raw samples from position `start` of the concatenated `order`, wrapping around."""
+    total = sum(s.samples for s in order)
+    index, offset = 0, start % total
+    while offset >= order[index].samples:
+        offset -= order[index].samples
+        index += 1
+    produced, empty_turns = 0, 0
+    while produced < length:
+        got = 0
+        for sample in _shard_samples(order[index].url, offset, bad):
+            yield sample
+            got += 1
+            produced += 1
+            if produced == length:
+                return
+        if got < order[index].samples - offset:  # a short tar ends quietly in stream mode: compare with the count
+            bad.add("truncated", f"{order[index].url}: {offset + got} of {order[index].samples} samples")
+        empty_turns = 0 if got else empty_turns + 1
+        if empty_turns > len(order):
+            raise RuntimeError(f"no readable samples in any of {len(order)} shards (first: {order[0].url})")
+        index, offset = (index + 1) % len(order), 0
+
+
+def _shuffled(samples: Iterator[dict[str, Any]], rng: random.Random, size: int) -> Iterator[dict[str, Any]]:
+    buffer: list[dict[str, Any]] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class DomainStream:
+    """One slot's endless stream of one domain's raw training samples, `epoch_length` per epoch."""
+
+    def __init__(self, cfg: DataConfig, shards: list[Shard], seed: int, domain: str, slot: int, slots: int):
+        self.cfg, self.shards, self.seed, self.slot, self.slots = cfg, shards, seed, slot, slots
+        self.domain_id = DOMAINS.index(domain)
+        self.total = sum(s.samples for s in shards)
+        if self.total == 0:
+            raise ConfigError(f"the {domain} training shards hold no samples (first: {shards[0].url})")
+        self.epoch_length = math.ceil(self.total / slots)
+
+    def order(self, epoch: int) -> list[Shard]:
+        """This epoch's shard order: a permutation, or with data.resampled a draw with replacement."""
+        rng = random.Random(mix(self.seed, self.domain_id, epoch))
+        if self.cfg.resampled:
+            return rng.choices(self.shards, k=len(self.shards))
+        return rng.sample(self.shards, len(self.shards))
+
+    def samples(self, epoch: int, position: int, bad: BadSampleCounter) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, position, raw sample) from `position` of `epoch` on, forever; earlier ones are replayed unread."""
+        while True:
+            order = self.order(epoch)
+            if self.cfg.resampled:
+                total = sum(s.samples for s in order)
+            else:
+                total = self.total
+            start = self.slot * total // self.slots
+            rng = random.Random(mix(self.seed, self.domain_id, epoch, self.slot, 1))
+            raw = _ring(order, start, self.epoch_length, bad)
+            for index, sample in enumerate(_shuffled(raw, rng, self.cfg.shuffle_buffer)):
+                if index >= position:
+                    yield epoch, index, sample
+            epoch, position = epoch + 1, 0
+
+
+def decode(sample: dict[str, Any], extra: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sample's image as uint8 [3, H, W] (grey/RGBA/palette converted to RGB) and its extra, if configured:
+    hist -> float [24] (8-bin histograms of R, G, B), label -> uint8 [1, H, W].
+
+    Raises:
+        KeyError: no image in the sample (or no extra when one is configured).
+        OSError, ValueError: the bytes do not decode.
+    """
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise KeyError("no image")
+    with Image.open(io.BytesIO(sample[ext])) as image:
+        image.draft("RGB", image.size)
+        rgb = np.asarray(image.convert("RGB"))
+    tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    if extra == "hist":
+        return tensor, torch.from_numpy(np.load(io.BytesIO(sample["hist.npy"])).astype(np.float32)).reshape(24)
+    if extra == "label":
+        with Image.open(io.BytesIO(sample["label.png"])) as label:
+            return tensor, torch.from_numpy(np.asarray(label.convert("L")).copy())[None]
+    return tensor, None
+
+
+def augment(
+    image: torch.Tensor, label: torch.Tensor | None, cfg: DataConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize to load_size (times a random zoom), rotate, random-crop crop_size and flip; uint8 in and out.
+    A label map gets the same geometry with nearest-neighbour sampling."""
+    size = cfg.load_size
+    if cfg.scale_min < 1:
+        zoom = cfg.scale_min + (1 - cfg.scale_min) * torch.rand((), generator=generator).item()
+        size = max(cfg.crop_size, round(cfg.load_size * zoom))
+    image = resize(image, size)
+    label = None if label is None else resize(label, size, nearest=True)
     if cfg.rotation_deg > 0:
-        angle = (torch.rand((), generator=generator).item() * 2 - 1) * math.radians(cfg.rotation_deg)
-        cos, sin = math.cos(angle), math.sin(angle)
-        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])
-        grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
-        image = F.grid_sample(image[None], grid, padding_mode="reflection", align_corners=False)[0]
-    top = int(torch.randint(cfg.load_size - cfg.crop_size + 1, (), generator=generator))
-    left = int(torch.randint(cfg.load_size - cfg.crop_size + 1, (), generator=generator))
-    image = image[:, top : top + cfg.crop_size, left : left + cfg.crop_size]
+        angle = math.radians((torch.rand((), generator=generator).item() * 2 - 1) * cfg.rotation_deg)
+        theta = torch.tensor([[[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0]]])
+        image = _warp(image, theta, "bilinear")
+        label = None if label is None else _warp(label, theta, "nearest")
+    top = int(torch.randint(size - cfg.crop_size + 1, (), generator=generator))
+    left = int(torch.randint(size - cfg.crop_size + 1, (), generator=generator))
+    crop = (slice(None), slice(top, top + cfg.crop_size), slice(left, left + cfg.crop_size))
+    image, label = image[crop], None if label is None else label[crop]
     if cfg.flip and torch.rand((), generator=generator) < 0.5:
-        image = image.flip(-1)
-    return image
+        image, label = image.flip(-1), None if label is None else label.flip(-1)
+    return image.contiguous(), None if label is None else label.contiguous()
 
 
-def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear (antialiased) resize of [C, H, W] to [C, size, size]; a no-op when already that size."""
+def _warp(image: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+    out = F.grid_sample(image[None].float(), grid, mode=mode, padding_mode="reflection", align_corners=False)[0]
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def resize(image: torch.Tensor, size: int, nearest: bool = False) -> torch.Tensor:
+    """Resize uint8 [C, H, W] to [C, size, size] (antialiased bilinear, or nearest for label maps)."""
     if image.shape[-2:] == (size, size):
         return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if nearest:
+        return F.interpolate(image[None].float(), size=(size, size), mode="nearest")[0].to(torch.uint8)
+    out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def _raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
-    # Shard order and splitting are decided by the caller, so webdataset must not shuffle or split again.
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    yield from dataset
+class UnpairedShards(torch.utils.data.IterableDataset):
+    """Batches {"x", "y" (uint8 [B, 3, H, W]), "extra_x", "extra_y", "state", "bad"} of one rank's slots.
 
+    Worker w of the DataLoader serves logical slot (w + offset) % num_workers, so after `consumed` batches a new
+    DataLoader (which starts with worker 0) continues with offset = consumed % num_workers.
+    """
 
-class UnpairedStream:
-    """Endless batches of unpaired, augmented training images for one rank."""
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int,
+                 slot_states: dict[int, dict[str, list[int]]], offset: int):
+        super().__init__()
+        self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
+        self.shards = {d: train_shards(cfg, d) for d in DOMAINS}
+        self.slot_states = slot_states
+        self.offset = offset
 
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        manifest = read_manifest(cfg.root)
-        self.urls = {domain: split_urls(cfg.root, manifest, f"{domain}-train") for domain in ("x", "y")}
-        self.cfg = cfg
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-
-    def _domain(self, domain: str) -> Iterator[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 65_537 + self.rank * 2 + "xy".index(domain))
-        epoch = 0
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        workers = max(1, self.cfg.num_workers)
+        logical = ((info.id if info else 0) + self.offset) % workers
+        slot, slots = self.rank * workers + logical, self.world_size * workers
+        state = self.slot_states.get(logical, {d: [0, 0] for d in DOMAINS})
+        bad = BadSampleCounter()
+        streams = {
+            d: DomainStream(self.cfg, self.shards[d], self.seed, d, slot, slots).samples(*state[d], bad) for d in DOMAINS
+        }
         while True:
-            order = random.Random(f"{self.seed}-{domain}-{epoch}")
-            urls = list(self.urls[domain])
-            order.shuffle(urls)  # same shard order on every rank; ranks then take disjoint samples
-            buffer: list[dict[str, Any]] = []
-            shuffle = random.Random(f"{self.seed}-{domain}-{epoch}-{self.rank}")
-            for position, sample in enumerate(_raw_samples(urls)):
-                if position % self.world_size != self.rank:
-                    continue
-                buffer.append(sample)
-                if len(buffer) >= self.cfg.shuffle_buffer:
-                    yield self._prepare(buffer.pop(shuffle.randrange(len(buffer))), generator)
-            shuffle.shuffle(buffer)
-            for sample in buffer:
-                yield self._prepare(sample, generator)
-            epoch += 1
+            batch: dict[str, Any] = {"state": {"slot": logical}}
+            read = 0
+            for domain in DOMAINS:
+                images, extras = [], []
+                while len(images) < self.batch_size:
+                    epoch, position, sample = next(streams[domain])
+                    read += 1
+                    batch["state"][domain] = [epoch, position + 1]
+                    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+                    try:
+                        image, extra = decode(sample, self.cfg.extra)
+                    except KeyError:
+                        bad.add("missing", where)
+                        continue
+                    except (OSError, ValueError, SyntaxError) as err:
+                        bad.add("corrupt", f"{where} ({type(err).__name__})")
+                        continue
+                    generator = torch.Generator().manual_seed(mix(self.seed, DOMAINS.index(domain), epoch, slot, position))
+                    label = extra if self.cfg.extra == "label" else None
+                    image, label = augment(image, label, self.cfg, generator)
+                    images.append(image)
+                    extras.append(label if self.cfg.extra == "label" else extra)
+                batch[domain] = torch.stack(images)
+                if self.cfg.extra != "none":
+                    batch[f"extra_{domain}"] = torch.stack(extras)
+            batch["bad"] = bad.take()
+            batch["bad_examples"], bad.examples = bad.examples, []
+            batch["read"] = read
+            yield batch
 
-    def _prepare(self, sample: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        return augment(decode_image(sample, sample.get("__url__", "shard")), self.cfg, generator)
+
+def extra_channels(extra: torch.Tensor, kind: str, size: int) -> torch.Tensor:
+    """Generator extra-input channels from a batch's extras: hist [B, 24] -> [B, 24, H, W] maps; label uint8
+    [B, 1, H, W] -> [-1, 1]."""
+    if kind == "hist":
+        return extra.float()[:, :, None, None].expand(-1, -1, size, size)
+    return extra.float().div(127.5).sub(1.0)
+
+
+class UnpairedLoader:
+    """One rank's endless training batches on the device: {"x", "y"} float in [-1, 1], plus "extra_x"/"extra_y"
+    generator channels when data.extra is set. Tracks the data position (`state_dict`) and bad-sample counts."""
+
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int, device: torch.device):
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.consumed = 0
+        self.slot_states: dict[int, dict[str, list[int]]] = {}
+        self.bad: Counter = Counter()
+        self.read = 0
+        self._iterator: Iterator | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after the last batch returned."""
+        return {"world_size": self.world_size, "num_workers": max(1, self.cfg.num_workers), "consumed": self.consumed,
+                "slots": {str(k): v for k, v in self.slot_states.items()}, "bad": dict(self.bad), "read": self.read}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: exactly on the same world size and worker count; otherwise from the start of
+        the oldest epoch any slot was in (the plan of another size cannot continue mid-epoch)."""
+        slots = {int(k): v for k, v in state["slots"].items()}
+        if state["world_size"] == self.world_size and state["num_workers"] == max(1, self.cfg.num_workers):
+            self.consumed, self.slot_states = state["consumed"], slots
+        else:
+            epochs = {d: min((s[d][0] for s in slots.values()), default=0) for d in DOMAINS}
+            self.consumed = 0
+            self.slot_states = {w: {d: [epochs[d], 0] for d in DOMAINS} for w in range(max(1, self.cfg.num_workers))}
+        self.bad, self.read = Counter(state.get("bad", {})), state.get("read", 0)
+        self._iterator = None
+
+    def _start(self) -> Iterator:
+        workers = self.cfg.num_workers
+        dataset = UnpairedShards(self.cfg, self.batch_size, self.seed, self.rank, self.world_size,
+                                 self.slot_states, offset=self.consumed % max(1, workers))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None, persistent_workers=False,
+        )
+        return iter(loader)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        xs, ys = self._domain("x"), self._domain("y")
-        while True:
-            x = torch.stack([next(xs) for _ in range(self.batch_size)])
-            y = torch.stack([next(ys) for _ in range(self.batch_size)])
-            yield {"x": x, "y": y}
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = next(self._iterator)
+        self.consumed += 1
+        state = batch["state"]
+        self.slot_states[state["slot"]] = {d: state[d] for d in DOMAINS}
+        self.bad.update(batch["bad"])
+        self.read += batch["read"]
+        for example in batch["bad_examples"]:
+            print(f"[data rank {self.rank}] bad sample {example}")
+        self._check_bad_fraction()
+        out = {}
+        for domain in DOMAINS:
+            images = batch[domain].to(self.device, non_blocking=True)
+            out[domain] = images.float().div_(127.5).sub_(1.0)
+            if self.cfg.extra != "none":
+                extra = batch[f"extra_{domain}"].to(self.device, non_blocking=True)
+                out[f"extra_{domain}"] = extra_channels(extra, self.cfg.extra, images.shape[-1])
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """data/ metrics of this rank: samples read, bad samples by kind, the epoch of each domain."""
+        out = {"data/samples_read": float(self.read)}
+        out.update({f"data/bad_{kind}": float(self.bad.get(kind, 0)) for kind in BAD_KINDS})
+        for domain in DOMAINS:
+            epochs = [state[domain][0] for state in self.slot_states.values()]
+            out[f"data/epoch_{domain}"] = float(min(epochs, default=0))
+        return out
+
+    def _check_bad_fraction(self) -> None:
+        bad = sum(self.bad.values())
+        if self.read >= 100 and bad > self.cfg.max_bad_fraction * self.read:
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(self.bad.items()))
+            raise RuntimeError(
+                f"{bad} of {self.read} samples read were bad ({counts}), more than data.max_bad_fraction="
+                f"{self.cfg.max_bad_fraction}; check the shards with `python -m shards.verify`"
+            )
 
 
-def load_test_images(root: str, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """Up to `count` test images of each domain, resized to size x size, without augmentation.
+@dataclass
+class TestSet:
+    """Fixed test images without augmentation; y[k] = T(x[k]) when `paired` (synthetic data)."""
 
-    Returns:
-        (x [N, 3, size, size], y [N, 3, size, size], paired), where paired means y[k] = T(x[k]) (synthetic data),
-        or None when the dataset has no x-test/y-test splits.
-    """
-    manifest = read_manifest(root)
-    if count == 0 or not {"x-test", "y-test"} <= set(manifest["splits"]):
+    x: torch.Tensor  # [N, 3, H, W] in [-1, 1]
+    y: torch.Tensor
+    extra_x: torch.Tensor | None  # [N, C, H, W] generator extra channels, or None
+    extra_y: torch.Tensor | None
+    paired: bool
+
+
+def load_test_images(cfg: DataConfig, count: int, device: torch.device | str = "cpu") -> TestSet | None:
+    """Up to `count` images of each test split of data.root, resized to crop_size, on `device`; None without
+    test splits."""
+    if not cfg.root or count == 0:
         return None
-    images = {}
-    for domain in ("x", "y"):
-        split = f"{domain}-test"
-        samples = []
-        for sample in _raw_samples(split_urls(root, manifest, split)):
-            samples.append(resize(decode_image(sample, str(Path(root) / split)), size))
-            if len(samples) == count:
+    manifest = read_manifest(cfg.root)
+    if not {"x-test", "y-test"} <= set(manifest["splits"]):
+        return None
+    tensors: dict[str, Any] = {}
+    bad = BadSampleCounter()
+    for domain in DOMAINS:
+        images, extras = [], []
+        for url in split_urls(cfg.root, manifest, f"{domain}-test"):
+            for sample in _shard_samples(url, 0, bad):
+                image, extra = decode(sample, cfg.extra)
+                images.append(resize(image, cfg.crop_size))
+                if cfg.extra == "label":
+                    extra = resize(extra, cfg.crop_size, nearest=True)
+                extras.append(extra)
+                if len(images) == count:
+                    break
+            if len(images) == count:
                 break
-        images[domain] = torch.stack(samples)
+        tensors[domain] = torch.stack(images).float().div(127.5).sub(1.0).to(device)
+        tensors[f"extra_{domain}"] = (
+            None if cfg.extra == "none" else extra_channels(torch.stack(extras), cfg.extra, cfg.crop_size).to(device)
+        )
     paired = bool(manifest.get("synthetic", {}).get("paired_test", False))
-    return images["x"], images["y"], paired
+    return TestSet(tensors["x"], tensors["y"], tensors["extra_x"], tensors["extra_y"], paired)

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from trainer.data import load_test_images
+from trainer.config import DataConfig
+from trainer.cyclegan import with_extra
+from trainer.data import TestSet, load_test_images
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -22,22 +24,24 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def translation_metrics(
-    g_xy: nn.Module, g_yx: nn.Module, x: torch.Tensor, y: torch.Tensor, paired: bool, batch_size: int = 16
-) -> dict[str, float]:
-    """eval/ metrics of the generators on test images x, y ([N, 3, H, W] in [-1, 1]).
+def translation_metrics(g_xy: nn.Module, g_yx: nn.Module, test: TestSet, batch_size: int = 16) -> dict[str, float]:
+    """eval/ metrics of the generators on the test images (in [-1, 1]).
 
     With paired data (y[k] = T(x[k])) PSNR of g_xy(x) vs y and g_yx(y) vs x, and the identity baseline PSNR(x, y).
     """
-    fake_y = torch.cat([g_xy(chunk) for chunk in x.split(batch_size)]).float()
-    fake_x = torch.cat([g_yx(chunk) for chunk in y.split(batch_size)]).float()
-    rec_x = torch.cat([g_yx(chunk) for chunk in fake_y.split(batch_size)]).float()
-    rec_y = torch.cat([g_xy(chunk) for chunk in fake_x.split(batch_size)]).float()
+    x, y = test.x, test.y
+
+    def apply(net: nn.Module, images: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        extras = [None] * len(images) if extra is None else extra.split(batch_size)
+        return torch.cat([net(with_extra(c, e)) for c, e in zip(images.split(batch_size), extras)]).float()
+
+    fake_y, fake_x = apply(g_xy, x, test.extra_x), apply(g_yx, y, test.extra_y)
+    rec_x, rec_y = apply(g_yx, fake_y, test.extra_x), apply(g_xy, fake_x, test.extra_y)
     metrics = {
         "eval/cycle_l1_x": float((rec_x - x).abs().mean()),
         "eval/cycle_l1_y": float((rec_y - y).abs().mean()),
     }
-    if paired:
+    if test.paired:
         identity = psnr(x, y)
         metrics.update({
             "eval/psnr_identity": identity,
@@ -57,11 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="shard directory with x-test and y-test splits")
     parser.add_argument("--images", type=int, default=64, help="test images per domain")
     args = parser.parse_args(argv)
-    g_xy, g_yx, model_cfg, size = load_generators(args.weights)
-    test = load_test_images(args.data, args.images, size)
+    exported = load_generators(args.weights)
+    data_cfg = DataConfig(root=args.data, load_size=exported.image_size, crop_size=exported.image_size,
+                          extra=exported.extra)
+    test = load_test_images(data_cfg, args.images)
     if test is None:
         raise SystemExit(f"{args.data}: no x-test/y-test splits to evaluate on")
-    print(json.dumps(translation_metrics(g_xy, g_yx, *test), indent=2))
+    print(json.dumps(translation_metrics(exported.g_xy, exported.g_yx, test), indent=2))
 
 
 if __name__ == "__main__":

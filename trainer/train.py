@@ -14,14 +14,14 @@ import torch
 from trainer.checkpoint import save_checkpoint, save_generators
 from trainer.config import Config, LossConfig, OptimizerConfig, save_config, to_dict
 from trainer.cyclegan import build_units, discriminator_step, generator_step
-from trainer.data import UnpairedStream, load_test_images
+from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import Engine
 from trainer.evaluate import translation_metrics
 from trainer.pool import ImagePool
 from trainer.schedule import build_scheduler
 from trainer.tracking import Tracker, image_grid
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # real_x, real_y: [N, 3, H, W] each
+Batch = dict[str, torch.Tensor]  # "x", "y": [N, 3, H, W] in [-1, 1]; optional "extra_x", "extra_y": [N, C, H, W]
 
 
 def lr_scale(cfg: OptimizerConfig, global_batch: int) -> float:
@@ -42,18 +42,20 @@ def train_step(
     sums: dict[str, torch.Tensor] = {}
     fakes = []
     with engine.frozen("d") as plain_discs:  # D gets no gradients from the generator step
-        for i, (real_x, real_y) in enumerate(micro_batches):
+        for i, batch in enumerate(micro_batches):
             with engine.accumulate("g", is_last=i == last):
                 with engine.autocast():
-                    g_loss, stats, out = generator_step(units["g"], plain_discs, real_x, real_y, loss_cfg)
+                    g_loss, stats, out = generator_step(
+                        units["g"], plain_discs, batch["x"], batch["y"], loss_cfg, batch.get("extra_x"), batch.get("extra_y")
+                    )
                 engine.backward(g_loss, "g")
             fakes.append((pools[0].query(out["fake_x"].detach().float()), pools[1].query(out["fake_y"].detach().float())))
             _accumulate(sums, stats)
     norm_g = engine.step("g")
-    for i, ((real_x, real_y), (fake_x, fake_y)) in enumerate(zip(micro_batches, fakes)):
+    for i, (batch, (fake_x, fake_y)) in enumerate(zip(micro_batches, fakes)):
         with engine.accumulate("d", is_last=i == last):
             with engine.autocast():
-                d_loss, stats = discriminator_step(units["d"], real_x, real_y, fake_x, fake_y, loss_cfg)
+                d_loss, stats = discriminator_step(units["d"], batch["x"], batch["y"], fake_x, fake_y, loss_cfg)
             engine.backward(d_loss, "d")
         _accumulate(sums, stats)
     norm_d = engine.step("d")
@@ -105,17 +107,17 @@ def train(cfg: Config) -> dict[str, float]:
             f"micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr {cfg.optimizer.lr * scale:.4g}"
         )
     tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
-    stream = iter(UnpairedStream(cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size))
+    loader = UnpairedLoader(cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device)
     pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
-    test = load_test_images(cfg.data.root, cfg.train.eval_images, cfg.data.crop_size)
-    samples = load_test_images(cfg.data.root, cfg.logging.sample_images, cfg.data.crop_size)
+    test = load_test_images(cfg.data, cfg.train.eval_images, engine.device)
+    samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
 
     sums: dict[str, torch.Tensor] = {}
     window_steps, window_start, data_wait = 0, time.perf_counter(), 0.0
     metrics: dict[str, float] = {}
     for step in range(1, total + 1):
         wait_start = time.perf_counter()
-        micro_batches = [(b["x"].to(engine.device), b["y"].to(engine.device)) for b in (next(stream) for _ in range(accum))]
+        micro_batches = [next(loader) for _ in range(accum)]
         data_wait += time.perf_counter() - wait_start
 
         _accumulate(sums, train_step(engine, units, pools, micro_batches, cfg.loss))  # no host sync per step
@@ -129,6 +131,7 @@ def train(cfg: Config) -> dict[str, float]:
                 "perf/step_time_s": elapsed / window_steps,
                 "perf/data_wait_fraction": data_wait / elapsed,
             })
+            logged.update(loader.metrics())
             if cfg.train.precision == "fp16":
                 logged.update({"loss_scale/g": engine.loss_scale("g"), "loss_scale/d": engine.loss_scale("d")})
             tracker.log(step, logged)
@@ -138,18 +141,18 @@ def train(cfg: Config) -> dict[str, float]:
         plain_gens = engine.unwrap("g")
         if samples is not None and _is_due(step, cfg.logging.image_every_steps, total):
             with engine.autocast():
-                tracker.log_images(step, _sample_grids(plain_gens, samples[0], samples[1], engine.device))
+                tracker.log_images(step, _sample_grids(plain_gens, samples))
         if test is not None and _is_due(step, cfg.train.eval_every_steps, total):
             with engine.autocast():
-                metrics = _evaluate(plain_gens, test, engine.device)
+                metrics = _evaluate(plain_gens, test)
             tracker.log(step, metrics)
         if _is_due(step, cfg.checkpoint.every_steps, total):
-            pool_states = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict()}
-            save_checkpoint(engine, run_dir, step, pool_states, cfg.checkpoint.keep)
+            rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
+            save_checkpoint(engine, run_dir, step, rank_state, cfg.checkpoint.keep)
 
     weights = engine.full_state_dict("g")  # collective under DeepSpeed
     if engine.is_main:
-        save_generators(run_dir / "export", weights, cfg.model, cfg.data.crop_size)
+        save_generators(run_dir / "export", weights, cfg.model, cfg.data)
     tracker.close()
     engine.end()
     return metrics
@@ -172,19 +175,16 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _sample_grids(gens: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict:
+def _sample_grids(gens: torch.nn.Module, samples: TestSet) -> dict:
     """x | G(x) | F(G(x)) and y | F(y) | G(F(y)) rows for the fixed sample images."""
     with _eval_mode(gens):
-        x, y = x.to(device), y.to(device)
-        fake_y, fake_x = gens.g_xy(x), gens.g_yx(y)
-        rec_x, rec_y = gens.g_yx(fake_y), gens.g_xy(fake_x)
+        out = gens(samples.x, samples.y, samples.extra_x, samples.extra_y)
     return {
-        "x_to_y": image_grid([list(row) for row in zip(x, fake_y, rec_x)]),
-        "y_to_x": image_grid([list(row) for row in zip(y, fake_x, rec_y)]),
+        "x_to_y": image_grid([list(row) for row in zip(samples.x, out["fake_y"], out["rec_x"])]),
+        "y_to_x": image_grid([list(row) for row in zip(samples.y, out["fake_x"], out["rec_y"])]),
     }
 
 
-def _evaluate(gens: torch.nn.Module, test: tuple, device: torch.device) -> dict[str, float]:
-    x, y, paired = test
+def _evaluate(gens: torch.nn.Module, test: TestSet) -> dict[str, float]:
     with _eval_mode(gens):
-        return translation_metrics(gens.g_xy, gens.g_yx, x.to(device), y.to(device), paired)
+        return translation_metrics(gens.g_xy, gens.g_yx, test)

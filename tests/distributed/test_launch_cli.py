@@ -38,5 +38,5 @@ def test_demo_command_runs_under_each_launcher(case, tmp_path, colour_shards):
     assert records[0] == {"step": 0, "run/global_batch": global_batch, "run/world_size": nproc, "run/lr_scale": 1.0}
     assert [r["step"] for r in records if "loss/g_total" in r] == [2, 4]
     assert load_config(run_dir / "config.yaml").distributed.backend == backend
-    g_xy, _, _, _ = load_generators(run_dir / "export")
-    assert sum(p.numel() for p in g_xy.parameters()) > 0
+    exported = load_generators(run_dir / "export")
+    assert sum(p.numel() for p in exported.g_xy.parameters()) > 0

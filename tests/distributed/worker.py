@@ -62,7 +62,7 @@ def main() -> None:
         xs = torch.rand(global_batch, 3, SIZE, SIZE, generator=data) * 2 - 1
         ys = torch.rand(global_batch, 3, SIZE, SIZE, generator=data) * 2 - 1
         starts = [(j * world + rank) * b for j in range(k)]
-        micro = [(xs[s : s + b].to(engine.device), ys[s : s + b].to(engine.device)) for s in starts]
+        micro = [{"x": xs[s : s + b].to(engine.device), "y": ys[s : s + b].to(engine.device)} for s in starts]
         train_step(engine, units, pools, micro, cfg.loss)
     result = {
         "init": init,

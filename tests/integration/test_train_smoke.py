@@ -64,10 +64,10 @@ def test_cli_writes_a_complete_run_directory(tmp_path, colour_shards):
     assert (checkpoints / "step_00000006" / COMPLETE).is_file()
     assert json.loads((checkpoints / "step_00000006" / "train_state.json").read_text())["step"] == 6
 
-    g_xy, g_yx, model_cfg, size = load_generators(run_dir / "export")
-    assert model_cfg == cfg.model and size == 32
+    exported = load_generators(run_dir / "export")
+    assert exported.model == cfg.model and exported.image_size == 32 and exported.extra == "none"
     x = torch.rand(1, 3, 32, 32) * 2 - 1
-    assert g_xy(x).shape == (1, 3, 32, 32)
+    assert exported.g_xy(x).shape == (1, 3, 32, 32)
 
 
 def test_exported_generators_reproduce_the_final_evaluation(tmp_path, colour_shards):

@@ -1,52 +1,143 @@
+"""The training stream: per-(rank, worker) plans, equal epochs, exact resume, URL forms and augmentation."""
 import itertools
+import subprocess
 
+import numpy as np
+import pytest
 import torch
 
-from trainer.config import DataConfig
-from trainer.data import UnpairedStream, augment, load_test_images
+from shards.synthetic import write_synthetic
+from trainer.config import ConfigError, DataConfig
+from trainer.data import DomainStream, BadSampleCounter, UnpairedLoader, augment, load_test_images, train_shards
+
+EXACT = dict(load_size=32, crop_size=32, flip=False)  # no augmentation: images identify samples
 
 
-def take(stream, n):
-    return list(itertools.islice(iter(stream), n))
+def keys_of_epoch(cfg, domain, slots):
+    shards = train_shards(cfg, domain)
+    out = []
+    for slot in range(slots):
+        stream = DomainStream(cfg, shards, seed=0, domain=domain, slot=slot, slots=slots)
+        samples = itertools.islice(stream.samples(0, 0, BadSampleCounter()), stream.epoch_length)
+        out.append([s["__key__"] for _, _, s in samples])
+    return out
 
 
-def test_batches_have_the_configured_shape_and_range(colour_shards):
-    cfg = DataConfig(root=str(colour_shards), load_size=36, crop_size=32, rotation_deg=15)
-    (batch,) = take(UnpairedStream(cfg, batch_size=3, seed=0), 1)
-    for key in ("x", "y"):
-        assert batch[key].shape == (3, 3, 32, 32)
-        assert batch[key].min() >= -1 and batch[key].max() <= 1
+def test_four_slots_read_every_sample_exactly_once_per_epoch(colour_shards):
+    cfg = DataConfig(root=str(colour_shards), **EXACT)
+    per_slot = keys_of_epoch(cfg, "x", slots=4)
+    assert [len(keys) for keys in per_slot] == [24] * 4
+    flat = [k for keys in per_slot for k in keys]
+    assert sorted(flat) == sorted(f"{i:07d}" for i in range(96))
 
 
-def test_same_seed_same_stream_other_seed_other_stream(colour_shards):
-    cfg = DataConfig(root=str(colour_shards), load_size=36, crop_size=32)
-    a = take(UnpairedStream(cfg, 4, seed=1), 30)  # 120 samples: crosses an epoch of 96
-    b = take(UnpairedStream(cfg, 4, seed=1), 30)
-    c = take(UnpairedStream(cfg, 4, seed=2), 30)
-    assert all(torch.equal(p["x"], q["x"]) and torch.equal(p["y"], q["y"]) for p, q in zip(a, b))
-    assert not all(torch.equal(p["x"], q["x"]) for p, q in zip(a, c))
+def test_uneven_counts_pad_each_slot_to_the_same_length(tmp_path):
+    write_synthetic(tmp_path, "colour", size=16, train=50, test=0, maxcount=16)  # shards of 16, 16, 16, 2
+    cfg = DataConfig(root=str(tmp_path), load_size=16, crop_size=16)
+    per_slot = keys_of_epoch(cfg, "y", slots=4)
+    assert [len(keys) for keys in per_slot] == [13] * 4  # ceil(50 / 4)
+    flat = [k for keys in per_slot for k in keys]
+    assert set(flat) == {f"{i:07d}" for i in range(50)}  # every sample at least once ...
+    assert len(flat) - len(set(flat)) == 2  # ... and 52 - 50 documented padding repeats
 
 
-def test_ranks_read_disjoint_samples(colour_shards):
-    cfg = DataConfig(root=str(colour_shards), load_size=32, crop_size=32, flip=False, shuffle_buffer=1)
-    seen = []
+def image_ids(batch, domain):
+    pixels = ((batch[domain] + 1) * 127.5).round().to(torch.uint8)
+    return [hash(img.numpy().tobytes()) for img in pixels]
+
+
+def test_two_ranks_two_workers_see_each_image_once_with_equal_batch_counts(colour_shards):
+    cfg = DataConfig(root=str(colour_shards), num_workers=2, **EXACT)
+    per_rank = {}
     for rank in range(2):
-        batches = take(UnpairedStream(cfg, 4, seed=0, rank=rank, world_size=2), 12)  # 48 = half an epoch
-        seen.append({tuple(img.flatten()[:64].tolist()) for b in batches for img in b["x"]})
-    assert len(seen[0]) == 48 and len(seen[1]) == 48
-    assert not seen[0] & seen[1]
+        loader = UnpairedLoader(cfg, batch_size=4, seed=0, rank=rank, world_size=2, device=torch.device("cpu"))
+        batches = list(itertools.islice(loader, 12))  # 2 workers x 24 samples / batch 4
+        per_rank[rank] = batches
+        assert loader.metrics()["data/epoch_x"] == 0.0
+    for domain in ("x", "y"):
+        ids = [i for batches in per_rank.values() for b in batches for i in image_ids(b, domain)]
+        assert len(ids) == 96 and len(set(ids)) == 96
 
 
-def test_augment_flips_and_crops_deterministically():
-    image = torch.linspace(-1, 1, 3 * 8 * 8).view(3, 8, 8)
+def test_resume_mid_epoch_continues_identically(colour_shards):
+    cfg = DataConfig(root=str(colour_shards), num_workers=2, load_size=36, crop_size=32, rotation_deg=10,
+                     shuffle_buffer=16)
+    straight = UnpairedLoader(cfg, 3, seed=5, rank=1, world_size=2, device=torch.device("cpu"))
+    head = list(itertools.islice(straight, 7))
+    state = straight.state_dict()
+    tail = list(itertools.islice(straight, 30))  # crosses the epoch boundary (48 samples per rank-epoch)
+    resumed = UnpairedLoader(cfg, 3, seed=5, rank=1, world_size=2, device=torch.device("cpu"))
+    resumed.load_state_dict(state)
+    again = list(itertools.islice(resumed, 30))
+    assert head
+    for a, b in zip(tail, again, strict=True):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
+
+
+def test_resume_on_another_world_size_restarts_at_the_epoch(colour_shards):
+    cfg = DataConfig(root=str(colour_shards), num_workers=1, **EXACT)
+    loader = UnpairedLoader(cfg, 4, seed=0, rank=0, world_size=2, device=torch.device("cpu"))
+    list(itertools.islice(loader, 15))  # 48 samples per rank-epoch: into epoch 1
+    state = loader.state_dict()
+    single = UnpairedLoader(cfg, 4, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    single.load_state_dict(state)
+    assert single.state_dict()["slots"] == {"0": {"x": [1, 0], "y": [1, 0]}}
+    fresh = UnpairedLoader(cfg, 4, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    skipped = list(itertools.islice(fresh, 24))  # one full epoch of 96 on one rank
+    assert torch.equal(next(single)["x"], next(fresh)["x"]) and skipped
+
+
+def test_plain_gnu_tar_brace_patterns_and_pipes(tmp_path, colour_shards):
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(6):
+        Image.fromarray(np.full((32, 32, 3), i * 40, np.uint8)).save(images / f"{i:04d}.png")
+    subprocess.run(["tar", "cf", str(tmp_path / "x-000000.tar")] + [f"{i:04d}.png" for i in range(6)],
+                   cwd=images, check=True)
+    brace = f"{colour_shards}/y-train-{{000000..000002}}.tar"
+    cfg = DataConfig(x_train=str(tmp_path / "x-000000.tar"), y_train=brace, num_workers=0, **EXACT)
+    assert [s.samples for s in train_shards(cfg, "x")] == [6]
+    assert sum(s.samples for s in train_shards(cfg, "y")) == 96
+    batch = next(UnpairedLoader(cfg, 6, seed=0, rank=0, world_size=1, device=torch.device("cpu")))
+    assert sorted(((batch["x"][:, 0, 0, 0] + 1) * 127.5).round().tolist()) == [0, 40, 80, 120, 160, 200]
+
+    piped = f"pipe:cat {tmp_path / 'x-000000.tar'}"
+    with pytest.raises(ConfigError, match="set data.allow_pipe=true to allow pipe: URLs"):
+        train_shards(DataConfig(x_train=piped, y_train=brace), "x")
+    assert [s.samples for s in train_shards(DataConfig(x_train=piped, y_train=brace, allow_pipe=True), "x")] == [6]
+
+
+def test_missing_shards_are_refused_with_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.x_train: shard .*nope.tar does not exist"):
+        train_shards(DataConfig(x_train=str(tmp_path / "nope.tar"), y_train="y"), "x")
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        train_shards(DataConfig(), "x")
+
+
+def test_augment_flips_crops_and_zooms_deterministically():
+    image = torch.arange(3 * 8 * 8, dtype=torch.uint8).view(3, 8, 8)
     cfg = DataConfig(load_size=8, crop_size=8, flip=True)
-    outs = {augment(image, cfg, torch.Generator().manual_seed(s)).sum(dim=(0, 1))[0].item() for s in range(20)}
-    assert len(outs) == 2  # either flipped or not
-    crop = augment(image, DataConfig(load_size=8, crop_size=4, flip=False), torch.Generator().manual_seed(0))
-    assert crop.shape == (3, 4, 4)
+    outs = {augment(image, None, cfg, torch.Generator().manual_seed(s))[0][0, 0, 0].item() for s in range(20)}
+    assert outs == {0, 7}  # flipped or not
+    cfg = DataConfig(load_size=16, crop_size=8, scale_min=0.5, flip=False)
+    a, _ = augment(image, None, cfg, torch.Generator().manual_seed(3))
+    b, _ = augment(image, None, cfg, torch.Generator().manual_seed(3))
+    assert a.shape == (3, 8, 8) and torch.equal(a, b)
+
+
+def test_label_maps_follow_the_image_geometry():
+    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    image[:, :, :4] = 255
+    label = (image[:1] > 0).to(torch.uint8) * 255
+    cfg = DataConfig(load_size=20, crop_size=16, rotation_deg=30, flip=True)
+    for seed in range(5):
+        out, lab = augment(image, label, cfg, torch.Generator().manual_seed(seed))
+        assert ((out[0] > 127) == (lab[0] > 127)).float().mean() > 0.95
 
 
 def test_test_images_are_paired_for_synthetic_data(colour_shards):
-    x, y, paired = load_test_images(str(colour_shards), 5, 32)
-    assert paired and x.shape == y.shape == (5, 3, 32, 32)
-    torch.testing.assert_close(y, x[:, [2, 0, 1]])
+    test = load_test_images(DataConfig(root=str(colour_shards), load_size=32, crop_size=32), 5)
+    assert test.paired and test.x.shape == test.y.shape == (5, 3, 32, 32)
+    torch.testing.assert_close(test.y, test.x[:, [2, 0, 1]])

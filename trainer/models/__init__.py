@@ -33,8 +33,8 @@ OUTPUT_NC = 3
 
 
 def build_generator(cfg: ModelConfig) -> nn.Module:
-    """One initialized generator mapping cfg.input_nc channels to an RGB image in [-1, 1]."""
-    net = GENERATORS[cfg.generator](cfg, cfg.input_nc, OUTPUT_NC)
+    """One initialized generator mapping cfg.in_channels channels (RGB + extras) to an RGB image in [-1, 1]."""
+    net = GENERATORS[cfg.generator](cfg, cfg.in_channels, OUTPUT_NC)
     init_weights(net, cfg.init, cfg.init_gain)
     return net
 
