@@ -13,13 +13,12 @@ Tasks:
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from PIL import Image
 
+from shards.encoding import colour_histogram, npy_bytes, png_bytes
 from shards.manifest import split_entry, write_manifest
 from shards.writer import write_shards
 
@@ -63,25 +62,6 @@ def stripes_task(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 TASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"colour": colour_task, "stripes": stripes_task}
 
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """Lossless PNG encoding of an [H, W, 3] (or [H, W] grey) uint8 array."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-
-def colour_histogram(image: np.ndarray, bins: int = 8) -> np.ndarray:
-    """Per-channel histograms of an [H, W, 3] uint8 image, each normalized to sum 1: float32 [3 * bins]."""
-    hists = [np.histogram(image[..., c], bins=bins, range=(0, 256))[0] for c in range(3)]
-    return (np.concatenate(hists) / (image.shape[0] * image.shape[1])).astype(np.float32)
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 def _samples(task: str, size: int, count: int, seed: int, transform: bool, extras: bool) -> Iterator[dict[str, Any]]:

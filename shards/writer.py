@@ -11,8 +11,11 @@ import webdataset as wds
 from shards.manifest import shard_entry
 
 
-def write_shards(out_dir: str | Path, split: str, samples: Iterable[dict[str, Any]], maxcount: int) -> list[dict]:
-    """Write `samples` (webdataset dicts with `__key__`) to out_dir/<split>-%06d.tar, `maxcount` per shard.
+def write_shards(
+    out_dir: str | Path, split: str, samples: Iterable[dict[str, Any]], maxcount: int, first_index: int = 0
+) -> list[dict]:
+    """Write `samples` (webdataset dicts with `__key__`) to out_dir/<split>-%06d.tar, `maxcount` per shard,
+    numbering the shards from `first_index`.
 
     Returns:
         The manifest records of the written shards, in order.
@@ -30,7 +33,7 @@ def write_shards(out_dir: str | Path, split: str, samples: Iterable[dict[str, An
 
     for sample in samples:
         if writer is None:
-            path = out_dir / f"{split}-{len(entries):06d}.tar.tmp"
+            path = out_dir / f"{split}-{first_index + len(entries):06d}.tar.tmp"
             writer, count = wds.TarWriter(str(path), mtime=0.0), 0  # fixed mtime: same samples, same bytes
         writer.write(sample)
         count += 1

@@ -17,6 +17,7 @@ import io
 import math
 import random
 import tarfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,9 +213,11 @@ def decode(sample: dict[str, Any], extra: str) -> tuple[torch.Tensor, torch.Tens
     if ext is None:
         raise KeyError("no image")
     with Image.open(io.BytesIO(sample[ext])) as image:
-        image.draft("RGB", image.size)
-        rgb = np.asarray(image.convert("RGB"))
-    tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+        rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # [H, W, 3], one copy
+    with warnings.catch_warnings():
+        # A read-only view: augment() copies only the crop it keeps, never writes into this.
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(rgb).permute(2, 0, 1)
     if extra == "hist":
         return tensor, torch.from_numpy(np.load(io.BytesIO(sample["hist.npy"])).astype(np.float32)).reshape(24)
     if extra == "label":
