@@ -141,3 +141,13 @@ def test_test_images_are_paired_for_synthetic_data(colour_shards):
     test = load_test_images(DataConfig(root=str(colour_shards), load_size=32, crop_size=32), 5)
     assert test.paired and test.x.shape == test.y.shape == (5, 3, 32, 32)
     torch.testing.assert_close(test.y, test.x[:, [2, 0, 1]])
+
+
+def test_resampled_mode_draws_shards_with_replacement(colour_shards):
+    cfg = DataConfig(root=str(colour_shards), resampled=True, **EXACT)
+    stream = DomainStream(cfg, train_shards(cfg, "x"), seed=0, domain="x", slot=0, slots=2)
+    orders = [[s.url for s in stream.order(epoch)] for epoch in range(20)]
+    assert all(len(order) == 3 for order in orders)
+    assert any(len(set(order)) < 3 for order in orders)  # some epoch repeats a shard
+    samples = list(itertools.islice(stream.samples(0, 0, BadSampleCounter()), 2 * stream.epoch_length))
+    assert [epoch for epoch, _, _ in samples] == [0] * 48 + [1] * 48
