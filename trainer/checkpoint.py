@@ -1,13 +1,20 @@
-"""Checkpoints and exported weights.
+"""Checkpoints (save, verify, find, load) and exported generators.
 
-A checkpoint is RUN/checkpoints/step_XXXXXXXX/: Accelerate's state (both units, optimizers, schedulers, RNG of
-every rank), one rank_XXXXX.pt per rank (image pools) and train_state.json. It is written under a `.tmp` name,
-marked COMPLETE and renamed only after every rank finished; then RUN/checkpoints/latest is replaced atomically.
-A directory without COMPLETE is never used. Exported generators are safetensors plus model.json.
+A checkpoint is RUN/checkpoints/step_XXXXXXXX/ holding
+  - Accelerate's native state: both units and optimizers (per-rank ZeRO shards under DeepSpeed), RNG of each rank;
+  - units.safetensors: the backend-independent state of both units (full fp32 weights, Adam moments, update
+    count), used to resume on another world size or backend and to export;
+  - rank_XXXXX.pt per rank: its image pools, data position, schedulers and loss scalers (plain tensors and
+    numbers: loaded with weights_only=True);
+  - train_state.json: step, world size, backend and tracker ids.
+It is written as `step_XXXXXXXX.tmp`, then COMPLETE (the sha256 of every file) is written and the directory renamed
+once every rank is done; `latest` is replaced atomically after that. A directory without COMPLETE, or whose files
+do not match it, is never resumed from.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -20,12 +27,18 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from trainer.config import ConfigError, DataConfig, ModelConfig, from_dict
-from trainer.engine import Engine
+from trainer.engine import UNITS, Engine
 from trainer.models import build_generator
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+UNIVERSAL = "units.safetensors"
+TRAIN_STATE = "train_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: incomplete, damaged or missing."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -37,20 +50,88 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> dict[str, str]:
+    """fsync every file under root; returns {relative path: sha256}."""
+    hashes = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        hashes[str(path.relative_to(root))] = _sha256(path)
+    return hashes
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first."""
+    """Checkpoint directories of a run that carry a COMPLETE marker, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file())
 
 
-def save_checkpoint(engine: Engine, run_dir: Path, step: int, rank_state: dict[str, Any], keep: int) -> Path:
-    """Save the full training state on every rank (a collective: all ranks must call it).
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check a checkpoint against its COMPLETE marker; returns its train_state.json.
+
+    Raises:
+        CheckpointError: one line naming the checkpoint and what is wrong.
+    """
+    marker = path / COMPLETE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker)")
+    try:
+        hashes = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {path}: {COMPLETE} is not valid JSON") from None
+    for name, digest in hashes.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match its sha256")
+    return json.loads((path / TRAIN_STATE).read_text())
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to continue from: for `auto` the newest intact one in run_dir (damaged ones are reported
+    and skipped), for a path that checkpoint, for `none` nothing.
+
+    Raises:
+        CheckpointError: a given path that is not an intact checkpoint.
+    """
+    if resume == "none":
+        return None
+    if resume != "auto":
+        verify_checkpoint(Path(resume))
+        return Path(resume)
+    for candidate in reversed(complete_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except CheckpointError as err:
+            print(f"skipping {err}; trying the previous checkpoint")
+    return None
+
+
+def save_checkpoint(
+    engine: Engine, run_dir: Path, step: int, rank_state: dict[str, Any], meta: dict[str, Any], keep: int,
+    keep_every_steps: int = 0,
+) -> Path:
+    """Save the full training state (a collective: every rank must call it).
 
     Args:
-        rank_state: this rank's own state (image pools), saved as rank_XXXXX.pt.
-        keep: complete checkpoints to keep; older ones are deleted after the new one is published.
+        rank_state: this rank's own state (pools, data position, ...), saved as rank_XXXXX.pt.
+        meta: JSON-able facts for train_state.json (tracker run ids, ...).
+        keep: complete checkpoints kept; older ones are deleted once the new one is published, except those whose
+            step is a multiple of `keep_every_steps`.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
@@ -60,18 +141,58 @@ def save_checkpoint(engine: Engine, run_dir: Path, step: int, rank_state: dict[s
         tmp.mkdir(parents=True)
     engine.barrier()
     engine.accelerator.save_state(str(tmp))
-    torch.save(rank_state, tmp / f"rank_{engine.rank:05d}.pt")
+    universal = {f"{unit}/{key}": value for unit in UNITS for key, value in engine.universal_state(unit).items()}
+    torch.save({**rank_state, "engine": engine.state_dict()}, tmp / f"rank_{engine.rank:05d}.pt")
+    if engine.is_main:
+        save_file(universal, str(tmp / UNIVERSAL))
     engine.barrier()
     if engine.is_main:
-        _write_atomic(tmp / "train_state.json", json.dumps({"step": step, "world_size": engine.world_size}))
-        _write_atomic(tmp / COMPLETE, "")
+        train_state = {"step": step, "world_size": engine.world_size, "backend": engine.backend_name, **meta}
+        _write_atomic(tmp / TRAIN_STATE, json.dumps(train_state))
+        _write_atomic(tmp / COMPLETE, json.dumps(_fsync_tree(tmp)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / LATEST, final.name + "\n")
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+        older = complete_checkpoints(run_dir)[:-keep]
+        for old in older:
+            if not (keep_every_steps and int(old.name.split("_")[1]) % keep_every_steps == 0):
+                shutil.rmtree(old)
     engine.barrier()
     return final
+
+
+def load_checkpoint(engine: Engine, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore the units, optimizers, schedulers and scalers from `path` (a collective).
+
+    On the world size and backend that wrote it, Accelerate's native state is loaded (bitwise exact). Otherwise
+    the backend-independent units.safetensors is re-partitioned onto this run's backend.
+
+    Returns:
+        (train_state.json, this rank's state; after a topology change only {"data": rank 0's data position},
+        from which the data plan restarts at the epoch, and the image pools start empty).
+    """
+    train_state = json.loads((path / TRAIN_STATE).read_text())
+    same = train_state["world_size"] == engine.world_size and train_state["backend"] == engine.backend_name
+    rank_file = path / f"rank_{engine.rank:05d}.pt"
+    if same:
+        engine.accelerator.load_state(str(path))
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    else:
+        universal = load_file(str(path / UNIVERSAL))
+        for unit in UNITS:
+            prefix = f"{unit}/"
+            engine.load_universal_state(unit, {k[len(prefix):]: v for k, v in universal.items() if k.startswith(prefix)})
+        rank_state = None
+        print(f"resuming {path} (written by {train_state['world_size']} x {train_state['backend']}) on "
+              f"{engine.world_size} x {engine.backend_name}: weights and optimizer state re-partitioned, "
+              "image pools empty, data from the start of the epoch")
+    if rank_state is not None:
+        engine.load_state_dict(rank_state["engine"])
+    else:
+        first = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=True)
+        engine.load_state_dict(first["engine"])
+        rank_state = {"data": first["data"]}
+    return train_state, rank_state
 
 
 def save_generators(out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig) -> None:

@@ -242,6 +242,11 @@ class TrainConfig:
     """Evaluate on the paired test split every N steps (and at the end); 0 means only at the end."""
     eval_images: int = 64
     """Test pairs used by the evaluation."""
+    resume: str = "auto"
+    """auto: continue from the newest intact checkpoint of run_dir if there is one; none: start fresh; or the
+    path of a checkpoint directory to continue from."""
+    overwrite: bool = False
+    """With resume=none, allow starting over in a run_dir that has checkpoints (they are deleted)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -309,10 +314,17 @@ class CheckpointConfig:
     """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
     keep: int = 3
     """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+    keep_every_steps: int = 0
+    """Also keep every checkpoint whose step is a multiple of this forever; 0 disables it."""
+    preempt_check_steps: int = 5
+    """Ranks agree on a received SIGUSR1/SIGTERM every N steps (one tiny all-reduce), then save and exit."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
         _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
+        _require(self.keep_every_steps >= 0, "checkpoint.keep_every_steps", self.keep_every_steps, "an integer >= 0")
+        _require(self.preempt_check_steps >= 1, "checkpoint.preempt_check_steps", self.preempt_check_steps,
+                 "an integer >= 1")
 
 
 @dataclass(kw_only=True)

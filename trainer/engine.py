@@ -18,6 +18,7 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -274,15 +275,117 @@ class Engine:
                 state[name] = param.detach().float().cpu().clone()
         return state
 
+    def _base_optimizer(self, which: str) -> torch.optim.Optimizer:
+        """The torch optimizer under accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
+        inner = getattr(self.optimizers[which], "optimizer", self.optimizers[which])
+        return getattr(inner, "optimizer", inner)
+
     def optimizer_state_bytes(self, which: str) -> int:
         """Bytes of optimizer state (and fp32 master partitions under DeepSpeed) that this rank holds for `which`."""
-        optimizer = self.optimizers[which]
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-        base = getattr(inner, "optimizer", inner)  # DeepSpeed's ZeRO optimizer wraps the torch one
+        base = self._base_optimizer(which)
         return sum(
             t.numel() * t.element_size() for state in base.state.values() for t in state.values()
             if torch.is_tensor(t) and t.dim() > 0
         )
+
+    def universal_state(self, which: str) -> dict[str, torch.Tensor]:
+        """Backend-independent full state of unit `which` on CPU: fp32 weights and buffers by name, Adam's
+        `NAME.exp_avg` / `NAME.exp_avg_sq` and its update count `__step__` (once it has stepped). A collective
+        under DeepSpeed: every rank must call it."""
+        state = self.full_state_dict(which)
+        base = self._base_optimizer(which)
+        steps = [s["step"] for s in base.state.values() if "step" in s]
+        if not steps:
+            return state
+        state["__step__"] = torch.as_tensor(steps[0], dtype=torch.float32).reshape(()).cpu().clone()
+        for name, param in self.unwrap(which).named_parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if self.is_deepspeed:
+                    from deepspeed.utils import safe_get_full_optimizer_state
+
+                    value = safe_get_full_optimizer_state(param, key)
+                else:
+                    value = base.state[param][key]
+                state[f"{name}.{key}"] = value.detach().float().cpu().clone()
+        return state
+
+    def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
+        """Load what `universal_state` returned, whatever backend and world size wrote it (a collective under
+        DeepSpeed). Weights go into the module (and DeepSpeed's fp32 master partitions), Adam's moments into this
+        rank's share of the optimizer state."""
+        module = self.unwrap(which)
+        base = self._base_optimizer(which)
+        step = state.get("__step__")
+        with torch.no_grad():
+            for name, buf in module.named_buffers():
+                buf.copy_(state[name])
+            if self.is_deepspeed and step is not None:
+                # torch's Adam creates its state lazily; ZeRO's setters write into existing state tensors, keyed
+                # by its flat fp32 partitions (ZeRO-3 keeps them apart from the optimizer's param groups).
+                zero = getattr(self.optimizers[which], "optimizer", None)
+                flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [
+                    p for group in base.param_groups for p in group["params"]]
+                for flat in flats:
+                    if "exp_avg" not in base.state.get(flat, {}):
+                        base.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat),
+                                            "exp_avg_sq": torch.zeros_like(flat)}
+            for name, param in module.named_parameters():
+                if self.is_deepspeed:
+                    self._set_deepspeed_param(param, state, name, step is not None)
+                else:
+                    param.copy_(state[name].to(param.dtype))
+                    if step is not None:
+                        base.state[param] = {"step": step.clone(), "exp_avg": state[f"{name}.exp_avg"].clone(),
+                                             "exp_avg_sq": state[f"{name}.exp_avg_sq"].clone()}
+
+    def _set_deepspeed_param(self, param: nn.Parameter, state: dict[str, torch.Tensor], name: str, moments: bool) -> None:
+        import deepspeed
+        from deepspeed import utils
+
+        keys = ("exp_avg", "exp_avg_sq") if moments else ()
+        value = state[name].to(self.device)
+        if not hasattr(param, "ds_id"):  # ZeRO-1/2: whole working copy on every rank, fp32 master partitioned
+            param.data.copy_(value.to(param.dtype))
+            utils.safe_set_full_fp32_param(param, value)
+            for key in keys:
+                utils.safe_set_full_optimizer_state(param, state[f"{name}.{key}"].to(self.device), key)
+            return
+        # ZeRO-3: gather, set and re-partition the working copy; write this rank's padded slice of the master
+        # and moments (DeepSpeed's full-tensor setter fails when the size does not divide by the world size).
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if self.rank == 0:
+                param.data.copy_(value.to(param.dtype))
+        size = param.ds_tensor.numel()
+
+        def local(full: torch.Tensor) -> torch.Tensor:
+            flat = full.flatten().to(self.device)
+            flat = F.pad(flat, (0, size * self.world_size - flat.numel()))
+            return flat.narrow(0, size * self.rank, size)
+
+        utils.safe_set_local_fp32_param(param, local(value))
+        for key in keys:
+            utils.safe_set_local_optimizer_state(param, local(state[f"{name}.{key}"]), key)
+
+    def state_dict(self) -> dict:
+        """The schedulers' and loss scalers' states (models and optimizers are saved by the checkpoint)."""
+        return {
+            "schedulers": {u: s.state_dict() for u, s in self.schedulers.items()},
+            "scalers": {u: s.state_dict() for u, s in self.scalers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for unit, sched_state in state["schedulers"].items():
+            self.schedulers[unit].load_state_dict(sched_state)
+        for unit, scaler_state in state["scalers"].items():
+            if scaler_state:
+                self.scalers[unit].load_state_dict(scaler_state)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (one tiny all-reduce)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def reduce_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean of each scalar over ranks, in one collective and one host sync."""

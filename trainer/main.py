@@ -23,10 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from trainer.checkpoint import CheckpointError
+    from trainer.preemption import PREEMPTED_EXIT_CODE
     from trainer.train import train
 
-    train(cfg)
-    return 0
+    try:
+        result = train(cfg)
+    except (ConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def image_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
 class Tracker:
     """Writes what the main process logs to run_dir (always) and to W&B (unless disabled)."""
 
-    def __init__(self, accelerator: Any, run_dir: Path, cfg: LoggingConfig, config: dict[str, Any], total_steps: int):
+    def __init__(self, accelerator: Any, run_dir: Path, cfg: LoggingConfig, config: dict[str, Any], total_steps: int,
+                 resume_step: int = 0):
         self.is_main = accelerator.is_main_process
         self.accelerator = accelerator
         self.use_wandb = cfg.wandb != "disabled"
@@ -35,12 +36,23 @@ class Tracker:
         if not self.is_main:
             return
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
-        self.progress = tqdm(total=total_steps, desc="train", unit="step", disable=not sys.stderr.isatty())
+        self.jsonl = self._open_jsonl(run_dir / "metrics.jsonl", resume_step)
+        self.progress = tqdm(total=total_steps, initial=resume_step, desc="train", unit="step",
+                             disable=not sys.stderr.isatty())
         if self.use_wandb:
             accelerator.init_trackers(
                 cfg.project, config=config, init_kwargs={"wandb": {"mode": cfg.wandb, "dir": str(run_dir)}}
             )
+
+    @staticmethod
+    def _open_jsonl(path: Path, resume_step: int):
+        """metrics.jsonl for appending: a fresh run starts it over; a resumed one drops what an interrupted run
+        logged after the checkpoint, so the curve has each step once."""
+        kept = []
+        if resume_step > 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write scalars for `step` (number of updates done) to metrics.jsonl and W&B."""

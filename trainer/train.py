@@ -5,19 +5,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from trainer.checkpoint import save_checkpoint, save_generators
-from trainer.config import Config, LossConfig, OptimizerConfig, save_config, to_dict
+from trainer.checkpoint import (
+    CHECKPOINTS, complete_checkpoints, find_resume, load_checkpoint, save_checkpoint, save_generators,
+)
+from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, save_config, to_dict
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import Engine
 from trainer.evaluate import translation_metrics
 from trainer.pool import ImagePool
+from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
 from trainer.schedule import build_scheduler
 from trainer.tracking import Tracker, image_grid
 
@@ -88,34 +92,55 @@ def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
     return engine.prepare({"g": gens, "d": discs}, optimizers, schedulers), global_batch, scale
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Train a CycleGAN as `cfg` says; returns the final evaluation metrics (empty without a test split)."""
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # the last update done
+    metrics: dict[str, float]  # the last evaluation (empty without a test split)
+    preempted: bool  # stopped by SIGUSR1/SIGTERM after saving a checkpoint
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train a CycleGAN as `cfg` says, continuing from a checkpoint when train.resume finds one."""
+    preemption = PreemptionFlag()  # before the loader forks its workers, so they inherit the harmless handler
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb")
     cfg = dataclasses.replace(cfg, distributed=engine.cfg)  # backend=auto resolved from the launcher
     run_dir = Path(cfg.train.run_dir)
+    resume_from = _resume_point(cfg, run_dir, engine)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     total, accum = cfg.train.steps, cfg.train.grad_accum_steps
 
     units, global_batch, scale = build_training(cfg, engine)
-    tracker = Tracker(engine.accelerator, run_dir, cfg.logging, to_dict(cfg), total)
+    loader = UnpairedLoader(cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device)
+    pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
+    start = 0
+    if resume_from is not None:
+        train_state, rank_state = load_checkpoint(engine, resume_from)
+        start = train_state["step"]
+        loader.load_state_dict(rank_state["data"])
+        for pool, key in zip(pools, ("pool_x", "pool_y")):
+            if key in rank_state:
+                pool.load_state_dict(rank_state[key], engine.device)
+    tracker = Tracker(engine.accelerator, run_dir, cfg.logging, to_dict(cfg), total, resume_step=start)
     if engine.is_main:
         print(
             f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
             f"global batch {global_batch} = {cfg.train.batch_size} per rank x {engine.world_size} ranks x {accum} "
             f"micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr {cfg.optimizer.lr * scale:.4g}"
+            + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
         )
-    tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
-    loader = UnpairedLoader(cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device)
-    pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
+    if start == 0:
+        tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
     test = load_test_images(cfg.data, cfg.train.eval_images, engine.device)
     samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
 
     sums: dict[str, torch.Tensor] = {}
     window_steps, window_start, data_wait = 0, time.perf_counter(), 0.0
     metrics: dict[str, float] = {}
-    for step in range(1, total + 1):
+    preempted = False
+    for step in range(start + 1, total + 1):
         wait_start = time.perf_counter()
         micro_batches = [next(loader) for _ in range(accum)]
         data_wait += time.perf_counter() - wait_start
@@ -146,16 +171,40 @@ def train(cfg: Config) -> dict[str, float]:
             with engine.autocast():
                 metrics = _evaluate(plain_gens, test)
             tracker.log(step, metrics)
-        if _is_due(step, cfg.checkpoint.every_steps, total):
+        preempted = step % cfg.checkpoint.preempt_check_steps == 0 and engine.any_rank(preemption.raised)
+        if preempted or _is_due(step, cfg.checkpoint.every_steps, total):
             rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
-            save_checkpoint(engine, run_dir, step, rank_state, cfg.checkpoint.keep)
+            path = save_checkpoint(engine, run_dir, step, rank_state, {}, cfg.checkpoint.keep,
+                                   cfg.checkpoint.keep_every_steps)
+            tracker.log(step, {"checkpoint/saved_step": step})
+        if preempted:
+            if engine.is_main:
+                mark_preempted(run_dir, step)
+                print(f"preempted: saved {path}; exiting with code {PREEMPTED_EXIT_CODE} to be requeued")
+            break
 
-    weights = engine.full_state_dict("g")  # collective under DeepSpeed
-    if engine.is_main:
-        save_generators(run_dir / "export", weights, cfg.model, cfg.data)
+    if not preempted:
+        weights = engine.full_state_dict("g")  # collective under DeepSpeed
+        if engine.is_main:
+            save_generators(run_dir / "export", weights, cfg.model, cfg.data)
     tracker.close()
     engine.end()
-    return metrics
+    return TrainResult(step=step if total > start else start, metrics=metrics, preempted=preempted)
+
+
+def _resume_point(cfg: Config, run_dir: Path, engine: Engine) -> Path | None:
+    """The checkpoint to continue from, after refusing to start over on top of an existing run unless told."""
+    if cfg.train.resume == "none" and complete_checkpoints(run_dir):
+        if not cfg.train.overwrite:
+            raise ConfigError(
+                f"train.run_dir={run_dir} already has checkpoints; use train.resume=auto to continue, or "
+                "train.overwrite=true to delete them and start over"
+            )
+        engine.barrier()
+        if engine.is_main:
+            shutil.rmtree(run_dir / CHECKPOINTS)
+        engine.barrier()
+    return find_resume(run_dir, cfg.train.resume)
 
 
 def _is_due(step: int, every: int, total: int) -> bool:
