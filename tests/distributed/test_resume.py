@@ -76,28 +76,38 @@ def test_resume_is_bitwise_exact(launch_config, colour_shards, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run(colour_shards, tmp_path):
-    steps = ["train.steps=30", "checkpoint.every_steps=3", "checkpoint.keep=2"]
+    steps = ["train.steps=200", "checkpoint.every_steps=4", "checkpoint.keep=2", "logging.every_steps=4"]
     reference = tmp_path / "reference"
     train("cpu-ddp-2", colour_shards, reference, *steps)
     run_dir = tmp_path / "killed"
     rng = random.Random(7)
-    for attempt in range(5):
+    targets = sorted(rng.sample(range(8, 190, 4), 5))  # kill after these checkpoints: mid-step, or mid-save
+    for attempt, target in enumerate(targets):
         proc = subprocess.Popen(command("cpu-ddp-2", colour_shards, run_dir, *steps), cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(8, 16))  # start-up takes ~7 s; then steps and saves alternate quickly
+        latest = run_dir / "checkpoints" / "latest"
+        deadline = time.monotonic() + 180
+        while not (latest.is_file() and int(latest.read_text().split("_")[1]) >= target):
+            assert time.monotonic() < deadline and proc.poll() is None, f"run stopped before step {target}"
+            time.sleep(0.05)
+        if attempt % 2:  # during a save: as soon as the next checkpoint's temporary directory appears
+            while not list((run_dir / "checkpoints").glob("*.tmp")):
+                assert time.monotonic() < deadline and proc.poll() is None, "no save started"
+                time.sleep(0.005)
+        else:
+            time.sleep(rng.uniform(0.0, 0.4))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        leftovers = list((run_dir / "checkpoints").glob("*.tmp")) if (run_dir / "checkpoints").is_dir() else []
-        print(f"kill {attempt}: complete checkpoints "
-              f"{sorted(p.name for p in (run_dir / 'checkpoints').glob('step_*') if (p / COMPLETE).is_file())}"
-              f", partial {[p.name for p in leftovers]}")
+        names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        print(f"kill {attempt} after step {target}: {names}")
+    final = "checkpoints/step_00000200"
+    assert not (run_dir / final).exists(), "the kills came too late to interrupt the run"
     train("cpu-ddp-2", colour_shards, run_dir, *steps)
-    final = "checkpoints/step_00000030"
     assert_identical(units(reference / final), units(run_dir / final))
     for name in ("g_xy", "g_yx"):
         a, b = load_file(str(reference / "export" / f"{name}.safetensors")), load_file(str(run_dir / "export" / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(losses(run_dir)) == list(range(2, 31, 2))  # every step logged once
+    assert sorted(losses(run_dir)) == list(range(4, 201, 4))  # every logged step once
 
 
 def rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
