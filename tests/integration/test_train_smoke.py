@@ -142,3 +142,11 @@ def test_shipped_experiment_configs_train(tmp_path, colour_shards, config):
     assert len(losses) == 2
     assert ("loss/feature_x" in losses[0]) == (cfg.loss.lambda_feature > 0)
     assert ("loss/preserve_x" in losses[0]) == (cfg.loss.lambda_preserve > 0)
+
+
+def test_checkpoint_rotation_keeps_the_newest_and_every_nth(tmp_path, colour_shards):
+    run_dir = tmp_path / "run"
+    train_cli(run_dir, colour_shards, "train.steps=10", "checkpoint.every_steps=2", "checkpoint.keep=1",
+              "checkpoint.keep_every_steps=4")
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000004", "step_00000008", "step_00000010"]
