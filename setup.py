@@ -21,5 +21,5 @@ setup(
         "numpy>=1.24",
         "torchmetrics>=1.4",
     ],
-    extras_require={"dev": ["pytest>=8.0", "pytest-timeout>=2.3"]},
+    extras_require={"dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6"]},
 )

@@ -6,6 +6,7 @@ Writes JPEG shards of synthetic scenes pre-resized to load_size = size * 286 / 2
 them through the training stream (decode, random crop to `size`, flip, batching) in the main process (one core)
 and through a DataLoader with 2 workers. Writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ def write_jpeg_shards(root: Path, load_size: int, count: int) -> None:
     rng = np.random.default_rng(0)
     splits = {}
     for split in ("x-train", "y-train"):
+
         def samples():
             for i in range(count):
                 buffer = io.BytesIO()
@@ -49,7 +51,9 @@ def images_per_second(cfg: DataConfig, batches: int, batch_size: int) -> float:
         stream = iter(UnpairedShards(cfg, batch_size, seed=0, rank=0, world_size=1, slot_states={}, offset=0))
     else:
         dataset = UnpairedShards(cfg, batch_size, seed=0, rank=0, world_size=1, slot_states={}, offset=0)
-        stream = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4))
+        stream = iter(
+            torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4)
+        )
     next(stream)  # warm-up: worker start, first shard open
     start = time.perf_counter()
     for _ in itertools.islice(stream, batches):
@@ -71,13 +75,22 @@ def main() -> None:
         cfg = DataConfig(root=tmp, load_size=load_size, crop_size=args.size, flip=True, num_workers=0)
         one_core = images_per_second(cfg, batches, args.batch_size)
         two_workers = images_per_second(
-            DataConfig(root=tmp, load_size=load_size, crop_size=args.size, flip=True, num_workers=2), batches, args.batch_size
+            DataConfig(root=tmp, load_size=load_size, crop_size=args.size, flip=True, num_workers=2),
+            batches,
+            args.batch_size,
         )
     result = {
-        "benchmark": "data_throughput", "crop_size": args.size, "load_size": load_size, "format": "jpg",
-        "images_per_domain": args.images, "batch_size": args.batch_size,
-        "images_per_s_one_core": round(one_core, 1), "images_per_s_two_workers": round(two_workers, 1),
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "benchmark": "data_throughput",
+        "crop_size": args.size,
+        "load_size": load_size,
+        "format": "jpg",
+        "images_per_domain": args.images,
+        "batch_size": args.batch_size,
+        "images_per_s_one_core": round(one_core, 1),
+        "images_per_s_two_workers": round(two_workers, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

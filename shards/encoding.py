@@ -1,10 +1,15 @@
-"""Byte encodings of sample parts: lossless PNG images and label maps, numpy arrays, colour histograms."""
+"""Sample parts: the image extensions a sample may carry; byte encodings of PNG images and label maps, numpy
+arrays and colour histograms."""
+
 from __future__ import annotations
 
 import io
 
 import numpy as np
 from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""Extensions under which a sample carries its image, in the order they are looked for."""
 
 
 def png_bytes(image: np.ndarray) -> bytes:

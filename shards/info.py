@@ -1,7 +1,8 @@
 """Describe a shard directory: samples, shards and bytes per split, and a contact sheet of a few samples.
 
-    python -m shards.info DIR [--sheet DIR/contact_sheet.png] [--per-split 8]
+python -m shards.info DIR [--sheet DIR/contact_sheet.png] [--per-split 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from shards.encoding import IMAGE_EXTENSIONS
 from shards.manifest import read_manifest, split_urls
-from shards.verify import IMAGE_EXTENSIONS
 
 THUMB = 96
 

@@ -2,6 +2,7 @@
 
 Splits are named `<domain>-<part>`, e.g. x-train, y-train, x-test, y-test; shards `<split>-%06d.tar`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     """
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise ValueError(f"{path} not found; write shards with `python -m shards.write` or `python -m shards.synthetic`")
+        raise ValueError(
+            f"{path} not found; write shards with `python -m shards.write` or `python -m shards.synthetic`"
+        )
     try:
         body = json.loads(path.read_text())
     except json.JSONDecodeError as err:

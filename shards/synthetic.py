@@ -10,6 +10,7 @@ Tasks:
 
     python -m shards.synthetic --task colour --out data/colour --size 32 --train 2048 --test 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,6 @@ def stripes_task(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 TASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"colour": colour_task, "stripes": stripes_task}
 
 
-
 def _samples(task: str, size: int, count: int, seed: int, transform: bool, extras: bool) -> Iterator[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     for index in range(count):
@@ -79,7 +79,13 @@ def _samples(task: str, size: int, count: int, seed: int, transform: bool, extra
 
 
 def write_synthetic(
-    out: str | Path, task: str, size: int, train: int, test: int, seed: int = 0, maxcount: int = 1024,
+    out: str | Path,
+    task: str,
+    size: int,
+    train: int,
+    test: int,
+    seed: int = 0,
+    maxcount: int = 1024,
     extras: bool = False,
 ) -> Path:
     """Write x-train, y-train (unpaired) and x-test, y-test (paired) shards of `task` plus the manifest; with

@@ -4,6 +4,7 @@
 
 Prints one line per problem (shard and key) and a summary; exits 1 on any mismatch or bad sample.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from shards.encoding import IMAGE_EXTENSIONS
 from shards.manifest import read_manifest, sha256_file
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def check_sample(sample: dict) -> str | None:
@@ -48,7 +48,9 @@ def verify(root: Path) -> list[str]:
                 problems.append(f"{shard['name']}: sha256 differs from the manifest")
             errors: list[str] = []
             count = 0
-            samples = wds.tariterators.tarfile_samples([{"url": str(path)}], handler=lambda e: errors.append(str(e)) or True)
+            samples = wds.tariterators.tarfile_samples(
+                [{"url": str(path)}], handler=lambda e: errors.append(str(e)) or True
+            )
             for sample in samples:
                 count += 1
                 problem = check_sample(sample)

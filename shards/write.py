@@ -9,6 +9,7 @@ load_size x load_size (so training decodes small JPEGs and never resizes), re-en
 `--labels-x/--labels-y` store label maps (label.png) found under those folders with the image's relative stem.
 Finished shards are recorded in `.progress.json`: re-running skips them, so an interrupted run resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from shards.manifest import split_entry, write_manifest
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
+from shards.manifest import split_entry, write_manifest
 from shards.writer import write_shards
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -105,26 +106,43 @@ def plan_jobs(splits: dict[str, tuple[Path, Path | None]], maxcount: int) -> lis
     for split, (folder, labels) in splits.items():
         files = list_images(folder)
         for index, start in enumerate(range(0, len(files), maxcount)):
-            jobs.append(ShardJob(split, index, tuple(files[start : start + maxcount]), str(folder),
-                                 None if labels is None else str(labels)))
+            jobs.append(
+                ShardJob(
+                    split,
+                    index,
+                    tuple(files[start : start + maxcount]),
+                    str(folder),
+                    None if labels is None else str(labels),
+                )
+            )
     return jobs
 
 
-def write_dataset(splits: dict[str, tuple[Path, Path | None]], out: Path, load_size: int | None = None,
-                  maxcount: int = 1000, workers: int = 1, fmt: str = "jpg", quality: int = 95,
-                  hist: bool = False) -> Path:
+def write_dataset(
+    splits: dict[str, tuple[Path, Path | None]],
+    out: Path,
+    load_size: int | None = None,
+    maxcount: int = 1000,
+    workers: int = 1,
+    fmt: str = "jpg",
+    quality: int = 95,
+    hist: bool = False,
+) -> Path:
     """Pack every split, skipping shards finished by an earlier run, then write manifest.json."""
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / PROGRESS
     done: dict[str, dict] = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
     jobs = plan_jobs(splits, maxcount)
+
     def finished(job: ShardJob) -> bool:
         record = done.get(f"{job.split}-{job.index:06d}")
         return record is not None and (out / record["name"]).is_file()
 
     todo = [job for job in jobs if not finished(job)]
-    with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(total=len(jobs), initial=len(jobs) - len(todo),
-                                                                 unit="shard", disable=None) as bar:
+    with (
+        ProcessPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", disable=None) as bar,
+    ):
         futures = [pool.submit(write_job, j, str(out), load_size, fmt, quality, hist) for j in todo]
         for future in futures:
             record = future.result()
@@ -172,8 +190,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.test_x:
         splits.update({"x-test": (args.test_x, args.labels_x), "y-test": (args.test_y, args.labels_y)})
     try:
-        path = write_dataset(splits, args.out, args.load_size, args.maxcount, args.workers, args.format,
-                             args.quality, args.extra == "hist")
+        path = write_dataset(
+            splits,
+            args.out,
+            args.load_size,
+            args.maxcount,
+            args.workers,
+            args.format,
+            args.quality,
+            args.extra == "hist",
+        )
     except ValueError as err:
         raise SystemExit(f"shards.write: {err}") from None
     print(f"wrote {path}")

@@ -1,5 +1,6 @@
 """Write samples into numbered tar shards with webdataset's TarWriter; each shard appears atomically and is
 byte-for-byte reproducible (fixed member mtime)."""
+
 from __future__ import annotations
 
 import os

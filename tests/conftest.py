@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic shard sets built once per session in a temporary directory."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,9 @@ def run_bounded(cmd: list[str], timeout_s: int, env: dict | None = None):
     import subprocess
 
     full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -48,5 +50,13 @@ def run_bounded(cmd: list[str], timeout_s: int, env: dict | None = None):
 
 def accelerate_launch(launch_config: str, num_processes: int) -> list[str]:
     """The `accelerate launch` prefix for one of launch/*.yaml on a fresh port."""
-    return ["accelerate", "launch", "--config_file", f"launch/{launch_config}.yaml", "--num_processes",
-            str(num_processes), "--main_process_port", str(free_port())]
+    return [
+        "accelerate",
+        "launch",
+        "--config_file",
+        f"launch/{launch_config}.yaml",
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(free_port()),
+    ]

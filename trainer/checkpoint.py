@@ -11,10 +11,10 @@ It is written as `step_XXXXXXXX.tmp`, then COMPLETE (the sha256 of every file) i
 once every rank is done; `latest` is replaced atomically after that. A directory without COMPLETE, or whose files
 do not match it, is never resumed from.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from shards.manifest import sha256_file
 from trainer.config import ConfigError, DataConfig, ModelConfig, from_dict
 from trainer.engine import UNITS, Engine
 from trainer.models import build_generator
@@ -50,21 +51,13 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_tree(root: Path) -> dict[str, str]:
     """fsync every file under root; returns {relative path: sha256}."""
     hashes = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-        hashes[str(path.relative_to(root))] = _sha256(path)
+        hashes[str(path.relative_to(root))] = sha256_file(path)
     return hashes
 
 
@@ -95,7 +88,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match its sha256")
     return json.loads((path / TRAIN_STATE).read_text())
 
@@ -122,7 +115,12 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
 
 
 def save_checkpoint(
-    engine: Engine, run_dir: Path, step: int, rank_state: dict[str, Any], meta: dict[str, Any], keep: int,
+    engine: Engine,
+    run_dir: Path,
+    step: int,
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
     keep_every_steps: int = 0,
 ) -> Path:
     """Save the full training state (a collective: every rank must call it).
@@ -181,11 +179,15 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict[str, Any], dict[st
         universal = load_file(str(path / UNIVERSAL))
         for unit in UNITS:
             prefix = f"{unit}/"
-            engine.load_universal_state(unit, {k[len(prefix):]: v for k, v in universal.items() if k.startswith(prefix)})
+            engine.load_universal_state(
+                unit, {k[len(prefix) :]: v for k, v in universal.items() if k.startswith(prefix)}
+            )
         rank_state = None
-        print(f"resuming {path} (written by {train_state['world_size']} x {train_state['backend']}) on "
-              f"{engine.world_size} x {engine.backend_name}: weights and optimizer state re-partitioned, "
-              "image pools empty, data from the start of the epoch")
+        print(
+            f"resuming {path} (written by {train_state['world_size']} x {train_state['backend']}) on "
+            f"{engine.world_size} x {engine.backend_name}: weights and optimizer state re-partitioned, "
+            "image pools empty, data from the start of the epoch"
+        )
     if rank_state is not None:
         engine.load_state_dict(rank_state["engine"])
     else:
@@ -195,13 +197,15 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict[str, Any], dict[st
     return train_state, rank_state
 
 
-def save_generators(out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
+def save_generators(
+    out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig
+) -> None:
     """Write g_xy.safetensors and g_yx.safetensors from the generator pair's full state dict (keys `g_xy.*`,
     `g_yx.*`), plus model.json (architecture, training resolution and the extra input channels' kind)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("g_xy", "g_yx"):
         prefix = f"{name}."
-        tensors = {k[len(prefix):]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
+        tensors = {k[len(prefix) :]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
         tmp = out_dir / f"{name}.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, out_dir / f"{name}.safetensors")

@@ -4,6 +4,7 @@ Later sources win: dataclass defaults, then the YAML file, then `key.path=value`
 (unknown key, wrong type, impossible value) raises `ConfigError` with one line naming the key, the value and what is
 allowed. This module knows nothing about torch.distributed or accelerate.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,9 @@ class ModelConfig:
         _require(self.init_gain > 0, "model.init_gain", self.init_gain, "a number > 0")
         max_trunk = self.n_layers_d + 1
         _require(
-            1 <= self.hnet_trunk_layers <= max_trunk, "model.hnet_trunk_layers", self.hnet_trunk_layers,
+            1 <= self.hnet_trunk_layers <= max_trunk,
+            "model.hnet_trunk_layers",
+            self.hnet_trunk_layers,
             f"an integer in [1, {max_trunk}] (n_layers_d + 1)",
         )
 
@@ -282,9 +285,7 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         _require(self.timeout_s >= 1, "distributed.timeout_s", self.timeout_s, "an integer >= 1")
         if self.offload_params and self.zero_stage != 3:
-            raise ConfigError(
-                f"distributed.offload_params=true needs distributed.zero_stage=3 (got {self.zero_stage})"
-            )
+            raise ConfigError(f"distributed.offload_params=true needs distributed.zero_stage=3 (got {self.zero_stage})")
         if self.backend == "ddp" and (self.offload_optimizer or self.offload_params):
             raise ConfigError("distributed.offload_optimizer/offload_params need distributed.backend=deepspeed or auto")
 
@@ -323,8 +324,9 @@ class CheckpointConfig:
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
         _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
         _require(self.keep_every_steps >= 0, "checkpoint.keep_every_steps", self.keep_every_steps, "an integer >= 0")
-        _require(self.preempt_check_steps >= 1, "checkpoint.preempt_check_steps", self.preempt_check_steps,
-                 "an integer >= 1")
+        _require(
+            self.preempt_check_steps >= 1, "checkpoint.preempt_check_steps", self.preempt_check_steps, "an integer >= 1"
+        )
 
 
 @dataclass(kw_only=True)

@@ -6,6 +6,7 @@ discriminators the other (`DiscriminatorPair`); each unit's `forward` does all o
 so a distributed wrapper sees exactly one forward per backward. The step functions return losses and never call
 backward() or step(): the engine does.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,16 +29,21 @@ class GeneratorPair(nn.Module):
         self.use_identity = use_identity
 
     def forward(
-        self, real_x: torch.Tensor, real_y: torch.Tensor,
-        extra_x: torch.Tensor | None = None, extra_y: torch.Tensor | None = None,
+        self,
+        real_x: torch.Tensor,
+        real_y: torch.Tensor,
+        extra_x: torch.Tensor | None = None,
+        extra_y: torch.Tensor | None = None,
     ) -> Tensors:  # images [N, 3, H, W]; extras [N, C, H, W] or None
         # A scene's extras (label map, colour histogram) describe it on both sides of a translation, so x's
         # extras go with every generator input derived from x, and y's with those derived from y.
         fake_y = self.g_xy(with_extra(real_x, extra_x))
         fake_x = self.g_yx(with_extra(real_y, extra_y))
         out = {
-            "fake_y": fake_y, "rec_x": self.g_yx(with_extra(fake_y, extra_x)),
-            "fake_x": fake_x, "rec_y": self.g_xy(with_extra(fake_x, extra_y)),
+            "fake_y": fake_y,
+            "rec_x": self.g_yx(with_extra(fake_y, extra_x)),
+            "fake_x": fake_x,
+            "rec_y": self.g_xy(with_extra(fake_x, extra_y)),
         }
         if self.use_identity:
             out["idt_x"] = self.g_yx(with_extra(real_x, extra_x))  # F should leave an X image as it is
@@ -59,10 +65,14 @@ class DiscriminatorPair(nn.Module):
         self.d_y = d_y
         self.trunk = trunk
 
-    def forward(self, real_x: torch.Tensor, fake_x: torch.Tensor, real_y: torch.Tensor, fake_y: torch.Tensor) -> Tensors:
+    def forward(
+        self, real_x: torch.Tensor, fake_x: torch.Tensor, real_y: torch.Tensor, fake_y: torch.Tensor
+    ) -> Tensors:
         return {
-            "real_x": self.d_x(real_x), "fake_x": self.d_x(fake_x),
-            "real_y": self.d_y(real_y), "fake_y": self.d_y(fake_y),
+            "real_x": self.d_x(real_x),
+            "fake_x": self.d_x(fake_x),
+            "real_y": self.d_y(real_y),
+            "fake_y": self.d_y(fake_y),
         }
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -84,8 +94,13 @@ def build_units(model_cfg: ModelConfig, loss_cfg: LossConfig) -> tuple[Generator
 
 
 def generator_step(
-    gens: nn.Module, discs: DiscriminatorPair, real_x: torch.Tensor, real_y: torch.Tensor, cfg: LossConfig,
-    extra_x: torch.Tensor | None = None, extra_y: torch.Tensor | None = None,
+    gens: nn.Module,
+    discs: DiscriminatorPair,
+    real_x: torch.Tensor,
+    real_y: torch.Tensor,
+    cfg: LossConfig,
+    extra_x: torch.Tensor | None = None,
+    extra_y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Tensors, Tensors]:
     """The generator objective (Eq. 3 of the paper plus identity and the article's optional terms).
 
@@ -145,8 +160,12 @@ def discriminator_step(
     loss_y, real_part_y, fake_part_y = discriminator_loss(preds["real_y"], preds["fake_y"], cfg.gan_mode)
     loss = loss_x + loss_y
     stats = {
-        "loss/d_x": loss_x, "loss/d_x_real": real_part_x, "loss/d_x_fake": fake_part_x,
-        "loss/d_y": loss_y, "loss/d_y_real": real_part_y, "loss/d_y_fake": fake_part_y,
+        "loss/d_x": loss_x,
+        "loss/d_x_real": real_part_x,
+        "loss/d_x_fake": fake_part_x,
+        "loss/d_y": loss_y,
+        "loss/d_y_real": real_part_y,
+        "loss/d_y_fake": fake_part_y,
         "loss/d_total": loss,
     }
     return loss, {key: value.detach() for key, value in stats.items()}

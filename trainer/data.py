@@ -11,6 +11,7 @@ sleeping) and augmented with randomness derived from (seed, domain, epoch, slot,
 the epoch is therefore the whole state of a slot: resuming replays the raw samples up to it without decoding.
 X and Y are separate streams, zipped into batches inside the worker, and every batch carries its worker's state.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,10 +30,10 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from shards.encoding import IMAGE_EXTENSIONS
 from shards.manifest import read_manifest, split_urls
 from trainer.config import ConfigError, DataConfig
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DOMAINS = ("x", "y")
 BAD_KINDS = ("corrupt", "missing", "truncated")
 
@@ -274,8 +275,16 @@ class UnpairedShards(torch.utils.data.IterableDataset):
     DataLoader (which starts with worker 0) continues with offset = consumed % num_workers.
     """
 
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int,
-                 slot_states: dict[int, dict[str, list[int]]], offset: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        slot_states: dict[int, dict[str, list[int]]],
+        offset: int,
+    ):
         super().__init__()
         self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
         self.shards = {d: train_shards(cfg, d) for d in DOMAINS}
@@ -290,7 +299,8 @@ class UnpairedShards(torch.utils.data.IterableDataset):
         state = self.slot_states.get(logical, {d: [0, 0] for d in DOMAINS})
         bad = BadSampleCounter()
         streams = {
-            d: DomainStream(self.cfg, self.shards[d], self.seed, d, slot, slots).samples(*state[d], bad) for d in DOMAINS
+            d: DomainStream(self.cfg, self.shards[d], self.seed, d, slot, slots).samples(*state[d], bad)
+            for d in DOMAINS
         }
         while True:
             batch: dict[str, Any] = {"state": {"slot": logical}}
@@ -310,7 +320,9 @@ class UnpairedShards(torch.utils.data.IterableDataset):
                     except (OSError, ValueError, SyntaxError) as err:
                         bad.add("corrupt", f"{where} ({type(err).__name__})")
                         continue
-                    generator = torch.Generator().manual_seed(mix(self.seed, DOMAINS.index(domain), epoch, slot, position))
+                    generator = torch.Generator().manual_seed(
+                        mix(self.seed, DOMAINS.index(domain), epoch, slot, position)
+                    )
                     label = extra if self.cfg.extra == "label" else None
                     image, label = augment(image, label, self.cfg, generator)
                     images.append(image)
@@ -347,8 +359,14 @@ class UnpairedLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly after the last batch returned."""
-        return {"world_size": self.world_size, "num_workers": max(1, self.cfg.num_workers), "consumed": self.consumed,
-                "slots": {str(k): v for k, v in self.slot_states.items()}, "bad": dict(self.bad), "read": self.read}
+        return {
+            "world_size": self.world_size,
+            "num_workers": max(1, self.cfg.num_workers),
+            "consumed": self.consumed,
+            "slots": {str(k): v for k, v in self.slot_states.items()},
+            "bad": dict(self.bad),
+            "read": self.read,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`: exactly on the same world size and worker count; otherwise from the start of
@@ -365,11 +383,22 @@ class UnpairedLoader:
 
     def _start(self) -> Iterator:
         workers = self.cfg.num_workers
-        dataset = UnpairedShards(self.cfg, self.batch_size, self.seed, self.rank, self.world_size,
-                                 self.slot_states, offset=self.consumed % max(1, workers))
+        dataset = UnpairedShards(
+            self.cfg,
+            self.batch_size,
+            self.seed,
+            self.rank,
+            self.world_size,
+            self.slot_states,
+            offset=self.consumed % max(1, workers),
+        )
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if workers else None, persistent_workers=False,
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
         )
         return iter(loader)
 

@@ -7,6 +7,7 @@ fp16 loss scaler of each unit, gradient accumulation without all-reduce on non-f
 optimizer and scheduler steps, freezing a unit, consolidated weights and the cross-rank reduction of metrics.
 The algorithm (cyclegan.py) never sees any of this.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,7 +116,9 @@ class Engine:
             # The launcher's DeepSpeed fields were read by resolve_backend; the DeepSpeed configs below are complete,
             # and accelerate refuses a full config while this variable lists fields from an accelerate config.
             os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
-            plugins = {u: DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, train, self.clips[u], on_cuda)) for u in UNITS}
+            plugins = {
+                u: DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, train, self.clips[u], on_cuda)) for u in UNITS
+            }
         self.accelerator = Accelerator(
             # cpu=True also makes a multi-process launch on a machine without CUDA use DDP over gloo.
             cpu=not on_cuda and not self.is_deepspeed,
@@ -284,7 +287,9 @@ class Engine:
         """Bytes of optimizer state (and fp32 master partitions under DeepSpeed) that this rank holds for `which`."""
         base = self._base_optimizer(which)
         return sum(
-            t.numel() * t.element_size() for state in base.state.values() for t in state.values()
+            t.numel() * t.element_size()
+            for state in base.state.values()
+            for t in state.values()
             if torch.is_tensor(t) and t.dim() > 0
         )
 
@@ -324,21 +329,30 @@ class Engine:
                 # by its flat fp32 partitions (ZeRO-3 keeps them apart from the optimizer's param groups).
                 zero = getattr(self.optimizers[which], "optimizer", None)
                 flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [
-                    p for group in base.param_groups for p in group["params"]]
+                    p for group in base.param_groups for p in group["params"]
+                ]
                 for flat in flats:
                     if "exp_avg" not in base.state.get(flat, {}):
-                        base.state[flat] = {"step": step.clone(), "exp_avg": torch.zeros_like(flat),
-                                            "exp_avg_sq": torch.zeros_like(flat)}
+                        base.state[flat] = {
+                            "step": step.clone(),
+                            "exp_avg": torch.zeros_like(flat),
+                            "exp_avg_sq": torch.zeros_like(flat),
+                        }
             for name, param in module.named_parameters():
                 if self.is_deepspeed:
                     self._set_deepspeed_param(param, state, name, step is not None)
                 else:
                     param.copy_(state[name].to(param.dtype))
                     if step is not None:
-                        base.state[param] = {"step": step.clone(), "exp_avg": state[f"{name}.exp_avg"].clone(),
-                                             "exp_avg_sq": state[f"{name}.exp_avg_sq"].clone()}
+                        base.state[param] = {
+                            "step": step.clone(),
+                            "exp_avg": state[f"{name}.exp_avg"].clone(),
+                            "exp_avg_sq": state[f"{name}.exp_avg_sq"].clone(),
+                        }
 
-    def _set_deepspeed_param(self, param: nn.Parameter, state: dict[str, torch.Tensor], name: str, moments: bool) -> None:
+    def _set_deepspeed_param(
+        self, param: nn.Parameter, state: dict[str, torch.Tensor], name: str, moments: bool
+    ) -> None:
         import deepspeed
         from deepspeed import utils
 

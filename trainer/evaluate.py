@@ -3,6 +3,7 @@ identity baseline, and cycle reconstruction error for any data.
 
     python -m trainer.evaluate --weights RUN/export --data DATA_DIR [--images 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,13 @@ def translation_metrics(g_xy: nn.Module, g_yx: nn.Module, test: TestSet, batch_s
     }
     if test.paired:
         identity = psnr(x, y)
-        metrics.update({
-            "eval/psnr_identity": identity,
-            "eval/psnr_g_xy": psnr(fake_y, y),
-            "eval/psnr_g_yx": psnr(fake_x, x),
-        })
+        metrics.update(
+            {
+                "eval/psnr_identity": identity,
+                "eval/psnr_g_xy": psnr(fake_y, y),
+                "eval/psnr_g_yx": psnr(fake_x, x),
+            }
+        )
         metrics["eval/psnr_gain_xy"] = metrics["eval/psnr_g_xy"] - identity
         metrics["eval/psnr_gain_yx"] = metrics["eval/psnr_g_yx"] - identity
     return metrics
@@ -62,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=64, help="test images per domain")
     args = parser.parse_args(argv)
     exported = load_generators(args.weights)
-    data_cfg = DataConfig(root=args.data, load_size=exported.image_size, crop_size=exported.image_size,
-                          extra=exported.extra)
+    data_cfg = DataConfig(
+        root=args.data, load_size=exported.image_size, crop_size=exported.image_size, extra=exported.extra
+    )
     test = load_test_images(data_cfg, args.images)
     if test is None:
         raise SystemExit(f"{args.data}: no x-test/y-test splits to evaluate on")

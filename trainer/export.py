@@ -6,6 +6,7 @@ Reads RUN/config.yaml and the checkpoint's backend-independent units.safetensors
 or step N) and writes DIR (default RUN/export-step_N) with g_xy.safetensors (G: X->Y), g_yx.safetensors (F: Y->X)
 and model.json. Nothing is unpickled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,11 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> P
         checkpoint = run_dir / CHECKPOINTS / f"step_{step:08d}"
         verify_checkpoint(checkpoint)
     units = load_file(str(checkpoint / UNIVERSAL))
-    weights = {key[len("g/"):]: value for key, value in units.items()
-               if key.startswith("g/") and not key.endswith((".exp_avg", ".exp_avg_sq", "__step__"))}
+    weights = {
+        key[len("g/") :]: value
+        for key, value in units.items()
+        if key.startswith("g/") and not key.endswith((".exp_avg", ".exp_avg_sq", "__step__"))
+    }
     out = out or run_dir / f"export-{checkpoint.name}"
     save_generators(out, weights, cfg.model, cfg.data)
     return out

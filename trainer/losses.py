@@ -1,4 +1,5 @@
 """Adversarial objectives (lsgan, vanilla, hinge) and the L1 terms of CycleGAN. Losses are computed in fp32."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Command line: `[accelerate launch] trainer/main.py --config configs/NAME.yaml [section.key=value ...]`."""
+
 from __future__ import annotations
 
 import argparse

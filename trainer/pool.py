@@ -1,5 +1,6 @@
 """Image history pool (Shrivastava et al.; Sec. 4 of the CycleGAN paper): the discriminators see a mix of the
 newest fakes and up to `size` older ones, which damps oscillation."""
+
 from __future__ import annotations
 
 import torch

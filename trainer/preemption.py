@@ -3,6 +3,7 @@ it on step boundaries, saves a checkpoint and exits with PREEMPTED_EXIT_CODE so 
 
 The handler only sets a flag, so a second signal during the save changes nothing: the save finishes.
 """
+
 from __future__ import annotations
 
 import signal

@@ -1,5 +1,6 @@
 """Learning-rate schedules as multipliers of the base LR: warmup, then constant / linear decay to zero (the
 paper: constant for the first half, then linear to zero) / cosine to zero."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """Run tracking on the main process: metrics.jsonl, PNG sample grids, a tqdm progress bar and W&B through
 Accelerate's tracker API. Every method is a no-op on the other ranks; nothing here knows about models."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,15 @@ def image_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
 class Tracker:
     """Writes what the main process logs to run_dir (always) and to W&B (unless disabled)."""
 
-    def __init__(self, accelerator: Any, run_dir: Path, cfg: LoggingConfig, config: dict[str, Any], total_steps: int,
-                 resume_step: int = 0):
+    def __init__(
+        self,
+        accelerator: Any,
+        run_dir: Path,
+        cfg: LoggingConfig,
+        config: dict[str, Any],
+        total_steps: int,
+        resume_step: int = 0,
+    ):
         self.is_main = accelerator.is_main_process
         self.accelerator = accelerator
         self.use_wandb = cfg.wandb != "disabled"
@@ -37,8 +45,9 @@ class Tracker:
             return
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         self.jsonl = self._open_jsonl(run_dir / "metrics.jsonl", resume_step)
-        self.progress = tqdm(total=total_steps, initial=resume_step, desc="train", unit="step",
-                             disable=not sys.stderr.isatty())
+        self.progress = tqdm(
+            total=total_steps, initial=resume_step, desc="train", unit="step", disable=not sys.stderr.isatty()
+        )
         if self.use_wandb:
             accelerator.init_trackers(
                 cfg.project, config=config, init_kwargs={"wandb": {"mode": cfg.wandb, "dir": str(run_dir)}}

@@ -1,5 +1,6 @@
 """The training loop, top to bottom: setup, then per step a generator update and a discriminator update, with
 logging, sample grids, evaluation and checkpoints on intervals, and exported generators at the end."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,12 @@ from typing import Iterator
 import torch
 
 from trainer.checkpoint import (
-    CHECKPOINTS, complete_checkpoints, find_resume, load_checkpoint, save_checkpoint, save_generators,
+    CHECKPOINTS,
+    complete_checkpoints,
+    find_resume,
+    load_checkpoint,
+    save_checkpoint,
+    save_generators,
 )
 from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, save_config, to_dict
 from trainer.cyclegan import build_units, discriminator_step, generator_step
@@ -50,10 +56,18 @@ def train_step(
             with engine.accumulate("g", is_last=i == last):
                 with engine.autocast():
                     g_loss, stats, out = generator_step(
-                        units["g"], plain_discs, batch["x"], batch["y"], loss_cfg, batch.get("extra_x"), batch.get("extra_y")
+                        units["g"],
+                        plain_discs,
+                        batch["x"],
+                        batch["y"],
+                        loss_cfg,
+                        batch.get("extra_x"),
+                        batch.get("extra_y"),
                     )
                 engine.backward(g_loss, "g")
-            fakes.append((pools[0].query(out["fake_x"].detach().float()), pools[1].query(out["fake_y"].detach().float())))
+            fakes.append(
+                (pools[0].query(out["fake_x"].detach().float()), pools[1].query(out["fake_y"].detach().float()))
+            )
             _accumulate(sums, stats)
     norm_g = engine.step("g")
     for i, (batch, (fake_x, fake_y)) in enumerate(zip(micro_batches, fakes)):
@@ -85,8 +99,11 @@ def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
     optimizers, schedulers = {}, {}
     for name, unit, lr in (("g", gens, cfg.optimizer.lr), ("d", discs, cfg.optimizer.lr_d or cfg.optimizer.lr)):
         optimizers[name] = torch.optim.AdamW(
-            unit.parameters(), lr=lr * scale, betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay,
+            unit.parameters(),
+            lr=lr * scale,
+            betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
+            eps=cfg.optimizer.eps,
+            weight_decay=cfg.optimizer.weight_decay,
         )
         schedulers[name] = build_scheduler(optimizers[name], cfg.schedule, cfg.train.steps)
     return engine.prepare({"g": gens, "d": discs}, optimizers, schedulers), global_batch, scale
@@ -102,7 +119,9 @@ class TrainResult:
 def train(cfg: Config) -> TrainResult:
     """Train a CycleGAN as `cfg` says, continuing from a checkpoint when train.resume finds one."""
     preemption = PreemptionFlag()  # before the loader forks its workers, so they inherit the harmless handler
-    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb")
+    engine = Engine(
+        cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb"
+    )
     cfg = dataclasses.replace(cfg, distributed=engine.cfg)  # backend=auto resolved from the launcher
     run_dir = Path(cfg.train.run_dir)
     resume_from = _resume_point(cfg, run_dir, engine)
@@ -113,7 +132,9 @@ def train(cfg: Config) -> TrainResult:
     total, accum = cfg.train.steps, cfg.train.grad_accum_steps
 
     units, global_batch, scale = build_training(cfg, engine)
-    loader = UnpairedLoader(cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device)
+    loader = UnpairedLoader(
+        cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device
+    )
     pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
     start = 0
     if resume_from is not None:
@@ -150,12 +171,15 @@ def train(cfg: Config) -> TrainResult:
         if _is_due(step, cfg.logging.every_steps, total):
             elapsed = time.perf_counter() - window_start
             logged = engine.reduce_mean({k: v / window_steps for k, v in sums.items()})
-            logged.update({
-                "lr/g": engine.lr("g"), "lr/d": engine.lr("d"),
-                "perf/images_per_s": window_steps * global_batch / elapsed,
-                "perf/step_time_s": elapsed / window_steps,
-                "perf/data_wait_fraction": data_wait / elapsed,
-            })
+            logged.update(
+                {
+                    "lr/g": engine.lr("g"),
+                    "lr/d": engine.lr("d"),
+                    "perf/images_per_s": window_steps * global_batch / elapsed,
+                    "perf/step_time_s": elapsed / window_steps,
+                    "perf/data_wait_fraction": data_wait / elapsed,
+                }
+            )
             logged.update(loader.metrics())
             if cfg.train.precision == "fp16":
                 logged.update({"loss_scale/g": engine.loss_scale("g"), "loss_scale/d": engine.loss_scale("d")})
@@ -174,8 +198,9 @@ def train(cfg: Config) -> TrainResult:
         preempted = step % cfg.checkpoint.preempt_check_steps == 0 and engine.any_rank(preemption.raised)
         if preempted or _is_due(step, cfg.checkpoint.every_steps, total):
             rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
-            path = save_checkpoint(engine, run_dir, step, rank_state, {}, cfg.checkpoint.keep,
-                                   cfg.checkpoint.keep_every_steps)
+            path = save_checkpoint(
+                engine, run_dir, step, rank_state, {}, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps
+            )
             tracker.log(step, {"checkpoint/saved_step": step})
         if preempted:
             if engine.is_main:

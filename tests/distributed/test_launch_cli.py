@@ -1,4 +1,5 @@
 """The README's demo command, unchanged, under `accelerate launch` with each launch/ config on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,17 @@ def test_demo_command_runs_under_each_launcher(case, tmp_path, colour_shards):
     prefix = [sys.executable] if launch_config is None else accelerate_launch(launch_config, nproc)
     run_dir = tmp_path / "run"
     result = run_bounded(
-        prefix + ["trainer/main.py", "--config", "configs/demo-cpu.yaml", f"data.root={colour_shards}",
-                  f"train.run_dir={run_dir}", "train.steps=4", "logging.every_steps=2", "train.eval_images=8"],
+        prefix
+        + [
+            "trainer/main.py",
+            "--config",
+            "configs/demo-cpu.yaml",
+            f"data.root={colour_shards}",
+            f"train.run_dir={run_dir}",
+            "train.steps=4",
+            "logging.every_steps=2",
+            "train.eval_images=8",
+        ],
         timeout_s=400,
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,11 +1,11 @@
 """Checkpoints on real 2-rank runs: bitwise exact resume (DDP and ZeRO-2), kill -9 at random moments, preemption
 by SIGUSR1, resume on another world size and backend, damaged checkpoints, export."""
+
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,15 +23,34 @@ from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
-TINY = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "train.batch_size=2", "train.precision=fp32",
-        "data.load_size=36", "data.crop_size=32", "data.rotation_deg=10", "data.num_workers=1",
-        "train.pool_size=4", "train.eval_images=4", "logging.every_steps=2", "logging.image_every_steps=0"]
+TINY = [
+    "model.ngf=4",
+    "model.ndf=4",
+    "model.n_blocks=1",
+    "train.batch_size=2",
+    "train.precision=fp32",
+    "data.load_size=36",
+    "data.crop_size=32",
+    "data.rotation_deg=10",
+    "data.num_workers=1",
+    "train.pool_size=4",
+    "train.eval_images=4",
+    "logging.every_steps=2",
+    "logging.image_every_steps=0",
+]
 
 
 def command(launch_config: str | None, data: Path, run_dir: Path, *extra: str) -> list[str]:
     prefix = [sys.executable] if launch_config is None else accelerate_launch(launch_config, 2)
-    return prefix + ["trainer/main.py", "--config", "configs/demo-cpu.yaml", f"data.root={data}",
-                     f"train.run_dir={run_dir}", *TINY, *extra]
+    return prefix + [
+        "trainer/main.py",
+        "--config",
+        "configs/demo-cpu.yaml",
+        f"data.root={data}",
+        f"train.run_dir={run_dir}",
+        *TINY,
+        *extra,
+    ]
 
 
 def train(launch_config: str | None, data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -62,11 +81,10 @@ def test_resume_is_bitwise_exact(launch_config, colour_shards, tmp_path):
     # The second run starts from the first run's half-way checkpoint, in new processes.
     resumed = tmp_path / "resumed"
     half = straight / "checkpoints" / "step_00000006"
-    train(launch_config, colour_shards, resumed, "train.steps=12", "checkpoint.every_steps=6",
-          f"train.resume={half}")
+    train(launch_config, colour_shards, resumed, "train.steps=12", "checkpoint.every_steps=6", f"train.resume={half}")
     final = "checkpoints/step_00000012"
     assert_identical(units(straight / final), units(resumed / final))  # weights and Adam moments of both units
-    assert {s: l for s, l in losses(straight).items() if s > 6} == losses(resumed)  # the loss curve
+    assert {s: v for s, v in losses(straight).items() if s > 6} == losses(resumed)  # the loss curve
     for rank in (0, 1):  # image pools and data positions
         a = torch.load(straight / final / f"rank_{rank:05d}.pt", weights_only=True)
         b = torch.load(resumed / final / f"rank_{rank:05d}.pt", weights_only=True)
@@ -83,8 +101,13 @@ def test_kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run(colour
     rng = random.Random(7)
     targets = sorted(rng.sample(range(8, 190, 4), 5))  # kill after these checkpoints: mid-step, or mid-save
     for attempt, target in enumerate(targets):
-        proc = subprocess.Popen(command("cpu-ddp-2", colour_shards, run_dir, *steps), cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            command("cpu-ddp-2", colour_shards, run_dir, *steps),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         latest = run_dir / "checkpoints" / "latest"
         deadline = time.monotonic() + 180
         while not (latest.is_file() and int(latest.read_text().split("_")[1]) >= target):
@@ -105,7 +128,10 @@ def test_kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run(colour
     train("cpu-ddp-2", colour_shards, run_dir, *steps)
     assert_identical(units(reference / final), units(run_dir / final))
     for name in ("g_xy", "g_yx"):
-        a, b = load_file(str(reference / "export" / f"{name}.safetensors")), load_file(str(run_dir / "export" / f"{name}.safetensors"))
+        a, b = (
+            load_file(str(reference / "export" / f"{name}.safetensors")),
+            load_file(str(run_dir / "export" / f"{name}.safetensors")),
+        )
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(losses(run_dir)) == list(range(4, 201, 4))  # every logged step once
 
@@ -113,16 +139,26 @@ def test_kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run(colour
 def rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
     """The training ranks: direct children of the launcher that run trainer/main.py (not the loader workers)."""
     children = psutil.Process(launcher.pid).children(recursive=True)
-    ranks = [p for p in children if "trainer/main.py" in " ".join(p.cmdline()) and p.parent().pid not in
-             {c.pid for c in children if "trainer/main.py" in " ".join(c.cmdline())}]
+    ranks = [
+        p
+        for p in children
+        if "trainer/main.py" in " ".join(p.cmdline())
+        and p.parent().pid not in {c.pid for c in children if "trainer/main.py" in " ".join(c.cmdline())}
+    ]
     return ranks
 
 
 def test_sigusr1_saves_exits_with_the_preemption_code_and_resumes(colour_shards, tmp_path):
     run_dir = tmp_path / "run"
     args = ["train.steps=400", "checkpoint.every_steps=0", "checkpoint.preempt_check_steps=2"]
-    proc = subprocess.Popen(command("cpu-ddp-2", colour_shards, run_dir, *args), cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        command("cpu-ddp-2", colour_shards, run_dir, *args),
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 2:
@@ -154,8 +190,13 @@ def test_sigusr1_saves_exits_with_the_preemption_code_and_resumes(colour_shards,
 
 def test_single_process_preemption_exit_code(colour_shards, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(command(None, colour_shards, run_dir, "train.steps=400", "checkpoint.preempt_check_steps=1"),
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(None, colour_shards, run_dir, "train.steps=400", "checkpoint.preempt_check_steps=1"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 1:
         assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
@@ -167,8 +208,15 @@ def test_single_process_preemption_exit_code(colour_shards, tmp_path):
 @pytest.mark.parametrize("first,second", [("zero3", None), (None, "zero3")])
 def test_resume_on_another_world_size_and_backend(first, second, colour_shards, tmp_path):
     run_dir = tmp_path / "run"
-    train(first, colour_shards, run_dir, "train.steps=6", "checkpoint.every_steps=6", "logging.every_steps=1",
-          "schedule.kind=constant")
+    train(
+        first,
+        colour_shards,
+        run_dir,
+        "train.steps=6",
+        "checkpoint.every_steps=6",
+        "logging.every_steps=1",
+        "schedule.kind=constant",
+    )
     before = losses(run_dir)
     result = train(second, colour_shards, run_dir, "train.steps=8", "logging.every_steps=1", "schedule.kind=constant")
     assert "weights and optimizer state re-partitioned" in result.stdout
@@ -177,10 +225,13 @@ def test_resume_on_another_world_size_and_backend(first, second, colour_shards, 
     # the losses continue where they were, not from an untrained model's level
     untrained = before[1]["loss/g_total"]
     for step in (7, 8):
-        assert abs(after[step]["loss/g_total"] - before[6]["loss/g_total"]) < 0.5 * abs(untrained - before[6]["loss/g_total"]) + 0.5
+        assert (
+            abs(after[step]["loss/g_total"] - before[6]["loss/g_total"])
+            < 0.5 * abs(untrained - before[6]["loss/g_total"]) + 0.5
+        )
     saved = units(run_dir / "checkpoints" / "step_00000006")
     exported = load_file(str(run_dir / "export" / "g_xy.safetensors"))
-    assert exported.keys() == {k[len("g/g_xy."):] for k in saved if k.startswith("g/g_xy.") and "exp_avg" not in k}
+    assert exported.keys() == {k[len("g/g_xy.") :] for k in saved if k.startswith("g/g_xy.") and "exp_avg" not in k}
 
 
 def test_damaged_checkpoint_falls_back_or_fails_clearly(colour_shards, tmp_path):
@@ -191,7 +242,8 @@ def test_damaged_checkpoint_falls_back_or_fails_clearly(colour_shards, tmp_path)
     explicit = run_bounded(command(None, colour_shards, tmp_path / "other", f"train.resume={latest}"), timeout_s=120)
     assert explicit.returncode == 2
     assert explicit.stderr.strip().splitlines()[-1] == (
-        f"error: checkpoint {latest} is damaged: {UNIVERSAL} does not match its sha256")
+        f"error: checkpoint {latest} is damaged: {UNIVERSAL} does not match its sha256"
+    )
     fresh = run_bounded(command(None, colour_shards, run_dir, "train.resume=none"), timeout_s=120)
     assert fresh.returncode == 2 and "already has checkpoints; use train.resume=auto" in fresh.stderr
     result = train(None, colour_shards, run_dir, "train.steps=6", "checkpoint.every_steps=2")
@@ -205,7 +257,10 @@ def test_export_cli_writes_the_generators_of_a_zero3_checkpoint(colour_shards, t
     train("zero3", colour_shards, run_dir, "train.steps=2")
     result = run_bounded([sys.executable, "-m", "trainer.export", str(run_dir), "--out", str(tmp_path / "out")], 120)
     assert result.returncode == 0, result.stderr
-    a, b = load_file(str(tmp_path / "out" / "g_yx.safetensors")), load_file(str(run_dir / "export" / "g_yx.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "out" / "g_yx.safetensors")),
+        load_file(str(run_dir / "export" / "g_yx.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     missing = run_bounded([sys.executable, "-m", "trainer.export", str(run_dir), "--step", "99"], 60)
     assert missing.returncode == 2 and "step_00000099 does not exist" in missing.stderr

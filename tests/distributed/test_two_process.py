@@ -1,5 +1,6 @@
 """Real multi-process runs on CPU (gloo): DDP equivalence and gradient synchronization, ZeRO-1/2/3, fp16 loss
 scaling per unit and gradient accumulation, all through tests/distributed/worker.py and the launch/ configs."""
+
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,9 @@ WORKER = "tests/distributed/worker.py"
 
 def launch(out: Path, nproc: int, *overrides: str, launch_config: str = "cpu-ddp-2", flags: tuple = ()) -> list[dict]:
     out.mkdir(parents=True)
-    prefix = [sys.executable] if nproc == 1 and launch_config == "cpu-ddp-2" else accelerate_launch(launch_config, nproc)
+    prefix = (
+        [sys.executable] if nproc == 1 and launch_config == "cpu-ddp-2" else accelerate_launch(launch_config, nproc)
+    )
     result = run_bounded(prefix + [WORKER, "--out", str(out), *flags, *overrides], timeout_s=400)
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
@@ -36,7 +39,8 @@ def assert_weights(a: dict, b: dict, atol: float) -> None:
 def max_rank_difference(ranks: list[dict]) -> float:
     return max(
         (ranks[0]["final"][u][k] - ranks[1]["final"][u][k]).abs().max().item()
-        for u in ("g", "d") for k in ranks[0]["final"][u]
+        for u in ("g", "d")
+        for k in ranks[0]["final"][u]
     )
 
 
@@ -64,7 +68,9 @@ def test_without_gradient_sync_the_ranks_drift_apart(tmp_path):
     ranks = launch(tmp_path / "out", 2, "train.batch_size=2", "train.steps=1", "distributed.debug_skip_grad_sync=true")
     assert max_rank_difference(ranks) > 1e-4
     for unit in ("g", "d"):
-        assert any(not torch.equal(ranks[0]["final"][unit][k], ranks[1]["final"][unit][k]) for k in ranks[0]["final"][unit])
+        assert any(
+            not torch.equal(ranks[0]["final"][unit][k], ranks[1]["final"][unit][k]) for k in ranks[0]["final"][unit]
+        )
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
@@ -91,9 +97,12 @@ def test_zero_stages_train_agree_and_shard_the_optimizer_state(stage, ddp_two_ra
 
 
 def test_fp16_overflow_in_one_unit_skips_only_that_unit(tmp_path):
-    (result,) = launch(tmp_path / "out", 1, "train.batch_size=4", "train.steps=6", "train.precision=fp16",
-                       flags=("--overflow-d",))
-    unchanged = lambda unit: all(torch.equal(result["init"][unit][k], result["final"][unit][k]) for k in result["init"][unit])  # noqa: E731
+    (result,) = launch(
+        tmp_path / "out", 1, "train.batch_size=4", "train.steps=6", "train.precision=fp16", flags=("--overflow-d",)
+    )
+    unchanged = lambda unit: all(
+        torch.equal(result["init"][unit][k], result["final"][unit][k]) for k in result["init"][unit]
+    )  # noqa: E731
     assert unchanged("d")  # every discriminator step overflowed and was skipped
     assert not unchanged("g")  # the generator kept stepping with its own scaler
     assert result["loss_scale"]["d"] == 2.0**16 * 0.5**6  # halved on each of the 6 overflows

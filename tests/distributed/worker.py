@@ -7,6 +7,7 @@ batch, so any (world, batch, accumulation) split of the same global batch sees t
 
     python tests/distributed/worker.py --out DIR [--overflow-d] [section.key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,16 @@ from trainer.pool import ImagePool
 from trainer.train import build_training, train_step
 
 TINY = [
-    "model.generator=resnet", "model.n_blocks=1", "model.ngf=4", "model.ndf=4", "model.n_layers_d=2",
-    "train.pool_size=0", "data.load_size=16", "data.crop_size=16", "schedule.kind=constant", "optimizer.lr=1e-3",
+    "model.generator=resnet",
+    "model.n_blocks=1",
+    "model.ngf=4",
+    "model.ndf=4",
+    "model.n_layers_d=2",
+    "train.pool_size=0",
+    "data.load_size=16",
+    "data.crop_size=16",
+    "schedule.kind=constant",
+    "optimizer.lr=1e-3",
     # With eps=1e-8 Adam's first update is lr * sign(g): an element whose gradient sums to rounding level flips sign
     # between batch splits. A larger eps keeps the update smooth in the gradient, so splits can be compared.
     "optimizer.eps=1e-4",
@@ -54,7 +63,9 @@ def main() -> None:
     init = {unit: engine.full_state_dict(unit) for unit in ("g", "d")}
     if args.overflow_d:
         # Only the pair's forward (the D step) is hooked; the G step calls d_x/d_y directly.
-        engine.unwrap("d").register_forward_hook(lambda module, inputs, out: {k: v * float("inf") for k, v in out.items()})
+        engine.unwrap("d").register_forward_hook(
+            lambda module, inputs, out: {k: v * float("inf") for k, v in out.items()}
+        )
     pools = (ImagePool(0, seed=0), ImagePool(0, seed=0))
     b, k, world, rank = cfg.train.batch_size, cfg.train.grad_accum_steps, engine.world_size, engine.rank
     data = torch.Generator().manual_seed(1234)

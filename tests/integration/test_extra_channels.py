@@ -1,4 +1,5 @@
 """Per-sample extras (label maps, colour histograms) from the shards reach the generators as input channels."""
+
 import json
 import sys
 
@@ -35,9 +36,21 @@ def test_extras_arrive_as_generator_channels(extra_shards, kind, channels):
 
 def test_extra_config_trains_and_exports_a_four_channel_generator(extra_shards, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_bounded([sys.executable, "trainer/main.py", "--config", "configs/cyclegan-extra.yaml",
-                          f"data.root={extra_shards}", f"train.run_dir={run_dir}", "train.steps=3",
-                          "logging.every_steps=1", "model.ngf=4", "model.ndf=4"], timeout_s=300)
+    result = run_bounded(
+        [
+            sys.executable,
+            "trainer/main.py",
+            "--config",
+            "configs/cyclegan-extra.yaml",
+            f"data.root={extra_shards}",
+            f"train.run_dir={run_dir}",
+            "train.steps=3",
+            "logging.every_steps=1",
+            "model.ngf=4",
+            "model.ndf=4",
+        ],
+        timeout_s=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_config(run_dir / "config.yaml").model.input_nc == 4
     exported = load_generators(run_dir / "export")
@@ -46,7 +59,19 @@ def test_extra_config_trains_and_exports_a_four_channel_generator(extra_shards, 
     assert first.in_channels == 4
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/psnr_g_xy" in r for r in evals)
-    result = run_bounded([sys.executable, "-m", "trainer.evaluate", "--weights", str(run_dir / "export"),
-                          "--data", str(extra_shards), "--images", "8"], timeout_s=120)
+    result = run_bounded(
+        [
+            sys.executable,
+            "-m",
+            "trainer.evaluate",
+            "--weights",
+            str(run_dir / "export"),
+            "--data",
+            str(extra_shards),
+            "--images",
+            "8",
+        ],
+        timeout_s=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "eval/psnr_g_xy" in json.loads(result.stdout)

@@ -1,4 +1,5 @@
 """End-to-end runs of the CLI on tiny synthetic shards (CPU, a few steps)."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,17 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 def train_cli(run_dir: Path, data: Path, *extra: str, launcher: list[str] | None = None):
     cmd = (launcher or [sys.executable]) + [
-        "trainer/main.py", "--config", "configs/demo-cpu.yaml", f"data.root={data}", f"train.run_dir={run_dir}",
-        "train.steps=6", "train.eval_every_steps=3", "logging.image_every_steps=3", "checkpoint.every_steps=4",
-        *TINY, *extra,
+        "trainer/main.py",
+        "--config",
+        "configs/demo-cpu.yaml",
+        f"data.root={data}",
+        f"train.run_dir={run_dir}",
+        "train.steps=6",
+        "train.eval_every_steps=3",
+        "logging.image_every_steps=3",
+        "checkpoint.every_steps=4",
+        *TINY,
+        *extra,
     ]
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -47,8 +56,19 @@ def test_cli_writes_a_complete_run_directory(tmp_path, colour_shards):
     records = read_jsonl(run_dir / "metrics.jsonl")
     losses = [r for r in records if "loss/g_total" in r]
     assert [r["step"] for r in losses] == [2, 4, 6]
-    for key in ("loss/adv_g_xy", "loss/adv_g_yx", "loss/cycle_x", "loss/cycle_y", "loss/idt_x", "loss/idt_y",
-                "loss/d_x_real", "loss/d_y_fake", "lr/g", "lr/d", "perf/images_per_s"):
+    for key in (
+        "loss/adv_g_xy",
+        "loss/adv_g_yx",
+        "loss/cycle_x",
+        "loss/cycle_y",
+        "loss/idt_x",
+        "loss/idt_y",
+        "loss/d_x_real",
+        "loss/d_y_fake",
+        "lr/g",
+        "lr/d",
+        "perf/images_per_s",
+    ):
         assert all(key in r for r in losses), key
     evals = [r for r in records if "eval/psnr_g_xy" in r]
     assert [r["step"] for r in evals] == [3, 6]
@@ -74,8 +94,19 @@ def test_exported_generators_reproduce_the_final_evaluation(tmp_path, colour_sha
     run_dir = tmp_path / "run"
     train_cli(run_dir, colour_shards, "train.precision=fp32")
     final = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/psnr_g_xy" in r][-1]
-    result = run([sys.executable, "-m", "trainer.evaluate", "--weights", str(run_dir / "export"),
-                  "--data", str(colour_shards), "--images", "16"])
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.evaluate",
+            "--weights",
+            str(run_dir / "export"),
+            "--data",
+            str(colour_shards),
+            "--images",
+            "16",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(result.stdout)
     for key in ("eval/psnr_g_xy", "eval/psnr_g_yx", "eval/psnr_identity", "eval/cycle_l1_x"):
@@ -83,8 +114,19 @@ def test_exported_generators_reproduce_the_final_evaluation(tmp_path, colour_sha
 
 
 def test_accelerate_launch_runs_the_same_cli(tmp_path, colour_shards):
-    launcher = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        "accelerate",
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     run_dir = tmp_path / "run"
     train_cli(run_dir, colour_shards, "train.steps=2", launcher=launcher)
     assert (run_dir / "export" / "g_xy.safetensors").is_file()
@@ -99,8 +141,16 @@ def test_bad_override_exits_with_one_line(tmp_path, colour_shards):
 
 
 def test_missing_shards_are_a_one_line_error(tmp_path):
-    result = run([sys.executable, "trainer/main.py", "--config", "configs/demo-cpu.yaml",
-                  f"data.root={tmp_path}/none", f"train.run_dir={tmp_path}/run"])
+    result = run(
+        [
+            sys.executable,
+            "trainer/main.py",
+            "--config",
+            "configs/demo-cpu.yaml",
+            f"data.root={tmp_path}/none",
+            f"train.run_dir={tmp_path}/run",
+        ]
+    )
     assert result.returncode != 0
     assert "manifest.json not found; write shards with" in result.stderr
 
@@ -111,17 +161,33 @@ def test_wandb_offline_run_is_written(tmp_path, colour_shards):
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
-@pytest.mark.parametrize("generator,discriminator,extra", [
-    ("unet_article", "patchgan", []),
-    ("encoder_decoder", "pixel", []),
-    ("densenet", "hnet", ["loss.lambda_feature=1.0", "model.n_blocks=1"]),
-    ("resnet_6blocks", "patchgan", ["model.n_blocks=null"]),  # the demo config's n_blocks: 3 would contradict it
-])
+@pytest.mark.parametrize(
+    "generator,discriminator,extra",
+    [
+        ("unet_article", "patchgan", []),
+        ("encoder_decoder", "pixel", []),
+        ("densenet", "hnet", ["loss.lambda_feature=1.0", "model.n_blocks=1"]),
+        ("resnet_6blocks", "patchgan", ["model.n_blocks=null"]),  # the demo config's n_blocks: 3 would contradict it
+    ],
+)
 def test_each_family_trains(tmp_path, colour_shards, generator, discriminator, extra):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "trainer/main.py", "--config", "configs/demo-cpu.yaml", f"data.root={colour_shards}",
-           f"train.run_dir={run_dir}", "model.ngf=8", "model.ndf=8", "train.batch_size=2", "train.steps=2",
-           "logging.every_steps=1", f"model.generator={generator}", f"model.discriminator={discriminator}", *extra]
+    cmd = [
+        sys.executable,
+        "trainer/main.py",
+        "--config",
+        "configs/demo-cpu.yaml",
+        f"data.root={colour_shards}",
+        f"train.run_dir={run_dir}",
+        "model.ngf=8",
+        "model.ndf=8",
+        "train.batch_size=2",
+        "train.steps=2",
+        "logging.every_steps=1",
+        f"model.generator={generator}",
+        f"model.discriminator={discriminator}",
+        *extra,
+    ]
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss/g_total" in r]
@@ -133,9 +199,23 @@ def test_each_family_trains(tmp_path, colour_shards, generator, discriminator, e
 @pytest.mark.parametrize("config", ["unet-article", "cyclegan-hnet", "horse2zebra"])
 def test_shipped_experiment_configs_train(tmp_path, colour_shards, config):
     run_dir = tmp_path / "run"
-    result = run([sys.executable, "trainer/main.py", "--config", f"configs/{config}.yaml",
-                  f"data.root={colour_shards}", f"train.run_dir={run_dir}", "data.load_size=36", "data.crop_size=32",
-                  "model.ngf=8", "model.ndf=8", "train.steps=2", "train.batch_size=2", "logging.every_steps=1"])
+    result = run(
+        [
+            sys.executable,
+            "trainer/main.py",
+            "--config",
+            f"configs/{config}.yaml",
+            f"data.root={colour_shards}",
+            f"train.run_dir={run_dir}",
+            "data.load_size=36",
+            "data.crop_size=32",
+            "model.ngf=8",
+            "model.ndf=8",
+            "train.steps=2",
+            "train.batch_size=2",
+            "logging.every_steps=1",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = load_config(run_dir / "config.yaml")
     losses = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss/g_total" in r]
@@ -146,7 +226,13 @@ def test_shipped_experiment_configs_train(tmp_path, colour_shards, config):
 
 def test_checkpoint_rotation_keeps_the_newest_and_every_nth(tmp_path, colour_shards):
     run_dir = tmp_path / "run"
-    train_cli(run_dir, colour_shards, "train.steps=10", "checkpoint.every_steps=2", "checkpoint.keep=1",
-              "checkpoint.keep_every_steps=4")
+    train_cli(
+        run_dir,
+        colour_shards,
+        "train.steps=10",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=1",
+        "checkpoint.keep_every_steps=4",
+    )
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004", "step_00000008", "step_00000010"]

@@ -1,4 +1,5 @@
 """The benchmark scripts run on a tiny configuration and write valid JSON (the figures are not tested)."""
+
 import json
 import subprocess
 import sys
@@ -8,8 +9,13 @@ from tests.conftest import REPO
 
 def test_data_throughput_writes_json(tmp_path):
     out = tmp_path / "data.json"
-    result = subprocess.run([sys.executable, "benchmarks/data_throughput.py", "--size", "32", "--images", "64",
-                             "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/data_throughput.py", "--size", "32", "--images", "64", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == "data_throughput" and figures["crop_size"] == 32 and figures["load_size"] == 35

@@ -21,8 +21,10 @@ BAD_OVERRIDES = [
     (["model.norm_g=layer"], "model.norm_g='layer' is not allowed; expected one of: batch, instance, none"),
     (["model.generator=resnet_9blocks", "model.n_blocks=4"], "model.n_blocks=4 contradicts model.generator"),
     (["loss.lambda_feature=1.0"], "loss.lambda_feature=1.0 needs model.discriminator=hnet"),
-    (["model.generator=unet_256", "data.load_size=286", "data.crop_size=128"],
-     "data.crop_size=128 must be a multiple of 256 for model.generator=unet_256"),
+    (
+        ["model.generator=unet_256", "data.load_size=286", "data.crop_size=128"],
+        "data.crop_size=128 must be a multiple of 256 for model.generator=unet_256",
+    ),
     (["train.flip=true"], "unknown key train.flip"),
     (["data.flip=1"], "data.flip=1 has the wrong type; expected bool"),
     (["train"], "override 'train' must look like section.key=value"),

@@ -1,4 +1,5 @@
 """The training stream: per-(rank, worker) plans, equal epochs, exact resume, URL forms and augmentation."""
+
 import itertools
 import subprocess
 
@@ -8,7 +9,7 @@ import torch
 
 from shards.synthetic import write_synthetic
 from trainer.config import ConfigError, DataConfig
-from trainer.data import DomainStream, BadSampleCounter, UnpairedLoader, augment, load_test_images, train_shards
+from trainer.data import BadSampleCounter, DomainStream, UnpairedLoader, augment, load_test_images, train_shards
 
 EXACT = dict(load_size=32, crop_size=32, flip=False)  # no augmentation: images identify samples
 
@@ -60,8 +61,9 @@ def test_two_ranks_two_workers_see_each_image_once_with_equal_batch_counts(colou
 
 
 def test_resume_mid_epoch_continues_identically(colour_shards):
-    cfg = DataConfig(root=str(colour_shards), num_workers=2, load_size=36, crop_size=32, rotation_deg=10,
-                     shuffle_buffer=16)
+    cfg = DataConfig(
+        root=str(colour_shards), num_workers=2, load_size=36, crop_size=32, rotation_deg=10, shuffle_buffer=16
+    )
     straight = UnpairedLoader(cfg, 3, seed=5, rank=1, world_size=2, device=torch.device("cpu"))
     head = list(itertools.islice(straight, 7))
     state = straight.state_dict()
@@ -94,8 +96,9 @@ def test_plain_gnu_tar_brace_patterns_and_pipes(tmp_path, colour_shards):
 
     for i in range(6):
         Image.fromarray(np.full((32, 32, 3), i * 40, np.uint8)).save(images / f"{i:04d}.png")
-    subprocess.run(["tar", "cf", str(tmp_path / "x-000000.tar")] + [f"{i:04d}.png" for i in range(6)],
-                   cwd=images, check=True)
+    subprocess.run(
+        ["tar", "cf", str(tmp_path / "x-000000.tar")] + [f"{i:04d}.png" for i in range(6)], cwd=images, check=True
+    )
     brace = f"{colour_shards}/y-train-{{000000..000002}}.tar"
     cfg = DataConfig(x_train=str(tmp_path / "x-000000.tar"), y_train=brace, num_workers=0, **EXACT)
     assert [s.samples for s in train_shards(cfg, "x")] == [6]

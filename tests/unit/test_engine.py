@@ -1,4 +1,5 @@
 """Engine pieces that need no second process: backend resolution, clipping, LR scaling, compile."""
+
 import pytest
 import torch
 
@@ -9,11 +10,19 @@ from trainer.train import lr_scale
 
 def test_auto_backend_follows_the_launcher():
     assert resolve_backend(DistributedConfig(), {}).backend == "ddp"
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-           "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none"}
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    }
     resolved = resolve_backend(DistributedConfig(), env)
     assert (resolved.backend, resolved.zero_stage, resolved.offload_optimizer, resolved.offload_params) == (
-        "deepspeed", 3, True, False)
+        "deepspeed",
+        3,
+        True,
+        False,
+    )
     explicit = resolve_backend(DistributedConfig(backend="deepspeed", zero_stage=1), env)
     assert explicit.zero_stage == 1  # an explicit backend keeps its own settings
 

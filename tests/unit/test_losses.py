@@ -1,4 +1,5 @@
 """The two steps touch only their own unit, and every loss term reaches the gradients only through its weight."""
+
 import math
 
 import pytest
@@ -78,9 +79,7 @@ def expected_loss(gens, discs, x, y, cfg):
     total = total + cfg.lambda_preserve * ((fake_y - x).abs().mean() + (fake_x - y).abs().mean())
     if cfg.lambda_feature:
         h = discs.trunk
-        total = total + cfg.lambda_feature * (
-            (h(f(fake_y)) - h(x)).abs().mean() + (h(g(fake_x)) - h(y)).abs().mean()
-        )
+        total = total + cfg.lambda_feature * ((h(f(fake_y)) - h(x)).abs().mean() + (h(g(fake_x)) - h(y)).abs().mean())
     return total
 
 

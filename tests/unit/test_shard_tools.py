@@ -1,4 +1,5 @@
 """shards.write (folders -> shards, resumable, parallel), shards.verify and shards.info."""
+
 import json
 import subprocess
 import sys
@@ -37,12 +38,34 @@ def reference_layout(tmp_path):
 
 def test_reference_layout_packs_into_verified_shards(reference_layout, tmp_path):
     out = tmp_path / "shards"
-    write_main(["--root", str(reference_layout), "--out", str(out), "--load-size", "32", "--maxcount", "3",
-                "--workers", "2", "--extra", "hist"])
+    write_main(
+        [
+            "--root",
+            str(reference_layout),
+            "--out",
+            str(out),
+            "--load-size",
+            "32",
+            "--maxcount",
+            "3",
+            "--workers",
+            "2",
+            "--extra",
+            "hist",
+        ]
+    )
     manifest = read_manifest(out)
-    assert {k: v["samples"] for k, v in manifest["splits"].items()} == {"x-train": 7, "y-train": 5, "x-test": 2, "y-test": 2}
+    assert {k: v["samples"] for k, v in manifest["splits"].items()} == {
+        "x-train": 7,
+        "y-train": 5,
+        "x-test": 2,
+        "y-test": 2,
+    }
     assert [s["name"] for s in manifest["splits"]["x-train"]["shards"]] == [
-        "x-train-000000.tar", "x-train-000001.tar", "x-train-000002.tar"]
+        "x-train-000000.tar",
+        "x-train-000001.tar",
+        "x-train-000002.tar",
+    ]
     assert manifest["splits"]["y-train"]["image_size"] == [32, 32]
     with tarfile.open(out / "x-train-000000.tar") as tar:
         assert {"img_000.jpg", "img_000.hist.npy"} <= set(tar.getnames())  # dots in stems become underscores
@@ -90,15 +113,33 @@ def test_verify_reports_shard_and_key_and_exits_nonzero(colour_shards, tmp_path)
 
 def test_info_prints_counts_and_writes_a_contact_sheet(colour_shards, tmp_path):
     sheet = tmp_path / "sheet.png"
-    result = subprocess.run([sys.executable, "-m", "shards.info", str(colour_shards), "--sheet", str(sheet),
-                             "--per-split", "5"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "shards.info", str(colour_shards), "--sheet", str(sheet), "--per-split", "5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "x-train           96       3" in result.stdout
     assert Image.open(sheet).size == (5 * 96, 4 * 96)
 
 
 def test_bad_folder_is_a_one_line_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "shards.write", "--x", str(tmp_path / "nope"), "--y",
-                             str(tmp_path), "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shards.write",
+            "--x",
+            str(tmp_path / "nope"),
+            "--y",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"shards.write: {tmp_path / 'nope'} is not a directory"

@@ -2,6 +2,7 @@
 
 Every network here is plain PyTorch: no accelerate, deepspeed or wandb.
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -1,6 +1,7 @@
 """DenseNet-style generator: the ResNet generator's encoder and decoder around dense blocks (Huang et al.) in the
 bottleneck. Each dense block stacks layers whose inputs are all earlier outputs, then a 1x1 transition restores
 the width."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,12 @@ class DenseBlock(nn.Module):
         super().__init__()
         bias = conv_bias(norm)
         self.layers = nn.ModuleList(
-            nn.Sequential(norm_layer(norm, channels + i * growth), nn.ReLU(True),
-                          nn.ReflectionPad2d(1), nn.Conv2d(channels + i * growth, growth, 3, bias=bias))
+            nn.Sequential(
+                norm_layer(norm, channels + i * growth),
+                nn.ReLU(True),
+                nn.ReflectionPad2d(1),
+                nn.Conv2d(channels + i * growth, growth, 3, bias=bias),
+            )
             for i in range(LAYERS_PER_BLOCK)
         )
         width = channels + LAYERS_PER_BLOCK * growth
@@ -40,15 +45,24 @@ class DenseNetGenerator(nn.Module):
         super().__init__()
         bias = conv_bias(norm)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, bias=bias), norm_layer(norm, ngf), nn.ReLU(True)
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(input_nc, ngf, 7, bias=bias),
+            norm_layer(norm, ngf),
+            nn.ReLU(True),
         ]
         for mult in (1, 2):
-            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
-                       norm_layer(norm, ngf * mult * 2), nn.ReLU(True)]
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
+                norm_layer(norm, ngf * mult * 2),
+                nn.ReLU(True),
+            ]
         layers += [DenseBlock(ngf * 4, ngf, norm) for _ in range(n_blocks)]
         for mult in (4, 2):
-            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1,
-                                          bias=bias), norm_layer(norm, ngf * mult // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
+                norm_layer(norm, ngf * mult // 2),
+                nn.ReLU(True),
+            ]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 

@@ -1,5 +1,6 @@
 """Encoder-decoder generator without skip connections: four stride-2 conv levels down, four transposed-conv
 levels up (the U-Net's shape with the skips removed, the baseline of the pix2pix paper)."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,11 @@ class EncoderDecoderGenerator(nn.Module):
         widths = [ngf * 2**i for i in range(DEPTH)]
         layers: list[nn.Module] = [nn.Conv2d(input_nc, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         for w_in, w_out in zip(widths, widths[1:]):
-            layers += [nn.Conv2d(w_in, w_out, 4, stride=2, padding=1, bias=bias), norm_layer(norm, w_out),
-                       nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(w_in, w_out, 4, stride=2, padding=1, bias=bias),
+                norm_layer(norm, w_out),
+                nn.LeakyReLU(0.2, True),
+            ]
         for w_in, w_out in zip(widths[::-1], widths[::-1][1:]):
             layers += [nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1, bias=bias), norm_layer(norm, w_out)]
             layers += ([nn.Dropout(0.5)] if use_dropout else []) + [nn.ReLU(True)]

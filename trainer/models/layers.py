@@ -1,4 +1,5 @@
 """Shared building blocks: the normalization choice and weight initialization."""
+
 from __future__ import annotations
 
 import torch.nn as nn

@@ -1,5 +1,6 @@
 """ResNet generator of the CycleGAN paper (Johnson et al. style): c7s1-ngf, two stride-2 downsamplings,
 residual blocks, two transposed-conv upsamplings, c7s1-3 with tanh. 9 blocks for 256 px, 6 for 128 px."""
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,10 @@ class ResnetBlock(nn.Module):
         super().__init__()
         bias = conv_bias(norm)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias), norm_layer(norm, channels), nn.ReLU(True)
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=bias),
+            norm_layer(norm, channels),
+            nn.ReLU(True),
         ]
         if use_dropout:
             layers.append(nn.Dropout(0.5))
@@ -33,7 +37,10 @@ class ResnetGenerator(nn.Module):
         super().__init__()
         bias = conv_bias(norm)
         layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, bias=bias), norm_layer(norm, ngf), nn.ReLU(True)
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(input_nc, ngf, 7, bias=bias),
+            norm_layer(norm, ngf),
+            nn.ReLU(True),
         ]
         for mult in (1, 2):
             layers += [

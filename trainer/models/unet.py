@@ -1,4 +1,5 @@
 """U-Net generators: the source article's shallow U-Net (n_skip levels) and the reference's deep unet_128/unet_256."""
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,8 @@ class ArticleUnetGenerator(nn.Module):
             out = ngf * 2**i
             self.encoders.append(
                 nn.Sequential(
-                    nn.Conv2d(channels, out, 4, stride=2, padding=1, bias=bias), norm_layer(norm, out),
+                    nn.Conv2d(channels, out, 4, stride=2, padding=1, bias=bias),
+                    norm_layer(norm, out),
                     nn.LeakyReLU(0.2, True),
                 )
             )
@@ -63,8 +65,16 @@ class ArticleUnetGenerator(nn.Module):
 class _UnetLevel(nn.Module):
     """One level of the deep U-Net: down -> inner levels -> up, concatenated with the level's input."""
 
-    def __init__(self, outer_nc: int, inner_nc: int, norm: str, inner: nn.Module | None, use_dropout: bool,
-                 input_nc: int | None = None, outermost: bool = False):
+    def __init__(
+        self,
+        outer_nc: int,
+        inner_nc: int,
+        norm: str,
+        inner: nn.Module | None,
+        use_dropout: bool,
+        input_nc: int | None = None,
+        outermost: bool = False,
+    ):
         super().__init__()
         bias = conv_bias(norm)
         self.outermost = outermost
@@ -75,12 +85,18 @@ class _UnetLevel(nn.Module):
             up = [nn.ReLU(True), nn.ConvTranspose2d(up_in, outer_nc, 4, stride=2, padding=1), nn.Tanh()]
         elif inner is None:
             down = [nn.LeakyReLU(0.2, True), down_conv]
-            up = [nn.ReLU(True), nn.ConvTranspose2d(up_in, outer_nc, 4, stride=2, padding=1, bias=bias),
-                  norm_layer(norm, outer_nc)]
+            up = [
+                nn.ReLU(True),
+                nn.ConvTranspose2d(up_in, outer_nc, 4, stride=2, padding=1, bias=bias),
+                norm_layer(norm, outer_nc),
+            ]
         else:
             down = [nn.LeakyReLU(0.2, True), down_conv, norm_layer(norm, inner_nc)]
-            up = [nn.ReLU(True), nn.ConvTranspose2d(up_in, outer_nc, 4, stride=2, padding=1, bias=bias),
-                  norm_layer(norm, outer_nc)] + ([nn.Dropout(0.5)] if use_dropout else [])
+            up = [
+                nn.ReLU(True),
+                nn.ConvTranspose2d(up_in, outer_nc, 4, stride=2, padding=1, bias=bias),
+                norm_layer(norm, outer_nc),
+            ] + ([nn.Dropout(0.5)] if use_dropout else [])
         self.model = nn.Sequential(*down, *([inner] if inner is not None else []), *up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,19 @@
+"""The code base passes ruff's checks and is ruff-formatted (settings in ruff.toml)."""
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+PATHS = ["trainer", "shards", "tests", "benchmarks"]
+
+
+def test_ruff_check_passes():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", *PATHS], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_code_is_ruff_formatted():
+    cmd = [sys.executable, "-m", "ruff", "format", "--check", *PATHS]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
