@@ -28,11 +28,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torchrun starts each rank in a session of its own, so killing
+    the launcher's process group would leave the ranks running."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def run_bounded(cmd: list[str], timeout_s: int, env: dict | None = None):
-    """Run `cmd` from the repo root in its own process group; on timeout kill the whole group (a hung collective
-    must fail one test, not the suite). Returns the CompletedProcess."""
+    """Run `cmd` from the repo root; on timeout kill it with all its descendants (a hung collective must fail one
+    test, not the suite). Returns the CompletedProcess."""
     import os
-    import signal
     import subprocess
 
     full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -42,7 +59,7 @@ def run_bounded(cmd: list[str], timeout_s: int, env: dict | None = None):
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -4,7 +4,6 @@ by SIGUSR1, resume on another world size and backend, damaged checkpoints, expor
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, accelerate_launch, run_bounded
+from tests.conftest import REPO, accelerate_launch, kill_tree, run_bounded
 from trainer.checkpoint import COMPLETE, UNIVERSAL
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
@@ -119,7 +118,7 @@ def test_kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run(colour
                 time.sleep(0.005)
         else:
             time.sleep(rng.uniform(0.0, 0.4))
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # every rank, not only the launcher
         proc.wait()
         names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         print(f"kill {attempt} after step {target}: {names}")
@@ -174,8 +173,7 @@ def test_sigusr1_saves_exits_with_the_preemption_code_and_resumes(colour_shards,
                 rank.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
     # Each rank exits with PREEMPTED_EXIT_CODE (see the single-process test); torchrun reports that as a failed
     # launch, so job scripts read the marker file.
     assert proc.returncode != 0
