@@ -294,19 +294,39 @@ class DistributedConfig:
 class LoggingConfig:
     wandb: Literal["online", "offline", "disabled"] = "disabled"
     """Weights & Biases mode; offline writes the run under run_dir/wandb for a later `wandb sync`."""
-    project: str = "cyclegan-dist"
-    """W&B project."""
+    project: str = ""
+    """W&B project; empty: $WANDB_PROJECT, else cyclegan-dist."""
+    entity: str = ""
+    """W&B entity (team or user); empty: $WANDB_ENTITY or your default."""
+    run_name: str = ""
+    """W&B run name; empty: $WANDB_NAME or a generated one."""
+    group: str = ""
+    """W&B run group; empty: $WANDB_RUN_GROUP or none."""
+    tags: str = ""
+    """W&B tags, comma-separated; empty: $WANDB_TAGS or none."""
     every_steps: int = 10
     """Scalars are reduced across ranks and written every N steps."""
     image_every_steps: int = 100
     """Sample grids (x | G(x) | F(G(x)) and y | F(y) | G(F(y))) every N steps and at the end; 0: only at the end."""
     sample_images: int = 4
     """Fixed test images per domain shown in the sample grids."""
+    spike_factor: float = 5.0
+    """Save a step's inputs, outputs and losses to run_dir/spikes/ when a loss term exceeds this multiple of its
+    running median; 0 disables the capture."""
+    spike_check_steps: int = 8
+    """The capture keeps the last N steps on the device and checks them together (one host sync per N steps)."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, "logging.every_steps", self.every_steps, "an integer >= 1")
         _require(self.image_every_steps >= 0, "logging.image_every_steps", self.image_every_steps, "an integer >= 0")
         _require(self.sample_images >= 1, "logging.sample_images", self.sample_images, "an integer >= 1")
+        _require(
+            self.spike_factor == 0 or self.spike_factor > 1,
+            "logging.spike_factor",
+            self.spike_factor,
+            "0 (off) or a number > 1",
+        )
+        _require(self.spike_check_steps >= 1, "logging.spike_check_steps", self.spike_check_steps, "an integer >= 1")
 
 
 @dataclass(kw_only=True)

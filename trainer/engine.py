@@ -401,6 +401,15 @@ class Engine:
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
+    def memory_metrics(self) -> dict[str, float]:
+        """mem/ metrics of this process: host RSS and, on CUDA, the peak memory allocated by tensors."""
+        import psutil
+
+        out = {"mem/host_rss_gb": psutil.Process().memory_info().rss / 2**30}
+        if self.device.type == "cuda":
+            out["mem/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
+
     def reduce_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean of each scalar over ranks, in one collective and one host sync."""
         if not values:

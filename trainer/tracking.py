@@ -1,9 +1,15 @@
 """Run tracking on the main process: metrics.jsonl, PNG sample grids, a tqdm progress bar and W&B through
-Accelerate's tracker API. Every method is a no-op on the other ranks; nothing here knows about models."""
+Accelerate's tracker API. Every method is a no-op on the other ranks; nothing here knows about models.
+
+Resuming continues the same W&B run (its id is kept in the checkpoints) and never logs a step at or below the
+last one W&B already has, so its step axis only goes forward.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +19,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from trainer.config import LoggingConfig
+from trainer.config import ConfigError, LoggingConfig
+
+WANDB_LAST_STEP = ".wandb_last_step"
 
 
 def image_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
@@ -21,6 +29,34 @@ def image_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
     tiles = [torch.cat([img.detach().float().cpu() for img in row], dim=2) for row in rows]
     grid = torch.cat(tiles, dim=1).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
     return grid.permute(1, 2, 0).numpy()
+
+
+def git_commit() -> str:
+    """The commit of the code being run ("unknown" outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def wandb_init_kwargs(cfg: LoggingConfig, run_dir: Path, run_id: str | None) -> dict[str, Any]:
+    """wandb.init arguments: the config's values where set (else W&B reads its WANDB_* variables)."""
+    kwargs: dict[str, Any] = {"mode": cfg.wandb, "dir": str(run_dir)}
+    for key, value in (("entity", cfg.entity), ("name", cfg.run_name), ("group", cfg.group)):
+        if value:
+            kwargs[key] = value
+    if cfg.tags:
+        kwargs["tags"] = [tag.strip() for tag in cfg.tags.split(",") if tag.strip()]
+    if run_id:
+        kwargs.update(id=run_id, resume="allow")
+    return kwargs
 
 
 class Tracker:
@@ -34,6 +70,7 @@ class Tracker:
         config: dict[str, Any],
         total_steps: int,
         resume_step: int = 0,
+        wandb_run_id: str | None = None,
     ):
         self.is_main = accelerator.is_main_process
         self.accelerator = accelerator
@@ -41,6 +78,8 @@ class Tracker:
         self.run_dir = run_dir
         self.jsonl = None
         self.progress = None
+        self.wandb_run_id: str | None = None
+        self.wandb_floor = -1
         if not self.is_main:
             return
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -49,9 +88,22 @@ class Tracker:
             total=total_steps, initial=resume_step, desc="train", unit="step", disable=not sys.stderr.isatty()
         )
         if self.use_wandb:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    f"logging.wandb={cfg.wandb} needs the wandb package; install it or set logging.wandb=disabled"
+                ) from None
+            project = cfg.project or os.environ.get("WANDB_PROJECT") or "cyclegan-dist"
             accelerator.init_trackers(
-                cfg.project, config=config, init_kwargs={"wandb": {"mode": cfg.wandb, "dir": str(run_dir)}}
+                project,
+                config={**config, "git_commit": git_commit()},
+                init_kwargs={"wandb": wandb_init_kwargs(cfg, run_dir, wandb_run_id)},
             )
+            self.wandb_run_id = accelerator.get_tracker("wandb", unwrap=True).id
+            floor_file = run_dir / WANDB_LAST_STEP
+            if wandb_run_id and floor_file.is_file():
+                self.wandb_floor = int(floor_file.read_text())
 
     @staticmethod
     def _open_jsonl(path: Path, resume_step: int):
@@ -69,8 +121,13 @@ class Tracker:
             return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        if self.use_wandb:
-            self.accelerator.log(metrics, step=step)
+        self._to_wandb(step, metrics)
+
+    def _to_wandb(self, step: int, values: dict[str, Any]) -> None:
+        if not self.use_wandb or step <= self.wandb_floor:
+            return  # W&B already has this step from the run before the resume
+        self.accelerator.log(values, step=step)
+        (self.run_dir / WANDB_LAST_STEP).write_text(str(step))
 
     def advance(self, steps: int, postfix: dict[str, float]) -> None:
         """Move the progress bar."""
@@ -87,7 +144,7 @@ class Tracker:
         if self.use_wandb:
             import wandb
 
-            self.accelerator.log({f"images/{n}": wandb.Image(g) for n, g in grids.items()}, step=step)
+            self._to_wandb(step, {f"images/{n}": wandb.Image(g) for n, g in grids.items()})
 
     def close(self) -> None:
         if self.is_main:

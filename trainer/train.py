@@ -29,8 +29,10 @@ from trainer.evaluate import translation_metrics
 from trainer.pool import ImagePool
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
 from trainer.schedule import build_scheduler
+from trainer.spikes import SpikeCapture
 from trainer.tracking import Tracker, image_grid
 
+RECORDED_OUTPUTS = ("fake_x", "fake_y", "rec_x", "rec_y")
 Batch = dict[str, torch.Tensor]  # "x", "y": [N, 3, H, W] in [-1, 1]; optional "extra_x", "extra_y": [N, C, H, W]
 
 
@@ -42,11 +44,12 @@ def lr_scale(cfg: OptimizerConfig, global_batch: int) -> float:
 
 def train_step(
     engine: Engine, units: dict, pools: tuple[ImagePool, ImagePool], micro_batches: list[Batch], loss_cfg: LossConfig
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One optimizer update of each unit over `micro_batches` (gradient accumulation when there are several).
 
     Returns:
-        Detached stats on the device: each loss term averaged over the micro-batches and each unit's grad norm.
+        (stats, images): detached device tensors - each loss term averaged over the micro-batches and each unit's
+        grad norm; the last micro-batch's real images and generator outputs (for loss-spike capture).
     """
     last = len(micro_batches) - 1
     sums: dict[str, torch.Tensor] = {}
@@ -78,7 +81,9 @@ def train_step(
         _accumulate(sums, stats)
     norm_d = engine.step("d")
     means = {key: value / len(micro_batches) for key, value in sums.items()}
-    return {**means, "grad_norm/g": norm_g, "grad_norm/d": norm_d}
+    batch = micro_batches[-1]
+    images = {"real_x": batch["x"], "real_y": batch["y"], **{k: out[k].detach() for k in RECORDED_OUTPUTS}}
+    return {**means, "grad_norm/g": norm_g, "grad_norm/d": norm_d}, images
 
 
 def _accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
@@ -136,7 +141,7 @@ def train(cfg: Config) -> TrainResult:
         cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device
     )
     pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
-    start = 0
+    start, train_state = 0, {}
     if resume_from is not None:
         train_state, rank_state = load_checkpoint(engine, resume_from)
         start = train_state["step"]
@@ -144,7 +149,17 @@ def train(cfg: Config) -> TrainResult:
         for pool, key in zip(pools, ("pool_x", "pool_y")):
             if key in rank_state:
                 pool.load_state_dict(rank_state[key], engine.device)
-    tracker = Tracker(engine.accelerator, run_dir, cfg.logging, to_dict(cfg), total, resume_step=start)
+    tracker = Tracker(
+        engine.accelerator,
+        run_dir,
+        cfg.logging,
+        to_dict(cfg),
+        total,
+        resume_step=start,
+        wandb_run_id=train_state.get("wandb_run_id"),
+    )
+    spikes = SpikeCapture(run_dir, cfg.logging.spike_factor, cfg.logging.spike_check_steps)
+    capture_spikes = engine.is_main and cfg.logging.spike_factor > 0
     if engine.is_main:
         print(
             f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
@@ -166,11 +181,19 @@ def train(cfg: Config) -> TrainResult:
         micro_batches = [next(loader) for _ in range(accum)]
         data_wait += time.perf_counter() - wait_start
 
-        _accumulate(sums, train_step(engine, units, pools, micro_batches, cfg.loss))  # no host sync per step
+        stats, images = train_step(engine, units, pools, micro_batches, cfg.loss)
+        _accumulate(sums, stats)  # on the device: no host sync per step
         window_steps += 1
+        if capture_spikes:
+            for event in spikes.add(step, {k: v for k, v in stats.items() if k.startswith("loss/")}, images):
+                print(f"loss spike at step {event['step']} in {', '.join(event['terms'])}: saved {event['dir']}")
+                tracker.log(step, {"spike/step": event["step"], "spike/terms": len(event["terms"])})
         if _is_due(step, cfg.logging.every_steps, total):
             elapsed = time.perf_counter() - window_start
-            logged = engine.reduce_mean({k: v / window_steps for k, v in sums.items()})
+            rank_rate = torch.tensor(window_steps * cfg.train.batch_size * accum / elapsed)
+            logged = engine.reduce_mean(
+                {**{k: v / window_steps for k, v in sums.items()}, "perf/images_per_s_per_rank": rank_rate}
+            )
             logged.update(
                 {
                     "lr/g": engine.lr("g"),
@@ -181,6 +204,7 @@ def train(cfg: Config) -> TrainResult:
                 }
             )
             logged.update(loader.metrics())
+            logged.update(engine.memory_metrics())
             if cfg.train.precision == "fp16":
                 logged.update({"loss_scale/g": engine.loss_scale("g"), "loss_scale/d": engine.loss_scale("d")})
             tracker.log(step, logged)
@@ -198,8 +222,9 @@ def train(cfg: Config) -> TrainResult:
         preempted = step % cfg.checkpoint.preempt_check_steps == 0 and engine.any_rank(preemption.raised)
         if preempted or _is_due(step, cfg.checkpoint.every_steps, total):
             rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
+            meta = {"wandb_run_id": tracker.wandb_run_id}
             path = save_checkpoint(
-                engine, run_dir, step, rank_state, {}, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps
+                engine, run_dir, step, rank_state, meta, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps
             )
             tracker.log(step, {"checkpoint/saved_step": step})
         if preempted:

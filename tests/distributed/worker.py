@@ -74,7 +74,7 @@ def main() -> None:
         ys = torch.rand(global_batch, 3, SIZE, SIZE, generator=data) * 2 - 1
         starts = [(j * world + rank) * b for j in range(k)]
         micro = [{"x": xs[s : s + b].to(engine.device), "y": ys[s : s + b].to(engine.device)} for s in starts]
-        train_step(engine, units, pools, micro, cfg.loss)
+        train_step(engine, units, pools, micro, cfg.loss)  # (stats, images) unused here
     result = {
         "init": init,
         "final": {unit: engine.full_state_dict(unit) for unit in ("g", "d")},

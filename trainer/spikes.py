@@ -1,0 +1,65 @@
+"""Loss-spike capture: when a loss term jumps beyond `factor` x its running median, save that step's input images,
+generator outputs and losses to RUN/spikes/step_XXXXXXXX/ - the step users most want to look at afterwards.
+
+Steps are buffered on the device (references, no copies) and checked `check_steps` at a time, so the capture costs
+one host sync per `check_steps` steps, not one per step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import deque
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from trainer.tracking import image_grid
+
+MIN_HISTORY = 10  # values of a term seen before it can spike
+
+
+class SpikeCapture:
+    """Buffers (step, loss terms, images) and reports the steps whose terms spiked."""
+
+    def __init__(self, run_dir: Path, factor: float, check_steps: int, history: int = 200):
+        self.root = run_dir / "spikes"
+        self.factor = factor
+        self.check_steps = check_steps
+        self.pending: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.history: dict[str, deque] = {}
+        self.history_size = history
+
+    def add(self, step: int, losses: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> list[dict]:
+        """Buffer one step; every `check_steps` steps, check the buffer and return one event per spiking step."""
+        self.pending.append((step, losses, images))
+        if len(self.pending) < self.check_steps:
+            return []
+        pending, self.pending = self.pending, []
+        names = sorted(pending[0][1])
+        values = torch.stack([torch.stack([p[1][n].float() for n in names]) for p in pending]).cpu().tolist()
+        events = []
+        for (step, _, images), row in zip(pending, values):
+            spiking = {}
+            for name, value in zip(names, row):
+                seen = self.history.setdefault(name, deque(maxlen=self.history_size))
+                if len(seen) >= MIN_HISTORY:
+                    median = statistics.median(seen)
+                    if median > 0 and value > self.factor * median:
+                        spiking[name] = {"value": value, "median": median}
+                seen.append(value)
+            if spiking:
+                events.append(self._save(step, dict(zip(names, row)), spiking, images))
+        return events
+
+    def _save(self, step: int, losses: dict, spiking: dict, images: dict[str, torch.Tensor]) -> dict:
+        out = self.root / f"step_{step:08d}"
+        out.mkdir(parents=True, exist_ok=True)
+        rows_x = [list(row) for row in zip(images["real_x"], images["fake_y"], images["rec_x"])]
+        rows_y = [list(row) for row in zip(images["real_y"], images["fake_x"], images["rec_y"])]
+        Image.fromarray(image_grid(rows_x)).save(out / "x_to_y.png")
+        Image.fromarray(image_grid(rows_y)).save(out / "y_to_x.png")
+        torch.save({k: v.detach().cpu() for k, v in images.items()}, out / "tensors.pt")
+        (out / "losses.json").write_text(json.dumps({"step": step, "losses": losses, "spiking": spiking}, indent=2))
+        return {"step": step, "dir": str(out), "terms": sorted(spiking)}
