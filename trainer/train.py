@@ -190,10 +190,20 @@ def train(cfg: Config) -> TrainResult:
                 tracker.log(step, {"spike/step": event["step"], "spike/terms": len(event["terms"])})
         if _is_due(step, cfg.logging.every_steps, total):
             elapsed = time.perf_counter() - window_start
-            rank_rate = torch.tensor(window_steps * cfg.train.batch_size * accum / elapsed)
-            logged = engine.reduce_mean(
-                {**{k: v / window_steps for k, v in sums.items()}, "perf/images_per_s_per_rank": rank_rate}
+            rank_values = {
+                **loader.metrics(),
+                **engine.memory_metrics(),
+                "perf/images_per_s_per_rank": window_steps * cfg.train.batch_size * accum / elapsed,
+            }
+            logged = engine.reduce_mean(  # one collective for everything
+                {
+                    **{k: v / window_steps for k, v in sums.items()},
+                    **{k: torch.tensor(v) for k, v in rank_values.items()},
+                }
             )
+            for key in logged:
+                if key.startswith(("data/samples_read", "data/bad_")):
+                    logged[key] *= engine.world_size  # totals over all ranks
             logged.update(
                 {
                     "lr/g": engine.lr("g"),
@@ -203,8 +213,6 @@ def train(cfg: Config) -> TrainResult:
                     "perf/data_wait_fraction": data_wait / elapsed,
                 }
             )
-            logged.update(loader.metrics())
-            logged.update(engine.memory_metrics())
             if cfg.train.precision == "fp16":
                 logged.update({"loss_scale/g": engine.loss_scale("g"), "loss_scale/d": engine.loss_scale("d")})
             tracker.log(step, logged)

@@ -47,6 +47,8 @@ def test_demo_command_runs_under_each_launcher(case, tmp_path, colour_shards):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0] == {"step": 0, "run/global_batch": global_batch, "run/world_size": nproc, "run/lr_scale": 1.0}
     assert [r["step"] for r in records if "loss/g_total" in r] == [2, 4]
+    final = [r for r in records if "loss/g_total" in r][-1]
+    assert final["data/samples_read"] == 4 * 2 * 4 * nproc  # steps x domains x batch, summed over the ranks
     assert load_config(run_dir / "config.yaml").distributed.backend == backend
     exported = load_generators(run_dir / "export")
     assert sum(p.numel() for p in exported.g_xy.parameters()) > 0
