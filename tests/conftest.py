@@ -46,7 +46,7 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def run_bounded(cmd: list[str], timeout_s: int, env: dict | None = None):
+def run_bounded(cmd: list[str], timeout_s: int = 300, env: dict | None = None):
     """Run `cmd` from the repo root; on timeout kill it with all its descendants (a hung collective must fail one
     test, not the suite). Returns the CompletedProcess."""
     import os
@@ -77,3 +77,23 @@ def accelerate_launch(launch_config: str, num_processes: int) -> list[str]:
         "--main_process_port",
         str(free_port()),
     ]
+
+
+def train_command(
+    data: Path | str, run_dir: Path, *overrides: str, config: str = "demo-cpu", launcher: list[str] | None = None
+) -> list[str]:
+    """The training CLI on `data` into `run_dir` with configs/<config>.yaml and the overrides (plain python unless
+    a launcher prefix is given)."""
+    import sys
+
+    return (launcher or [sys.executable]) + [
+        "trainer/main.py", "--config", f"configs/{config}.yaml", f"data.root={data}", f"train.run_dir={run_dir}",
+        *overrides,
+    ]  # fmt: skip
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of run_dir/metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 
-from tests.conftest import accelerate_launch, run_bounded
+from tests.conftest import accelerate_launch, read_metrics, run_bounded, train_command
 from trainer.checkpoint import load_generators
 from trainer.config import load_config
 
@@ -27,24 +26,12 @@ def test_demo_command_runs_under_each_launcher(case, tmp_path, colour_shards):
     launch_config, nproc, backend = CASES[case]
     prefix = [sys.executable] if launch_config is None else accelerate_launch(launch_config, nproc)
     run_dir = tmp_path / "run"
-    result = run_bounded(
-        prefix
-        + [
-            "trainer/main.py",
-            "--config",
-            "configs/demo-cpu.yaml",
-            f"data.root={colour_shards}",
-            f"train.run_dir={run_dir}",
-            "train.steps=4",
-            "logging.every_steps=2",
-            "train.eval_images=8",
-        ],
-        timeout_s=400,
-    )
+    small = ["train.steps=4", "logging.every_steps=2", "train.eval_images=8"]
+    result = run_bounded(train_command(colour_shards, run_dir, *small, launcher=prefix), timeout_s=400)
     assert result.returncode == 0, result.stderr[-4000:]
     global_batch = 4 * nproc
     assert f"global batch {global_batch} = 4 per rank x {nproc} ranks" in result.stdout
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     assert records[0] == {"step": 0, "run/global_batch": global_batch, "run/world_size": nproc, "run/lr_scale": 1.0}
     assert [r["step"] for r in records if "loss/g_total" in r] == [2, 4]
     final = [r for r in records if "loss/g_total" in r][-1]

@@ -3,7 +3,6 @@ by SIGUSR1, resume on another world size and backend, damaged checkpoints, expor
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, accelerate_launch, kill_tree, run_bounded
+from tests.conftest import REPO, accelerate_launch, kill_tree, read_metrics, run_bounded, train_command
 from trainer.checkpoint import COMPLETE, UNIVERSAL
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
@@ -41,15 +40,7 @@ TINY = [
 
 def command(launch_config: str | None, data: Path, run_dir: Path, *extra: str) -> list[str]:
     prefix = [sys.executable] if launch_config is None else accelerate_launch(launch_config, 2)
-    return prefix + [
-        "trainer/main.py",
-        "--config",
-        "configs/demo-cpu.yaml",
-        f"data.root={data}",
-        f"train.run_dir={run_dir}",
-        *TINY,
-        *extra,
-    ]
+    return train_command(data, run_dir, *TINY, *extra, launcher=prefix)
 
 
 def train(launch_config: str | None, data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -59,7 +50,7 @@ def train(launch_config: str | None, data: Path, run_dir: Path, *extra: str) -> 
 
 
 def losses(run_dir: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss/")} for r in records if "loss/g_total" in r}
 
 

@@ -1,11 +1,9 @@
 """GPU paths: skipped without CUDA; run them on a GPU machine with `python -m pytest tests/gpu`."""
 
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, run_bounded
+from tests.conftest import accelerate_launch, run_bounded, train_command
 from trainer.config import DistributedConfig, OptimizerConfig, TrainConfig
 from trainer.engine import Engine
 
@@ -27,20 +25,8 @@ def test_engine_runs_on_cuda_with_bf16_autocast():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_demo_trains_on_one_gpu(precision, tmp_path, colour_shards):
     run_dir = tmp_path / "run"
-    result = run_bounded(
-        [
-            sys.executable,
-            "trainer/main.py",
-            "--config",
-            "configs/demo-cpu.yaml",
-            f"data.root={colour_shards}",
-            f"train.run_dir={run_dir}",
-            f"train.precision={precision}",
-            "train.steps=20",
-            "logging.every_steps=10",
-        ],
-        timeout_s=300,
-    )
+    small = [f"train.precision={precision}", "train.steps=20", "logging.every_steps=10"]
+    result = run_bounded(train_command(colour_shards, run_dir, *small))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cuda" in result.stdout
 
@@ -48,20 +34,8 @@ def test_demo_trains_on_one_gpu(precision, tmp_path, colour_shards):
 @needs_two_gpus
 def test_ddp_converts_batch_norm_to_sync_batch_norm_on_gpus(tmp_path, colour_shards):
     run_dir = tmp_path / "run"
-    result = run_bounded(
-        accelerate_launch("gpu-ddp", 2)
-        + [
-            "trainer/main.py",
-            "--config",
-            "configs/unet-article.yaml",
-            f"data.root={colour_shards}",
-            f"train.run_dir={run_dir}",
-            "data.load_size=32",
-            "data.crop_size=32",
-            "train.steps=2",
-            "train.batch_size=2",
-        ],
-        timeout_s=300,
-    )
+    small = ["data.load_size=32", "data.crop_size=32", "train.steps=2", "train.batch_size=2"]
+    cmd = train_command(colour_shards, run_dir, *small, config="unet-article", launcher=accelerate_launch("gpu-ddp", 2))
+    result = run_bounded(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SyncBatchNorm: " in result.stdout

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import read_metrics, run_bounded, train_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,23 +25,10 @@ def test_demo_config_learns_the_colour_task(tmp_path):
         timeout=300,
     )
     start = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "trainer/main.py",
-            "--config",
-            "configs/demo-cpu.yaml",
-            f"data.root={data}",
-            f"train.run_dir={run_dir}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_bounded(train_command(data, run_dir), timeout_s=600)
     minutes = (time.monotonic() - start) / 60
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     final = [r for r in records if "eval/psnr_gain_xy" in r][-1]
     print(
         f"demo: {minutes:.1f} min, PSNR identity {final['eval/psnr_identity']:.2f} dB -> "

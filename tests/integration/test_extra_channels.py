@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shards.synthetic import write_synthetic
-from tests.conftest import run_bounded
+from tests.conftest import read_metrics, run_bounded, train_command
 from trainer.checkpoint import load_generators
 from trainer.config import DataConfig, load_config
 from trainer.data import UnpairedLoader
@@ -36,28 +36,15 @@ def test_extras_arrive_as_generator_channels(extra_shards, kind, channels):
 
 def test_extra_config_trains_and_exports_a_four_channel_generator(extra_shards, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_bounded(
-        [
-            sys.executable,
-            "trainer/main.py",
-            "--config",
-            "configs/cyclegan-extra.yaml",
-            f"data.root={extra_shards}",
-            f"train.run_dir={run_dir}",
-            "train.steps=3",
-            "logging.every_steps=1",
-            "model.ngf=4",
-            "model.ndf=4",
-        ],
-        timeout_s=300,
-    )
+    small = ["train.steps=3", "logging.every_steps=1", "model.ngf=4", "model.ndf=4"]
+    result = run_bounded(train_command(extra_shards, run_dir, *small, config="cyclegan-extra"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_config(run_dir / "config.yaml").model.input_nc == 4
     exported = load_generators(run_dir / "export")
     assert exported.extra == "label"
     first = next(m for m in exported.g_xy.modules() if isinstance(m, torch.nn.Conv2d))
     assert first.in_channels == 4
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = read_metrics(run_dir)
     assert any("eval/psnr_g_xy" in r for r in evals)
     result = run_bounded(
         [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_bounded
+from tests.conftest import read_metrics, run_bounded, train_command
 
 TINY = [
     "model.ngf=4",
@@ -23,16 +23,7 @@ TINY = [
 
 
 def train(data: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "trainer/main.py",
-        "--config",
-        "configs/demo-cpu.yaml",
-        f"data.root={data}",
-        f"train.run_dir={run_dir}",
-        *TINY,
-        *extra,
-    ]
+    cmd = train_command(data, run_dir, *TINY, *extra)
     return run_bounded(cmd, timeout_s=300, env=env)
 
 
@@ -97,7 +88,7 @@ def test_offline_run_holds_config_metrics_and_images_like_metrics_jsonl(colour_s
     for key in expected:
         assert key in logged[4], key
     assert logged[2]["images/x_to_y._type"] == "image-file"
-    jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    jsonl = read_metrics(run_dir)
     for record in jsonl:
         for key, value in record.items():
             if key != "step":
@@ -128,7 +119,7 @@ def test_resume_continues_the_same_run_and_never_goes_back(colour_shards, tmp_pa
     assert len(runs) == 2 and runs[0].name == runs[1].name  # run-<id>.wandb: the same id
     assert max(history(runs[0])) == 6
     assert min(history(runs[1])) > 6 and max(history(runs[1])) == 10
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in read_metrics(run_dir)]
     assert [s for s in steps if s > 4][:1] == [6]  # metrics.jsonl re-logs 6 from the resumed run
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,39 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import read_metrics, run_bounded, train_command
 from trainer.checkpoint import COMPLETE, load_generators
 from trainer.config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.ngf=8", "model.ndf=8", "model.n_blocks=1", "train.batch_size=2", "logging.every_steps=2"]
 
 
-def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def train_cli(run_dir: Path, data: Path, *extra: str, launcher: list[str] | None = None):
-    cmd = (launcher or [sys.executable]) + [
-        "trainer/main.py",
-        "--config",
-        "configs/demo-cpu.yaml",
-        f"data.root={data}",
-        f"train.run_dir={run_dir}",
-        "train.steps=6",
-        "train.eval_every_steps=3",
-        "logging.image_every_steps=3",
-        "checkpoint.every_steps=4",
-        *TINY,
-        *extra,
-    ]
-    result = run(cmd)
+    steps = ["train.steps=6", "train.eval_every_steps=3", "logging.image_every_steps=3", "checkpoint.every_steps=4"]
+    cmd = train_command(data, run_dir, *steps, *TINY, *extra, launcher=launcher)
+    result = run_bounded(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_cli_writes_a_complete_run_directory(tmp_path, colour_shards):
@@ -53,7 +31,7 @@ def test_cli_writes_a_complete_run_directory(tmp_path, colour_shards):
     cfg = load_config(run_dir / "config.yaml")
     assert cfg.train.steps == 6 and cfg.model.ngf == 8 and cfg.data.root == str(colour_shards)
 
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir)
     losses = [r for r in records if "loss/g_total" in r]
     assert [r["step"] for r in losses] == [2, 4, 6]
     for key in (
@@ -93,8 +71,8 @@ def test_cli_writes_a_complete_run_directory(tmp_path, colour_shards):
 def test_exported_generators_reproduce_the_final_evaluation(tmp_path, colour_shards):
     run_dir = tmp_path / "run"
     train_cli(run_dir, colour_shards, "train.precision=fp32")
-    final = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/psnr_g_xy" in r][-1]
-    result = run(
+    final = [r for r in read_metrics(run_dir) if "eval/psnr_g_xy" in r][-1]
+    result = run_bounded(
         [
             sys.executable,
             "-m",
@@ -133,7 +111,7 @@ def test_accelerate_launch_runs_the_same_cli(tmp_path, colour_shards):
 
 
 def test_bad_override_exits_with_one_line(tmp_path, colour_shards):
-    result = run([sys.executable, "trainer/main.py", "--config", "configs/demo-cpu.yaml", "data.crop_size=64"])
+    result = run_bounded([sys.executable, "trainer/main.py", "--config", "configs/demo-cpu.yaml", "data.crop_size=64"])
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "config error: data.crop_size=64 exceeds data.load_size=32; lower crop_size or raise load_size"
@@ -141,16 +119,7 @@ def test_bad_override_exits_with_one_line(tmp_path, colour_shards):
 
 
 def test_missing_shards_are_a_one_line_error(tmp_path):
-    result = run(
-        [
-            sys.executable,
-            "trainer/main.py",
-            "--config",
-            "configs/demo-cpu.yaml",
-            f"data.root={tmp_path}/none",
-            f"train.run_dir={tmp_path}/run",
-        ]
-    )
+    result = run_bounded(train_command(f"{tmp_path}/none", tmp_path / "run"))
     assert result.returncode != 0
     assert "manifest.json not found; write shards with" in result.stderr
 
@@ -172,25 +141,12 @@ def test_wandb_offline_run_is_written(tmp_path, colour_shards):
 )
 def test_each_family_trains(tmp_path, colour_shards, generator, discriminator, extra):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "trainer/main.py",
-        "--config",
-        "configs/demo-cpu.yaml",
-        f"data.root={colour_shards}",
-        f"train.run_dir={run_dir}",
-        "model.ngf=8",
-        "model.ndf=8",
-        "train.batch_size=2",
-        "train.steps=2",
-        "logging.every_steps=1",
-        f"model.generator={generator}",
-        f"model.discriminator={discriminator}",
-        *extra,
-    ]
-    result = run(cmd)
+    family = [f"model.generator={generator}", f"model.discriminator={discriminator}", *extra]
+    small = ["model.ngf=8", "model.ndf=8", "train.batch_size=2", "train.steps=2", "logging.every_steps=1"]
+    cmd = train_command(colour_shards, run_dir, *small, *family)
+    result = run_bounded(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss/g_total" in r]
+    losses = [r for r in read_metrics(run_dir) if "loss/g_total" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(r["loss/g_total"])) for r in losses)
     if discriminator == "hnet":
         assert all("loss/feature_x" in r for r in losses)
@@ -199,26 +155,13 @@ def test_each_family_trains(tmp_path, colour_shards, generator, discriminator, e
 @pytest.mark.parametrize("config", ["unet-article", "cyclegan-hnet", "horse2zebra"])
 def test_shipped_experiment_configs_train(tmp_path, colour_shards, config):
     run_dir = tmp_path / "run"
-    result = run(
-        [
-            sys.executable,
-            "trainer/main.py",
-            "--config",
-            f"configs/{config}.yaml",
-            f"data.root={colour_shards}",
-            f"train.run_dir={run_dir}",
-            "data.load_size=36",
-            "data.crop_size=32",
-            "model.ngf=8",
-            "model.ndf=8",
-            "train.steps=2",
-            "train.batch_size=2",
-            "logging.every_steps=1",
-        ]
+    small = ["data.load_size=36", "data.crop_size=32", "model.ngf=8", "model.ndf=8", "train.steps=2"]
+    result = run_bounded(
+        train_command(colour_shards, run_dir, *small, "train.batch_size=2", "logging.every_steps=1", config=config)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = load_config(run_dir / "config.yaml")
-    losses = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss/g_total" in r]
+    losses = [r for r in read_metrics(run_dir) if "loss/g_total" in r]
     assert len(losses) == 2
     assert ("loss/feature_x" in losses[0]) == (cfg.loss.lambda_feature > 0)
     assert ("loss/preserve_x" in losses[0]) == (cfg.loss.lambda_preserve > 0)

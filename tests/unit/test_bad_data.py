@@ -3,7 +3,6 @@ images are converted; too many bad samples stop the run with a clear error."""
 
 import io
 import itertools
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 
 from shards.manifest import shard_entry, split_entry, write_manifest
 from shards.writer import write_shards
-from tests.conftest import run_bounded
+from tests.conftest import read_metrics, run_bounded, train_command
 from trainer.config import DataConfig
 from trainer.data import BadSampleCounter, DomainStream, UnpairedLoader, train_shards
 
@@ -81,26 +80,9 @@ def test_too_many_bad_samples_stop_with_a_clear_error(bad_shards):
 
 def test_training_on_bad_shards_runs_to_the_end(bad_shards, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_bounded(
-        [
-            sys.executable,
-            "trainer/main.py",
-            "--config",
-            "configs/demo-cpu.yaml",
-            f"data.root={bad_shards}",
-            f"train.run_dir={run_dir}",
-            "data.max_bad_fraction=0.5",
-            "train.steps=12",
-            "logging.every_steps=6",
-            "model.ngf=4",
-            "model.ndf=4",
-        ],
-        timeout_s=300,
-    )
+    small = ["train.steps=12", "logging.every_steps=6", "model.ngf=4", "model.ndf=4"]
+    result = run_bounded(train_command(bad_shards, run_dir, "data.max_bad_fraction=0.5", *small))
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if "data/bad_corrupt" in r][-1]
+    last = [r for r in read_metrics(run_dir) if "data/bad_corrupt" in r][-1]
     assert last["step"] == 12 and last["data/bad_corrupt"] >= 1 and last["data/bad_truncated"] >= 1
     assert f"bad sample corrupt: {bad_shards}/x-train-000000.tar:{CORRUPT}" in result.stdout
