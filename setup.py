@@ -12,6 +12,8 @@ setup(
         "torch>=2.4",
         "accelerate>=1.10",
         "deepspeed>=0.17",
+        # accelerate's DeepSpeed path calls compare_versions("transformers", ...) unconditionally.
+        "transformers>=4.40",
         "webdataset>=1.0",
         "wandb>=0.20",
         "pyyaml>=6.0",
