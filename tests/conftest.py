@@ -97,3 +97,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def evaluate_cli(weights: Path, data: Path, images: int):
+    """`python -m trainer.evaluate` on exported weights and a shard directory (bounded)."""
+    import sys
+
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--weights", str(weights), "--data", str(data),
+           "--images", str(images)]  # fmt: skip
+    return run_bounded(cmd, timeout_s=120)

@@ -1,13 +1,12 @@
 """Per-sample extras (label maps, colour histograms) from the shards reach the generators as input channels."""
 
 import json
-import sys
 
 import pytest
 import torch
 
 from shards.synthetic import write_synthetic
-from tests.conftest import read_metrics, run_bounded, train_command
+from tests.conftest import evaluate_cli, read_metrics, run_bounded, train_command
 from trainer.checkpoint import load_generators
 from trainer.config import DataConfig, load_config
 from trainer.data import UnpairedLoader
@@ -46,19 +45,6 @@ def test_extra_config_trains_and_exports_a_four_channel_generator(extra_shards, 
     assert first.in_channels == 4
     evals = read_metrics(run_dir)
     assert any("eval/psnr_g_xy" in r for r in evals)
-    result = run_bounded(
-        [
-            sys.executable,
-            "-m",
-            "trainer.evaluate",
-            "--weights",
-            str(run_dir / "export"),
-            "--data",
-            str(extra_shards),
-            "--images",
-            "8",
-        ],
-        timeout_s=120,
-    )
+    result = evaluate_cli(run_dir / "export", extra_shards, 8)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "eval/psnr_g_xy" in json.loads(result.stdout)

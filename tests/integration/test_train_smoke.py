@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import read_metrics, run_bounded, train_command
+from tests.conftest import evaluate_cli, read_metrics, run_bounded, train_command
 from trainer.checkpoint import COMPLETE, load_generators
 from trainer.config import load_config
 
@@ -72,19 +72,7 @@ def test_exported_generators_reproduce_the_final_evaluation(tmp_path, colour_sha
     run_dir = tmp_path / "run"
     train_cli(run_dir, colour_shards, "train.precision=fp32")
     final = [r for r in read_metrics(run_dir) if "eval/psnr_g_xy" in r][-1]
-    result = run_bounded(
-        [
-            sys.executable,
-            "-m",
-            "trainer.evaluate",
-            "--weights",
-            str(run_dir / "export"),
-            "--data",
-            str(colour_shards),
-            "--images",
-            "16",
-        ]
-    )
+    result = evaluate_cli(run_dir / "export", colour_shards, 16)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(result.stdout)
     for key in ("eval/psnr_g_xy", "eval/psnr_g_yx", "eval/psnr_identity", "eval/cycle_l1_x"):
