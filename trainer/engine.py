@@ -130,11 +130,26 @@ class Engine:
             step_scheduler_with_optimizer=False,
             kwargs_handlers=[group_kwargs, DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
+        self._check_launch_shape()
         scaler_on = train.precision == "fp16" and not self.is_deepspeed
         self.scalers = {u: torch.amp.GradScaler(self.device.type, enabled=scaler_on) for u in UNITS}
         self.units: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+
+    def _check_launch_shape(self) -> None:
+        """Refuse a multi-node launch whose nodes were started with different shapes. torchrun lets a node that
+        was told --num_machines 3 join a 2-node job and hangs at exit; such nodes see another GROUP_WORLD_SIZE."""
+        if self.world_size == 1:
+            return
+        mine = [int(os.environ.get(k, "1")) for k in ("GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE")]
+        views = self.accelerator.gather(torch.tensor([mine], device=self.device)).tolist()
+        if any(view != views[0] for view in views):
+            nodes, procs = sorted({v[0] for v in views}), sorted({v[1] for v in views})
+            raise ConfigError(
+                f"the nodes of this launch disagree on its shape: ranks were told num_machines={nodes} and "
+                f"processes per node={procs}; start every node with the same --num_machines and --num_processes"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -400,6 +415,20 @@ class Engine:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def replica_spread(self) -> float | None:
+        """Largest relative difference between ranks of a fingerprint of each unit's weights (their sum and sum of
+        squares, in float64): 0 when every rank holds the same weights, as synchronized gradients guarantee. None
+        when there is nothing to compare: one process, or ZeRO-3, whose ranks hold different slices."""
+        if self.world_size == 1 or (self.is_deepspeed and self.cfg.zero_stage == 3):
+            return None
+        rows = []
+        for which in UNITS:
+            params = [p.detach().double() for p in self.unwrap(which).parameters()]
+            rows += [sum(p.sum() for p in params), sum(p.square().sum() for p in params)]
+        everyone = self.accelerator.gather(torch.stack(rows).to(self.device).unsqueeze(0))  # (world_size, 4)
+        spread = (everyone - everyone[0]).abs().amax(dim=0) / everyone[0].abs().clamp_min(1e-30)
+        return spread.max().item()
 
     def memory_metrics(self) -> dict[str, float]:
         """mem/ metrics of this process: host RSS and, on CUDA, the peak memory allocated by tensors."""

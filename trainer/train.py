@@ -234,7 +234,7 @@ def train(cfg: Config) -> TrainResult:
             path = save_checkpoint(
                 engine, run_dir, step, rank_state, meta, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps
             )
-            tracker.log(step, {"checkpoint/saved_step": step})
+            tracker.log(step, {"checkpoint/saved_step": step, **_replica_check(engine, step)})
         if preempted:
             if engine.is_main:
                 mark_preempted(run_dir, step)
@@ -263,6 +263,16 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine) -> Path | None:
             shutil.rmtree(run_dir / CHECKPOINTS)
         engine.barrier()
     return find_resume(run_dir, cfg.train.resume)
+
+
+def _replica_check(engine: Engine, step: int) -> dict[str, float]:
+    """run/replica_spread (see Engine.replica_spread) for the checkpoint log, with a warning when ranks differ."""
+    spread = engine.replica_spread()
+    if spread is None:
+        return {}
+    if spread > 0 and engine.is_main:
+        print(f"warning: ranks hold different weights at step {step} (relative spread {spread:.3g})")
+    return {"run/replica_spread": spread}
 
 
 def _is_due(step: int, every: int, total: int) -> bool:

@@ -59,6 +59,7 @@ def test_ddp_two_ranks_equal_one_rank_with_double_batch(one_rank_batch4, ddp_two
     ranks = ddp_two_ranks_batch2
     assert [r["backend"] for r in ranks] == ["ddp", "ddp"] and ranks[0]["world"] == 2
     assert max_rank_difference(ranks) == 0.0  # different data per rank, identical weights after the update
+    assert [r["replica_spread"] for r in ranks] == [0.0, 0.0]  # what training logs as run/replica_spread
     assert_weights(ranks[0], one_rank_batch4[0], atol=1e-5)
     # and training moved both units
     assert any(not torch.equal(ranks[0]["final"]["d"][k], ranks[0]["init"]["d"][k]) for k in ranks[0]["init"]["d"])
@@ -67,6 +68,7 @@ def test_ddp_two_ranks_equal_one_rank_with_double_batch(one_rank_batch4, ddp_two
 def test_without_gradient_sync_the_ranks_drift_apart(tmp_path):
     ranks = launch(tmp_path / "out", 2, "train.batch_size=2", "train.steps=1", "distributed.debug_skip_grad_sync=true")
     assert max_rank_difference(ranks) > 1e-4
+    assert ranks[0]["replica_spread"] == ranks[1]["replica_spread"] > 1e-7
     for unit in ("g", "d"):
         assert any(
             not torch.equal(ranks[0]["final"][unit][k], ranks[1]["final"][unit][k]) for k in ranks[0]["final"][unit]
@@ -88,6 +90,7 @@ def test_zero_stages_train_agree_and_shard_the_optimizer_state(stage, ddp_two_ra
     ranks = launch(tmp_path / "out", 2, "train.batch_size=2", "train.steps=2", launch_config=f"zero{stage}")
     assert [r["backend"] for r in ranks] == [f"zero{stage}"] * 2
     assert max_rank_difference(ranks) == 0.0
+    assert [r["replica_spread"] for r in ranks] == ([None, None] if stage == 3 else [0.0, 0.0])  # ZeRO-3: slices
     # Same math as DDP (fp32 AdamW on the flattened partitions).
     assert_weights(ranks[0], ddp_two_ranks_batch2[0], atol=1e-5)
     for unit in ("g", "d"):

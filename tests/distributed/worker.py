@@ -83,6 +83,7 @@ def main() -> None:
         "backend": engine.backend_name,
         "noise_driven": {u: biases_before_instance_norm(engine.unwrap(u), "") for u in ("g", "d")},
         "world": world,
+        "replica_spread": engine.replica_spread(),
     }
     torch.save(result, Path(args.out) / f"rank{rank}.pt")
     engine.end()

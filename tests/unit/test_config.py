@@ -86,3 +86,16 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         assert isinstance(load_config(path), Config)
+
+
+def test_config_cli_prints_one_resolved_value_or_a_clear_error(capsys):
+    from tests.conftest import REPO
+    from trainer.config import main
+
+    demo = str(REPO / "configs/demo-cpu.yaml")
+    assert main(["--config", demo, "train.run_dir=/tmp/x", "--get", "train.run_dir"]) == 0
+    assert capsys.readouterr().out == "/tmp/x\n"
+    assert main(["--config", demo, "--get", "train.nope"]) == 2
+    assert capsys.readouterr().err == "config error: --get train.nope: no such key\n"
+    assert main(["--config", demo, "model.ngf=8"]) == 0
+    assert load_config(None, []).model.ngf != 8 and "ngf: 8\n" in capsys.readouterr().out

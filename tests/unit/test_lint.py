@@ -1,4 +1,5 @@
-"""The code base passes ruff's checks and is ruff-formatted (settings in ruff.toml)."""
+"""The code base passes ruff's checks and is ruff-formatted (settings in ruff.toml); the shell scripts pass
+shellcheck at warning level."""
 
 import subprocess
 import sys
@@ -6,6 +7,8 @@ import sys
 from tests.conftest import REPO
 
 PATHS = ["trainer", "shards", "tests", "benchmarks"]
+SHELL_SCRIPTS = [*sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").rglob("*.sh")),
+                 *sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").rglob("*.sbatch")), ".ci/run"]  # fmt: skip
 
 
 def test_ruff_check_passes():
@@ -16,4 +19,12 @@ def test_ruff_check_passes():
 def test_code_is_ruff_formatted():
     cmd = [sys.executable, "-m", "ruff", "format", "--check", *PATHS]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_shell_scripts_pass_shellcheck():
+    assert len(SHELL_SCRIPTS) >= 6
+    result = subprocess.run(
+        ["shellcheck", "--severity=warning", *SHELL_SCRIPTS], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-3000:]
