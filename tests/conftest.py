@@ -99,10 +99,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def evaluate_cli(weights: Path, data: Path, images: int):
-    """`python -m trainer.evaluate` on exported weights and a shard directory (bounded)."""
+def evaluate_cli(weights: Path, data: Path, images: int, *flags: str, launcher: list[str] | None = None):
+    """`python -m trainer.evaluate` on weights (export or run directory) and a shard directory, bounded. Returns
+    (CompletedProcess, the metrics of its --json file or None)."""
+    import json
     import sys
+    import tempfile
 
-    cmd = [sys.executable, "-m", "trainer.evaluate", "--weights", str(weights), "--data", str(data),
-           "--images", str(images)]  # fmt: skip
-    return run_bounded(cmd, timeout_s=120)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "metrics.json"
+        cmd = (launcher or [sys.executable]) + [
+            "-m", "trainer.evaluate", "--weights", str(weights), "--data", str(data), "--images", str(images),
+            "--json", str(out), *flags,
+        ]  # fmt: skip
+        result = run_bounded(cmd, timeout_s=300)
+        return result, (json.loads(out.read_text()) if out.is_file() else None)

@@ -33,6 +33,7 @@ from trainer.models import build_generator
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best.json"
 COMPLETE = "COMPLETE"
 UNIVERSAL = "units.safetensors"
 TRAIN_STATE = "train_state.json"
@@ -129,7 +130,7 @@ def save_checkpoint(
         rank_state: this rank's own state (pools, data position, ...), saved as rank_XXXXX.pt.
         meta: JSON-able facts for train_state.json (tracker run ids, ...).
         keep: complete checkpoints kept; older ones are deleted once the new one is published, except those whose
-            step is a multiple of `keep_every_steps`.
+            step is a multiple of `keep_every_steps` and the best one (best.json).
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
@@ -151,9 +152,10 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / LATEST, final.name + "\n")
-        older = complete_checkpoints(run_dir)[:-keep]
-        for old in older:
-            if not (keep_every_steps and int(old.name.split("_")[1]) % keep_every_steps == 0):
+        best = read_best(run_dir)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            old_step = int(old.name.split("_")[1])
+            if not (keep_every_steps and old_step % keep_every_steps == 0) and not (best and best["step"] == old_step):
                 shutil.rmtree(old)
     engine.barrier()
     return final
@@ -222,17 +224,66 @@ class ExportedGenerators:
     extra: str  # data.extra of the training run
 
 
+def generators_from_weights(
+    weights: dict[str, torch.Tensor], model_cfg: ModelConfig, image_size: int, extra: str, source: str
+) -> ExportedGenerators:
+    """Build G and F from full weights (keys `g_xy.*`, `g_yx.*`) in eval mode.
+
+    Raises:
+        ConfigError: the weights do not fit the architecture (one line naming `source` and the first mismatch).
+    """
+    nets = []
+    for name in ("g_xy", "g_yx"):
+        net = build_generator(model_cfg)
+        prefix = f"{name}."
+        state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        expected = net.state_dict()
+        missing = sorted(expected.keys() - state.keys())
+        unexpected = sorted(state.keys() - expected.keys())
+        reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+        if missing or unexpected or reshaped:
+            example = (
+                f"{reshaped[0]} is {tuple(state[reshaped[0]].shape)}, expected {tuple(expected[reshaped[0]].shape)}"
+                if reshaped
+                else f"e.g. {(missing or unexpected)[0]}"
+            )
+            raise ConfigError(
+                f"{source}: the {name} weights do not fit generator={model_cfg.generator} ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(reshaped)} of another shape; {example})"
+            )
+        net.load_state_dict(state)
+        nets.append(net.eval())
+    return ExportedGenerators(nets[0], nets[1], model_cfg, image_size, extra)
+
+
 def load_generators(path: str | Path) -> ExportedGenerators:
-    """Load exported generators (safetensors: nothing is unpickled) in eval mode."""
+    """Load exported generators (safetensors: nothing is unpickled) in eval mode.
+
+    Raises:
+        ConfigError: a missing or unreadable export, or weights that do not fit its model.json.
+    """
     path = Path(path)
     meta_path = path / "model.json"
     if not meta_path.is_file():
         raise ConfigError(f"{meta_path} not found; expected a directory written by training's export")
     meta = json.loads(meta_path.read_text())
     model_cfg = from_dict(ModelConfig, meta["model"], "model.")
-    nets = []
+    weights = {}
     for name in ("g_xy", "g_yx"):
-        net = build_generator(model_cfg)
-        net.load_state_dict(load_file(str(path / f"{name}.safetensors")))
-        nets.append(net.eval())
-    return ExportedGenerators(nets[0], nets[1], model_cfg, int(meta["image_size"]), meta.get("extra", "none"))
+        file = path / f"{name}.safetensors"
+        if not file.is_file():
+            raise ConfigError(f"{file} not found; the export is incomplete")
+        weights.update({f"{name}.{k}": v for k, v in load_file(str(file)).items()})
+    return generators_from_weights(weights, model_cfg, int(meta["image_size"]), meta.get("extra", "none"), str(path))
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """RUN/checkpoints/best.json ({step, select, score, metrics}) or None before the first selection."""
+    path = Path(run_dir) / CHECKPOINTS / BEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_best(run_dir: Path, step: int, select: str, score: float, metrics: dict[str, float]) -> None:
+    """Record checkpoint `step` (already saved) as the best by eval.select; rotation never deletes it."""
+    record = {"step": step, "select": select, "score": score, "metrics": metrics}
+    _write_atomic(Path(run_dir) / CHECKPOINTS / BEST, json.dumps(record, indent=2))

@@ -241,10 +241,6 @@ class TrainConfig:
     """torch.compile the generators and discriminators (in place; weights keep their names)."""
     pool_size: int = 50
     """Image history pool of generated images shown to the discriminators; 0 disables it."""
-    eval_every_steps: int = 0
-    """Evaluate on the paired test split every N steps (and at the end); 0 means only at the end."""
-    eval_images: int = 64
-    """Test pairs used by the evaluation."""
     resume: str = "auto"
     """auto: continue from the newest intact checkpoint of run_dir if there is one; none: start fresh; or the
     path of a checkpoint directory to continue from."""
@@ -258,8 +254,6 @@ class TrainConfig:
         _require(bool(self.run_dir), "train.run_dir", self.run_dir, "a non-empty path")
         _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         _require(self.pool_size >= 0, "train.pool_size", self.pool_size, "an integer >= 0")
-        _require(self.eval_every_steps >= 0, "train.eval_every_steps", self.eval_every_steps, "an integer >= 0")
-        _require(self.eval_images >= 0, "train.eval_images", self.eval_images, "an integer >= 0")
 
 
 @dataclass(kw_only=True)
@@ -330,6 +324,34 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on the test split every N steps (and at the end); 0 means only at the end."""
+    images: int = 64
+    """Test images per domain, split over the ranks; 0 disables evaluation."""
+    batch_size: int = 16
+    """Images per generator forward during evaluation, per rank."""
+    inception_weights: str = ""
+    """Local TorchScript Inception-v3 feature network for FID and KID (the inception-2015-12-05.pt used by
+    StyleGAN2-ADA and clean-fid); empty: no FID/KID. Nothing is ever downloaded."""
+    kid_subset_size: int = 1000
+    """Samples per KID subset (at most the number of test images)."""
+    select: Literal["none", "psnr", "fid", "cycle"] = "none"
+    """Keep the best checkpoint by this metric (RUN/checkpoints/best.json), never deleted by rotation: psnr (mean
+    of both directions, needs a test split with a known answer), fid (mean of both directions), cycle (mean L1)."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "eval.every_steps", self.every_steps, "an integer >= 0")
+        _require(self.images >= 0, "eval.images", self.images, "an integer >= 0")
+        _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.kid_subset_size >= 2, "eval.kid_subset_size", self.kid_subset_size, "an integer >= 2")
+        if self.select == "fid" and not self.inception_weights:
+            raise ConfigError("eval.select=fid needs eval.inception_weights (a local TorchScript Inception file)")
+        if self.select != "none" and self.images == 0:
+            raise ConfigError(f"eval.select={self.select} needs eval.images > 0")
+
+
+@dataclass(kw_only=True)
 class CheckpointConfig:
     every_steps: int = 0
     """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
@@ -359,6 +381,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:

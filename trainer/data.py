@@ -15,6 +15,7 @@ X and Y are separate streams, zipped into batches inside the worker, and every b
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import random
 import tarfile
@@ -227,6 +228,21 @@ def decode(sample: dict[str, Any], extra: str) -> tuple[torch.Tensor, torch.Tens
     return tensor, None
 
 
+def decode_or_count(
+    sample: dict[str, Any], extra: str, bad: BadSampleCounter
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`decode`, but a sample without an image (or extra) or with undecodable bytes is counted in `bad` and
+    gives None."""
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    try:
+        return decode(sample, extra)
+    except KeyError:
+        bad.add("missing", where)
+    except (OSError, ValueError, SyntaxError) as err:
+        bad.add("corrupt", f"{where} ({type(err).__name__})")
+    return None
+
+
 def augment(
     image: torch.Tensor, label: torch.Tensor | None, cfg: DataConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -311,15 +327,10 @@ class UnpairedShards(torch.utils.data.IterableDataset):
                     epoch, position, sample = next(streams[domain])
                     read += 1
                     batch["state"][domain] = [epoch, position + 1]
-                    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-                    try:
-                        image, extra = decode(sample, self.cfg.extra)
-                    except KeyError:
-                        bad.add("missing", where)
+                    decoded = decode_or_count(sample, self.cfg.extra, bad)
+                    if decoded is None:
                         continue
-                    except (OSError, ValueError, SyntaxError) as err:
-                        bad.add("corrupt", f"{where} ({type(err).__name__})")
-                        continue
+                    image, extra = decoded
                     generator = torch.Generator().manual_seed(
                         mix(self.seed, DOMAINS.index(domain), epoch, slot, position)
                     )
@@ -447,41 +458,60 @@ class UnpairedLoader:
 
 @dataclass
 class TestSet:
-    """Fixed test images without augmentation; y[k] = T(x[k]) when `paired` (synthetic data)."""
+    """One rank's share of the test images (every world_size-th of the first `total`), resized, in [-1, 1] on the
+    CPU; y[k] = T(x[k]) when `paired` (synthetic data), and then x and y hold the same keys."""
 
-    x: torch.Tensor  # [N, 3, H, W] in [-1, 1]
-    y: torch.Tensor
-    extra_x: torch.Tensor | None  # [N, C, H, W] generator extra channels, or None
+    x: torch.Tensor  # [n, 3, H, W]
+    y: torch.Tensor  # [m, 3, H, W]; m == n when paired
+    extra_x: torch.Tensor | None  # [n, C, H, W] generator extra channels, or None
     extra_y: torch.Tensor | None
     paired: bool
+    total_x: int  # test images of X over all ranks' shares (the largest share is ceil(total_x / world_size))
+    total_y: int
 
 
-def load_test_images(cfg: DataConfig, count: int, device: torch.device | str = "cpu") -> TestSet | None:
-    """Up to `count` images of each test split of data.root, resized to crop_size, on `device`; None without
-    test splits."""
+def load_test_images(
+    cfg: DataConfig, count: int, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
+) -> TestSet | None:
+    """This rank's share of the first `count` samples of each test split of data.root (bad samples are skipped;
+    paired splits keep only keys readable in both); None without test splits or with count 0."""
     if not cfg.root or count == 0:
         return None
     manifest = read_manifest(cfg.root)
     if not {"x-test", "y-test"} <= set(manifest["splits"]):
         return None
-    tensors: dict[str, Any] = {}
+    paired = bool(manifest.get("synthetic", {}).get("paired_test", False))
     bad = BadSampleCounter()
+    shares, totals = {}, []
     for domain in DOMAINS:
-        images, extras = [], []
-        for url in split_urls(cfg.root, manifest, f"{domain}-test"):
-            for sample in _shard_samples(url, 0, bad):
-                image, extra = decode(sample, cfg.extra)
-                images.append(resize(image, cfg.crop_size))
+        share: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        seen = 0
+        samples = (s for url in split_urls(cfg.root, manifest, f"{domain}-test") for s in _shard_samples(url, 0, bad))
+        for sample in itertools.islice(samples, count):
+            seen += 1
+            if (seen - 1) % world_size != rank:
+                continue
+            decoded = decode_or_count(sample, cfg.extra, bad)
+            if decoded is not None:
+                image, extra = decoded
                 if cfg.extra == "label":
                     extra = resize(extra, cfg.crop_size, nearest=True)
-                extras.append(extra)
-                if len(images) == count:
-                    break
-            if len(images) == count:
-                break
-        tensors[domain] = torch.stack(images).float().div(127.5).sub(1.0).to(device)
+                share[sample["__key__"]] = (resize(image, cfg.crop_size), extra)
+        shares[domain], totals = share, totals + [seen]
+    if bad.examples:
+        print(f"test split: skipped {sum(bad.counts.values())} bad samples, e.g. {bad.examples[0]}")
+    if paired:
+        keys = [k for k in shares["x"] if k in shares["y"]]
+        shares = {d: {k: shares[d][k] for k in keys} for d in DOMAINS}
+    tensors: dict[str, Any] = {}
+    for domain in DOMAINS:
+        items = list(shares[domain].values())
+        size = (0, 3, cfg.crop_size, cfg.crop_size)
+        images = torch.stack([i for i, _ in items]) if items else torch.empty(size, dtype=torch.uint8)
+        tensors[domain] = images.float().div(127.5).sub(1.0).to(device)
         tensors[f"extra_{domain}"] = (
-            None if cfg.extra == "none" else extra_channels(torch.stack(extras), cfg.extra, cfg.crop_size).to(device)
+            None
+            if cfg.extra == "none" or not items
+            else extra_channels(torch.stack([e for _, e in items]), cfg.extra, cfg.crop_size).to(device)
         )
-    paired = bool(manifest.get("synthetic", {}).get("paired_test", False))
-    return TestSet(tensors["x"], tensors["y"], tensors["extra_x"], tensors["extra_y"], paired)
+    return TestSet(tensors["x"], tensors["y"], tensors["extra_x"], tensors["extra_y"], paired, *totals)

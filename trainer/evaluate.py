@@ -1,78 +1,275 @@
-"""Translation quality on the test split: PSNR of G(x) against the known answer T(x) (synthetic data) beside the
-identity baseline, and cycle reconstruction error for any data.
+"""Translation quality on the test split, with torchmetrics: PSNR and SSIM of G(x) against the known answer T(x)
+and of F(y) against x (synthetic data) beside the identity baseline, cycle reconstruction L1 for any data, and FID
+and KID of G(x) against real y and of F(y) against real x when a local Inception network is given. Each rank
+evaluates its share of the test set; torchmetrics reduces the states over ranks, so N ranks give the numbers of one.
 
-    python -m trainer.evaluate --weights RUN/export --data DATA_DIR [--images 64]
+    python -m trainer.evaluate --weights RUN_or_EXPORT --data DATA_DIR [--images 64] [--inception-weights PATH]
+    accelerate launch --config_file launch/cpu-ddp-2.yaml -m trainer.evaluate --weights ... --data ...
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
-from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics import MeanAbsoluteError, Metric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image.fid import FrechetInceptionDistance  # not re-exported without torch-fidelity, not needed
+from torchmetrics.image.kid import KernelInceptionDistance  # with our own feature network
 
-from trainer.config import DataConfig
+from trainer.config import ConfigError, DataConfig, EvalConfig
 from trainer.cyclegan import with_extra
 from trainer.data import TestSet, load_test_images
 
+NO_INCEPTION = (
+    "FID/KID skipped: set eval.inception_weights (CLI: --inception-weights) to a local TorchScript Inception-v3 "
+    "such as inception-2015-12-05.pt; nothing is downloaded"
+)
+SELECT_KEYS = {  # eval.select -> (metrics averaged into the score, sign that makes higher better)
+    "psnr": (("eval/psnr_g_xy", "eval/psnr_g_yx"), 1.0),
+    "fid": (("eval/fid_x", "eval/fid_y"), -1.0),
+    "cycle": (("eval/cycle_l1_x", "eval/cycle_l1_y"), -1.0),
+}
 
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean per-image PSNR in dB of images in [-1, 1]."""
-    value = peak_signal_noise_ratio(pred.float(), target.float(), data_range=2.0, dim=(1, 2, 3))
-    return float(value)
+
+class InceptionFeatures(nn.Module):
+    """A TorchScript Inception feature network (uint8 [N, 3, H, W] in, `return_features=True`) behind images in
+    [-1, 1]; `num_features` tells torchmetrics the feature size."""
+
+    def __init__(self, scripted: torch.jit.ScriptModule, num_features: int) -> None:
+        super().__init__()
+        self.net = scripted
+        self.num_features = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.net(pixels, return_features=True).float()
 
 
-@torch.no_grad()
-def translation_metrics(g_xy: nn.Module, g_yx: nn.Module, test: TestSet, batch_size: int = 16) -> dict[str, float]:
-    """eval/ metrics of the generators on the test images (in [-1, 1]).
+def load_inception(path: str, device: torch.device | str = "cpu") -> InceptionFeatures:
+    """Load `path` (eval.inception_weights) and check it on one image.
 
-    With paired data (y[k] = T(x[k])) PSNR of g_xy(x) vs y and g_yx(y) vs x, and the identity baseline PSNR(x, y).
+    Raises:
+        ConfigError: a missing file, or one that is not such a TorchScript network.
     """
-    x, y = test.x, test.y
+    if not Path(path).is_file():
+        raise ConfigError(f"eval.inception_weights={path} does not exist")
+    expected = "a TorchScript Inception-v3 taking uint8 images and return_features=True (inception-2015-12-05.pt)"
+    try:
+        scripted = torch.jit.load(path, map_location=device).eval()
+        with torch.no_grad():
+            probe = scripted(torch.zeros(2, 3, 64, 64, dtype=torch.uint8, device=device), return_features=True)
+    except Exception as err:  # torch.jit raises RuntimeError, ValueError or TorchScript's own errors
+        raise ConfigError(f"eval.inception_weights={path} is not {expected}: {str(err).splitlines()[0]}") from None
+    if probe.ndim != 2 or probe.shape[0] != 2:
+        raise ConfigError(f"eval.inception_weights={path} gave features of shape {tuple(probe.shape)}; expected [N, D]")
+    return InceptionFeatures(scripted, int(probe.shape[1]))
 
-    def apply(net: nn.Module, images: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        extras = [None] * len(images) if extra is None else extra.split(batch_size)
-        return torch.cat([net(with_extra(c, e)) for c, e in zip(images.split(batch_size), extras)]).float()
 
-    fake_y, fake_x = apply(g_xy, x, test.extra_x), apply(g_yx, y, test.extra_y)
-    rec_x, rec_y = apply(g_yx, fake_y, test.extra_x), apply(g_xy, fake_x, test.extra_y)
-    metrics = {
-        "eval/cycle_l1_x": float((rec_x - x).abs().mean()),
-        "eval/cycle_l1_y": float((rec_y - y).abs().mean()),
-    }
-    if test.paired:
-        identity = psnr(x, y)
-        metrics.update(
-            {
-                "eval/psnr_identity": identity,
-                "eval/psnr_g_xy": psnr(fake_y, y),
-                "eval/psnr_g_yx": psnr(fake_x, x),
-            }
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off, batch-norm running stats) and no autograd for the block, then back as it was."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+class Evaluator:
+    """Evaluates generator pairs on one rank's share of a fixed test set; call it after each training interval.
+
+    Every rank runs the same number of generator forwards (shorter shares run a padding batch whose outputs are
+    ignored), because under ZeRO-3 each forward is a collective. The real images' Inception features are computed
+    on the first call only.
+    """
+
+    def __init__(
+        self,
+        test: TestSet,
+        cfg: EvalConfig,
+        input_nc: int,
+        device: torch.device,
+        world_size: int = 1,
+        inception: InceptionFeatures | None = None,
+    ) -> None:
+        self.test, self.cfg, self.input_nc, self.device, self.world_size = test, cfg, input_nc, device, world_size
+        self.inception = inception
+        self.metrics: dict[str, Metric] = {
+            "cycle_l1_x": MeanAbsoluteError(),
+            "cycle_l1_y": MeanAbsoluteError(),
+        }
+        if test.paired:
+            for name in ("identity", "g_xy", "g_yx"):
+                self.metrics[f"psnr_{name}"] = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3))
+                self.metrics[f"ssim_{name}"] = StructuralSimilarityIndexMeasure(data_range=2.0)
+        if inception is not None:
+            subset = min(cfg.kid_subset_size, test.total_x, test.total_y)
+            for domain in ("x", "y"):
+                self.metrics[f"fid_{domain}"] = FrechetInceptionDistance(inception, reset_real_features=False)
+                if subset >= 2:
+                    self.metrics[f"kid_{domain}"] = KernelInceptionDistance(
+                        inception, subset_size=subset, reset_real_features=False
+                    )
+        for metric in self.metrics.values():
+            metric.to(device)
+        self.real_done = False
+
+    def __call__(
+        self, g_xy: nn.Module, g_yx: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+    ) -> dict[str, float]:
+        """eval/ metrics of G = g_xy and F = g_yx (in eval mode: see `eval_mode`), equal on every rank."""
+        autocast = autocast or contextlib.nullcontext
+        for metric in self.metrics.values():
+            metric.reset()  # FID/KID keep their real features (reset_real_features=False)
+        test = self.test
+        directions = (
+            ("x", test.x, test.extra_x, test.total_x, g_xy, g_yx, test.y),
+            ("y", test.y, test.extra_y, test.total_y, g_yx, g_xy, test.x),
         )
-        metrics["eval/psnr_gain_xy"] = metrics["eval/psnr_g_xy"] - identity
-        metrics["eval/psnr_gain_yx"] = metrics["eval/psnr_g_yx"] - identity
-    return metrics
+        with torch.no_grad():
+            for domain, images, extra, total, forward, backward, partner in directions:
+                for start, rows, batch, batch_extra in self._batches(images, extra, total):
+                    with autocast():
+                        fake = forward(with_extra(batch, batch_extra))
+                        rec = backward(with_extra(fake, batch_extra))
+                    if rows:
+                        target = partner[start : start + rows].to(self.device) if test.paired else None
+                        self._update(domain, batch[:rows], fake[:rows].float(), rec[:rows].float(), target)
+        self.real_done = True
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # KID draws random subsets: the same ones on every rank and every call
+            values = {name: metric.compute() for name, metric in self.metrics.items()}
+        out = {"eval/images_x": float(test.total_x), "eval/images_y": float(test.total_y)}
+        for name, value in values.items():
+            if name.startswith("kid_"):
+                out[f"eval/{name}"], out[f"eval/{name}_std"] = float(value[0]), float(value[1])
+            else:
+                out[f"eval/{name}"] = float(value)
+        if test.paired:
+            out["eval/psnr_gain_xy"] = out["eval/psnr_g_xy"] - out["eval/psnr_identity"]
+            out["eval/psnr_gain_yx"] = out["eval/psnr_g_yx"] - out["eval/psnr_identity"]
+        return out
+
+    def _batches(
+        self, images: torch.Tensor, extra: torch.Tensor | None, total: int
+    ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """(start, valid rows, images, extras) on the device, as many batches as the largest share needs."""
+        size = self.cfg.batch_size
+        for start in range(0, math.ceil(total / self.world_size), size):
+            chunk = images[start : start + size]
+            if len(chunk) == 0:  # padding: this rank's share is shorter than the largest
+                side = images.shape[-1]
+                pad = torch.zeros(1, self.input_nc, side, side, device=self.device)
+                yield start, 0, pad[:, :3], (pad[:, 3:] if self.input_nc > 3 else None)
+                continue
+            chunk_extra = None if extra is None else extra[start : start + size].to(self.device)
+            yield start, len(chunk), chunk.to(self.device), chunk_extra
+
+    def _update(
+        self, domain: str, real: torch.Tensor, fake: torch.Tensor, rec: torch.Tensor, target: torch.Tensor | None
+    ) -> None:
+        """Update with real images of `domain`, their translation, reconstruction and (paired data) the known
+        answer of the translation."""
+        m = self.metrics
+        m[f"cycle_l1_{domain}"].update(rec, real)
+        if target is not None:
+            direction = "g_xy" if domain == "x" else "g_yx"
+            m[f"psnr_{direction}"].update(fake, target)
+            m[f"ssim_{direction}"].update(fake, target)
+            if domain == "x":
+                m["psnr_identity"].update(real, target)
+                m["ssim_identity"].update(real, target)
+        if self.inception is not None:
+            other = "y" if domain == "x" else "x"
+            for kind in ("fid", "kid"):
+                if f"{kind}_{other}" in m:
+                    m[f"{kind}_{other}"].update(fake, real=False)
+                if f"{kind}_{domain}" in m and not self.real_done:
+                    m[f"{kind}_{domain}"].update(real, real=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from trainer.checkpoint import load_generators
+def selection_score(metrics: dict[str, float], select: str) -> float:
+    """The eval.select score of an evaluation, higher is better (FID and cycle L1 are negated).
 
-    parser = argparse.ArgumentParser(description="Evaluate exported generators on a shard directory's test split.")
-    parser.add_argument("--weights", required=True, help="export directory (RUN/export) with g_xy/g_yx safetensors")
+    Raises:
+        ConfigError: the evaluation lacks the metrics (psnr without a known answer, fid without Inception).
+    """
+    keys, sign = SELECT_KEYS[select]
+    missing = [k for k in keys if k not in metrics]
+    if missing:
+        why = "a test split with a known answer (synthetic data)" if select == "psnr" else "eval.inception_weights"
+        raise ConfigError(f"eval.select={select} needs {missing[0]}, which needs {why}")
+    return sign * sum(metrics[k] for k in keys) / len(keys)
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """The metrics as an aligned two-column table."""
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v:>12.4f}" for k, v in metrics.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.export import load_inference_generators
+
+    parser = argparse.ArgumentParser(description="Evaluate generators on a shard directory's test split.")
+    parser.add_argument("--weights", required=True, help="export directory, or run directory (newest checkpoint)")
+    parser.add_argument("--step", type=int, help="with a run directory: this checkpoint step")
+    parser.add_argument("--best", action="store_true", help="with a run directory: the eval.select best checkpoint")
     parser.add_argument("--data", required=True, help="shard directory with x-test and y-test splits")
     parser.add_argument("--images", type=int, default=64, help="test images per domain")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--inception-weights", default="", help="local TorchScript Inception-v3 for FID/KID")
+    parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--bf16", action="store_true", help="run the generators under bf16 autocast")
     args = parser.parse_args(argv)
-    exported = load_generators(args.weights)
-    data_cfg = DataConfig(
-        root=args.data, load_size=exported.image_size, crop_size=exported.image_size, extra=exported.extra
-    )
-    test = load_test_images(data_cfg, args.images)
-    if test is None:
-        raise SystemExit(f"{args.data}: no x-test/y-test splits to evaluate on")
-    print(json.dumps(translation_metrics(exported.g_xy, exported.g_yx, test), indent=2))
+
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1:  # under accelerate launch / torchrun: each rank evaluates its share
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        gens = load_inference_generators(args.weights, args.step, args.best)
+        cfg = EvalConfig(images=args.images, batch_size=args.batch_size, inception_weights=args.inception_weights)
+        data = DataConfig(root=args.data, load_size=gens.image_size, crop_size=gens.image_size, extra=gens.extra)
+        test = load_test_images(data, cfg.images, rank=rank, world_size=world_size)
+        if test is None:
+            raise ConfigError(f"--data {args.data}: no x-test/y-test splits to evaluate on")
+        inception = load_inception(cfg.inception_weights, device) if cfg.inception_weights else None
+    except (ConfigError, ValueError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+    evaluator = Evaluator(test, cfg, gens.model.input_nc, device, world_size, inception)
+    bf16 = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else None
+    metrics = evaluator(gens.g_xy.to(device), gens.g_yx.to(device), bf16)
+    if rank == 0:
+        print(format_table(metrics))
+        if inception is None:
+            print(NO_INCEPTION)
+        if args.json:
+            args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

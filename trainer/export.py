@@ -1,10 +1,10 @@
 """Export the generators of a checkpoint as safetensors, whatever backend and world size trained them.
 
-    python -m trainer.export RUN [--step N] [--out DIR]
+    python -m trainer.export RUN [--step N | --best] [--out DIR]
 
 Reads RUN/config.yaml and the checkpoint's backend-independent units.safetensors (the newest intact checkpoint,
-or step N) and writes DIR (default RUN/export-step_N) with g_xy.safetensors (G: X->Y), g_yx.safetensors (F: Y->X)
-and model.json. Nothing is unpickled.
+step N, or the best one by eval.select) and writes DIR (default RUN/export-step_N) with g_xy.safetensors
+(G: X->Y), g_yx.safetensors (F: Y->X) and model.json. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -13,20 +13,40 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import CHECKPOINTS, UNIVERSAL, CheckpointError, find_resume, save_generators, verify_checkpoint
-from trainer.config import ConfigError, load_config
+from trainer.checkpoint import (
+    CHECKPOINTS,
+    UNIVERSAL,
+    CheckpointError,
+    ExportedGenerators,
+    find_resume,
+    generators_from_weights,
+    load_generators,
+    read_best,
+    save_generators,
+    verify_checkpoint,
+)
+from trainer.config import Config, ConfigError, load_config
 
 
-def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
-    """Write the generators of `run_dir`'s checkpoint (newest intact one, or `step`); returns the directory.
+def checkpoint_weights(
+    run_dir: Path, step: int | None = None, best: bool = False
+) -> tuple[Config, Path, dict[str, torch.Tensor]]:
+    """The run's config, the chosen checkpoint (newest intact one, `step`, or the best) and its generator weights
+    (keys `g_xy.*`, `g_yx.*`).
 
     Raises:
-        CheckpointError: no intact checkpoint (at that step).
+        CheckpointError: no intact checkpoint (at that step), or no best one recorded.
         ConfigError: run_dir has no readable config.yaml.
     """
     cfg = load_config(run_dir / "config.yaml")
+    if best:
+        record = read_best(run_dir)
+        if record is None:
+            raise CheckpointError(f"{run_dir / CHECKPOINTS} has no best checkpoint (train with eval.select)")
+        step = record["step"]
     if step is None:
         checkpoint = find_resume(run_dir, "auto")
         if checkpoint is None:
@@ -40,19 +60,44 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> P
         for key, value in units.items()
         if key.startswith("g/") and not key.endswith((".exp_avg", ".exp_avg_sq", "__step__"))
     }
+    return cfg, checkpoint, weights
+
+
+def export(run_dir: Path, step: int | None = None, out: Path | None = None, best: bool = False) -> Path:
+    """Write the generators of `run_dir`'s checkpoint (see `checkpoint_weights`); returns the directory."""
+    cfg, checkpoint, weights = checkpoint_weights(run_dir, step, best)
     out = out or run_dir / f"export-{checkpoint.name}"
     save_generators(out, weights, cfg.model, cfg.data)
     return out
+
+
+def load_inference_generators(path: str | Path, step: int | None = None, best: bool = False) -> ExportedGenerators:
+    """G and F in eval mode from an export directory (model.json) or a run directory (config.yaml: its newest
+    intact checkpoint, `step`, or the best one).
+
+    Raises:
+        ConfigError, CheckpointError: one line naming the path and what is wrong.
+    """
+    path = Path(path)
+    if (path / "model.json").is_file():
+        if step is not None or best:
+            raise ConfigError(f"{path} is an export directory; --step and --best choose among a run's checkpoints")
+        return load_generators(path)
+    if (path / "config.yaml").is_file():
+        cfg, checkpoint, weights = checkpoint_weights(path, step, best)
+        return generators_from_weights(weights, cfg.model, cfg.data.crop_size, cfg.data.extra, str(checkpoint))
+    raise ConfigError(f"{path}: neither an export directory (model.json) nor a run directory (config.yaml)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export G and F of a training run's checkpoint as safetensors.")
     parser.add_argument("run", type=Path, help="run directory (train.run_dir)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest intact one)")
+    parser.add_argument("--best", action="store_true", help="the best checkpoint by eval.select (best.json)")
     parser.add_argument("--out", type=Path, help="output directory (default: RUN/export-step_N)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.run, args.step, args.out)
+        out = export(args.run, args.step, args.out, args.best)
     except (CheckpointError, ConfigError) as err:
         print(f"export: {err}", file=sys.stderr)
         return 2

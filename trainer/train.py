@@ -3,13 +3,11 @@ logging, sample grids, evaluation and checkpoints on intervals, and exported gen
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -18,14 +16,16 @@ from trainer.checkpoint import (
     complete_checkpoints,
     find_resume,
     load_checkpoint,
+    read_best,
     save_checkpoint,
     save_generators,
+    write_best,
 )
 from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, save_config, to_dict
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import Engine
-from trainer.evaluate import translation_metrics
+from trainer.evaluate import NO_INCEPTION, Evaluator, eval_mode, load_inception, selection_score
 from trainer.pool import ImagePool
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
 from trainer.schedule import build_scheduler
@@ -169,7 +169,8 @@ def train(cfg: Config) -> TrainResult:
         )
     if start == 0:
         tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
-    test = load_test_images(cfg.data, cfg.train.eval_images, engine.device)
+    evaluator = _build_evaluator(cfg, engine)
+    best = read_best(run_dir) if cfg.eval.select != "none" else None
     samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
 
     sums: dict[str, torch.Tensor] = {}
@@ -223,18 +224,27 @@ def train(cfg: Config) -> TrainResult:
         if samples is not None and _is_due(step, cfg.logging.image_every_steps, total):
             with engine.autocast():
                 tracker.log_images(step, _sample_grids(plain_gens, samples))
-        if test is not None and _is_due(step, cfg.train.eval_every_steps, total):
-            with engine.autocast():
-                metrics = _evaluate(plain_gens, test)
+        new_best = False
+        if evaluator is not None and _is_due(step, cfg.eval.every_steps, total):
+            with eval_mode(plain_gens):
+                metrics = evaluator(plain_gens.g_xy, plain_gens.g_yx, engine.autocast)
+            if cfg.eval.select != "none":
+                metrics["eval/select_score"] = score = selection_score(metrics, cfg.eval.select)
+                new_best = engine.any_rank(best is None or score > best["score"])
             tracker.log(step, metrics)
         preempted = step % cfg.checkpoint.preempt_check_steps == 0 and engine.any_rank(preemption.raised)
-        if preempted or _is_due(step, cfg.checkpoint.every_steps, total):
+        if preempted or new_best or _is_due(step, cfg.checkpoint.every_steps, total):
             rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
             meta = {"wandb_run_id": tracker.wandb_run_id}
             path = save_checkpoint(
                 engine, run_dir, step, rank_state, meta, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps
             )
             tracker.log(step, {"checkpoint/saved_step": step, **_replica_check(engine, step)})
+        if new_best:
+            best = {"step": step, "score": metrics["eval/select_score"]}
+            if engine.is_main:
+                write_best(run_dir, step, cfg.eval.select, best["score"], metrics)
+            tracker.log(step, {"eval/best_step": step})
         if preempted:
             if engine.is_main:
                 mark_preempted(run_dir, step)
@@ -265,6 +275,21 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine) -> Path | None:
     return find_resume(run_dir, cfg.train.resume)
 
 
+def _build_evaluator(cfg: Config, engine: Engine) -> Evaluator | None:
+    """The evaluator of this rank's share of the test split (None without one), after checking eval.select."""
+    test = load_test_images(cfg.data, cfg.eval.images, "cpu", engine.rank, engine.world_size)
+    if test is None:
+        if cfg.eval.select != "none":
+            raise ConfigError(f"eval.select={cfg.eval.select} needs x-test/y-test splits in data.root={cfg.data.root}")
+        return None
+    if cfg.eval.select == "psnr" and not test.paired:
+        raise ConfigError("eval.select=psnr needs a test split with a known answer (synthetic data); use cycle or fid")
+    inception = load_inception(cfg.eval.inception_weights, engine.device) if cfg.eval.inception_weights else None
+    if inception is None and engine.is_main:
+        print(NO_INCEPTION)
+    return Evaluator(test, cfg.eval, cfg.model.input_nc, engine.device, engine.world_size, inception)
+
+
 def _replica_check(engine: Engine, step: int) -> dict[str, float]:
     """run/replica_spread (see Engine.replica_spread) for the checkpoint log, with a warning when ranks differ."""
     spread = engine.replica_spread()
@@ -280,28 +305,11 @@ def _is_due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off, batch-norm running stats) and no autograd for the block, then back to training."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(was_training)
-
-
 def _sample_grids(gens: torch.nn.Module, samples: TestSet) -> dict:
     """x | G(x) | F(G(x)) and y | F(y) | G(F(y)) rows for the fixed sample images."""
-    with _eval_mode(gens):
+    with eval_mode(gens):
         out = gens(samples.x, samples.y, samples.extra_x, samples.extra_y)
     return {
         "x_to_y": image_grid([list(row) for row in zip(samples.x, out["fake_y"], out["rec_x"])]),
         "y_to_x": image_grid([list(row) for row in zip(samples.y, out["fake_x"], out["rec_y"])]),
     }
-
-
-def _evaluate(gens: torch.nn.Module, test: TestSet) -> dict[str, float]:
-    with _eval_mode(gens):
-        return translation_metrics(gens.g_xy, gens.g_yx, test)

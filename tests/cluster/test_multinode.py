@@ -56,7 +56,7 @@ def run_nodes(nodes, envs: list[dict], args: list[str], timeout_s: int) -> list[
 def test_two_nodes_train_with_equal_weights(launch_config, backend, netns_nodes, colour_shards, tmp_path):
     run_dir = tmp_path / "run"
     args = train_command(colour_shards, run_dir, "train.steps=6", "logging.every_steps=3",
-                         "checkpoint.every_steps=3", "train.eval_images=8")[2:]  # fmt: skip
+                         "checkpoint.every_steps=3", "eval.images=8")[2:]  # fmt: skip
     envs = [node_env(rank, 2, NODE0_IP, 29511, launch_config) for rank in (0, 1)]
     results = run_nodes(netns_nodes, envs, args, timeout_s=400)
     for rank, result in enumerate(results):

@@ -60,7 +60,7 @@ def test_one_node_job_trains_to_the_end(slurm_env, colour_shards, tmp_path):
     run_dir = tmp_path / "run"
     env = {**slurm_env, **CPU, "ACCELERATE_CONFIG": "launch/cpu-ddp-2.yaml"}
     job_id = submit("train-1node.sbatch", env, tmp_path, run_dir, colour_shards, "train.steps=6",
-                    "logging.every_steps=3", "train.eval_images=8")  # fmt: skip
+                    "logging.every_steps=3", "eval.images=8")  # fmt: skip
     info = wait_until(job_id, env, finished, 300, "finished")
     output = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), output[-3000:]
@@ -81,7 +81,7 @@ def test_preempted_job_requeues_resumes_and_finishes(case, slurm_env, colour_sha
     run_dir, steps = tmp_path / "run", 60
     env = {**slurm_env, **CPU, "ACCELERATE_CONFIG": f"launch/{launch_config}.yaml"}
     job_id = submit(script, env, tmp_path, run_dir, colour_shards, f"train.steps={steps}", "logging.every_steps=1",
-                    "checkpoint.every_steps=1000", "train.eval_images=8", sbatch=["--nodes=1"])  # fmt: skip
+                    "checkpoint.every_steps=1000", "eval.images=8", sbatch=["--nodes=1"])  # fmt: skip
 
     wait_until(job_id, env, lambda info: len(trained_steps(run_dir)) >= 10 or finished(info), 300, "training")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)

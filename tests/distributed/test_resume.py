@@ -32,7 +32,7 @@ TINY = [
     "data.rotation_deg=10",
     "data.num_workers=1",
     "train.pool_size=4",
-    "train.eval_images=4",
+    "eval.images=4",
     "logging.every_steps=2",
     "logging.image_every_steps=0",
 ]

@@ -18,7 +18,7 @@ TINY = [
     "train.batch_size=2",
     "logging.every_steps=2",
     "logging.image_every_steps=2",
-    "train.eval_images=4",
+    "eval.images=4",
 ]
 
 

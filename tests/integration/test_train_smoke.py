@@ -18,7 +18,7 @@ TINY = ["model.ngf=8", "model.ndf=8", "model.n_blocks=1", "train.batch_size=2", 
 
 
 def train_cli(run_dir: Path, data: Path, *extra: str, launcher: list[str] | None = None):
-    steps = ["train.steps=6", "train.eval_every_steps=3", "logging.image_every_steps=3", "checkpoint.every_steps=4"]
+    steps = ["train.steps=6", "eval.every_steps=3", "logging.image_every_steps=3", "checkpoint.every_steps=4"]
     cmd = train_command(data, run_dir, *steps, *TINY, *extra, launcher=launcher)
     result = run_bounded(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,9 +72,8 @@ def test_exported_generators_reproduce_the_final_evaluation(tmp_path, colour_sha
     run_dir = tmp_path / "run"
     train_cli(run_dir, colour_shards, "train.precision=fp32")
     final = [r for r in read_metrics(run_dir) if "eval/psnr_g_xy" in r][-1]
-    result = evaluate_cli(run_dir / "export", colour_shards, 16)
+    result, metrics = evaluate_cli(run_dir / "export", colour_shards, 16)
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads(result.stdout)
     for key in ("eval/psnr_g_xy", "eval/psnr_g_yx", "eval/psnr_identity", "eval/cycle_l1_x"):
         assert metrics[key] == pytest.approx(final[key], abs=1e-4)
 

@@ -1,0 +1,194 @@
+"""Translate images with trained generators, in batches, on CPU or GPU.
+
+    python -m trainer.translate --weights RUN_or_EXPORT --direction x2y --input DIR|SHARDS --out DIR
+
+--input is a directory of images (searched recursively; outputs keep each file's relative path and name), a
+shard directory (manifest.json; the x-test split for x2y, y-test for y2x, or --split) or a shard URL spec (outputs
+are named KEY.png). Images are resized to --size (default: the training resolution; 0 keeps each image's size,
+cropped to a multiple the generator accepts). --side-by-side also writes input | output pairs under OUT/compare/.
+From Python: `load_inference_generators` (trainer.export) and `translate_batches`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from shards.encoding import IMAGE_EXTENSIONS, colour_histogram
+from shards.manifest import read_manifest, split_urls
+from trainer.checkpoint import CheckpointError, ExportedGenerators
+from trainer.config import ConfigError
+from trainer.cyclegan import with_extra
+from trainer.data import BadSampleCounter, decode_or_count, expand_urls, extra_channels, resize
+from trainer.export import load_inference_generators
+
+Item = tuple[str, torch.Tensor, torch.Tensor | None]  # (output name, uint8 [3, H, W], extra or None)
+
+
+def read_image_dir(root: Path, extra: str, convert_rgb: bool) -> Iterator[Item]:
+    """Every image file under `root` (sorted), named by its path relative to root.
+
+    Raises:
+        ConfigError: an image that is not RGB (unless convert_rgb), or a model that needs label maps.
+    """
+    if extra == "label":
+        raise ConfigError(f"--input {root}: the model takes label maps (data.extra=label); give shards with label.png")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    if not files:
+        raise ConfigError(f"--input {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                if image.mode != "RGB" and not convert_rgb:
+                    channels = len(image.getbands())
+                    raise ConfigError(
+                        f"{path} has {channels} channel(s) ({image.mode}); the generators take RGB images "
+                        "(convert it, or pass --convert-rgb)"
+                    )
+                pixels = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError) as err:
+            raise ConfigError(f"{path} is not a readable image: {err}") from None
+        hist = torch.from_numpy(colour_histogram(pixels)).float() if extra == "hist" else None
+        yield str(path.relative_to(root)), torch.from_numpy(pixels.copy()).permute(2, 0, 1), hist
+
+
+def read_shards(urls: list[str], extra: str) -> Iterator[Item]:
+    """Every decodable sample of the shards, named KEY.png; bad samples are counted and reported at the end."""
+    bad = BadSampleCounter()
+    for sample in wds.tariterators.tarfile_samples([{"url": url} for url in urls], handler=bad.handler):
+        decoded = decode_or_count(sample, extra, bad)
+        if decoded is not None:
+            yield f"{sample['__key__']}.png", decoded[0], decoded[1]
+    if bad.examples:
+        print(f"skipped bad samples: {dict(bad.counts) or ''} {bad.examples[0]}", file=sys.stderr)
+
+
+def read_inputs(source: str, direction: str, split: str | None, extra: str, convert_rgb: bool) -> Iterator[Item]:
+    """The images of --input: an image directory, a shard directory or a shard URL spec.
+
+    Raises:
+        ConfigError: a path that does not exist or holds nothing to translate.
+    """
+    path = Path(source)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        manifest = read_manifest(path)
+        split = split or f"{direction[0]}-test"
+        if split not in manifest["splits"]:
+            raise ConfigError(f"--input {path}: no split {split}; it has {', '.join(sorted(manifest['splits']))}")
+        return read_shards(split_urls(path, manifest, split), extra)
+    if path.is_dir():
+        return read_image_dir(path, extra, convert_rgb)
+    if not any(mark in source for mark in "{:") and not path.suffix == ".tar":
+        raise ConfigError(f"--input {source} does not exist (expected an image directory, shard directory or shards)")
+    return read_shards(expand_urls(source, allow_pipe=False, key="--input"), extra)
+
+
+def translate_batches(
+    gens: ExportedGenerators,
+    direction: str,
+    items: Iterable[Item],
+    size: int | None = None,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, input, output) for each item, uint8 [3, H, W] on the CPU. `size`: square side the inputs are resized
+    to (None: the training resolution; 0: each image's own size, centre-cropped to a multiple the generator takes).
+    Consecutive images of one size go through the generator together, up to `batch_size`."""
+    device = torch.device(device)
+    net = (gens.g_xy if direction == "x2y" else gens.g_yx).to(device).eval()
+    size = gens.image_size if size is None else size
+    multiple = gens.model.min_image_multiple()
+    batch: list[Item] = []
+
+    def run(batch: list[Item]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        images = torch.stack([image for _, image, _ in batch]).to(device).float().div(127.5).sub(1.0)
+        extra = None
+        if gens.extra != "none":
+            extra = extra_channels(torch.stack([e for _, _, e in batch]), gens.extra, images.shape[-1]).to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = net(with_extra(images, extra))
+        pixels = out.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+        for (name, image, _), result in zip(batch, pixels):
+            yield name, image, result
+
+    for name, image, extra in items:
+        image, extra = _fit(image, extra, size, multiple, gens.extra)
+        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape):
+            yield from run(batch)
+            batch = []
+        batch.append((name, image, extra))
+    if batch:
+        yield from run(batch)
+
+
+def _fit(
+    image: torch.Tensor, extra: torch.Tensor | None, size: int, multiple: int, kind: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize to size x size, or (size 0) centre-crop to the largest multiple of `multiple`; a label map alike."""
+    if size:
+        label = resize(extra, size, nearest=True) if kind == "label" else extra
+        return resize(image, size), label
+    h, w = (d // multiple * multiple for d in image.shape[-2:])
+    if h == 0 or w == 0:
+        raise ConfigError(f"an image of {tuple(image.shape[-2:])} px is smaller than the generator's {multiple} px")
+    top, left = (image.shape[-2] - h) // 2, (image.shape[-1] - w) // 2
+    crop = (slice(None), slice(top, top + h), slice(left, left + w))
+    return image[crop], (extra[crop] if kind == "label" else extra)
+
+
+def save_image(pixels: torch.Tensor, path: Path) -> None:
+    """Write uint8 [3, H, W] to `path` (format from the suffix; JPEG at quality 95)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    buffer = io.BytesIO()
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    image.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    path.write_bytes(buffer.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Translate images with trained CycleGAN generators.")
+    parser.add_argument("--weights", required=True, help="export directory, or run directory (newest checkpoint)")
+    parser.add_argument("--step", type=int, help="with a run directory: this checkpoint step")
+    parser.add_argument("--best", action="store_true", help="with a run directory: the eval.select best checkpoint")
+    parser.add_argument("--direction", required=True, choices=["x2y", "y2x"], help="x2y: G, y2x: F")
+    parser.add_argument("--input", required=True, help="image directory, shard directory or shard URL spec")
+    parser.add_argument("--split", help="with a shard directory: the split (default x-test for x2y, y-test for y2x)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--size", type=int, help="resize to this square side (default: training resolution; 0: keep)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--bf16", action="store_true", help="run the generator under bf16 autocast")
+    parser.add_argument("--side-by-side", action="store_true", help="also write input | output to OUT/compare/")
+    parser.add_argument("--convert-rgb", action="store_true", help="convert grey/RGBA/palette images to RGB")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    count = 0
+    try:
+        gens = load_inference_generators(args.weights, args.step, args.best)
+        items = read_inputs(args.input, args.direction, args.split, gens.extra, args.convert_rgb)
+        results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16)
+        for name, image, output in tqdm(results, desc=f"translate {args.direction}", unit="img", disable=None):
+            save_image(output, args.out / name)
+            if args.side_by_side:
+                save_image(torch.cat([image, output], dim=-1), args.out / "compare" / name)
+            count += 1
+    except (ConfigError, CheckpointError) as err:
+        print(f"translate: {err}", file=sys.stderr)
+        return 2
+    print(f"translated {count} images ({args.direction}) into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
