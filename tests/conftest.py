@@ -114,3 +114,36 @@ def evaluate_cli(weights: Path, data: Path, images: int, *flags: str, launcher: 
         ]  # fmt: skip
         result = run_bounded(cmd, timeout_s=300)
         return result, (json.loads(out.read_text()) if out.is_file() else None)
+
+
+def untrained_export(cfg, out: Path) -> Path:
+    """Freshly initialized generators of `cfg` (a Config), exported to `out` like a training run's export."""
+    import torch
+
+    from trainer.checkpoint import save_generators
+    from trainer.models import build_generator
+
+    torch.manual_seed(cfg.train.seed)
+    weights = {f"{n}.{k}": v for n in ("g_xy", "g_yx") for k, v in build_generator(cfg.model).state_dict().items()}
+    save_generators(out, weights, cfg.model, cfg.data)
+    return out
+
+
+def write_tiny_inception(path: Path) -> Path:
+    """A TorchScript stand-in for inception-2015-12-05.pt (uint8 images in, 16 features out): exercises the FID/KID
+    plumbing without the real weights, which the project never downloads."""
+    import torch
+    import torch.nn as nn
+
+    class TinyInception(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(3, 16, 4, stride=4)
+
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            x = torch.nn.functional.interpolate(img.float() / 255.0, size=(16, 16), mode="bilinear")
+            return torch.tanh(self.proj(x)).mean(dim=(2, 3)) * 3
+
+    torch.manual_seed(0)
+    torch.jit.script(TinyInception()).save(str(path))
+    return path

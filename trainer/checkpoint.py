@@ -123,6 +123,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep: int,
     keep_every_steps: int = 0,
+    best: dict[str, Any] | None = None,
 ) -> Path:
     """Save the full training state (a collective: every rank must call it).
 
@@ -131,6 +132,7 @@ def save_checkpoint(
         meta: JSON-able facts for train_state.json (tracker run ids, ...).
         keep: complete checkpoints kept; older ones are deleted once the new one is published, except those whose
             step is a multiple of `keep_every_steps` and the best one (best.json).
+        best: {select, score, metrics} to record this checkpoint as the best in best.json before rotating.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
@@ -152,6 +154,8 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / LATEST, final.name + "\n")
+        if best is not None:
+            _write_atomic(root / BEST, json.dumps({"step": step, **best}, indent=2))
         best = read_best(run_dir)
         for old in complete_checkpoints(run_dir)[:-keep]:
             old_step = int(old.name.split("_")[1])
@@ -281,9 +285,3 @@ def read_best(run_dir: Path) -> dict[str, Any] | None:
     """RUN/checkpoints/best.json ({step, select, score, metrics}) or None before the first selection."""
     path = Path(run_dir) / CHECKPOINTS / BEST
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_best(run_dir: Path, step: int, select: str, score: float, metrics: dict[str, float]) -> None:
-    """Record checkpoint `step` (already saved) as the best by eval.select; rotation never deletes it."""
-    record = {"step": step, "select": select, "score": score, "metrics": metrics}
-    _write_atomic(Path(run_dir) / CHECKPOINTS / BEST, json.dumps(record, indent=2))

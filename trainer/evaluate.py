@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -119,9 +120,11 @@ class Evaluator:
             for domain in ("x", "y"):
                 self.metrics[f"fid_{domain}"] = FrechetInceptionDistance(inception, reset_real_features=False)
                 if subset >= 2:
-                    self.metrics[f"kid_{domain}"] = KernelInceptionDistance(
-                        inception, subset_size=subset, reset_real_features=False
-                    )
+                    with warnings.catch_warnings():  # "saves all features": intended, test sets are small
+                        warnings.simplefilter("ignore", UserWarning)
+                        self.metrics[f"kid_{domain}"] = KernelInceptionDistance(
+                            inception, subset_size=subset, reset_real_features=False
+                        )
         for metric in self.metrics.values():
             metric.to(device)
         self.real_done = False

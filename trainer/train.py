@@ -19,7 +19,6 @@ from trainer.checkpoint import (
     read_best,
     save_checkpoint,
     save_generators,
-    write_best,
 )
 from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, save_config, to_dict
 from trainer.cyclegan import build_units, discriminator_step, generator_step
@@ -170,7 +169,8 @@ def train(cfg: Config) -> TrainResult:
     if start == 0:
         tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
     evaluator = _build_evaluator(cfg, engine)
-    best = read_best(run_dir) if cfg.eval.select != "none" else None
+    best = read_best(run_dir)  # from before a resume; a best by another eval.select metric does not compare
+    best = best if cfg.eval.select != "none" and best and best["select"] == cfg.eval.select else None
     samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
 
     sums: dict[str, torch.Tensor] = {}
@@ -236,15 +236,14 @@ def train(cfg: Config) -> TrainResult:
         if preempted or new_best or _is_due(step, cfg.checkpoint.every_steps, total):
             rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
             meta = {"wandb_run_id": tracker.wandb_run_id}
+            if new_best:
+                best = {"select": cfg.eval.select, "score": metrics["eval/select_score"], "metrics": metrics}
             path = save_checkpoint(
-                engine, run_dir, step, rank_state, meta, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps
-            )
-            tracker.log(step, {"checkpoint/saved_step": step, **_replica_check(engine, step)})
-        if new_best:
-            best = {"step": step, "score": metrics["eval/select_score"]}
-            if engine.is_main:
-                write_best(run_dir, step, cfg.eval.select, best["score"], metrics)
-            tracker.log(step, {"eval/best_step": step})
+                engine, run_dir, step, rank_state, meta, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps,
+                best if new_best else None,
+            )  # fmt: skip
+            logged = {"checkpoint/saved_step": step, **_replica_check(engine, step)}
+            tracker.log(step, {**logged, **({"eval/best_step": step} if new_best else {})})
         if preempted:
             if engine.is_main:
                 mark_preempted(run_dir, step)
