@@ -11,7 +11,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 
 def test_two_ranks_give_the_numbers_of_one(colour_shards, tmp_path):
-    cfg = load_config(None, ["data.load_size=32", "data.crop_size=32", "model.generator=resnet", "model.ngf=8", "model.n_blocks=2"])
+    cfg = load_config(
+        None, ["data.load_size=32", "data.crop_size=32", "model.generator=resnet", "model.ngf=8", "model.n_blocks=2"]
+    )
     export = untrained_export(cfg, tmp_path / "export")
     flags = ["--inception-weights", str(write_tiny_inception(tmp_path / "inception.pt")), "--batch-size", "3"]
     one_result, one = evaluate_cli(export, colour_shards, 15, *flags)  # 15 images: shares of 8 and 7

@@ -1,0 +1,95 @@
+"""Translation quality after a fixed wall-clock budget: ResNet-6 vs the article's U-Net vs ResNet-6 with the
+H/H' discriminator and feature-level cycle loss, on a synthetic task with a known answer.
+
+    python benchmarks/quality_budget.py [--task stripes] [--seconds 900] [--models resnet6 unet_article hnet]
+
+Each model trains with the demo config (32 px, batch 4, bf16, constant LR) until the budget is spent; then it is
+preempted with SIGUSR1 (so it saves a checkpoint, as on a cluster), and `trainer.evaluate` measures PSNR/SSIM of
+G(x) against T(x) and of F(y) against x on 64 test pairs, beside the identity baseline. Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = {
+    "resnet6": ["model.generator=resnet_6blocks"],
+    "unet_article": [  # the article's model (configs/unet-article.yaml) at the demo's width
+        "model.generator=unet_article", "model.n_skip=2", "model.norm_g=batch", "model.norm_d=batch",
+        "loss.lambda_identity=0", "loss.lambda_preserve=0.5",
+    ],
+    "hnet": [  # the article's improved variant (configs/cyclegan-hnet.yaml) on the ResNet-6 generator
+        "model.generator=resnet_6blocks", "model.discriminator=hnet", "loss.lambda_feature=1.0",
+    ],
+}  # fmt: skip
+BUDGET_RUN = ["train.steps=100000000", "schedule.kind=constant", "checkpoint.every_steps=0", "logging.every_steps=50"]
+
+
+def run_model(name: str, data: Path, run_dir: Path, seconds: float, test_images: int) -> dict:
+    """Train `name` for `seconds` of wall clock, preempt it, evaluate the checkpoint it saved."""
+    cmd = [sys.executable, "trainer/main.py", "--config", "configs/demo-cpu.yaml", f"data.root={data}",
+           f"train.run_dir={run_dir}", *BUDGET_RUN, *MODELS[name]]  # fmt: skip
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=600)
+    wall = time.monotonic() - start
+    if proc.returncode != 75:
+        raise RuntimeError(f"{name}: training exited with {proc.returncode}, not 75 (preempted):\n{err[-3000:]}")
+    steps = int((run_dir / "PREEMPTED").read_text())
+    out = run_dir / "eval.json"
+    evaluate = [sys.executable, "-m", "trainer.evaluate", "--weights", str(run_dir), "--data", str(data),
+                "--images", str(test_images), "--json", str(out)]  # fmt: skip
+    subprocess.run(evaluate, cwd=REPO, check=True, capture_output=True, text=True)
+    metrics = json.loads(out.read_text())
+    return {"model": name, "overrides": MODELS[name], "steps": steps, "wall_s": round(wall, 1), **metrics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="stripes", choices=["stripes", "colour"])
+    parser.add_argument("--seconds", type=float, default=900.0, help="wall-clock budget per model")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--train", type=int, default=2048, help="training images per domain")
+    parser.add_argument("--test", type=int, default=64, help="test pairs")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/quality_budget.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / args.task
+        subprocess.run(
+            [sys.executable, "-m", "shards.synthetic", "--task", args.task, "--out", str(data), "--size", "32",
+             "--train", str(args.train), "--test", str(args.test)],
+            cwd=REPO, check=True, capture_output=True,
+        )  # fmt: skip
+        results = [run_model(m, data, Path(tmp) / f"run-{m}", args.seconds, args.test) for m in args.models]
+    figures = {
+        "benchmark": "quality_budget",
+        "task": args.task,
+        "budget_s_per_model": args.seconds,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    for r in results:
+        print(
+            f"{r['model']:>13}: {r['steps']:>6} steps in {r['wall_s']:.0f} s; PSNR gain "
+            f"G {r['eval/psnr_gain_xy']:+.2f} dB, F {r['eval/psnr_gain_yx']:+.2f} dB; "
+            f"SSIM G {r['eval/ssim_g_xy']:.3f} (identity {r['eval/ssim_identity']:.3f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
