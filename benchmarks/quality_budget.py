@@ -23,13 +23,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {
-    "resnet6": ["model.generator=resnet_6blocks"],
+    "resnet6": ["model.generator=resnet", "model.n_blocks=6"],
     "unet_article": [  # the article's model (configs/unet-article.yaml) at the demo's width
         "model.generator=unet_article", "model.n_skip=2", "model.norm_g=batch", "model.norm_d=batch",
         "loss.lambda_identity=0", "loss.lambda_preserve=0.5",
     ],
     "hnet": [  # the article's improved variant (configs/cyclegan-hnet.yaml) on the ResNet-6 generator
-        "model.generator=resnet_6blocks", "model.discriminator=hnet", "loss.lambda_feature=1.0",
+        "model.generator=resnet", "model.n_blocks=6", "model.discriminator=hnet", "loss.lambda_feature=1.0",
     ],
 }  # fmt: skip
 BUDGET_RUN = ["train.steps=100000000", "schedule.kind=constant", "checkpoint.every_steps=0", "logging.every_steps=50"]

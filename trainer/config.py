@@ -138,6 +138,9 @@ class OptimizerConfig:
     """Clip the generator pair's gradient norm to this value; 0 disables clipping."""
     clip_grad_norm_d: float = 0.0
     """Clip the discriminator pair's gradient norm to this value; 0 disables clipping."""
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """AdamW kernel: fused (one kernel per step, CUDA), foreach (batched over tensors), for_loop (one tensor at a
+    time, the reference's default); auto picks fused on CUDA and foreach elsewhere."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optimizer.lr", self.lr, "a number > 0")
@@ -241,6 +244,9 @@ class TrainConfig:
     """torch.compile the generators and discriminators (in place; weights keep their names)."""
     pool_size: int = 50
     """Image history pool of generated images shown to the discriminators; 0 disables it."""
+    channels_last: bool = False
+    """Keep the networks' weights (and so their activations) in channels-last memory format (NHWC), which
+    convolution kernels of GPUs' tensor cores and of oneDNN on CPUs prefer."""
     resume: str = "auto"
     """auto: continue from the newest intact checkpoint of run_dir if there is one; none: start fresh; or the
     path of a checkpoint directory to continue from."""
@@ -271,6 +277,10 @@ class DistributedConfig:
     """DDP on CUDA: convert BatchNorm layers to SyncBatchNorm so statistics cover the global batch."""
     cpu: bool = False
     """Train on CPU even when CUDA is available."""
+    bucket_cap_mb: int = 25
+    """DDP: gradients are all-reduced in buckets of this many MiB, overlapping communication with backward."""
+    static_graph: bool = False
+    """DDP: promise the same graph every step, letting DDP skip per-step unused-parameter bookkeeping."""
     timeout_s: int = 600
     """Process-group timeout: a hung collective fails after this many seconds instead of blocking forever."""
     debug_skip_grad_sync: bool = False
@@ -278,6 +288,7 @@ class DistributedConfig:
 
     def __post_init__(self) -> None:
         _require(self.timeout_s >= 1, "distributed.timeout_s", self.timeout_s, "an integer >= 1")
+        _require(self.bucket_cap_mb >= 1, "distributed.bucket_cap_mb", self.bucket_cap_mb, "an integer >= 1")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError(f"distributed.offload_params=true needs distributed.zero_stage=3 (got {self.zero_stage})")
         if self.backend == "ddp" and (self.offload_optimizer or self.offload_params):

@@ -128,7 +128,12 @@ class Engine:
             log_with=log_with,
             # Schedulers are stepped by us once per update; accelerate would step them once per process.
             step_scheduler_with_optimizer=False,
-            kwargs_handlers=[group_kwargs, DistributedDataParallelKwargs(find_unused_parameters=False)],
+            kwargs_handlers=[
+                group_kwargs,
+                DistributedDataParallelKwargs(
+                    find_unused_parameters=False, bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph
+                ),
+            ],
         )
         self._check_launch_shape()
         scaler_on = train.precision == "fp16" and not self.is_deepspeed

@@ -8,6 +8,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,9 +43,15 @@ def lr_scale(cfg: OptimizerConfig, global_batch: int) -> float:
 
 
 def train_step(
-    engine: Engine, units: dict, pools: tuple[ImagePool, ImagePool], micro_batches: list[Batch], loss_cfg: LossConfig
+    engine: Engine,
+    units: dict,
+    pools: tuple[ImagePool, ImagePool],
+    micro_batches: list[Batch],
+    loss_cfg: LossConfig,
+    clock: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One optimizer update of each unit over `micro_batches` (gradient accumulation when there are several).
+    `clock` (benchmarks) is called with "generator" after the generators' update and "discriminator" at the end.
 
     Returns:
         (stats, images): detached device tensors - each loss term averaged over the micro-batches and each unit's
@@ -72,6 +79,8 @@ def train_step(
             )
             _accumulate(sums, stats)
     norm_g = engine.step("g")
+    if clock is not None:
+        clock("generator")
     for i, (batch, (fake_x, fake_y)) in enumerate(zip(micro_batches, fakes)):
         with engine.accumulate("d", is_last=i == last):
             with engine.autocast():
@@ -79,6 +88,8 @@ def train_step(
             engine.backward(d_loss, "d")
         _accumulate(sums, stats)
     norm_d = engine.step("d")
+    if clock is not None:
+        clock("discriminator")
     means = {key: value / len(micro_batches) for key, value in sums.items()}
     batch = micro_batches[-1]
     images = {"real_x": batch["x"], "real_y": batch["y"], **{k: out[k].detach() for k in RECORDED_OUTPUTS}}
@@ -90,6 +101,13 @@ def _accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -
         sums[key] = sums[key] + value if key in sums else value
 
 
+def optimizer_kernel(implementation: str, device: torch.device) -> dict[str, bool]:
+    """torch.optim keyword arguments for optimizer.implementation on `device`."""
+    if implementation == "auto":
+        implementation = "fused" if device.type == "cuda" else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[implementation]
+
+
 def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
     """Seeded units, AdamW optimizers with the scaled LRs and schedules, prepared by the engine.
 
@@ -98,6 +116,9 @@ def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
     """
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     gens, discs = build_units(cfg.model, cfg.loss)
+    if cfg.train.channels_last:
+        gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
+    kernel = optimizer_kernel(cfg.optimizer.implementation, engine.device)
     global_batch = engine.global_batch(cfg.train.batch_size)
     scale = lr_scale(cfg.optimizer, global_batch)
     optimizers, schedulers = {}, {}
@@ -108,6 +129,7 @@ def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
             betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
             eps=cfg.optimizer.eps,
             weight_decay=cfg.optimizer.weight_decay,
+            **kernel,
         )
         schedulers[name] = build_scheduler(optimizers[name], cfg.schedule, cfg.train.steps)
     return engine.prepare({"g": gens, "d": discs}, optimizers, schedulers), global_batch, scale

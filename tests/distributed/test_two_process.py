@@ -75,6 +75,13 @@ def test_without_gradient_sync_the_ranks_drift_apart(tmp_path):
         )
 
 
+def test_ddp_static_graph_and_small_buckets_train_the_same(ddp_two_ranks_batch2, tmp_path):
+    levers = ["distributed.static_graph=true", "distributed.bucket_cap_mb=1"]
+    ranks = launch(tmp_path / "out", 2, "train.batch_size=2", "train.steps=2", *levers)
+    assert max_rank_difference(ranks) == 0.0
+    assert_weights(ranks[0], ddp_two_ranks_batch2[0], atol=1e-6)
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     # DDP: batch 2 x 2 micro-batches (all-reduce only on the second) = batch 4 in one micro-batch, on 2 ranks.
     # (Micro-batches of 1 are avoided: float32 CPU conv backward at batch 1 differs from batch >= 2 by up to a few

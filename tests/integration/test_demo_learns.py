@@ -43,7 +43,8 @@ def test_demo_config_learns_the_colour_task(tmp_path):
 
     result, trained = evaluate_cli(run_dir / "export", data, 64)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert trained["eval/psnr_g_xy"] == pytest.approx(final["eval/psnr_g_xy"], abs=1e-3)
+    # Training evaluated under its bf16 autocast, the CLI in fp32.
+    assert trained["eval/psnr_g_xy"] == pytest.approx(final["eval/psnr_g_xy"], abs=0.02)
     assert trained["eval/ssim_g_xy"] >= trained["eval/ssim_identity"] + 0.3
     assert trained["eval/ssim_g_yx"] >= trained["eval/ssim_identity"] + 0.3
     untrained_dir = untrained_export(load_config(run_dir / "config.yaml"), tmp_path / "untrained")

@@ -1,0 +1,149 @@
+"""Scaling on this machine: weak scaling from 1 to 2 CPU ranks (DDP over gloo, with and without DDP's static
+graph), and the bytes of parameters plus optimizer state each rank holds under ZeRO-1/2/3 against total / N.
+
+    python benchmarks/scaling.py [--config configs/demo-cpu.yaml] [--steps 60]
+
+Throughput comes from the trainer's own perf/images_per_s (metrics.jsonl), skipping the first logging window.
+Writes JSON (benchmarks/results/scaling.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PROBE = "ZERO_PROBE "
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher(launch_config: str | None, nproc: int) -> list[str]:
+    if launch_config is None:
+        return [sys.executable]
+    return ["accelerate", "launch", "--config_file", f"launch/{launch_config}.yaml", "--num_processes", str(nproc),
+            "--main_process_port", str(free_port())]  # fmt: skip
+
+
+def throughput(args: argparse.Namespace, data: Path, run_dir: Path, launch: str | None, nproc: int, *extra: str):
+    """Mean global images/s and per-rank images/s after the first logging window of a short training run."""
+    cmd = launcher(launch, nproc) + [
+        "trainer/main.py", "--config", args.config, f"data.root={data}", f"train.run_dir={run_dir}",
+        f"train.steps={args.steps}", f"logging.every_steps={args.steps // 4}", "eval.images=0",
+        "checkpoint.every_steps=0", *extra,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if "perf/images_per_s" in r][1:]
+    mean = sum(r["perf/images_per_s"] for r in windows) / len(windows)
+    per_rank = sum(r["perf/images_per_s_per_rank"] for r in windows) / len(windows)
+    return {"ranks": nproc, "images_per_s": mean, "images_per_s_per_rank": per_rank, "overrides": list(extra)}
+
+
+def zero_probe(config: str) -> None:
+    """(Under accelerate launch) one training step, then print this rank's parameter and optimizer bytes."""
+    import torch
+
+    from trainer.config import load_config
+    from trainer.engine import Engine
+    from trainer.pool import ImagePool
+    from trainer.train import build_training, train_step
+
+    cfg = load_config(config, ["train.batch_size=2", "data.root="])
+    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
+    units, _, _ = build_training(cfg, engine)
+    size = cfg.data.crop_size
+    batch = {d: torch.rand(2, 3, size, size, device=engine.device) * 2 - 1 for d in ("x", "y")}
+    train_step(engine, units, (ImagePool(0, seed=0), ImagePool(0, seed=1)), [batch], cfg.loss)
+    params = 0
+    for unit in ("g", "d"):
+        for p in engine.unwrap(unit).parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps only this rank's partition
+            params += local.numel() * local.element_size()
+    state = sum(engine.optimizer_state_bytes(u) for u in ("g", "d"))
+    print(PROBE + json.dumps({"rank": engine.rank, "backend": engine.backend_name, "param_bytes": params,
+                              "optimizer_bytes": state}), flush=True)  # fmt: skip
+    engine.end()
+
+
+def zero_memory(args: argparse.Namespace, stage: int | None, nproc: int) -> list[dict]:
+    launch = None if stage is None else f"zero{stage}"
+    cmd = launcher(launch, nproc) + [__file__, "--probe", "--config", args.config]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"zero probe {launch} failed:\n{result.stderr[-3000:]}")
+    rows = [json.loads(line[len(PROBE) :]) for line in result.stdout.splitlines() if line.startswith(PROBE)]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo-cpu.yaml")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/scaling.json")
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        zero_probe(args.config)
+        return
+
+    from shards.synthetic import write_synthetic
+    from trainer.config import load_config
+
+    size = load_config(args.config).data.load_size
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_synthetic(data, "colour", size=size, train=256, test=4, seed=0, maxcount=64)
+        runs = [
+            throughput(args, data, Path(tmp) / "r1", None, 1),
+            throughput(args, data, Path(tmp) / "r2", "cpu-ddp-2", 2),
+            throughput(args, data, Path(tmp) / "r2s", "cpu-ddp-2", 2, "distributed.static_graph=true"),
+        ]
+    for run in runs:
+        run["weak_scaling_speedup"] = run["images_per_s"] / runs[0]["images_per_s"]
+        run["efficiency"] = run["weak_scaling_speedup"] / run["ranks"]
+    full = zero_memory(args, None, 1)[0]
+    total = full["param_bytes"] + full["optimizer_bytes"]
+    zero = {}
+    for stage in (1, 2, 3):
+        ranks = zero_memory(args, stage, 2)
+        for rank in ranks:
+            rank["fraction_of_total"] = (rank["param_bytes"] + rank["optimizer_bytes"]) / total
+        zero[f"zero{stage}"] = ranks
+    figures = {
+        "benchmark": "scaling",
+        "config": args.config,
+        "steps": args.steps,
+        "cpus": os.cpu_count(),
+        "weak_scaling": runs,
+        "state_bytes_one_rank": total,
+        "zero_state_per_rank": zero,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    for run in runs:
+        print(f"{run['ranks']} rank(s) {' '.join(run['overrides']):<30} {run['images_per_s']:8.1f} img/s "
+              f"x{run['weak_scaling_speedup']:.2f}")  # fmt: skip
+    for name, ranks in zero.items():
+        print(
+            f"{name}: per-rank params + optimizer state = {[round(r['fraction_of_total'], 3) for r in ranks]} of total"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Training throughput: image pairs/s, step-time split (generator update, discriminator update, data wait), peak
+memory, model FLOPs per image pair (torch.utils.flop_counter) and MFU, for our training path with the speed levers
+switched on one after another, beside the reference-style step (benchmarks/reference_step.py) on the same
+networks, all measured in one run on this machine.
+
+    python benchmarks/train_throughput.py [--config configs/horse2zebra.yaml] [--size 128] [--steps 8] [--compile]
+
+Each row runs in its own process (fresh allocator, compile cache and peak-memory counter), on synthetic shards
+read through the real loader (the reference gets its images for free). Writes JSON (benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from trainer.config import Config, load_config  # noqa: E402
+
+# Dense bf16 tensor-core peaks in TFLOP/s, matched in order against torch.cuda.get_device_name().
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),
+               ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("V100", 125.0)]  # fmt: skip
+
+# The ladder: each row adds one lever to the previous one.
+LADDER = [
+    ("ours: fp32, batch 1, for-loop Adam", ["train.precision=fp32", "train.batch_size=1",
+                                           "optimizer.implementation=for_loop"]),
+    ("+ foreach/fused Adam", ["optimizer.implementation=auto"]),
+    ("+ bf16 autocast", ["train.precision=bf16"]),
+    ("+ channels_last", ["train.channels_last=true"]),
+    ("+ batch 4 (linear LR scaling)", ["train.batch_size=4", "optimizer.lr_scaling=linear"]),
+]  # fmt: skip
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dict:
+    """Time our train_step through the real loader; returns the row's figures."""
+    from trainer.data import UnpairedLoader
+    from trainer.engine import Engine
+    from trainer.pool import ImagePool
+    from trainer.train import build_training, train_step
+
+    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
+    units, _, _ = build_training(cfg, engine)
+    device, batch = engine.device, cfg.train.batch_size
+    pools = tuple(ImagePool(cfg.train.pool_size, seed=i) for i in (0, 1))
+    loader = UnpairedLoader(cfg.data, batch, cfg.train.seed, engine.rank, engine.world_size, device)
+    phases = {"generator": 0.0, "discriminator": 0.0, "data_wait": 0.0}
+    mark = [0.0]
+
+    def clock(phase: str) -> None:
+        synchronize(device)
+        now = time.perf_counter()
+        phases[phase] += now - mark[0]
+        mark[0] = now
+
+    flops = None
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            train_step(engine, units, pools, [next(loader)], cfg.loss)
+        flops = counter.get_total_flops() / batch
+    for step in range(warmup + steps):
+        if step == warmup:
+            phases = dict.fromkeys(phases, 0.0)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+        mark[0] = time.perf_counter()
+        micro = next(loader)
+        clock("data_wait")
+        train_step(engine, units, pools, [micro], cfg.loss, clock)
+    elapsed = time.perf_counter() - start
+    row = _row(steps * batch / elapsed, elapsed / steps, phases, steps, flops, device)
+    row["mem/" + ("peak_allocated_gb" if device.type == "cuda" else "host_rss_gb")] = list(
+        engine.memory_metrics().values()
+    )[-1]
+    engine.end()
+    return row
+
+
+def measure_reference(cfg: Config, steps: int, warmup: int) -> dict:
+    """Time the reference-style step on in-memory images (batch 1, fp32)."""
+    from benchmarks.reference_step import ReferenceStep
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.train.seed)
+    step_fn = ReferenceStep(cfg.model, cfg.loss, cfg.optimizer.lr, str(device))
+    size = cfg.data.crop_size
+    images = [torch.rand(1, 3, size, size, device=device) * 2 - 1 for _ in range(8)]
+    for step in range(warmup + steps):
+        if step == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        step_fn(images[step % 8], images[(step + 3) % 8])
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return _row(steps / elapsed, elapsed / steps, {}, steps, None, device)
+
+
+def _row(images_per_s: float, step_s: float, phases: dict, steps: int, flops: float | None, device) -> dict:
+    row = {"images_per_s": images_per_s, "step_s": step_s, "device": _device_name(device)}
+    for name, seconds in phases.items():
+        row[f"{name}_s"] = seconds / steps
+    if phases:
+        row["data_wait_fraction"] = phases["data_wait"] / (step_s * steps)
+    if flops is not None:
+        row["flops_per_image_pair"] = flops
+    return row
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def run_row(args: argparse.Namespace, name: str, overrides: list[str], data: Path) -> dict:
+    """One row in a fresh process (see --row)."""
+    cmd = [sys.executable, __file__, "--row", name, "--config", args.config, "--size", str(args.size),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", str(data), *args.overrides,
+           *overrides]  # fmt: skip
+    if args.flops and name == LADDER[0][0]:
+        cmd.append("--count-flops")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
+    if result.returncode != 0:
+        raise RuntimeError(f"row {name!r} failed:\n{result.stderr[-3000:]}")
+    return {"row": name, "overrides": overrides, **json.loads(result.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/horse2zebra.yaml")
+    parser.add_argument("--size", type=int, default=128, help="crop size (load size = size * 286 / 256)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row (minutes on a CPU)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip counting FLOPs")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/train_throughput.json")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print its JSON
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides for every row, e.g. model.ngf=32")
+    args = parser.parse_args()
+    load_size = round(args.size * 286 / 256)
+    base = [f"data.load_size={load_size}", f"data.crop_size={args.size}", "logging.wandb=disabled"]
+
+    if args.row is not None:
+        cfg = load_config(args.config, [*base, f"data.root={args.data}", *args.overrides])
+        if args.row == "reference":
+            row = measure_reference(cfg, args.steps, args.warmup)
+        else:
+            row = measure_ours(cfg, args.steps, args.warmup, args.count_flops)
+        print(json.dumps(row))
+        return
+
+    from shards.synthetic import write_synthetic
+
+    ladder = LADDER + ([("+ torch.compile", ["train.compile=true"])] if args.compile else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_synthetic(data, "colour", size=load_size, train=64, test=4, seed=0, maxcount=32)
+        rows = [run_row(args, "reference", [], data)]
+        applied: list[str] = []
+        for name, overrides in ladder:
+            applied = applied + overrides
+            rows.append(run_row(args, name, list(applied), data))
+    reference = rows[0]["images_per_s"]
+    flops = next((r["flops_per_image_pair"] for r in rows if "flops_per_image_pair" in r), None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_tflops(device)
+    for row in rows:
+        row["speedup_vs_reference"] = row["images_per_s"] / reference
+        if flops is not None:
+            row["achieved_tflops"] = flops * row["images_per_s"] / 1e12
+            if peak is not None:
+                row["mfu"] = row["achieved_tflops"] / peak
+    figures = {
+        "benchmark": "train_throughput",
+        "config": args.config,
+        "size": args.size,
+        "overrides": args.overrides,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": rows[0]["device"],
+        "peak_tflops_bf16": peak,
+        "flops_per_image_pair": flops,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    for row in rows:
+        mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
+        wait = f"  data wait {row['data_wait_fraction']:.1%}" if "data_wait_fraction" in row else ""
+        print(f"{row['row']:<38} {row['images_per_s']:8.2f} img/s  x{row['speedup_vs_reference']:.2f}{wait}{mfu}")
+
+
+if __name__ == "__main__":
+    main()
