@@ -22,8 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PROBE = "ZERO_PROBE "
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -55,8 +53,9 @@ def throughput(args: argparse.Namespace, data: Path, run_dir: Path, launch: str 
     return {"ranks": nproc, "images_per_s": mean, "images_per_s_per_rank": per_rank, "overrides": list(extra)}
 
 
-def zero_probe(config: str) -> None:
-    """(Under accelerate launch) one training step, then print this rank's parameter and optimizer bytes."""
+def zero_probe(config: str, out: Path) -> None:
+    """(Under accelerate launch) one training step, then write this rank's parameter and optimizer bytes to
+    out/rank_N.json."""
     import torch
 
     from trainer.config import load_config
@@ -64,7 +63,7 @@ def zero_probe(config: str) -> None:
     from trainer.pool import ImagePool
     from trainer.train import build_training, train_step
 
-    cfg = load_config(config, ["train.batch_size=2", "data.root="])
+    cfg = load_config(config, ["train.batch_size=2", "data.root=", "train.precision=fp32"])  # fp32: no master copy
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     units, _, _ = build_training(cfg, engine)
     size = cfg.data.crop_size
@@ -76,19 +75,20 @@ def zero_probe(config: str) -> None:
             local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps only this rank's partition
             params += local.numel() * local.element_size()
     state = sum(engine.optimizer_state_bytes(u) for u in ("g", "d"))
-    print(PROBE + json.dumps({"rank": engine.rank, "backend": engine.backend_name, "param_bytes": params,
-                              "optimizer_bytes": state}), flush=True)  # fmt: skip
+    row = {"rank": engine.rank, "backend": engine.backend_name, "param_bytes": params, "optimizer_bytes": state}
+    (out / f"rank_{engine.rank}.json").write_text(json.dumps(row))
     engine.end()
 
 
 def zero_memory(args: argparse.Namespace, stage: int | None, nproc: int) -> list[dict]:
+    """Each rank's bytes after one step under zero{stage} on nproc ranks (None: plain DDP)."""
     launch = None if stage is None else f"zero{stage}"
-    cmd = launcher(launch, nproc) + [__file__, "--probe", "--config", args.config]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"zero probe {launch} failed:\n{result.stderr[-3000:]}")
-    rows = [json.loads(line[len(PROBE) :]) for line in result.stdout.splitlines() if line.startswith(PROBE)]
-    return sorted(rows, key=lambda r: r["rank"])
+    with tempfile.TemporaryDirectory() as out:
+        cmd = launcher(launch, nproc) + [__file__, "--probe", out, "--config", args.config]
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"zero probe {launch} failed:\n{result.stderr[-3000:]}")
+        return [json.loads((Path(out) / f"rank_{rank}.json").read_text()) for rank in range(nproc)]
 
 
 def main() -> None:
@@ -96,10 +96,10 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo-cpu.yaml")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/scaling.json")
-    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        zero_probe(args.config)
+        zero_probe(args.config, args.probe)
         return
 
     from shards.synthetic import write_synthetic

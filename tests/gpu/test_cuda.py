@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, run_bounded, train_command
+from tests.conftest import accelerate_launch, read_metrics, run_bounded, train_command
 from trainer.config import DistributedConfig, OptimizerConfig, TrainConfig
 from trainer.engine import Engine
 
@@ -39,3 +39,35 @@ def test_ddp_converts_batch_norm_to_sync_batch_norm_on_gpus(tmp_path, colour_sha
     result = run_bounded(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SyncBatchNorm: " in result.stdout
+
+
+@needs_cuda
+def test_fast_path_on_cuda_fused_adam_channels_last_bf16(tmp_path, colour_shards):
+    from trainer.train import optimizer_kernel
+
+    assert optimizer_kernel("auto", torch.device("cuda")) == {"fused": True}
+    run_dir = tmp_path / "run"
+    fast = ["train.precision=bf16", "train.channels_last=true", "optimizer.implementation=fused", "train.steps=10",
+            "logging.every_steps=5"]  # fmt: skip
+    result = run_bounded(train_command(colour_shards, run_dir, *fast))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [r["loss/g_total"] for r in read_metrics(run_dir) if "loss/g_total" in r]
+    assert len(losses) == 2 and all(loss == loss and loss < 1e4 for loss in losses)
+
+
+@needs_cuda
+def test_throughput_benchmark_reports_mfu_on_cuda(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "throughput.json"
+    cmd = [sys.executable, "benchmarks/train_throughput.py", "--config", "configs/demo-cpu.yaml", "--size", "32",
+           "--steps", "2", "--warmup", "1", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    if figures["peak_tflops_bf16"] is not None:
+        assert all(0 < row["mfu"] < 1 for row in figures["rows"])

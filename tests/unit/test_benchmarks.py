@@ -51,7 +51,8 @@ def test_train_throughput_writes_json(tmp_path):
     assert figures["flops_per_image_pair"] > 0 and all(r["achieved_tflops"] > 0 for r in rows)
     ours = rows[1:]
     assert all(0 <= r["data_wait_fraction"] < 1 and r["generator_s"] > 0 and r["discriminator_s"] > 0 for r in ours)
-    assert rows[-1]["overrides"][-2:] == ["train.batch_size=4", "optimizer.lr_scaling=linear"]
+    assert rows[4]["overrides"][-2:] == ["train.batch_size=4", "optimizer.lr_scaling=linear"]
+    assert rows[-1]["row"] == "+ channels_last" and rows[-1]["overrides"][-1] == "train.channels_last=true"
 
 
 @pytest.mark.distributed
@@ -66,3 +67,5 @@ def test_scaling_writes_json(tmp_path):
     assert sorted(figures["zero_state_per_rank"]) == ["zero1", "zero2", "zero3"]
     for ranks in figures["zero_state_per_rank"].values():
         assert [r["rank"] for r in ranks] == [0, 1] and all(0 < r["fraction_of_total"] < 1 for r in ranks)
+    assert all(r["param_bytes"] * 2 == figures["zero_state_per_rank"]["zero1"][0]["param_bytes"]
+               for r in figures["zero_state_per_rank"]["zero3"])  # ZeRO-3 partitions the parameters  # fmt: skip
