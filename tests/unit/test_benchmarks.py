@@ -67,5 +67,6 @@ def test_scaling_writes_json(tmp_path):
     assert sorted(figures["zero_state_per_rank"]) == ["zero1", "zero2", "zero3"]
     for ranks in figures["zero_state_per_rank"].values():
         assert [r["rank"] for r in ranks] == [0, 1] and all(0 < r["fraction_of_total"] < 1 for r in ranks)
-    assert all(r["param_bytes"] * 2 == figures["zero_state_per_rank"]["zero1"][0]["param_bytes"]
-               for r in figures["zero_state_per_rank"]["zero3"])  # ZeRO-3 partitions the parameters  # fmt: skip
+    full = figures["zero_state_per_rank"]["zero1"][0]["param_bytes"]
+    for rank in figures["zero_state_per_rank"]["zero3"]:  # ZeRO-3 partitions the parameters (with some padding)
+        assert abs(2 * rank["param_bytes"] - full) <= 0.01 * full
