@@ -156,10 +156,12 @@ def save_checkpoint(
         _write_atomic(root / LATEST, final.name + "\n")
         if best is not None:
             _write_atomic(root / BEST, json.dumps({"step": step, **best}, indent=2))
-        best = read_best(run_dir)
+            best_step = step
+        else:
+            best_step = (read_best(run_dir) or {}).get("step")
         for old in complete_checkpoints(run_dir)[:-keep]:
             old_step = int(old.name.split("_")[1])
-            if not (keep_every_steps and old_step % keep_every_steps == 0) and not (best and best["step"] == old_step):
+            if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step != best_step:
                 shutil.rmtree(old)
     engine.barrier()
     return final

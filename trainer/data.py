@@ -124,7 +124,8 @@ class BadSampleCounter:
         return counts
 
 
-def _shard_samples(url: str, skip: int, bad: BadSampleCounter) -> Iterator[dict[str, Any]]:
+def shard_samples(url: str, skip: int, bad: BadSampleCounter) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard from sample `skip` on; tar-level errors are noted in `bad`."""
     samples = wds.tariterators.tarfile_samples([{"url": url}], handler=bad.handler)
     for index, sample in enumerate(samples):
         if index >= skip:
@@ -141,7 +142,7 @@ def _ring(order: list[Shard], start: int, length: int, bad: BadSampleCounter) ->
     produced, empty_turns = 0, 0
     while produced < length:
         got = 0
-        for sample in _shard_samples(order[index].url, offset, bad):
+        for sample in shard_samples(order[index].url, offset, bad):
             yield sample
             got += 1
             produced += 1
@@ -486,7 +487,7 @@ def load_test_images(
     for domain in DOMAINS:
         share: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         seen = 0
-        samples = (s for url in split_urls(cfg.root, manifest, f"{domain}-test") for s in _shard_samples(url, 0, bad))
+        samples = (s for url in split_urls(cfg.root, manifest, f"{domain}-test") for s in shard_samples(url, 0, bad))
         for sample in itertools.islice(samples, count):
             seen += 1
             if (seen - 1) % world_size != rank:

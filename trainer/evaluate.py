@@ -224,23 +224,19 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.export import load_inference_generators
+    from trainer.export import add_inference_arguments, inference_device, load_inference_generators
 
     parser = argparse.ArgumentParser(description="Evaluate generators on a shard directory's test split.")
-    parser.add_argument("--weights", required=True, help="export directory, or run directory (newest checkpoint)")
-    parser.add_argument("--step", type=int, help="with a run directory: this checkpoint step")
-    parser.add_argument("--best", action="store_true", help="with a run directory: the eval.select best checkpoint")
+    add_inference_arguments(parser)
     parser.add_argument("--data", required=True, help="shard directory with x-test and y-test splits")
     parser.add_argument("--images", type=int, default=64, help="test images per domain")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--inception-weights", default="", help="local TorchScript Inception-v3 for FID/KID")
     parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--bf16", action="store_true", help="run the generators under bf16 autocast")
     args = parser.parse_args(argv)
 
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = inference_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     if world_size > 1:  # under accelerate launch / torchrun: each rank evaluates its share
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
@@ -266,12 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return 0
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,22 @@ def load_inference_generators(path: str | Path, step: int | None = None, best: b
     raise ConfigError(f"{path}: neither an export directory (model.json) nor a run directory (config.yaml)")
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options translate and evaluate share: --weights, --step, --best, --device, --bf16."""
+    parser.add_argument("--weights", required=True, help="export directory, or run directory (newest checkpoint)")
+    parser.add_argument("--step", type=int, help="with a run directory: this checkpoint step")
+    parser.add_argument("--best", action="store_true", help="with a run directory: the eval.select best checkpoint")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--bf16", action="store_true", help="run the generators under bf16 autocast")
+
+
+def inference_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device: `auto` is this process's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export G and F of a training run's checkpoint as safetensors.")
     parser.add_argument("run", type=Path, help="run directory (train.run_dir)")

@@ -19,7 +19,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -28,8 +27,8 @@ from shards.manifest import read_manifest, split_urls
 from trainer.checkpoint import CheckpointError, ExportedGenerators
 from trainer.config import ConfigError
 from trainer.cyclegan import with_extra
-from trainer.data import BadSampleCounter, decode_or_count, expand_urls, extra_channels, resize
-from trainer.export import load_inference_generators
+from trainer.data import BadSampleCounter, decode_or_count, expand_urls, extra_channels, resize, shard_samples
+from trainer.export import add_inference_arguments, inference_device, load_inference_generators
 
 Item = tuple[str, torch.Tensor, torch.Tensor | None]  # (output name, uint8 [3, H, W], extra or None)
 
@@ -64,7 +63,7 @@ def read_image_dir(root: Path, extra: str, convert_rgb: bool) -> Iterator[Item]:
 def read_shards(urls: list[str], extra: str) -> Iterator[Item]:
     """Every decodable sample of the shards, named KEY.png; bad samples are counted and reported at the end."""
     bad = BadSampleCounter()
-    for sample in wds.tariterators.tarfile_samples([{"url": url} for url in urls], handler=bad.handler):
+    for sample in (s for url in urls for s in shard_samples(url, 0, bad)):
         decoded = decode_or_count(sample, extra, bad)
         if decoded is not None:
             yield f"{sample['__key__']}.png", decoded[0], decoded[1]
@@ -158,21 +157,17 @@ def save_image(pixels: torch.Tensor, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Translate images with trained CycleGAN generators.")
-    parser.add_argument("--weights", required=True, help="export directory, or run directory (newest checkpoint)")
-    parser.add_argument("--step", type=int, help="with a run directory: this checkpoint step")
-    parser.add_argument("--best", action="store_true", help="with a run directory: the eval.select best checkpoint")
+    add_inference_arguments(parser)
     parser.add_argument("--direction", required=True, choices=["x2y", "y2x"], help="x2y: G, y2x: F")
     parser.add_argument("--input", required=True, help="image directory, shard directory or shard URL spec")
     parser.add_argument("--split", help="with a shard directory: the split (default x-test for x2y, y-test for y2x)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--size", type=int, help="resize to this square side (default: training resolution; 0: keep)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--bf16", action="store_true", help="run the generator under bf16 autocast")
     parser.add_argument("--side-by-side", action="store_true", help="also write input | output to OUT/compare/")
     parser.add_argument("--convert-rgb", action="store_true", help="convert grey/RGBA/palette images to RGB")
     args = parser.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = inference_device(args.device)
     count = 0
     try:
         gens = load_inference_generators(args.weights, args.step, args.best)
