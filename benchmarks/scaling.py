@@ -99,8 +99,10 @@ def main() -> None:
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
+        from trainer.process_exit import exit_process
+
         zero_probe(args.config, args.probe)
-        return
+        exit_process(0)
 
     from shards.synthetic import write_synthetic
     from trainer.config import load_config

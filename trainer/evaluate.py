@@ -29,6 +29,7 @@ from torchmetrics.image.kid import KernelInceptionDistance  # with our own featu
 from trainer.config import ConfigError, DataConfig, EvalConfig
 from trainer.cyclegan import with_extra
 from trainer.data import TestSet, load_test_images
+from trainer.process_exit import exit_process
 
 NO_INCEPTION = (
     "FID/KID skipped: set eval.inception_weights (CLI: --inception-weights) to a local TorchScript Inception-v3 "
@@ -265,4 +266,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -12,6 +12,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.process_exit import exit_process  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

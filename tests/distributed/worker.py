@@ -18,6 +18,7 @@ import torch
 from trainer.config import load_config
 from trainer.engine import Engine
 from trainer.pool import ImagePool
+from trainer.process_exit import exit_process
 from trainer.train import build_training, train_step
 
 TINY = [
@@ -91,3 +92,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)
