@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, free_port, kill_tree
+from tests.conftest import REPO, free_port, kill_tree, run_bounded
 
 pytestmark = pytest.mark.distributed
 HARNESS = "tests/distributed/gloo_exit.py"
@@ -21,9 +21,7 @@ def rank0_exit(mode: str) -> subprocess.CompletedProcess:
         [sys.executable, HARNESS, "1", port, mode], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        return subprocess.run(
-            [sys.executable, HARNESS, "0", port, mode], cwd=REPO, capture_output=True, text=True, timeout=120
-        )
+        return run_bounded([sys.executable, HARNESS, "0", port, mode], timeout_s=120)
     finally:
         kill_tree(peer.pid)
 
