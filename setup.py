@@ -1,4 +1,5 @@
 """cyclegan-dist: distributed CycleGAN training (Accelerate + DDP / DeepSpeed ZeRO, WebDataset shards, W&B)."""
+
 from setuptools import find_packages, setup
 
 setup(

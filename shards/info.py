@@ -6,13 +6,12 @@ python -m shards.info DIR [--sheet DIR/contact_sheet.png] [--per-split 8]
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
 
-from shards.encoding import IMAGE_EXTENSIONS
+from shards.decode import BadSample, decode_rgb, image_extension
 from shards.manifest import read_manifest, split_urls
 
 THUMB = 96
@@ -22,12 +21,12 @@ def first_images(root: Path, manifest: dict, split: str, count: int) -> list[Ima
     """Up to `count` images from the first shards of `split`, as RGB thumbnails."""
     images = []
     for url in split_urls(root, manifest, split):
-        for sample in wds.tariterators.tarfile_samples([{"url": url}]):
-            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-            if ext is None:
-                continue
-            with Image.open(io.BytesIO(sample[ext])) as image:
-                images.append(image.convert("RGB").resize((THUMB, THUMB)))
+        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=wds.ignore_and_continue):
+            try:
+                pixels = decode_rgb(sample[image_extension(sample)])
+            except BadSample:
+                continue  # shards.verify reports it
+            images.append(Image.fromarray(pixels).resize((THUMB, THUMB)))
             if len(images) == count:
                 return images
     return images

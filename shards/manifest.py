@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shards.urls import ShardsError, check_relative_name, manifest_shard_url
+
 MANIFEST = "manifest.json"
 VERSION = 1
 
@@ -49,31 +51,42 @@ def write_manifest(root: str | Path, splits: dict[str, dict[str, Any]], extra: d
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    """Load and check root/manifest.json.
+    """Load and check root/manifest.json, which is data (untrusted): its structure, sample counts and shard names
+    (see shards.urls) are checked before anything uses them.
 
     Raises:
-        ValueError: one line naming the file and what is wrong with it.
+        ShardsError: one line naming the file and what is wrong with it.
     """
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise ValueError(
+        raise ShardsError(
             f"{path} not found; write shards with `python -m shards.write` or `python -m shards.synthetic`"
         )
     try:
         body = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise ShardsError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(body, dict) or body.get("version") != VERSION or not isinstance(body.get("splits"), dict):
-        raise ValueError(f"{path} is not a version-{VERSION} manifest with a 'splits' mapping")
+        raise ShardsError(f"{path} is not a version-{VERSION} manifest with a 'splits' mapping")
+    for split, entry in body["splits"].items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise ShardsError(f"{path}: split {split!r:.80} has no list of shard records")
+        for shard in shards:
+            check_relative_name(shard.get("name"), str(path))
+            samples = shard.get("samples")
+            if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+                raise ShardsError(f"{path}: shard {shard['name']} has samples={samples!r:.40}; expected an integer >=0")
     return body
 
 
 def split_urls(root: str | Path, manifest: dict[str, Any], split: str) -> list[str]:
-    """Paths of the shards of `split`, in manifest order.
+    """Absolute paths of the shards of `split` (a checked manifest), in manifest order.
 
     Raises:
-        ValueError: when the manifest has no such split.
+        ShardsError: when the manifest has no such split.
     """
     if split not in manifest["splits"]:
-        raise ValueError(f"{Path(root) / MANIFEST} has no split {split!r}; it has {sorted(manifest['splits'])}")
-    return [str(Path(root) / shard["name"]) for shard in manifest["splits"][split]["shards"]]
+        raise ShardsError(f"{Path(root) / MANIFEST} has no split {split!r}; it has {sorted(manifest['splits'])}")
+    source = str(Path(root) / MANIFEST)
+    return [manifest_shard_url(root, shard["name"], source) for shard in manifest["splits"][split]["shards"]]

@@ -1,13 +1,27 @@
 """Pack unpaired image folders into tar shards plus manifest.json.
 
     python -m shards.write --root PATH/horse2zebra --out data/horse2zebra --load-size 286 --workers 2
-    python -m shards.write --x DIR --y DIR [--test-x DIR --test-y DIR] --out DIR [--maxcount 1000]
+    python -m shards.write --x DIR --y DIR [--test-x DIR --test-y DIR] --out DIR [--maxcount 1000] [--strict]
 
 `--root` accepts the reference layout (trainA/ trainB/ testA/ testB/). Images are optionally resized to
 load_size x load_size (so training decodes small JPEGs and never resizes), re-encoded as JPEG or PNG, and written
 `--maxcount` per shard as `<split>-%06d.tar`. `--extra hist` stores each image's colour histogram (hist.npy);
 `--labels-x/--labels-y` store label maps (label.png) found under those folders with the image's relative stem.
-Finished shards are recorded in `.progress.json`: re-running skips them, so an interrupted run resumes.
+
+Unreadable inputs. Only regular files (or symlinks to them) are opened, so a FIFO, socket, device, directory or
+dangling symlink with an image suffix never blocks the run. It is skipped like a zero-byte, non-image, corrupt or
+truncated file, a decompression bomb (over PIL's `Image.MAX_IMAGE_PIXELS`) or an image without its label map, and
+the end of the run lists every skipped input with its reason (exit 0). `--strict` stops at the first one instead,
+with one line naming it. A split without a single readable input is an error.
+
+Shards are planned from the file listings (`--maxcount` consecutive files each), written in parallel under
+`.tar.tmp` names, and renamed by the main process in plan order to dense numbers: a planned shard whose inputs are
+all unreadable produces no tar, and the next one takes its number. Finished shards (with their skipped inputs) are
+recorded in `.progress.json`: re-running skips them, so an interrupted run resumes. No `.tar.tmp` outlives a run:
+a shard that fails removes its own; those of the splits being written are removed at the start (a killed run's)
+and after a failure (shards that finished while another one failed are not published).
+
+Checking written shards is shards.verify's job; the manifest format is shards.manifest's.
 """
 
 from __future__ import annotations
@@ -16,33 +30,69 @@ import argparse
 import io
 import json
 import os
+import stat
+import struct
+import sys
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
-from shards.manifest import split_entry, write_manifest
-from shards.writer import write_shards
+from shards.manifest import sha256_file, split_entry, write_manifest
+from shards.writer import write_tar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 PROGRESS = ".progress.json"
+SPECIAL_FILES = {"d": "a directory", "p": "a FIFO", "s": "a socket", "c": "a character device", "b": "a block device"}
+"""Names of the file types that are never opened, by their `stat.filemode` letter."""
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+"""What PIL raises for corrupt or truncated image data."""
+
+
+class Unreadable(Exception):
+    """An input that cannot be packed; the message says why."""
 
 
 @dataclass(frozen=True)
 class ShardJob:
     split: str
     index: int
+    """The shard's place in the split's plan; its file name's number unless an earlier planned shard is empty."""
     files: tuple[str, ...]
     source: str  # the folder the files are relative to
     labels: str | None  # folder of label maps with the same relative stems, or None
 
+    @property
+    def key(self) -> str:
+        """The job's key in .progress.json."""
+        return f"{self.split}-{self.index:06d}"
+
+    @property
+    def tmp_name(self) -> str:
+        """The file the job writes; the main process renames it."""
+        return f"{self.key}.tar.tmp"
+
+
+@dataclass(frozen=True)
+class Encoding:
+    load_size: int | None
+    """Resize every image to load_size x load_size; None keeps its size."""
+    fmt: str
+    """Image format of the samples: jpg or png."""
+    quality: int
+    """JPEG quality."""
+    hist: bool
+    """Also store each image's colour histogram (hist.npy)."""
+
 
 def list_images(folder: Path) -> list[str]:
-    """Relative paths of the images under `folder`, sorted.
+    """Relative paths of the entries under `folder` with an image suffix, sorted (readable or not).
 
     Raises:
         ValueError: the folder does not exist or holds no images.
@@ -70,38 +120,114 @@ def encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def build_sample(job: ShardJob, relative: str, load_size: int | None, fmt: str, quality: int, hist: bool) -> dict:
-    """One webdataset sample: the (resized, re-encoded) image and its extras."""
-    with Image.open(Path(job.source) / relative) as image:
-        image = image.convert("RGB")
-        if load_size:
-            image = image.resize((load_size, load_size), Image.Resampling.BICUBIC)
-        sample = {"__key__": sample_key(relative), fmt: encode(image, fmt, quality)}
-        if hist:
-            sample["hist.npy"] = npy_bytes(colour_histogram(np.asarray(image)))
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be an image, judged without opening it (a FIFO or device could block the open or the
+    read); None for a non-empty regular file or a symlink to one."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "a dangling symlink, not a regular file" if path.is_symlink() else "does not exist"
+    except OSError as err:
+        return f"cannot stat: {err.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{SPECIAL_FILES.get(stat.filemode(info.st_mode)[0], 'a special file')}, not a regular file"
+    if info.st_size == 0:
+        return "zero bytes"
+    return None
+
+
+def open_nonblocking(path: str, flags: int) -> int:
+    """An opener for open(): a file swapped for a FIFO after the check reads as empty instead of blocking."""
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
+def read_image(path: Path, mode: str) -> Image.Image:
+    """Decode every pixel of the image at `path`, converted to `mode` ("RGB" or "L").
+
+    Raises:
+        Unreadable: not a non-empty regular file, not an image, a decompression bomb, or corrupt/truncated data.
+    """
+    problem = file_problem(path)
+    if problem:
+        raise Unreadable(problem)
+    try:
+        handle = open(path, "rb", opener=open_nonblocking)
+    except OSError as err:
+        raise Unreadable(f"cannot open: {err.strerror}") from None
+    with handle, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(handle) as image:
+                return image.convert(mode)  # convert() loads all pixels, so truncated data shows here
+        except UnidentifiedImageError:
+            raise Unreadable("not an image PIL can identify") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise Unreadable(f"decompression bomb: {err}") from None
+        except DECODE_ERRORS as err:
+            raise Unreadable(f"corrupt or truncated image: {err}") from None
+
+
+def build_sample(job: ShardJob, relative: str, encoding: Encoding) -> tuple[dict, tuple[int, int]]:
+    """One webdataset sample (the resized, re-encoded image and its extras) and its image's (height, width).
+
+    Raises:
+        Unreadable: the image, or its label map when the job has label maps.
+    """
+    image = read_image(Path(job.source) / relative, "RGB")
+    label = None
     if job.labels is not None:
         label_path = Path(job.labels) / (os.path.splitext(relative)[0] + ".png")
-        if not label_path.is_file():
-            raise ValueError(f"label map {label_path} for {relative} not found")
-        with Image.open(label_path) as label:
-            label = label.convert("L")
-            if load_size:
-                label = label.resize((load_size, load_size), Image.Resampling.NEAREST)
-            sample["label.png"] = png_bytes(np.asarray(label))
-    return sample
+        try:
+            label = read_image(label_path, "L")
+        except Unreadable as err:
+            raise Unreadable(f"label map {label_path}: {err}") from None
+    if encoding.load_size:
+        image = image.resize((encoding.load_size, encoding.load_size), Image.Resampling.BICUBIC)
+    sample = {"__key__": sample_key(relative), encoding.fmt: encode(image, encoding.fmt, encoding.quality)}
+    if encoding.hist:
+        sample["hist.npy"] = npy_bytes(colour_histogram(np.asarray(image)))
+    if label is not None:
+        if encoding.load_size:
+            label = label.resize((encoding.load_size, encoding.load_size), Image.Resampling.NEAREST)
+        sample["label.png"] = png_bytes(np.asarray(label))
+    return sample, (image.height, image.width)
 
 
-def write_job(job: ShardJob, out: str, load_size: int | None, fmt: str, quality: int, hist: bool) -> dict:
-    """Write one shard; returns its manifest record (plus the split and the image size)."""
-    samples = (build_sample(job, f, load_size, fmt, quality, hist) for f in job.files)
-    (entry,) = write_shards(out, job.split, samples, maxcount=len(job.files), first_index=job.index)
-    with Image.open(Path(job.source) / job.files[0]) as first:
-        size = (load_size, load_size) if load_size else (first.height, first.width)
-    return {**entry, "split": job.split, "index": job.index, "image_size": list(size)}
+def write_job(job: ShardJob, out: str, encoding: Encoding, strict: bool) -> dict:
+    """Write the readable samples of one planned shard to out/<job.tmp_name>; no file when none is readable.
+
+    Returns:
+        Its progress record without a name: split, index, samples, skipped ([relative path, reason] pairs) and,
+        when it has samples, bytes, sha256 and image_size.
+
+    Raises:
+        ValueError: with `strict`, "PATH: reason" of the shard's first unreadable input.
+    """
+    skipped: list[list[str]] = []
+    sizes: list[tuple[int, int]] = []
+
+    def readable_samples() -> Iterator[dict]:
+        for relative in job.files:
+            try:
+                sample, size = build_sample(job, relative, encoding)
+            except Unreadable as err:
+                if strict:
+                    raise ValueError(f"{Path(job.source) / relative}: {err}") from None
+                skipped.append([relative, str(err)])
+                continue
+            sizes.append(size)
+            yield sample
+
+    tmp = Path(out) / job.tmp_name
+    samples = write_tar(tmp, readable_samples())
+    record = {"split": job.split, "index": job.index, "samples": samples, "skipped": skipped}
+    if samples:
+        record.update(bytes=tmp.stat().st_size, sha256=sha256_file(tmp), image_size=list(sizes[0]))
+    return record
 
 
 def plan_jobs(splits: dict[str, tuple[Path, Path | None]], maxcount: int) -> list[ShardJob]:
-    """One job per shard of each split: `maxcount` consecutive files of the sorted listing."""
+    """One job per planned shard of each split: `maxcount` consecutive files of the sorted listing."""
     jobs = []
     for split, (folder, labels) in splits.items():
         files = list_images(folder)
@@ -118,6 +244,78 @@ def plan_jobs(splits: dict[str, tuple[Path, Path | None]], maxcount: int) -> lis
     return jobs
 
 
+def finished(record: dict | None, out: Path) -> bool:
+    """Whether an earlier run completed a planned shard: recorded, and its tar still there if it has samples."""
+    return record is not None and (not record["samples"] or (out / record["name"]).is_file())
+
+
+def shard_number(done: dict[str, dict], job: ShardJob) -> int:
+    """The job's shard file number: how many of its split's earlier planned shards have samples. Results are
+    published in plan order, so all of those are in `done`."""
+    return sum(1 for r in done.values() if r["split"] == job.split and r["index"] < job.index and r["samples"])
+
+
+def publish(job: ShardJob, record: dict, out: Path, number: int) -> dict:
+    """Rename a written shard from its temporary name to <split>-<number>.tar; returns the record with that name
+    (None for a shard without samples, which has no file)."""
+    if not record["samples"]:
+        return {**record, "name": None}
+    name = f"{job.split}-{number:06d}.tar"
+    os.replace(out / job.tmp_name, out / name)
+    return {**record, "name": name}
+
+
+def remove_temporaries(out: Path, splits: Iterable[str]) -> None:
+    """Remove the <split>-NNNNNN.tar.tmp files of these splits."""
+    for split in splits:
+        for tmp in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar.tmp"):
+            tmp.unlink()
+
+
+def save_progress(path: Path, done: dict[str, dict]) -> None:
+    """Replace .progress.json atomically: a run killed while saving leaves the previous one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(done))
+    os.replace(tmp, path)
+
+
+def write_all(
+    todo: list[ShardJob], done: dict[str, dict], out: Path, encoding: Encoding, workers: int, strict: bool, total: int
+) -> None:
+    """Write the `todo` shards in parallel, publishing each (in plan order) into `done` and .progress.json.
+
+    Raises:
+        ValueError: with `strict`, the first unreadable input (shards finished meanwhile stay unpublished).
+    """
+    with (
+        ProcessPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=total, initial=total - len(todo), unit="shard", disable=None) as bar,
+    ):
+        futures = [pool.submit(write_job, job, str(out), encoding, strict) for job in todo]
+        try:
+            for job, future in zip(todo, futures):
+                done[job.key] = publish(job, future.result(), out, shard_number(done, job))
+                save_progress(out / PROGRESS, done)
+                bar.update(1)
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a failure: start no more shards, wait for the running ones
+
+
+def manifest_split(folder: Path, records: list[dict]) -> dict:
+    """The manifest entry of a split from its planned shards' records, in plan order.
+
+    Raises:
+        ValueError: none of the split's inputs was readable.
+    """
+    written = [r for r in records if r["samples"]]
+    if not written:
+        relative, reason = records[0]["skipped"][0]
+        count = sum(len(r["skipped"]) for r in records)
+        raise ValueError(f"{folder}: none of its {count} images is readable (first: {relative}: {reason})")
+    shards = [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in written]
+    return split_entry(shards, tuple(written[0]["image_size"]))
+
+
 def write_dataset(
     splits: dict[str, tuple[Path, Path | None]],
     out: Path,
@@ -127,36 +325,48 @@ def write_dataset(
     fmt: str = "jpg",
     quality: int = 95,
     hist: bool = False,
-) -> Path:
-    """Pack every split, skipping shards finished by an earlier run, then write manifest.json."""
+    strict: bool = False,
+) -> tuple[Path, list[tuple[str, str, str]]]:
+    """Pack every split, skipping shards finished by an earlier run, then write manifest.json.
+
+    Returns:
+        The manifest's path and the skipped inputs as (split, relative path, reason), in plan order.
+
+    Raises:
+        ValueError: a folder is missing or holds no images, a split has no readable input, or (with `strict`) the
+            first unreadable input.
+    """
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / PROGRESS
     done: dict[str, dict] = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
     jobs = plan_jobs(splits, maxcount)
-
-    def finished(job: ShardJob) -> bool:
-        record = done.get(f"{job.split}-{job.index:06d}")
-        return record is not None and (out / record["name"]).is_file()
-
-    todo = [job for job in jobs if not finished(job)]
-    with (
-        ProcessPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", disable=None) as bar,
-    ):
-        futures = [pool.submit(write_job, j, str(out), load_size, fmt, quality, hist) for j in todo]
-        for future in futures:
-            record = future.result()
-            done[f"{record['split']}-{record['index']:06d}"] = record
-            progress_path.write_text(json.dumps(done))
-            bar.update(1)
+    todo = [job for job in jobs if not finished(done.get(job.key), out)]
+    remove_temporaries(out, splits)  # a killed run's
+    try:
+        write_all(todo, done, out, Encoding(load_size, fmt, quality, hist), workers, strict, len(jobs))
+    except BaseException:
+        remove_temporaries(out, splits)  # of shards that finished after another one failed, never published
+        raise
     manifest_splits = {}
-    for split in splits:
-        records = sorted((r for r in done.values() if r["split"] == split), key=lambda r: r["index"])
-        shards = [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records]
-        manifest_splits[split] = split_entry(shards, tuple(records[0]["image_size"]))
+    for split, (folder, _) in splits.items():
+        split_jobs = [job for job in jobs if job.split == split]
+        try:
+            manifest_splits[split] = manifest_split(folder, [done[job.key] for job in split_jobs])
+        except ValueError:
+            for job in split_jobs:  # so that a rerun after fixing the folder reads it again
+                del done[job.key]
+            save_progress(progress_path, done)
+            raise
     path = write_manifest(out, manifest_splits)
     progress_path.unlink()
-    return path
+    skipped = [(job.split, relative, reason) for job in jobs for relative, reason in done[job.key].get("skipped", [])]
+    return path, skipped
+
+
+def skip_report(skipped: list[tuple[str, str, str]]) -> str:
+    """One line per skipped input under a count."""
+    lines = [f"  {split}: {relative} ({reason})" for split, relative, reason in skipped]
+    return "\n".join([f"skipped {len(skipped)} unreadable input(s) (--strict stops at the first):", *lines])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--extra", choices=["none", "hist"], default="none", help="hist: store colour histograms")
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable input instead of skipping and listing it"
+    )
     args = parser.parse_args(argv)
     if args.root:
         args.x, args.y = args.x or args.root / "trainA", args.y or args.root / "trainB"
@@ -190,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.test_x:
         splits.update({"x-test": (args.test_x, args.labels_x), "y-test": (args.test_y, args.labels_y)})
     try:
-        path = write_dataset(
+        path, skipped = write_dataset(
             splits,
             args.out,
             args.load_size,
@@ -199,9 +412,12 @@ def main(argv: list[str] | None = None) -> None:
             args.format,
             args.quality,
             args.extra == "hist",
+            args.strict,
         )
     except ValueError as err:
         raise SystemExit(f"shards.write: {err}") from None
+    if skipped:
+        print(skip_report(skipped), file=sys.stderr)
     print(f"wrote {path}")
 
 

@@ -46,15 +46,15 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def run_bounded(cmd: list[str], timeout_s: int = 300, env: dict | None = None):
-    """Run `cmd` from the repo root; on timeout kill it with all its descendants (a hung collective must fail one
-    test, not the suite). Returns the CompletedProcess."""
+def run_bounded(cmd: list[str], timeout_s: int = 300, env: dict | None = None, cwd: Path = REPO):
+    """Run `cmd` (from the repo root unless `cwd`); on timeout kill it with all its descendants (a hung collective
+    must fail one test, not the suite). Returns the CompletedProcess."""
     import os
     import subprocess
 
     full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         out, err = proc.communicate(timeout=timeout_s)

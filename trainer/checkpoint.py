@@ -1,15 +1,16 @@
 """Checkpoints (save, verify, find, load) and exported generators.
 
-A checkpoint is RUN/checkpoints/step_XXXXXXXX/ holding
-  - Accelerate's native state: both units and optimizers (per-rank ZeRO shards under DeepSpeed), RNG of each rank;
+A checkpoint is RUN/checkpoints/step_XXXXXXXX/ holding safetensors and JSON only, so resuming from a checkpoint
+someone else wrote cannot run code (nothing is unpickled, not even by DeepSpeed or Accelerate):
   - units.safetensors: the backend-independent state of both units (full fp32 weights, Adam moments, update
-    count), used to resume on another world size or backend and to export;
-  - rank_XXXXX.pt per rank: its image pools, data position, schedulers and loss scalers (plain tensors and
-    numbers: loaded with weights_only=True);
-  - train_state.json: step, world size, backend and tracker ids.
-It is written as `step_XXXXXXXX.tmp`, then COMPLETE (the sha256 of every file) is written and the directory renamed
-once every rank is done; `latest` is replaced atomically after that. A directory without COMPLETE, or whose files
-do not match it, is never resumed from.
+    count), written by rank 0 (gathered from the ZeRO partitions under DeepSpeed);
+  - rank_XXXXX.safetensors per rank: its image pools, data position, schedulers, loss scalers and RNG states
+    (trainer.state_file: tensors as tensors, the rest as JSON);
+  - train_state.json: step, world size, backend, the model architecture and tracker ids.
+It is written as `step_XXXXXXXX.tmp`; once every rank has written its part, COMPLETE (the sha256 of every file) is
+written and the directory renamed, then `latest` is replaced atomically and old checkpoints are rotated out
+(renamed to `*.old`, then deleted). Only directories named exactly step_XXXXXXXX that hold COMPLETE are ever
+resumed from; the debris of an interrupted save or rotation is removed by the next save.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +26,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from shards.manifest import sha256_file
+from shards.urls import check_relative_name
 from trainer.config import ConfigError, DataConfig, ModelConfig, from_dict
 from trainer.engine import UNITS, Engine
 from trainer.models import build_generator
+from trainer.state_file import load_state_file, state_bytes
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -37,37 +41,82 @@ BEST = "best.json"
 COMPLETE = "COMPLETE"
 UNIVERSAL = "units.safetensors"
 TRAIN_STATE = "train_state.json"
+STEP_DIR = re.compile(r"step_(\d{8})")
+MOMENTS = (".exp_avg", ".exp_avg_sq")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: incomplete, damaged or missing."""
+    """A checkpoint that cannot be used (incomplete, damaged, missing, another architecture) or saved."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
+def rank_file(rank: int) -> str:
+    """The name of rank `rank`'s own state file in a checkpoint."""
+    return f"rank_{rank:05d}.safetensors"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes | str) -> None:
+    """Write and fsync `path` (a plain write: callers make it visible atomically by renaming it or its directory)."""
+    with open(path, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace `path` atomically: a crash leaves the old or the new content, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_file(tmp, data)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
-def _fsync_tree(root: Path) -> dict[str, str]:
-    """fsync every file under root; returns {relative path: sha256}."""
-    hashes = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-        hashes[str(path.relative_to(root))] = sha256_file(path)
-    return hashes
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint directory's name (step_XXXXXXXX exactly), else None."""
+    match = STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run that carry a COMPLETE marker, oldest first."""
+    """Checkpoint directories of a run that are named step_XXXXXXXX and carry a COMPLETE marker, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file())
+    return sorted(
+        p for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir() and (p / COMPLETE).is_file()
+    )
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's train_state.json, with the fields resuming relies on checked.
+
+    Raises:
+        CheckpointError: the file is missing, not JSON, or a field has the wrong kind of value.
+    """
+    try:
+        state = json.loads((path / TRAIN_STATE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} is unreadable ({err!s:.120})") from None
+    checks = {
+        "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "world_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "backend": lambda v: isinstance(v, str),
+        "model": lambda v: v is None or isinstance(v, dict),
+    }
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} is not a JSON object")
+    state.setdefault("model", None)  # checkpoints of earlier versions did not record the architecture
+    for key, ok in checks.items():
+        if not ok(state.get(key)):
+            raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} has {key}={state.get(key)!r:.60}")
+    return state
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -83,15 +132,21 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker)")
     try:
         hashes = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+    except (OSError, ValueError):
         raise CheckpointError(f"checkpoint {path}: {COMPLETE} is not valid JSON") from None
+    if not isinstance(hashes, dict) or TRAIN_STATE not in hashes or UNIVERSAL not in hashes:
+        raise CheckpointError(f"checkpoint {path}: {COMPLETE} does not list {TRAIN_STATE} and {UNIVERSAL}")
     for name, digest in hashes.items():
+        try:
+            check_relative_name(name, str(marker), "file name")
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
         if sha256_file(file) != digest:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match its sha256")
-    return json.loads((path / TRAIN_STATE).read_text())
+    return read_train_state(path)
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
@@ -115,6 +170,37 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     return None
 
 
+def check_architecture(path: Path, model_cfg: ModelConfig) -> None:
+    """Refuse to resume a checkpoint of another architecture, naming every model.* field that differs.
+
+    Raises:
+        CheckpointError: the checkpoint's model config differs from `model_cfg`.
+    """
+    saved = read_train_state(path)["model"]
+    if saved is None:
+        return  # an earlier version's checkpoint: the tensor names and shapes are checked when loading
+    current = dataclasses.asdict(model_cfg)
+    diffs = [f"model.{k}={saved.get(k)!r:.40} vs {v!r:.40}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} has another architecture than the config (checkpoint vs config: {', '.join(diffs)}); "
+            "change the config back, or start a new run with another train.run_dir"
+        )
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_checkpoint(
     engine: Engine,
     run_dir: Path,
@@ -128,81 +214,154 @@ def save_checkpoint(
     """Save the full training state (a collective: every rank must call it).
 
     Args:
-        rank_state: this rank's own state (pools, data position, ...), saved as rank_XXXXX.pt.
-        meta: JSON-able facts for train_state.json (tracker run ids, ...).
+        rank_state: this rank's own state (pools, data position, ...): JSON-able values and tensors.
+        meta: JSON-able facts for train_state.json (model architecture, tracker run ids, ...).
         keep: complete checkpoints kept; older ones are deleted once the new one is published, except those whose
             step is a multiple of `keep_every_steps` and the best one (best.json).
         best: {select, score, metrics} to record this checkpoint as the best in best.json before rotating.
+
+    Raises:
+        CheckpointError: (on every rank) a rank could not write its part, e.g. a full disk; the checkpoints saved
+            before are untouched.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp"
+    previous = (complete_checkpoints(run_dir) or [None])[-1]
     if engine.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
+            if debris.is_dir() and checkpoint_step(debris) is None:
+                shutil.rmtree(debris, ignore_errors=True)
+        tmp.mkdir()
     engine.barrier()
-    engine.accelerator.save_state(str(tmp))
     universal = {f"{unit}/{key}": value for unit in UNITS for key, value in engine.universal_state(unit).items()}
-    torch.save({**rank_state, "engine": engine.state_dict()}, tmp / f"rank_{engine.rank:05d}.pt")
+    own = {**rank_state, "engine": engine.state_dict(), "rng": _rng_state(engine.device)}
+
+    def fail(err: OSError | None) -> None:
+        """Agree on failure (a collective) and raise it on every rank, leaving only the debris directory."""
+        if not engine.any_rank(err is not None):
+            return
+        kept = f"{previous} is still the newest intact checkpoint" if previous else "no checkpoint was saved before"
+        what = f"{err.strerror or err} ({err.filename})" if err is not None else "another rank failed to write"
+        raise CheckpointError(f"cannot save checkpoint {final.name}: {what}; {kept}")
+
+    error = None
+    try:
+        write_file(tmp / rank_file(engine.rank), state_bytes(own))
+        if engine.is_main:
+            write_file(tmp / UNIVERSAL, save(universal))
+    except OSError as err:
+        error = err
+    fail(error)
+    error = None
     if engine.is_main:
-        save_file(universal, str(tmp / UNIVERSAL))
-    engine.barrier()
-    if engine.is_main:
-        train_state = {"step": step, "world_size": engine.world_size, "backend": engine.backend_name, **meta}
-        _write_atomic(tmp / TRAIN_STATE, json.dumps(train_state))
-        _write_atomic(tmp / COMPLETE, json.dumps(_fsync_tree(tmp)))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name + "\n")
-        if best is not None:
-            _write_atomic(root / BEST, json.dumps({"step": step, **best}, indent=2))
-            best_step = step
-        else:
-            best_step = (read_best(run_dir) or {}).get("step")
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            old_step = int(old.name.split("_")[1])
-            if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step != best_step:
-                shutil.rmtree(old)
-    engine.barrier()
+        try:
+            train_state = {"step": step, "world_size": engine.world_size, "backend": engine.backend_name, **meta}
+            write_file(tmp / TRAIN_STATE, json.dumps(train_state))
+            hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            write_file(tmp / COMPLETE, json.dumps(hashes))
+            _fsync_dir(tmp)
+            if final.exists():  # a damaged checkpoint of this step, or one a resume from an earlier step replaces
+                os.replace(final, final.with_name(final.name + ".old"))
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            write_atomic(root / LATEST, final.name + "\n")
+            if best is not None:
+                write_atomic(root / BEST, json.dumps({"step": step, **best}, indent=2))
+            _rotate(run_dir, keep, keep_every_steps)
+        except OSError as err:
+            error = err
+    fail(error)
     return final
 
 
-def load_checkpoint(engine: Engine, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore the units, optimizers, schedulers and scalers from `path` (a collective).
+def _rotate(run_dir: Path, keep: int, keep_every_steps: int) -> None:
+    """Delete all but the newest `keep` checkpoints, except every `keep_every_steps`-th and the best one. Each is
+    first renamed out of the step_XXXXXXXX pattern, so a crash mid-deletion never leaves a half checkpoint that
+    looks complete."""
+    best_step = (read_best(run_dir) or {}).get("step")
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        old_step = checkpoint_step(old)
+        if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step != best_step:
+            trash = old.with_name(old.name + ".old")
+            os.replace(old, trash)
+            shutil.rmtree(trash)
 
-    On the world size and backend that wrote it, Accelerate's native state is loaded (bitwise exact). Otherwise
-    the backend-independent units.safetensors is re-partitioned onto this run's backend.
+
+def _units_state(path: Path, engine: Engine) -> dict[str, dict[str, torch.Tensor]]:
+    """units.safetensors split by unit, checked against this run's units (names and full shapes).
+
+    Raises:
+        CheckpointError: an unreadable file, or tensors missing or of another shape.
+    """
+    try:
+        universal = load_file(str(path / UNIVERSAL))
+    except Exception as err:  # safetensors' own error type for a malformed file
+        raise CheckpointError(f"checkpoint {path}: {UNIVERSAL} is unreadable ({err!s:.120})") from None
+    units = {}
+    for unit in UNITS:
+        prefix = f"{unit}/"
+        state = {k[len(prefix) :]: v for k, v in universal.items() if k.startswith(prefix)}
+        expected = engine.full_shapes(unit)
+        if "__step__" in state:
+            params = [name for name, _ in engine.unwrap(unit).named_parameters()]
+            expected.update({f"{name}{m}": expected[name] for name in params for m in MOMENTS})
+        wrong = sorted(k for k in expected if k not in state or tuple(state[k].shape) != expected[k])
+        if wrong:
+            got = tuple(state[wrong[0]].shape) if wrong[0] in state else "missing"
+            raise CheckpointError(
+                f"checkpoint {path}: {UNIVERSAL} does not fit this run's {unit} unit ({len(wrong)} tensors missing "
+                f"or of another shape, e.g. {unit}/{wrong[0]}: {got}, expected {expected[wrong[0]]})"
+            )
+        units[unit] = state
+    return units
+
+
+def load_checkpoint(engine: Engine, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore the units, optimizers, schedulers, scalers and RNG from `path` (a collective).
+
+    units.safetensors is re-partitioned onto this run's backend and world size (bitwise what was saved). On the
+    world size and backend that wrote it, each rank also gets back its own state file (pools, data position, RNG),
+    so the run continues exactly; otherwise rank 0's schedulers and data position are used.
 
     Returns:
         (train_state.json, this rank's state; after a topology change only {"data": rank 0's data position},
         from which the data plan restarts at the epoch, and the image pools start empty).
+
+    Raises:
+        CheckpointError: files missing, unreadable or not fitting this run.
     """
-    train_state = json.loads((path / TRAIN_STATE).read_text())
+    train_state = read_train_state(path)
     same = train_state["world_size"] == engine.world_size and train_state["backend"] == engine.backend_name
-    rank_file = path / f"rank_{engine.rank:05d}.pt"
-    if same:
-        engine.accelerator.load_state(str(path))
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-    else:
-        universal = load_file(str(path / UNIVERSAL))
-        for unit in UNITS:
-            prefix = f"{unit}/"
-            engine.load_universal_state(
-                unit, {k[len(prefix) :]: v for k, v in universal.items() if k.startswith(prefix)}
-            )
-        rank_state = None
-        print(
-            f"resuming {path} (written by {train_state['world_size']} x {train_state['backend']}) on "
-            f"{engine.world_size} x {engine.backend_name}: weights and optimizer state re-partitioned, "
-            "image pools empty, data from the start of the epoch"
+    source = path / rank_file(engine.rank if same else 0)
+    if not source.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} has no {source.name}: it was written by an earlier version of cyclegan-dist; "
+            "export its generators with `python -m trainer.export`, or resume from a newer checkpoint"
         )
-    if rank_state is not None:
-        engine.load_state_dict(rank_state["engine"])
-    else:
-        first = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=True)
-        engine.load_state_dict(first["engine"])
-        rank_state = {"data": first["data"]}
-    return train_state, rank_state
+    try:
+        state = load_state_file(source)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    for unit, unit_state in _units_state(path, engine).items():
+        engine.load_universal_state(unit, unit_state)
+    try:
+        engine_state = state["engine"]
+        if train_state["backend"] != engine.backend_name:  # loss scalers of another backend: start afresh
+            engine_state = {**engine_state, "scalers": {}}
+        engine.load_state_dict(engine_state)
+        if same:
+            _set_rng_state(state["rng"], engine.device)
+            return train_state, state
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {source.name} is malformed ({type(err).__name__}: {err})") from None
+    print(
+        f"resuming {path} (written by {train_state['world_size']} x {train_state['backend']}) on "
+        f"{engine.world_size} x {engine.backend_name}: weights and optimizer state re-partitioned, "
+        "image pools empty, data from the start of the epoch"
+    )
+    return train_state, {"data": state["data"]}
 
 
 def save_generators(
@@ -214,11 +373,9 @@ def save_generators(
     for name in ("g_xy", "g_yx"):
         prefix = f"{name}."
         tensors = {k[len(prefix) :]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
-        tmp = out_dir / f"{name}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out_dir / f"{name}.safetensors")
+        write_atomic(out_dir / f"{name}.safetensors", save(tensors))
     meta = {"model": dataclasses.asdict(model_cfg), "image_size": data_cfg.crop_size, "extra": data_cfg.extra}
-    _write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))
+    write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))
 
 
 @dataclass
@@ -284,6 +441,19 @@ def load_generators(path: str | Path) -> ExportedGenerators:
 
 
 def read_best(run_dir: Path) -> dict[str, Any] | None:
-    """RUN/checkpoints/best.json ({step, select, score, metrics}) or None before the first selection."""
+    """RUN/checkpoints/best.json ({step, select, score, metrics}) or None before the first selection.
+
+    Raises:
+        CheckpointError: the file is not such a record.
+    """
     path = Path(run_dir) / CHECKPOINTS / BEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err!s:.120})") from None
+    fields = {"step": int, "select": str, "score": (int, float), "metrics": dict}
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in fields.items()):
+        raise CheckpointError(f"{path} is not a best-checkpoint record (step, select, score, metrics)")
+    return record

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from shards.decode import DEFAULT_MAX_PIXELS
 
 GeneratorName = Literal[
     "resnet_9blocks", "resnet_6blocks", "resnet", "unet_article", "unet_128", "unet_256", "encoder_decoder", "densenet"
@@ -205,7 +209,11 @@ class DataConfig:
     resampled: bool = False
     """Draw each epoch's shard list with replacement instead of a permutation."""
     max_bad_fraction: float = 0.01
-    """Training stops with an error when more than this fraction of the samples read so far were bad."""
+    """Training stops with an error when more than this fraction of the samples read so far were bad (checked
+    once at least 100 samples were read)."""
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    """Images (and label maps) larger than this many pixels, judged from their header before decoding, are bad
+    samples (decompression bombs); PIL refuses more than 179 megapixels regardless."""
 
     def __post_init__(self) -> None:
         _require(self.crop_size >= 1, "data.crop_size", self.crop_size, "an integer >= 1")
@@ -224,6 +232,7 @@ class DataConfig:
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", self.max_bad_fraction, "a number in [0, 1]")
+        _require(self.max_image_pixels >= 1, "data.max_image_pixels", self.max_image_pixels, "an integer >= 1")
 
 
 @dataclass(kw_only=True)
@@ -252,6 +261,9 @@ class TrainConfig:
     path of a checkpoint directory to continue from."""
     overwrite: bool = False
     """With resume=none, allow starting over in a run_dir that has checkpoints (they are deleted)."""
+    max_nonfinite_steps: int = 20
+    """A unit whose loss or gradient norm is NaN or infinite skips that update (counted as loss/nonfinite_g or
+    loss/nonfinite_d); after this many consecutive skipped updates of a unit the run stops with an error."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -260,6 +272,7 @@ class TrainConfig:
         _require(bool(self.run_dir), "train.run_dir", self.run_dir, "a non-empty path")
         _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         _require(self.pool_size >= 0, "train.pool_size", self.pool_size, "an integer >= 0")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", self.max_nonfinite_steps, "an integer > 0")
 
 
 @dataclass(kw_only=True)
@@ -416,9 +429,45 @@ class Config:
             )
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 80, 80
+MAX_YAML_VALUES = 100_000
+"""A config's values counted with YAML aliases expanded: more is refused (an alias bomb under a known key)."""
+
+
+def _show(value: Any) -> str:
+    """repr of a value for an error message, bounded in size whatever the value (aliases share structure)."""
+    return _SHORT.repr(value)
+
+
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed; expected {allowed}")
+        raise ConfigError(f"{key}={_show(value)} is not allowed; expected {allowed}")
+
+
+def _expanded_size(value: Any, memo: dict[int, int]) -> int:
+    """Values in `value` with every shared (aliased) part counted each time it appears; linear in the YAML."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) not in memo:
+        memo[id(value)] = 0  # a recursive alias counts as nothing more
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        memo[id(value)] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[id(value)]
+
+
+def _safe_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load with one-line errors (line and column) and a bound on alias expansion."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML{where}: {problem}") from None
+    if _expanded_size(value, {}) > MAX_YAML_VALUES:
+        raise ConfigError(f"{source} expands to more than {MAX_YAML_VALUES} values through YAML aliases")
+    return value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -430,12 +479,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give a YAML file such as configs/demo-cpu.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        loaded = _safe_yaml(path.read_text(), f"config file {path}")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
@@ -455,13 +503,13 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {'.'.join(parents[: depth + 1])} is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    node[leaf] = _safe_yaml(raw, f"override {key}") if raw else ""
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from nested dicts, checking keys and types; `prefix` names the section in errors."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {_show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -484,7 +532,7 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(kind)
         if value not in allowed:
-            raise ConfigError(f"{path}={value!r} is not allowed; expected one of: {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{path}={_show(value)} is not allowed; expected one of: {', '.join(map(str, allowed))}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(kind)
@@ -499,20 +547,25 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads "2e-4" (no dot) as a string; accept it for float fields.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{path}={_show(value)} is not allowed; expected a finite number")
+            return number
     elif kind is str:
         if isinstance(value, str):
             return value
     else:
         raise TypeError(f"unsupported config field type {kind} at {path}")
-    raise ConfigError(f"{path}={value!r} has the wrong type; expected {kind.__name__}")
+    raise ConfigError(f"{path}={_show(value)} has the wrong type; expected {kind.__name__}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

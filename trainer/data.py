@@ -14,7 +14,6 @@ X and Y are separate streams, zipped into batches inside the worker, and every b
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import random
@@ -22,17 +21,15 @@ import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
 
-from shards.encoding import IMAGE_EXTENSIONS
+from shards.decode import BadSample, decode_extra, decode_rgb, image_extension
 from shards.manifest import read_manifest, split_urls
+from shards.urls import ShardsError, expand_shard_spec
 from trainer.config import ConfigError, DataConfig
 
 DOMAINS = ("x", "y")
@@ -54,26 +51,6 @@ class Shard:
     samples: int
 
 
-def expand_urls(spec: str, allow_pipe: bool, key: str) -> list[str]:
-    """Shard URLs from a path, a brace pattern or several of them separated by spaces; a spec that starts with
-    `pipe:` is one command (brace patterns inside it expand).
-
-    Raises:
-        ConfigError: for a `pipe:` URL without data.allow_pipe, or a local file that does not exist.
-    """
-    parts = [spec] if spec.startswith("pipe:") else spec.split()
-    urls = [url for part in parts for url in wds.shardlists.expand_urls(part)]
-    for url in urls:
-        if url.startswith("pipe:"):
-            if not allow_pipe:
-                raise ConfigError(f"{key}={url!r} runs a shell command; set data.allow_pipe=true to allow pipe: URLs")
-        elif "://" not in url and not Path(url).is_file():
-            raise ConfigError(f"{key}: shard {url} does not exist")
-    if not urls:
-        raise ConfigError(f"{key}={spec!r} names no shards")
-    return urls
-
-
 def count_samples(url: str) -> int:
     """Samples in one tar shard, by reading its headers (a scan, for shards without a manifest)."""
     if url.startswith("pipe:"):
@@ -89,14 +66,37 @@ def count_samples(url: str) -> int:
 def train_shards(cfg: DataConfig, domain: str) -> list[Shard]:
     """The training shards of `domain` with their sample counts, from data.<domain>_train or root's manifest."""
     spec = getattr(cfg, f"{domain}_train")
-    if spec:
-        return [Shard(url, count_samples(url)) for url in expand_urls(spec, cfg.allow_pipe, f"data.{domain}_train")]
-    if not cfg.root:
-        raise ConfigError("data.root is empty; set it to a shard directory, or set data.x_train and data.y_train")
-    manifest = read_manifest(cfg.root)
-    urls = split_urls(cfg.root, manifest, f"{domain}-train")
+    try:
+        if spec:
+            urls = expand_shard_spec(spec, cfg.allow_pipe, f"data.{domain}_train")
+            return [Shard(url, count_samples(url)) for url in urls]
+        if not cfg.root:
+            raise ConfigError("data.root is empty; set it to a shard directory, or set data.x_train and data.y_train")
+        manifest = read_manifest(cfg.root)
+        urls = split_urls(cfg.root, manifest, f"{domain}-train")
+    except ShardsError as err:
+        raise ConfigError(str(err)) from None
     counts = [entry["samples"] for entry in manifest["splits"][f"{domain}-train"]["shards"]]
     return [Shard(url, count) for url, count in zip(urls, counts)]
+
+
+MIN_SAMPLES_FOR_BAD_FRACTION = 100
+"""The bad-sample fraction is judged once at least this many samples were read."""
+
+
+def check_bad_fraction(bad: Counter, read: int, max_fraction: float) -> None:
+    """Stop when more than `max_fraction` of the `read` samples (at least MIN_SAMPLES_FOR_BAD_FRACTION) were bad.
+
+    Raises:
+        RuntimeError: one line with the counts by kind and what to do.
+    """
+    total = sum(bad.values())
+    if read >= MIN_SAMPLES_FOR_BAD_FRACTION and total > max_fraction * read:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise RuntimeError(
+            f"{total} of {read} samples read were bad ({counts}), more than data.max_bad_fraction={max_fraction}; "
+            "check the shards with `python -m shards.verify`"
+        )
 
 
 class BadSampleCounter:
@@ -204,43 +204,32 @@ class DomainStream:
             epoch, position = epoch + 1, 0
 
 
-def decode(sample: dict[str, Any], extra: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def decode(sample: dict[str, Any], extra: str, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sample's image as uint8 [3, H, W] (grey/RGBA/palette converted to RGB) and its extra, if configured:
     hist -> float [24] (8-bin histograms of R, G, B), label -> uint8 [1, H, W].
 
     Raises:
-        KeyError: no image in the sample (or no extra when one is configured).
-        OSError, ValueError: the bytes do not decode.
+        BadSample: a part is missing or does not decode (images over `max_pixels` included).
     """
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        raise KeyError("no image")
-    with Image.open(io.BytesIO(sample[ext])) as image:
-        rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # [H, W, 3], one copy
+    rgb = decode_rgb(sample[image_extension(sample)], max_pixels)  # [H, W, 3]
     with warnings.catch_warnings():
         # A read-only view: augment() copies only the crop it keeps, never writes into this.
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(rgb).permute(2, 0, 1)
-    if extra == "hist":
-        return tensor, torch.from_numpy(np.load(io.BytesIO(sample["hist.npy"])).astype(np.float32)).reshape(24)
-    if extra == "label":
-        with Image.open(io.BytesIO(sample["label.png"])) as label:
-            return tensor, torch.from_numpy(np.asarray(label.convert("L")).copy())[None]
-    return tensor, None
+    if extra == "none":
+        return tensor, None
+    value = torch.from_numpy(decode_extra(sample, extra, max_pixels).copy())
+    return tensor, value if extra == "hist" else value[None]
 
 
 def decode_or_count(
-    sample: dict[str, Any], extra: str, bad: BadSampleCounter
+    sample: dict[str, Any], extra: str, bad: BadSampleCounter, max_pixels: int
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """`decode`, but a sample without an image (or extra) or with undecodable bytes is counted in `bad` and
-    gives None."""
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    """`decode`, but a bad sample (a part missing or not decoding) is counted in `bad` and gives None."""
     try:
-        return decode(sample, extra)
-    except KeyError:
-        bad.add("missing", where)
-    except (OSError, ValueError, SyntaxError) as err:
-        bad.add("corrupt", f"{where} ({type(err).__name__})")
+        return decode(sample, extra, max_pixels)
+    except BadSample as err:
+        bad.add(err.kind, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')} ({err})")
     return None
 
 
@@ -314,7 +303,7 @@ class UnpairedShards(torch.utils.data.IterableDataset):
         logical = ((info.id if info else 0) + self.offset) % workers
         slot, slots = self.rank * workers + logical, self.world_size * workers
         state = self.slot_states.get(logical, {d: [0, 0] for d in DOMAINS})
-        bad = BadSampleCounter()
+        bad, worker_bad, worker_read = BadSampleCounter(), Counter(), 0
         streams = {
             d: DomainStream(self.cfg, self.shards[d], self.seed, d, slot, slots).samples(*state[d], bad)
             for d in DOMAINS
@@ -328,8 +317,11 @@ class UnpairedShards(torch.utils.data.IterableDataset):
                     epoch, position, sample = next(streams[domain])
                     read += 1
                     batch["state"][domain] = [epoch, position + 1]
-                    decoded = decode_or_count(sample, self.cfg.extra, bad)
+                    decoded = decode_or_count(sample, self.cfg.extra, bad, self.cfg.max_image_pixels)
                     if decoded is None:
+                        # The main process checks each batch; a worker whose samples are all bad would never
+                        # finish one, so it checks the samples it read itself.
+                        check_bad_fraction(worker_bad + bad.counts, worker_read + read, self.cfg.max_bad_fraction)
                         continue
                     image, extra = decoded
                     generator = torch.Generator().manual_seed(
@@ -345,6 +337,8 @@ class UnpairedShards(torch.utils.data.IterableDataset):
             batch["bad"] = bad.take()
             batch["bad_examples"], bad.examples = bad.examples, []
             batch["read"] = read
+            worker_bad.update(batch["bad"])
+            worker_read += read
             yield batch
 
 
@@ -411,6 +405,9 @@ class UnpairedLoader:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
+            # Our randomness derives from data positions; a generator of its own keeps the loader's worker seeds
+            # from drawing on the global RNG, whose stream a resumed run continues exactly (dropout).
+            generator=torch.Generator().manual_seed(self.seed),
         )
         return iter(loader)
 
@@ -448,13 +445,7 @@ class UnpairedLoader:
         return out
 
     def _check_bad_fraction(self) -> None:
-        bad = sum(self.bad.values())
-        if self.read >= 100 and bad > self.cfg.max_bad_fraction * self.read:
-            counts = ", ".join(f"{k}={v}" for k, v in sorted(self.bad.items()))
-            raise RuntimeError(
-                f"{bad} of {self.read} samples read were bad ({counts}), more than data.max_bad_fraction="
-                f"{self.cfg.max_bad_fraction}; check the shards with `python -m shards.verify`"
-            )
+        check_bad_fraction(self.bad, self.read, self.cfg.max_bad_fraction)
 
 
 @dataclass
@@ -478,10 +469,14 @@ def load_test_images(
     paired splits keep only keys readable in both); None without test splits or with count 0."""
     if not cfg.root or count == 0:
         return None
-    manifest = read_manifest(cfg.root)
+    try:
+        manifest = read_manifest(cfg.root)
+    except ShardsError as err:
+        raise ConfigError(str(err)) from None
     if not {"x-test", "y-test"} <= set(manifest["splits"]):
         return None
-    paired = bool(manifest.get("synthetic", {}).get("paired_test", False))
+    synthetic = manifest.get("synthetic")
+    paired = isinstance(synthetic, dict) and synthetic.get("paired_test") is True
     bad = BadSampleCounter()
     shares, totals = {}, []
     for domain in DOMAINS:
@@ -492,7 +487,7 @@ def load_test_images(
             seen += 1
             if (seen - 1) % world_size != rank:
                 continue
-            decoded = decode_or_count(sample, cfg.extra, bad)
+            decoded = decode_or_count(sample, cfg.extra, bad, cfg.max_image_pixels)
             if decoded is not None:
                 image, extra = decoded
                 if cfg.extra == "label":

@@ -92,6 +92,25 @@ def _single_process_rendezvous() -> None:
     )
 
 
+DEEPSPEED_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def deepspeed_scaler_state(optimizer: object) -> dict[str, float]:
+    """The dynamic fp16 loss scale of a DeepSpeed optimizer (empty without one), as plain numbers."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is None or not getattr(scaler, "dynamic", False):
+        return {}
+    return {field: float(getattr(scaler, field)) for field in DEEPSPEED_SCALER_FIELDS if hasattr(scaler, field)}
+
+
+def set_deepspeed_scaler_state(optimizer: object, state: dict[str, float]) -> None:
+    """Restore what `deepspeed_scaler_state` returned."""
+    scaler = optimizer.loss_scaler
+    for field, value in state.items():
+        if field in DEEPSPEED_SCALER_FIELDS:
+            setattr(scaler, field, value if field == "cur_scale" else int(value))
+
+
 class Engine:
     """Owns the Accelerator and, after `prepare`, both units with their optimizers, schedulers and scalers."""
 
@@ -253,25 +272,35 @@ class Engine:
             self.scalers[which].scale(loss / self.accum_steps).backward()
 
     def step(self, which: str) -> torch.Tensor:
-        """Finish the update of unit `which` after its last micro-batch: unscale, clip, optimizer step (skipped by
-        the unit's own scaler on fp16 overflow), scheduler step, zero grads.
+        """Finish the update of unit `which` after its last micro-batch: unscale, clip, optimizer step, scheduler
+        step, zero grads. A NaN or infinite gradient norm skips the optimizer step: under fp16 the unit's own
+        scaler decides (and lowers its scale); otherwise the fused AdamW skips on the device (no host sync), the
+        other kernels after one host check; DeepSpeed skips such steps itself.
 
         Returns:
-            The unit's gradient norm before clipping (a device tensor; NaN where the backend does not report it).
+            The unit's gradient norm before clipping (a device tensor; inf when DeepSpeed skipped the step).
         """
         if self.is_deepspeed:
             self.schedulers[which].step()
             norm = self.units[which].get_global_grad_norm()
-            return torch.tensor(float("nan") if norm is None else float(norm))
+            return torch.tensor(float("inf") if norm is None else float(norm))
         optimizer, scaler = self.optimizers[which], self.scalers[which]
         scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clips[which] or math.inf)
-        scaler.step(optimizer)
-        scaler.update()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clips[which] or math.inf).detach()
+        base = self._base_optimizer(which)
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        elif getattr(base, "_step_supports_amp_scaling", False):  # fused: reads found_inf on the device
+            base.found_inf = (~torch.isfinite(norm)).float()
+            optimizer.step()
+            del base.found_inf
+        elif torch.isfinite(norm):
+            optimizer.step()
         self.schedulers[which].step()
         optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        return norm
 
     def lr(self, which: str) -> float:
         """Current learning rate of unit `which`."""
@@ -297,6 +326,14 @@ class Engine:
             for name, param in module.named_parameters():
                 state[name] = param.detach().float().cpu().clone()
         return state
+
+    def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
+        """Full (unpartitioned) shape of every parameter and buffer of unit `which`, by name."""
+        module = self.unwrap(which)
+        shapes = {name: tuple(buf.shape) for name, buf in module.named_buffers()}
+        for name, param in module.named_parameters():
+            shapes[name] = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape apart
+        return shapes
 
     def _base_optimizer(self, which: str) -> torch.optim.Optimizer:
         """The torch optimizer under accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
@@ -352,12 +389,14 @@ class Engine:
                     p for group in base.param_groups for p in group["params"]
                 ]
                 for flat in flats:
-                    if "exp_avg" not in base.state.get(flat, {}):
-                        base.state[flat] = {
-                            "step": step.clone(),
-                            "exp_avg": torch.zeros_like(flat),
-                            "exp_avg_sq": torch.zeros_like(flat),
-                        }
+                    flat_state = base.state[flat]
+                    flat_state["step"] = step.clone()
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        flat_state.setdefault(key, torch.zeros_like(flat))
+                # ZeRO-1/2 map each parameter to its slice of that state only after its first step; map it now.
+                link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+                if link is not None:
+                    link()
             for name, param in module.named_parameters():
                 if self.is_deepspeed:
                     self._set_deepspeed_param(param, state, name, step is not None)
@@ -401,17 +440,21 @@ class Engine:
             utils.safe_set_local_optimizer_state(param, local(state[f"{name}.{key}"]), key)
 
     def state_dict(self) -> dict:
-        """The schedulers' and loss scalers' states (models and optimizers are saved by the checkpoint)."""
-        return {
-            "schedulers": {u: s.state_dict() for u, s in self.schedulers.items()},
-            "scalers": {u: s.state_dict() for u, s in self.scalers.items()},
-        }
+        """The schedulers' and loss scalers' states (weights and optimizer states are in `universal_state`)."""
+        scalers = {u: s.state_dict() for u, s in self.scalers.items()}
+        if self.is_deepspeed:
+            scalers = {u: deepspeed_scaler_state(self.units[u].optimizer) for u in UNITS}
+        return {"schedulers": {u: s.state_dict() for u, s in self.schedulers.items()}, "scalers": scalers}
 
     def load_state_dict(self, state: dict) -> None:
         for unit, sched_state in state["schedulers"].items():
             self.schedulers[unit].load_state_dict(sched_state)
         for unit, scaler_state in state["scalers"].items():
-            if scaler_state:
+            if not scaler_state:
+                continue
+            if self.is_deepspeed:
+                set_deepspeed_scaler_state(self.units[unit].optimizer, scaler_state)
+            else:
                 self.scalers[unit].load_state_dict(scaler_state)
 
     def any_rank(self, flag: bool) -> bool:

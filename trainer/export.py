@@ -10,6 +10,7 @@ step N, or the best one by eval.select) and writes DIR (default RUN/export-step_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from trainer.checkpoint import (
     generators_from_weights,
     load_generators,
     read_best,
+    read_train_state,
     save_generators,
     verify_checkpoint,
 )
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, ModelConfig, from_dict, load_config
 
 
 def checkpoint_weights(
@@ -54,7 +56,13 @@ def checkpoint_weights(
     else:
         checkpoint = run_dir / CHECKPOINTS / f"step_{step:08d}"
         verify_checkpoint(checkpoint)
-    units = load_file(str(checkpoint / UNIVERSAL))
+    saved_model = read_train_state(checkpoint)["model"]
+    if saved_model is not None:  # the architecture stored with the weights, whatever config.yaml says now
+        cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, saved_model, "model."))
+    try:
+        units = load_file(str(checkpoint / UNIVERSAL))
+    except Exception as err:  # safetensors' own error type for a malformed file
+        raise CheckpointError(f"checkpoint {checkpoint}: {UNIVERSAL} is unreadable ({err!s:.120})") from None
     weights = {
         key[len("g/") :]: value
         for key, value in units.items()

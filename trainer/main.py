@@ -26,14 +26,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     from trainer.checkpoint import CheckpointError
+    from trainer.nonfinite import TrainingDiverged
     from trainer.preemption import PREEMPTED_EXIT_CODE
+    from trainer.run_lock import RunDirLocked
     from trainer.train import train
 
     try:
         result = train(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, RunDirLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a quota, a permission: say which file, without a traceback
+        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 

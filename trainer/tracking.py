@@ -59,6 +59,15 @@ def wandb_init_kwargs(cfg: LoggingConfig, run_dir: Path, run_id: str | None) -> 
     return kwargs
 
 
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl record, or None for a line that is not one (torn by an interrupted write)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class Tracker:
     """Writes what the main process logs to run_dir (always) and to W&B (unless disabled)."""
 
@@ -103,15 +112,23 @@ class Tracker:
             self.wandb_run_id = accelerator.get_tracker("wandb", unwrap=True).id
             floor_file = run_dir / WANDB_LAST_STEP
             if wandb_run_id and floor_file.is_file():
-                self.wandb_floor = int(floor_file.read_text())
+                text = floor_file.read_text(errors="replace").strip()
+                self.wandb_floor = int(text) if text.isdigit() else -1
 
     @staticmethod
     def _open_jsonl(path: Path, resume_step: int):
         """metrics.jsonl for appending: a fresh run starts it over; a resumed one drops what an interrupted run
-        logged after the checkpoint, so the curve has each step once."""
-        kept = []
+        logged after the checkpoint, so the curve has each step once, and lines torn by a crash or a full disk."""
+        kept, torn = [], 0
         if resume_step > 0 and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            for line in path.read_text(errors="replace").splitlines():
+                record = _parse_record(line)
+                if record is None:
+                    torn += 1
+                elif record["step"] <= resume_step:
+                    kept.append(line)
+        if torn:
+            print(f"{path}: dropped {torn} torn line(s) that an interrupted write left")
         path.write_text("".join(line + "\n" for line in kept))
         return open(path, "a")
 

@@ -14,6 +14,7 @@ import torch
 
 from trainer.checkpoint import (
     CHECKPOINTS,
+    check_architecture,
     complete_checkpoints,
     find_resume,
     load_checkpoint,
@@ -26,8 +27,10 @@ from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import Engine
 from trainer.evaluate import NO_INCEPTION, Evaluator, eval_mode, load_inception, selection_score
+from trainer.nonfinite import NonfiniteGuard
 from trainer.pool import ImagePool
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
+from trainer.run_lock import hold_run_dir
 from trainer.schedule import build_scheduler
 from trainer.spikes import SpikeCapture
 from trainer.tracking import Tracker, image_grid
@@ -143,12 +146,21 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Train a CycleGAN as `cfg` says, continuing from a checkpoint when train.resume finds one."""
+    """Train a CycleGAN as `cfg` says, continuing from a checkpoint when train.resume finds one.
+
+    Raises:
+        ConfigError, CheckpointError, RunDirLocked, TrainingDiverged: one-line reasons to stop.
+    """
     preemption = PreemptionFlag()  # before the loader forks its workers, so they inherit the harmless handler
     engine = Engine(
         cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb"
     )
     cfg = dataclasses.replace(cfg, distributed=engine.cfg)  # backend=auto resolved from the launcher
+    with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
+        return _train(cfg, engine, preemption)
+
+
+def _train(cfg: Config, engine: Engine, preemption: PreemptionFlag) -> TrainResult:
     run_dir = Path(cfg.train.run_dir)
     resume_from = _resume_point(cfg, run_dir, engine)
     if engine.is_main:
@@ -196,6 +208,7 @@ def train(cfg: Config) -> TrainResult:
     samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
 
     sums: dict[str, torch.Tensor] = {}
+    nonfinite = NonfiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision == "fp16")
     window_steps, window_start, data_wait = 0, time.perf_counter(), 0.0
     metrics: dict[str, float] = {}
     preempted = False
@@ -206,6 +219,7 @@ def train(cfg: Config) -> TrainResult:
 
         stats, images = train_step(engine, units, pools, micro_batches, cfg.loss)
         _accumulate(sums, stats)  # on the device: no host sync per step
+        nonfinite.add(stats)
         window_steps += 1
         if capture_spikes:
             for event in spikes.add(step, {k: v for k, v in stats.items() if k.startswith("loss/")}, images):
@@ -221,6 +235,7 @@ def train(cfg: Config) -> TrainResult:
             logged = engine.reduce_mean(  # one collective for everything
                 {
                     **{k: v / window_steps for k, v in sums.items()},
+                    **nonfinite.take(),
                     **{k: torch.tensor(v) for k, v in rank_values.items()},
                 }
             )
@@ -241,6 +256,7 @@ def train(cfg: Config) -> TrainResult:
             tracker.log(step, logged)
             tracker.advance(window_steps, {"g": logged["loss/g_total"], "d": logged["loss/d_total"]})
             sums, window_steps, window_start, data_wait = {}, 0, time.perf_counter(), 0.0
+            nonfinite.check(engine.any_rank, step, run_dir)
 
         plain_gens = engine.unwrap("g")
         if samples is not None and _is_due(step, cfg.logging.image_every_steps, total):
@@ -256,8 +272,9 @@ def train(cfg: Config) -> TrainResult:
             tracker.log(step, metrics)
         preempted = step % cfg.checkpoint.preempt_check_steps == 0 and engine.any_rank(preemption.raised)
         if preempted or new_best or _is_due(step, cfg.checkpoint.every_steps, total):
+            nonfinite.check(engine.any_rank, step, run_dir)
             rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
-            meta = {"wandb_run_id": tracker.wandb_run_id}
+            meta = {"model": dataclasses.asdict(cfg.model), "wandb_run_id": tracker.wandb_run_id}
             if new_best:
                 best = {"select": cfg.eval.select, "score": metrics["eval/select_score"], "metrics": metrics}
             path = save_checkpoint(
@@ -293,7 +310,10 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine) -> Path | None:
         if engine.is_main:
             shutil.rmtree(run_dir / CHECKPOINTS)
         engine.barrier()
-    return find_resume(run_dir, cfg.train.resume)
+    resume_from = find_resume(run_dir, cfg.train.resume)
+    if resume_from is not None:
+        check_architecture(resume_from, cfg.model)
+    return resume_from
 
 
 def _build_evaluator(cfg: Config, engine: Engine) -> Evaluator | None:

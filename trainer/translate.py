@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,12 +23,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from shards.decode import DEFAULT_MAX_PIXELS
 from shards.encoding import IMAGE_EXTENSIONS, colour_histogram
 from shards.manifest import read_manifest, split_urls
+from shards.urls import ShardsError, expand_shard_spec
 from trainer.checkpoint import CheckpointError, ExportedGenerators
 from trainer.config import ConfigError
 from trainer.cyclegan import with_extra
-from trainer.data import BadSampleCounter, decode_or_count, expand_urls, extra_channels, resize, shard_samples
+from trainer.data import BadSampleCounter, decode_or_count, extra_channels, resize, shard_samples
 from trainer.export import add_inference_arguments, inference_device, load_inference_generators
 
 Item = tuple[str, torch.Tensor, torch.Tensor | None]  # (output name, uint8 [3, H, W], extra or None)
@@ -60,13 +63,21 @@ def read_image_dir(root: Path, extra: str, convert_rgb: bool) -> Iterator[Item]:
         yield str(path.relative_to(root)), torch.from_numpy(pixels.copy()).permute(2, 0, 1), hist
 
 
+def output_name(key: str) -> str:
+    """A relative output path from a sample key, which is data: each path component keeps letters, digits and
+    `_.+-` (anything else becomes `_`), without leading dots; empty, `.` and `..` components are dropped."""
+    parts = [re.sub(r"[^A-Za-z0-9_.+-]", "_", part).lstrip(".") for part in key.split("/")]
+    return "/".join(part for part in parts if part) or "_"
+
+
 def read_shards(urls: list[str], extra: str) -> Iterator[Item]:
-    """Every decodable sample of the shards, named KEY.png; bad samples are counted and reported at the end."""
+    """Every decodable sample of the shards, named KEY.png (see `output_name`); bad samples are counted and
+    reported at the end."""
     bad = BadSampleCounter()
     for sample in (s for url in urls for s in shard_samples(url, 0, bad)):
-        decoded = decode_or_count(sample, extra, bad)
+        decoded = decode_or_count(sample, extra, bad, DEFAULT_MAX_PIXELS)
         if decoded is not None:
-            yield f"{sample['__key__']}.png", decoded[0], decoded[1]
+            yield f"{output_name(str(sample['__key__']))}.png", decoded[0], decoded[1]
     if bad.examples:
         print(f"skipped bad samples: {dict(bad.counts) or ''} {bad.examples[0]}", file=sys.stderr)
 
@@ -88,7 +99,7 @@ def read_inputs(source: str, direction: str, split: str | None, extra: str, conv
         return read_image_dir(path, extra, convert_rgb)
     if not any(mark in source for mark in "{:") and not path.suffix == ".tar":
         raise ConfigError(f"--input {source} does not exist (expected an image directory, shard directory or shards)")
-    return read_shards(expand_urls(source, allow_pipe=False, key="--input"), extra)
+    return read_shards(expand_shard_spec(source, allow_pipe=False, key="--input"), extra)
 
 
 def translate_batches(
@@ -145,8 +156,15 @@ def _fit(
     return image[crop], (extra[crop] if kind == "label" else extra)
 
 
-def save_image(pixels: torch.Tensor, path: Path) -> None:
-    """Write uint8 [3, H, W] to `path` (format from the suffix; JPEG at quality 95)."""
+def save_image(pixels: torch.Tensor, out: Path, name: str) -> None:
+    """Write uint8 [3, H, W] to out/name (format from the suffix; JPEG at quality 95).
+
+    Raises:
+        ConfigError: `name` would lead outside `out` (through `..`, an absolute path or a symlink).
+    """
+    path = out / name
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"output {name!r:.120} would be written outside --out {out}; refusing")
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     buffer = io.BytesIO()
@@ -174,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         items = read_inputs(args.input, args.direction, args.split, gens.extra, args.convert_rgb)
         results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16)
         for name, image, output in tqdm(results, desc=f"translate {args.direction}", unit="img", disable=None):
-            save_image(output, args.out / name)
+            save_image(output, args.out, name)
             if args.side_by_side:
-                save_image(torch.cat([image, output], dim=-1), args.out / "compare" / name)
+                save_image(torch.cat([image, output], dim=-1), args.out / "compare", name)
             count += 1
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, ShardsError) as err:
         print(f"translate: {err}", file=sys.stderr)
         return 2
     print(f"translated {count} images ({args.direction}) into {args.out}")

@@ -44,6 +44,18 @@ def wait_until(job_id: str, env: dict, done, timeout_s: int, what: str) -> dict[
     pytest.fail(f"job {job_id}: not {what} after {timeout_s} s (state {info['JobState']})")
 
 
+def start_requeued_now(job_id: str, env: dict) -> None:
+    """Let a job that a requeue has just made PENDING start now instead of in the ~2 minutes Slurm makes it wait.
+
+    That wait is Slurm's guard, not a courtesy: killing the last attempt revoked the job's credential on the node,
+    timestamped in whole seconds, and slurmd refuses a launch credential from that same second ("Job N already
+    killed, do not launch batch job"; slurmctld: "Killing non-startable batch JobId=N: Job credential revoked"). The
+    job then ends FAILED 1:0, Restarts 1, without running its next attempt. The revocation happened before the job
+    showed PENDING, so a start more than a second after that is safe."""
+    time.sleep(1.5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+
+
 def finished(info: dict) -> bool:
     return info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
@@ -87,11 +99,10 @@ def test_preempted_job_requeues_resumes_and_finishes(case, slurm_env, colour_sha
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
     info = wait_until(job_id, env, lambda info: info["JobState"] == "PENDING" or finished(info), 300, "requeued")
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
-    # A requeued job waits about two minutes before it may start again; let it start now.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+    start_requeued_now(job_id, env)
     info = wait_until(job_id, env, finished, 400, "finished")
     output = (tmp_path / f"slurm-{job_id}.out").read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), output[-3000:]
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, output[-3000:])
 
     first = (run_dir / "logs" / f"slurm-{job_id}-restart0.log").read_text()
     second = (run_dir / "logs" / f"slurm-{job_id}-restart1.log").read_text()

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, accelerate_launch, kill_tree, read_metrics, run_bounded, train_command
-from trainer.checkpoint import COMPLETE, UNIVERSAL
+from trainer.checkpoint import COMPLETE, UNIVERSAL, rank_file
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from trainer.state_file import load_state_file
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -75,11 +76,13 @@ def test_resume_is_bitwise_exact(launch_config, colour_shards, tmp_path):
     final = "checkpoints/step_00000012"
     assert_identical(units(straight / final), units(resumed / final))  # weights and Adam moments of both units
     assert {s: v for s, v in losses(straight).items() if s > 6} == losses(resumed)  # the loss curve
-    for rank in (0, 1):  # image pools and data positions
-        a = torch.load(straight / final / f"rank_{rank:05d}.pt", weights_only=True)
-        b = torch.load(resumed / final / f"rank_{rank:05d}.pt", weights_only=True)
+    for rank in (0, 1):  # image pools, data positions and RNG
+        a = load_state_file(straight / final / rank_file(rank))
+        b = load_state_file(resumed / final / rank_file(rank))
         assert a["data"]["slots"] == b["data"]["slots"]
+        assert len(a["pool_x"]["images"]) == 4
         assert all(torch.equal(x, y) for x, y in zip(a["pool_x"]["images"], b["pool_x"]["images"]))
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
 @pytest.mark.slow

@@ -31,6 +31,13 @@ BAD_OVERRIDES = [
     (["train.steps.max=3"], "train.steps={'max': 3} has the wrong type; expected int"),
     (["optimizer.beta1=1.0"], "optimizer.beta1=1.0 is not allowed; expected a number in [0, 1)"),
     (["checkpoint.keep=0"], "checkpoint.keep=0 is not allowed; expected an integer >= 1"),
+    (["optimizer.lr=.inf"], "optimizer.lr=inf is not allowed; expected a finite number"),
+    (["loss.lambda_cycle=inf"], "loss.lambda_cycle='inf' is not allowed; expected a finite number"),
+    (["loss.lambda_identity=.nan"], "loss.lambda_identity=nan is not allowed; expected a finite number"),
+    (["optimizer.lr_d=-.inf"], "optimizer.lr_d=-inf is not allowed; expected a finite number"),
+    (["data.max_image_pixels=0"], "data.max_image_pixels=0 is not allowed; expected an integer >= 1"),
+    (["train.max_nonfinite_steps=0"], "train.max_nonfinite_steps=0 is not allowed"),
+    (["train.steps=[[1, 2, 3, 4, 5, 6], 2, 3, 4, 5]"], "train.steps=[[1, 2, 3, 4, ...], 2, 3, 4, ...] has the wrong"),
 ]
 
 
@@ -46,9 +53,11 @@ def test_bad_config_is_refused_with_one_line_naming_the_key(overrides, message):
 def test_missing_and_malformed_files_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory; give a YAML file"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
+    bad.write_text("train:\n  steps: 3\n bad: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML at line 3, column 2: "):
         load_config(bad)
     listed = tmp_path / "list.yaml"
     listed.write_text("- 1\n- 2\n")
@@ -99,3 +108,32 @@ def test_config_cli_prints_one_resolved_value_or_a_clear_error(capsys):
     assert capsys.readouterr().err == "config error: --get train.nope: no such key\n"
     assert main(["--config", demo, "model.ngf=8"]) == 0
     assert load_config(None, []).model.ngf != 8 and "ngf: 8\n" in capsys.readouterr().out
+
+
+def alias_levels(levels: int) -> str:
+    """train.steps as a list whose item i is 9 aliases of item i - 1: 9^levels values once expanded."""
+    items = ['    - &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    items += [f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "train:\n  steps:\n" + "\n".join(items) + "\n"
+
+
+@pytest.mark.timeout(20)
+def test_a_yaml_alias_bomb_under_a_known_key_is_refused_quickly(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_levels(9))  # a few hundred bytes of YAML, 9^9 values
+    with pytest.raises(ConfigError, match="expands to more than 100000 values through YAML aliases"):
+        load_config(bomb)
+    # Under the bound, the wrong value is reported in a bounded line, however shared its parts are.
+    small = tmp_path / "small.yaml"
+    small.write_text(alias_levels(4))
+    with pytest.raises(ConfigError) as err:
+        load_config(small)
+    assert str(err.value).startswith("train.steps=[[") and "has the wrong type; expected int" in str(err.value)
+    assert len(str(err.value)) < 300
+
+
+def test_yaml_anchors_within_the_bound_still_work(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("optimizer:\n  lr: &lr 0.001\n  lr_d: *lr\n")
+    cfg = load_config(path)
+    assert cfg.optimizer.lr == cfg.optimizer.lr_d == pytest.approx(1e-3)

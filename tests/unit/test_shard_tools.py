@@ -79,11 +79,12 @@ def test_interrupted_write_resumes_and_skips_finished_shards(reference_layout, t
     out = tmp_path / "shards"
     broken = reference_layout / "trainA" / "img.005.png"
     good = broken.read_bytes()
-    broken.write_bytes(b"not a png")  # the second x-train shard (files 3..5) fails
-    with pytest.raises(Exception):
-        write_main(["--root", str(reference_layout), "--out", str(out), "--maxcount", "3"])
+    broken.write_bytes(b"not a png")  # with --strict, the second x-train shard (files 3..5) fails
+    with pytest.raises(SystemExit, match="img.005.png: not an image"):
+        write_main(["--root", str(reference_layout), "--out", str(out), "--maxcount", "3", "--strict"])
     progress = json.loads((out / ".progress.json").read_text())
     assert "x-train-000000" in progress and "x-train-000001" not in progress
+    assert not list(out.glob("*.tar.tmp"))
     first = out / "x-train-000000.tar"
     stamp = first.stat().st_mtime_ns
     broken.write_bytes(good)
@@ -108,7 +109,7 @@ def test_verify_reports_shard_and_key_and_exits_nonzero(colour_shards, tmp_path)
     bad = subprocess.run([sys.executable, "-m", "shards.verify", str(copy)], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
     assert "y-test-000000.tar: sha256 differs from the manifest" in bad.stdout
-    assert "y-test-000000.tar:0000000: does not decode" in bad.stdout
+    assert "y-test-000000.tar:0000000: image does not decode" in bad.stdout
 
 
 def test_info_prints_counts_and_writes_a_contact_sheet(colour_shards, tmp_path):

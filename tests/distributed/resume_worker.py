@@ -1,0 +1,88 @@
+"""Resume-matrix harness, run directly or under `accelerate launch` (any backend, any world size):
+
+    python tests/distributed/resume_worker.py save DIR [section.key=value ...]
+        trains STEPS updates of the worker's tiny CycleGAN, saves a real checkpoint with trainer.checkpoint into
+        DIR/run, then takes one more step and writes DIR/next.json: that step's losses and, under DDP, the weights
+        after it.
+    python tests/distributed/resume_worker.py resume OUT CHECKPOINT... [section.key=value ...]
+        for each checkpoint in turn: loads it into this launch's backend and world size, records the step it
+        continues from, the schedulers' position and the weights it got, takes one step and records its losses;
+        rank 0 writes everything to OUT (torch.save of plain tensors).
+
+Update k trains on a fixed global batch of GLOBAL images per domain; rank r of W takes images [r * GLOBAL / W,
+(r + 1) * GLOBAL / W), so every topology sees the same images at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import tests.* from the repo root
+from tests.distributed.worker import SIZE, TINY  # noqa: E402
+from trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.engine import UNITS, Engine  # noqa: E402
+from trainer.pool import ImagePool  # noqa: E402
+from trainer.process_exit import exit_process  # noqa: E402
+from trainer.train import build_training, train_step  # noqa: E402
+
+STEPS = 2
+GLOBAL = 4
+
+
+def batch(step: int, engine: Engine) -> list[dict[str, torch.Tensor]]:
+    """This rank's share of update `step`'s global batch (1-based), as one micro-batch."""
+    data = torch.Generator().manual_seed(1000 + step)
+    xs = torch.rand(GLOBAL, 3, SIZE, SIZE, generator=data) * 2 - 1
+    ys = torch.rand(GLOBAL, 3, SIZE, SIZE, generator=data) * 2 - 1
+    share = GLOBAL // engine.world_size
+    rows = slice(engine.rank * share, (engine.rank + 1) * share)
+    return [{"x": xs[rows].to(engine.device), "y": ys[rows].to(engine.device)}]
+
+
+def step_losses(engine: Engine, units: dict, pools: tuple, step: int, loss_cfg) -> dict[str, float]:
+    """Take update `step`; its losses averaged over the ranks (equal shares: the global batch's mean)."""
+    stats, _ = train_step(engine, units, pools, batch(step, engine), loss_cfg)
+    return engine.reduce_mean({k: stats[k] for k in ("loss/g_total", "loss/d_total")})
+
+
+def main(mode: str, target: str, args: list[str]) -> None:
+    checkpoints = [a for a in args if "=" not in a]
+    cfg = load_config(None, [*TINY, f"train.batch_size={GLOBAL}", *[a for a in args if "=" in a]])
+    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
+    assert GLOBAL % engine.world_size == 0
+    units, _, _ = build_training(cfg, engine)
+    pools = (ImagePool(0, seed=0), ImagePool(0, seed=0))
+    if mode == "save":
+        for step in range(1, STEPS + 1):
+            step_losses(engine, units, pools, step, cfg.loss)
+        save_checkpoint(engine, Path(target) / "run", STEPS, {"data": {}}, {"model": None}, keep=1)
+        losses = step_losses(engine, units, pools, STEPS + 1, cfg.loss)
+        after = {u: engine.full_state_dict(u) for u in UNITS}
+        if engine.is_main:
+            (Path(target) / "next.json").write_text(json.dumps({**losses, "backend": engine.backend_name}))
+            torch.save(after, Path(target) / "after.pt")
+    else:
+        results = []
+        for checkpoint in checkpoints:
+            train_state, _ = load_checkpoint(engine, Path(checkpoint))
+            loaded = {u: engine.full_state_dict(u) for u in UNITS}
+            positions = {u: engine.schedulers[u].last_epoch for u in UNITS}
+            losses = step_losses(engine, units, pools, train_state["step"] + 1, cfg.loss)
+            after = {u: engine.full_state_dict(u) for u in UNITS}
+            results.append(
+                {"source": checkpoint, "step": train_state["step"], "schedulers": positions, "loaded": loaded,
+                 "losses": losses, "after": after}
+            )  # fmt: skip
+        if engine.is_main:
+            torch.save({"backend": engine.backend_name, "world": engine.world_size, "results": results}, target)
+    engine.end()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    exit_process(0)
