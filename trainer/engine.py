@@ -447,8 +447,13 @@ class Engine:
         return {"schedulers": {u: s.state_dict() for u, s in self.schedulers.items()}, "scalers": scalers}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned, including each optimizer's current learning rate (a scheduler's
+        load_state_dict restores its position but leaves the optimizer at the LR it was built with)."""
         for unit, sched_state in state["schedulers"].items():
-            self.schedulers[unit].load_state_dict(sched_state)
+            scheduler = self.schedulers[unit]
+            scheduler.load_state_dict(sched_state)
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         for unit, scaler_state in state["scalers"].items():
             if not scaler_state:
                 continue

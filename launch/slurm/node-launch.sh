@@ -58,7 +58,9 @@ launch=(
 echo "node-launch: node $MACHINE_RANK/$NUM_MACHINES on $(hostname): ${launch[*]}"
 
 # The launcher's children are the training processes; they checkpoint on SIGUSR1/SIGTERM. The launcher itself
-# would die on SIGUSR1, so it is not signalled.
+# would die on SIGUSR1, so it is not signalled, and it starts with SIGUSR1 ignored: under srun, Slurm signals every
+# process of the step, the launcher included (it died with 138 while its ranks were saving). The ranks inherit
+# the ignored SIGUSR1 until the trainer installs its handler.
 forward() { pkill "-$1" -P "$launcher" || true; }
 
 # torch reports a failed rendezvous deep in a traceback; say in one line what went wrong.
@@ -79,7 +81,10 @@ errors=$(mktemp)
 trap 'rm -f "$errors"' EXIT
 exec {stderr_copy}> >(tee "$errors" >&2)
 tee_pid=$!
-"${launch[@]}" 2>&"$stderr_copy" &
+(
+  trap '' USR1
+  exec "${launch[@]}"
+) 2>&"$stderr_copy" &
 launcher=$!
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM

@@ -109,6 +109,7 @@ def test_preempted_job_requeues_resumes_and_finishes(case, slurm_env, colour_sha
     saved = int(re.search(r"preempted: saved \S+step_(\d+)", first).group(1))
     assert 10 <= saved < steps
     assert f"preempted at step {saved}; requeueing job {job_id}" in first
+    assert "exit code 138" not in first  # the launcher survived the SIGUSR1 that srun delivers to the whole step
     assert re.search(rf"resuming from \S+step_{saved:08d} at step {saved}\b", second), second[-3000:]
     # Attempt 0 stopped right after saving `saved`; attempt 1 started after it: every step exactly once.
     assert trained_steps(run_dir) == list(range(1, steps + 1))

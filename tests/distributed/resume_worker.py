@@ -52,7 +52,9 @@ def step_losses(engine: Engine, units: dict, pools: tuple, step: int, loss_cfg) 
 
 def main(mode: str, target: str, args: list[str]) -> None:
     checkpoints = [a for a in args if "=" not in a]
-    cfg = load_config(None, [*TINY, f"train.batch_size={GLOBAL}", *[a for a in args if "=" in a]])
+    # A schedule that changes the LR at every step: a resume must continue it, not restart it.
+    schedule = ["schedule.kind=linear", "schedule.decay_start=0", "train.steps=50"]
+    cfg = load_config(None, [*TINY, *schedule, f"train.batch_size={GLOBAL}", *[a for a in args if "=" in a]])
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     assert GLOBAL % engine.world_size == 0
     units, _, _ = build_training(cfg, engine)

@@ -117,3 +117,20 @@ def test_fp16_overflow_in_one_unit_skips_only_that_unit(tmp_path):
     assert not unchanged("g")  # the generator kept stepping with its own scaler
     assert result["loss_scale"]["d"] == 2.0**16 * 0.5**6  # halved on each of the 6 overflows
     assert result["loss_scale"]["g"] > result["loss_scale"]["d"]
+
+
+@pytest.mark.parametrize("case", ["foreach", "fused", "zero2"])
+def test_a_nonfinite_loss_skips_only_that_units_update(case, tmp_path):
+    """fp32, every discriminator loss infinite: D's updates are skipped (by our check, by the fused kernel's
+    found_inf on the device, or by DeepSpeed), and its Adam state never sees a NaN; G trains on."""
+    flags = ("--overflow-d",)
+    if case == "zero2":
+        ranks = launch(tmp_path / "out", 2, "train.batch_size=2", "train.steps=3", launch_config="zero2", flags=flags)
+    else:
+        ranks = launch(tmp_path / "out", 1, "train.batch_size=4", "train.steps=3", f"optimizer.implementation={case}",
+                       flags=flags)  # fmt: skip
+    for result in ranks:
+        init, final = result["init"], result["final"]
+        assert all(torch.equal(init["d"][k], final["d"][k]) for k in init["d"])
+        assert not all(torch.equal(init["g"][k], final["g"][k]) for k in init["g"])
+        assert all(torch.isfinite(v).all() for unit in final.values() for v in unit.values())
