@@ -10,7 +10,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from shards.encoding import IMAGE_EXTENSIONS
 
@@ -41,6 +41,8 @@ def _open_pixels(data: bytes, mode: str, max_pixels: int, part: str) -> np.ndarr
                 return np.asarray(image if image.mode == mode else image.convert(mode))
     except BadSample:
         raise
+    except UnidentifiedImageError:
+        raise BadSample("corrupt", f"{part} is in no format PIL can identify") from None
     except Exception as err:  # a hostile file can make PIL raise anything: one bad sample
         raise BadSample("corrupt", f"{part} does not decode ({type(err).__name__}: {err!s:.100})") from None
 

@@ -9,18 +9,25 @@ Tasks:
   stripes - T darkens every other pair of rows inside the shapes (invertible up to rounding): harder.
 
     python -m shards.synthetic --task colour --out data/colour --size 32 --train 2048 --test 64
+
+`data.root: builtin:colour` (or `builtin:stripes`) makes the same data set once into a cache directory, so a demo
+needs no preparatory command.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
-from shards.manifest import split_entry, write_manifest
+from shards.manifest import MANIFEST, split_entry, write_manifest
+from shards.urls import ShardsError
 from shards.writer import write_shards
 
 Scene = tuple[np.ndarray, np.ndarray]  # image [H, W, 3] uint8, object mask [H, W] bool
@@ -110,6 +117,54 @@ def write_synthetic(
         if (train if split.endswith("train") else test) > 0
     }
     return write_manifest(out, splits, {"synthetic": {"task": task, "seed": seed, "paired_test": True}})
+
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN = {
+    "colour": {"task": "colour", "size": 32, "train": 2048, "test": 64, "extras": False},
+    "stripes": {"task": "stripes", "size": 32, "train": 2048, "test": 64, "extras": True},
+}
+"""The data sets `data.root: builtin:NAME` names: made once into a cache directory, byte for byte the same every
+time (seed 0). `stripes` carries the extras (label maps and colour histograms)."""
+
+
+def builtin_cache() -> Path:
+    """Where built-in data sets are kept: $CYCLEGAN_DATA_CACHE, else $XDG_CACHE_HOME/cyclegan-dist, else
+    ~/.cache/cyclegan-dist."""
+    if os.environ.get("CYCLEGAN_DATA_CACHE"):
+        return Path(os.environ["CYCLEGAN_DATA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cyclegan-dist"
+
+
+def builtin_root(spec: str) -> Path:
+    """The shard directory of `builtin:NAME`, written on first use. Safe with many processes at once (ranks, loader
+    workers, several runs): one writes under a file lock while the others wait, and the directory appears whole.
+
+    Raises:
+        ShardsError: an unknown name.
+    """
+    name = spec[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN:
+        raise ShardsError(
+            f"data.root={spec} is not a built-in data set; expected one of: builtin:{', builtin:'.join(BUILTIN)}"
+        )
+    params = BUILTIN[name]
+    cache = builtin_cache()
+    root = cache / f"{name}-{params['size']}px-{params['train']}-{params['test']}"
+    if (root / MANIFEST).is_file():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{root.name}.lock", "w") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        if not (root / MANIFEST).is_file():
+            tmp = cache / f"{root.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"making the built-in data set {spec} in {root} (once)")
+            write_synthetic(
+                tmp, params["task"], params["size"], params["train"], params["test"], extras=params["extras"]
+            )
+            os.replace(tmp, root)
+    return root
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,22 +1,130 @@
-"""Check a shard directory against its manifest: every shard's hash and size, every sample decoded as training
-decodes it (image within the pixel limit, label map, colour histogram).
+"""Check shards as training reads them: every sample decoded as training decodes it (image within the pixel limit,
+label map, colour histogram), and for a shard directory with manifest.json also every shard's hash, size and
+sample count. Also owns what a TARGET of the shard tools (this module and shards.info) may be.
 
-    python -m shards.verify DIR [--max-pixels N]
+    python -m shards.verify TARGET... [--max-pixels N]
 
-Prints one line per problem (shard and key), a count of bad samples per shard and a summary; exits 1 on any
-mismatch or bad sample.
+A TARGET is
+  - a shard directory with manifest.json: all of its splits, checked against the manifest;
+  - a directory without manifest.json: its *.tar files in name order (names starting with a dot are left out, as
+    a shell's DIR/*.tar would; entries that are not regular files are skipped and named in the first line);
+  - a shard URL spec as data.x_train takes it: a path, a brace pattern (`'/data/x-{000000..000009}.tar'`) or
+    several separated by spaces, expanded and checked by shards.urls.expand_shard_spec. `pipe:` commands are
+    refused: the tools read local files only.
+Without a manifest there is nothing to compare hashes or counts against, so only the samples are checked.
+
+Prints, per target, a first line saying what it is, then one line per problem (`FILE:KEY: reason`,
+`FILE: unreadable tar (...)`, `FILE: N of M samples bad`) and a summary line. Exit status: 0 when every target is
+sound, 1 on any problem, 2 (one line on stderr) when a TARGET cannot be used (missing, a directory with neither a
+manifest nor *.tar files, a pipe: command, an invalid manifest).
+
+Nothing here writes a file; tar member names are only printed (control characters escaped), never used as paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import webdataset as wds
 
 from shards.decode import DEFAULT_MAX_PIXELS, EXTRA_PARTS, BadSample, decode_extra, decode_rgb, image_extension
-from shards.manifest import read_manifest, sha256_file, split_urls
+from shards.manifest import MANIFEST, read_manifest, sha256_file, split_urls
+from shards.urls import PIPE, ShardsError, check_url, expand_shard_spec
+
+
+@dataclass(frozen=True)
+class ShardGroup:
+    """Shards reported together: a manifest split, or all shard files of one target without a manifest."""
+
+    name: str
+    """The split, or the target as the user wrote it."""
+    urls: list[str]
+    """Absolute local paths that passed shards.urls."""
+    labels: list[str]
+    """How each shard is named in the output: its manifest name, else its path."""
+    records: list[dict] | None
+    """The manifest's record of each shard (samples, bytes, sha256); None without a manifest."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One TARGET argument, resolved and checked before anything is read."""
+
+    arg: str
+    """As the user wrote it."""
+    note: str
+    """What the target turned out to be: the first output line about it."""
+    groups: list[ShardGroup]
+    directory: Path | None
+    """The directory the target names (with or without manifest); None for a URL spec."""
+    manifest: dict | None
+
+
+def shown(text: str) -> str:
+    """`text` safe to print on one line: a tar member or file name cannot forge output lines or terminal codes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _directory_shards(directory: Path, key: str) -> tuple[list[str], list[str]]:
+    """Checked absolute paths of the *.tar files in `directory`, sorted by name, and the names skipped because
+    they are not regular files."""
+    root = os.path.abspath(directory)  # joined to an absolute root, no file name can read as a URL scheme
+    urls, skipped = [], []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".tar") or name.startswith("."):
+            continue
+        try:
+            urls.append(check_url(os.path.join(root, name), allow_pipe=False, key=key))
+        except ShardsError:
+            skipped.append(name)
+    return urls, skipped
+
+
+def manifest_groups(root: Path, manifest: dict) -> list[ShardGroup]:
+    """One group per split of a checked manifest (see shards.manifest.read_manifest), in manifest order."""
+    return [
+        ShardGroup(split, split_urls(root, manifest, split), [s["name"] for s in entry["shards"]], entry["shards"])
+        for split, entry in manifest["splits"].items()
+    ]
+
+
+def resolve_target(arg: str, key: str) -> Target:
+    """What the TARGET `arg` names (see the module docstring); `key` (the tool's name) prefixes its errors.
+
+    Raises:
+        ShardsError: one line saying why `arg` cannot be used and what to give instead.
+    """
+    if any(part.startswith(PIPE) for part in arg.split()):
+        raise ShardsError(f"{key}: {arg!r:.200} is a pipe: command; the shard tools read local files only")
+    path = Path(arg)
+    if arg.strip() and path.is_dir():  # Path("") is ".": an empty TARGET names nothing
+        if (path / MANIFEST).is_file():
+            manifest = read_manifest(path)
+            groups = manifest_groups(path, manifest)
+            note = f"{shown(arg)}: {MANIFEST}, {len(groups)} splits"
+            return Target(arg, note, groups, path, manifest)
+        urls, skipped = _directory_shards(path, key)
+        if not urls:
+            raise ShardsError(
+                f"{key}: {arg} has no {MANIFEST} and no *.tar files; give its shard files, e.g. {arg}/*.tar"
+            )
+        note = f"{shown(arg)}: no {MANIFEST}; reading its {len(urls)} *.tar files in name order"
+        if skipped:
+            note += f" (skipped, not regular files: {shown(', '.join(skipped))})"
+        return Target(arg, note, [ShardGroup(arg, urls, [shown(u) for u in urls], None)], path, None)
+    urls = expand_shard_spec(arg, allow_pipe=False, key=key)
+    note = f"{shown(arg)}: {len(urls)} shard file(s), no {MANIFEST}"
+    return Target(arg, note, [ShardGroup(arg, urls, [shown(u) for u in urls], None)], None, None)
+
+
+def resolve_targets(args: list[str], key: str) -> list[Target]:
+    """Every TARGET resolved, so that an unusable one stops the tool before it reads anything."""
+    return [resolve_target(arg, key) for arg in args]
 
 
 def check_sample(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
@@ -32,55 +140,127 @@ def check_sample(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | No
     return None
 
 
-def verify(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
-    """All problems found in `root`, one line each, and a line per shard with bad samples (empty when sound)."""
-    manifest = read_manifest(root)
-    problems = []
-    for split, entry in manifest["splits"].items():
-        for shard, url in zip(entry["shards"], split_urls(root, manifest, split)):
-            path, name = Path(url), shard["name"]
+def tar_error(err: Exception) -> str:
+    """A tar-level error as one short line: webdataset appends ` @ <stream>` to the message and the stream and URL
+    to the exception's args, which the output names already."""
+    message = str(err.args[0]) if err.args else str(err)
+    return f"{type(err).__name__}: {message.split(' @ <', 1)[0]}"
+
+
+@dataclass
+class Tally:
+    """Samples read and bad samples found, over any number of shards."""
+
+    samples: int = 0
+    bad: int = 0
+
+
+def check_shard(url: str, label: str, max_pixels: int, tally: Tally) -> tuple[int, list[str]]:
+    """Decode every sample of one shard file, adding to `tally`.
+
+    Returns:
+        The number of samples read, and the problems: one line per bad sample, per tar-level error and, when a
+        sample was bad, a count line.
+    """
+    errors: list[str] = []
+    count, bad, problems = 0, 0, []
+    samples = wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(tar_error(e)) or True)
+    for sample in samples:
+        count += 1
+        problem = check_sample(sample, max_pixels)
+        if problem:
+            bad += 1
+            problems.append(f"{label}:{shown(sample['__key__'])}: {shown(problem)}")
+    # One broken member is reported twice by webdataset (reading it, then moving to the next header): once here.
+    problems += [f"{label}: unreadable tar ({shown(e):.200})" for e in dict.fromkeys(errors)]
+    if bad:
+        problems.append(f"{label}: {bad} of {count} samples bad")
+    tally.samples += count
+    tally.bad += bad
+    return count, problems
+
+
+def check_group(group: ShardGroup, max_pixels: int, tally: Tally | None = None) -> Iterator[str]:
+    """The problems of one group of shards, shard by shard; with manifest records, also missing files and
+    differing sizes, hashes and counts."""
+    for index, (url, label) in enumerate(zip(group.urls, group.labels)):
+        record = group.records[index] if group.records is not None else None
+        if record is not None:
+            path = Path(url)
             if not path.is_file():
-                problems.append(f"{name}: missing")
+                yield f"{label}: missing"
                 continue
-            if path.stat().st_size != shard.get("bytes"):
-                problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {shard.get('bytes')}")
-            if sha256_file(path) != shard.get("sha256"):
-                problems.append(f"{name}: sha256 differs from the manifest")
-            errors: list[str] = []
-            count, bad = 0, 0
-            samples = wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(str(e)) or True)
-            for sample in samples:
-                count += 1
-                problem = check_sample(sample, max_pixels)
-                if problem:
-                    bad += 1
-                    problems.append(f"{name}:{sample['__key__']}: {problem}")
-            problems += [f"{name}: unreadable tar ({e:.200})" for e in errors]
-            if count != shard["samples"]:
-                problems.append(f"{name}: {count} samples, manifest says {shard['samples']}")
-            if bad:
-                problems.append(f"{name}: {bad} of {count} samples bad")
-    return problems
+            if path.stat().st_size != record.get("bytes"):
+                yield f"{label}: {path.stat().st_size} bytes, manifest says {record.get('bytes')}"
+            if sha256_file(path) != record.get("sha256"):
+                yield f"{label}: sha256 differs from the manifest"
+        count, problems = check_shard(url, label, max_pixels, tally if tally is not None else Tally())
+        yield from problems
+        if record is not None and count != record["samples"]:
+            yield f"{label}: {count} samples, manifest says {record['samples']}"
+
+
+def verify(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
+    """All problems found in the shard directory `root` (with manifest.json), one line each, and a line per shard
+    with bad samples (empty when sound).
+
+    Raises:
+        ShardsError: an invalid manifest.
+    """
+    return [line for group in manifest_groups(root, read_manifest(root)) for line in check_group(group, max_pixels)]
+
+
+def usage_error(tool: str, err: ShardsError) -> str:
+    """The one stderr line for a TARGET that cannot be used, prefixed by the tool's name once."""
+    message = shown(str(err))
+    return message if message.startswith(f"{tool}: ") else f"{tool}: {message}"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Verify tar shards against their manifest.json.")
-    parser.add_argument("root", type=Path)
+    parser = argparse.ArgumentParser(
+        prog="python -m shards.verify",
+        description="Decode every sample of tar shards; a directory's manifest.json is checked too.",
+    )
     parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are bad (data.max_image_pixels)"
+        "targets", nargs="+", metavar="TARGET", help="shard directory, shard file or brace pattern (quote it)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images are bad (data.max_image_pixels)",
     )
     args = parser.parse_args(argv)
     try:
-        problems = verify(args.root, args.max_pixels)
-    except ValueError as err:
-        print(f"shards.verify: {err}", file=sys.stderr)
+        targets = resolve_targets(args.targets, "shards.verify")
+    except ShardsError as err:
+        print(usage_error("shards.verify", err), file=sys.stderr)
         return 2
-    for line in problems:
-        print(line)
-    manifest = read_manifest(args.root)
-    total = sum(shard["samples"] for entry in manifest["splits"].values() for shard in entry["shards"])
-    print(f"{args.root}: {len(manifest['splits'])} splits, {total} samples, {len(problems)} problem(s)")
-    return 1 if problems else 0
+    total_problems = 0
+    for target in targets:
+        print(target.note, flush=True)
+        problems, tally = 0, Tally()
+        for group in target.groups:
+            for line in check_group(group, args.max_pixels, tally):
+                problems += 1
+                print(line, flush=True)
+        if target.manifest is not None:
+            what = f"{len(target.groups)} splits"
+        else:
+            what = f"{len(target.groups[0].urls)} shard file(s)"
+        print(f"{shown(target.arg)}: {what}, {tally.samples} samples, {tally.bad} bad, {problems} problem(s)")
+        total_problems += problems
+    if len(targets) > 1:
+        print(f"all {len(targets)} targets: {total_problems} problem(s)")
+    return 1 if total_problems else 0
 
 
 if __name__ == "__main__":

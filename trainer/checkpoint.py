@@ -22,7 +22,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -149,9 +149,9 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return read_train_state(path)
 
 
-def find_resume(run_dir: Path, resume: str) -> Path | None:
+def find_resume(run_dir: Path, resume: str, report: Callable[[str], None] = print) -> Path | None:
     """The checkpoint to continue from: for `auto` the newest intact one in run_dir (damaged ones are reported
-    and skipped), for a path that checkpoint, for `none` nothing.
+    through `report` and skipped), for a path that checkpoint, for `none` nothing.
 
     Raises:
         CheckpointError: a given path that is not an intact checkpoint.
@@ -166,7 +166,7 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
             verify_checkpoint(candidate)
             return candidate
         except CheckpointError as err:
-            print(f"skipping {err}; trying the previous checkpoint")
+            report(f"skipping {err}; trying the previous checkpoint")
     return None
 
 
@@ -180,11 +180,11 @@ def check_architecture(path: Path, model_cfg: ModelConfig) -> None:
     if saved is None:
         return  # an earlier version's checkpoint: the tensor names and shapes are checked when loading
     current = dataclasses.asdict(model_cfg)
-    diffs = [f"model.{k}={saved.get(k)!r:.40} vs {v!r:.40}" for k, v in current.items() if saved.get(k) != v]
+    diffs = [f"model.{k}={saved.get(k)!r:.40}, config says {v!r:.40}" for k, v in current.items() if saved.get(k) != v]
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} has another architecture than the config (checkpoint vs config: {', '.join(diffs)}); "
-            "change the config back, or start a new run with another train.run_dir"
+            f"checkpoint {path} has {'; '.join(diffs)}: another architecture; change the config back, or train "
+            "it in a new train.run_dir"
         )
 
 
@@ -318,7 +318,9 @@ def _units_state(path: Path, engine: Engine) -> dict[str, dict[str, torch.Tensor
     return units
 
 
-def load_checkpoint(engine: Engine, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def load_checkpoint(
+    engine: Engine, path: Path, report: Callable[[str], None] = print
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Restore the units, optimizers, schedulers, scalers and RNG from `path` (a collective).
 
     units.safetensors is re-partitioned onto this run's backend and world size (bitwise what was saved). On the
@@ -356,7 +358,7 @@ def load_checkpoint(engine: Engine, path: Path) -> tuple[dict[str, Any], dict[st
             return train_state, state
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {path}: {source.name} is malformed ({type(err).__name__}: {err})") from None
-    print(
+    report(
         f"resuming {path} (written by {train_state['world_size']} x {train_state['backend']}) on "
         f"{engine.world_size} x {engine.backend_name}: weights and optimizer state re-partitioned, "
         "image pools empty, data from the start of the epoch"

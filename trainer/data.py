@@ -21,6 +21,7 @@ import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from shards.decode import BadSample, decode_extra, decode_rgb, image_extension
-from shards.manifest import read_manifest, split_urls
+from shards.manifest import MANIFEST, read_manifest, split_urls
+from shards.synthetic import BUILTIN_PREFIX, builtin_root
 from shards.urls import ShardsError, expand_shard_spec
 from trainer.config import ConfigError, DataConfig
 
@@ -63,6 +65,35 @@ def count_samples(url: str) -> int:
     return len(keys)
 
 
+def data_root(root: str, load_size: int = 286) -> str:
+    """The shard directory `data.root` names: `builtin:NAME` is made on first use (shards.synthetic); a local
+    directory must hold a manifest.json, and a folder of images gets the shards.write command that packs it.
+
+    Raises:
+        ConfigError: one line saying what data.root is instead and what to do.
+    """
+    if root.startswith(BUILTIN_PREFIX):
+        try:
+            return str(builtin_root(root))
+        except ShardsError as err:
+            raise ConfigError(str(err)) from None
+    path = Path(root)
+    if not path.is_dir():
+        raise ConfigError(f"data.root={root} does not exist; give a shard directory (manifest.json) or builtin:colour")
+    if (path / MANIFEST).is_file():
+        return root
+    pack = f"python -m shards.write --root {root} --out {root.rstrip('/')}-shards --load-size {load_size}"
+    if (path / "trainA").is_dir() and (path / "trainB").is_dir():
+        raise ConfigError(
+            f"data.root={root} holds image folders (trainA/, trainB/), not shards; pack them once with `{pack}` "
+            f"and set data.root={root.rstrip('/')}-shards"
+        )
+    raise ConfigError(
+        f"data.root={root} has no {MANIFEST}; write shards with `python -m shards.write` (image folders) or "
+        "`python -m shards.synthetic`, or use data.x_train/data.y_train for shard files without a manifest"
+    )
+
+
 def train_shards(cfg: DataConfig, domain: str) -> list[Shard]:
     """The training shards of `domain` with their sample counts, from data.<domain>_train or root's manifest."""
     spec = getattr(cfg, f"{domain}_train")
@@ -72,8 +103,9 @@ def train_shards(cfg: DataConfig, domain: str) -> list[Shard]:
             return [Shard(url, count_samples(url)) for url in urls]
         if not cfg.root:
             raise ConfigError("data.root is empty; set it to a shard directory, or set data.x_train and data.y_train")
-        manifest = read_manifest(cfg.root)
-        urls = split_urls(cfg.root, manifest, f"{domain}-train")
+        root = data_root(cfg.root, cfg.load_size)
+        manifest = read_manifest(root)
+        urls = split_urls(root, manifest, f"{domain}-train")
     except ShardsError as err:
         raise ConfigError(str(err)) from None
     counts = [entry["samples"] for entry in manifest["splits"][f"{domain}-train"]["shards"]]
@@ -290,10 +322,11 @@ class UnpairedShards(torch.utils.data.IterableDataset):
         world_size: int,
         slot_states: dict[int, dict[str, list[int]]],
         offset: int,
+        shards: dict[str, list[Shard]] | None = None,
     ):
         super().__init__()
         self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
-        self.shards = {d: train_shards(cfg, d) for d in DOMAINS}
+        self.shards = shards or {d: train_shards(cfg, d) for d in DOMAINS}
         self.slot_states = slot_states
         self.offset = offset
 
@@ -355,7 +388,14 @@ class UnpairedLoader:
     generator channels when data.extra is set. Tracks the data position (`state_dict`) and bad-sample counts."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int, device: torch.device):
+        """Resolves and checks the training shards of both domains now (a wrong data.root fails here, before a
+        run writes anything); the stream starts on the first batch.
+
+        Raises:
+            ConfigError: data.root or the shard URLs cannot be used (one line).
+        """
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.shards = {d: train_shards(cfg, d) for d in DOMAINS}
         self.rank, self.world_size, self.device = rank, world_size, device
         self.consumed = 0
         self.slot_states: dict[int, dict[str, list[int]]] = {}
@@ -397,6 +437,7 @@ class UnpairedLoader:
             self.world_size,
             self.slot_states,
             offset=self.consumed % max(1, workers),
+            shards=self.shards,
         )
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -469,8 +510,9 @@ def load_test_images(
     paired splits keep only keys readable in both); None without test splits or with count 0."""
     if not cfg.root or count == 0:
         return None
+    root = data_root(cfg.root, cfg.load_size)
     try:
-        manifest = read_manifest(cfg.root)
+        manifest = read_manifest(root)
     except ShardsError as err:
         raise ConfigError(str(err)) from None
     if not {"x-test", "y-test"} <= set(manifest["splits"]):
@@ -482,7 +524,7 @@ def load_test_images(
     for domain in DOMAINS:
         share: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         seen = 0
-        samples = (s for url in split_urls(cfg.root, manifest, f"{domain}-test") for s in shard_samples(url, 0, bad))
+        samples = (s for url in split_urls(root, manifest, f"{domain}-test") for s in shard_samples(url, 0, bad))
         for sample in itertools.islice(samples, count):
             seen += 1
             if (seen - 1) % world_size != rank:

@@ -233,8 +233,10 @@ class Engine:
 
     def unwrap(self, which: str) -> nn.Module:
         """The plain module of unit `which`, for forwards that must bypass the DDP wrapper or DeepSpeed engine
-        (the frozen discriminators in the generator step, sampling, evaluation)."""
-        return self.accelerator.unwrap_model(self.units[which])
+        (the frozen discriminators in the generator step, sampling, evaluation). Not accelerate's unwrap_model,
+        which imports DeepSpeed (and its start-up warnings) into every run."""
+        unit = self.units[which]
+        return unit.module if isinstance(unit, nn.parallel.DistributedDataParallel) or self.is_deepspeed else unit
 
     @contextlib.contextmanager
     def frozen(self, which: str) -> Iterator[nn.Module]:

@@ -5,6 +5,9 @@ evaluates its share of the test set; torchmetrics reduces the states over ranks,
 
     python -m trainer.evaluate --weights RUN_or_EXPORT --data DATA_DIR [--images 64] [--inception-weights PATH]
     accelerate launch --config_file launch/cpu-ddp-2.yaml -m trainer.evaluate --weights ... --data ...
+
+DATA_DIR is a shard directory with x-test and y-test splits, or image folders in the reference layout,
+DATA_DIR/testA (X) and DATA_DIR/testB (Y): unpaired, so without PSNR/SSIM (trainer.image_folders).
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchmetrics.image.fid import FrechetInceptionDistance  # not re-exported without torch-fidelity, not needed
 from torchmetrics.image.kid import KernelInceptionDistance  # with our own feature network
 
+from shards.synthetic import BUILTIN_PREFIX
 from trainer.config import ConfigError, DataConfig, EvalConfig
 from trainer.cyclegan import with_extra
 from trainer.data import TestSet, load_test_images
+from trainer.image_folders import TEST_FOLDERS, has_test_folders, load_test_folders
 from trainer.process_exit import exit_process
 
 NO_INCEPTION = (
     "FID/KID skipped: set eval.inception_weights (CLI: --inception-weights) to a local TorchScript Inception-v3 "
     "such as inception-2015-12-05.pt; nothing is downloaded"
+)
+NO_KNOWN_ANSWER = (
+    "PSNR/SSIM skipped: they need test images with a known answer (paired synthetic shards); these test images are "
+    "unpaired, so cycle L1 and FID/KID are computed"
 )
 SELECT_KEYS = {  # eval.select -> (metrics averaged into the score, sign that makes higher better)
     "psnr": (("eval/psnr_g_xy", "eval/psnr_g_yx"), 1.0),
@@ -75,6 +84,41 @@ def load_inception(path: str, device: torch.device | str = "cpu") -> InceptionFe
     if probe.ndim != 2 or probe.shape[0] != 2:
         raise ConfigError(f"eval.inception_weights={path} gave features of shape {tuple(probe.shape)}; expected [N, D]")
     return InceptionFeatures(scripted, int(probe.shape[1]))
+
+
+class SplitFreeKID(KernelInceptionDistance):
+    """torchmetrics' KID, made independent of how the images were split over ranks.
+
+    Its feature states are lists that torchmetrics gathers element by element (dist_reduce_fx=None), so ranks that
+    ran different numbers of updates (uneven shares) would pair up the wrong collectives: `pack` leaves one tensor
+    per state on each rank first. The gathered rows come in rank order, and KID draws seeded random subsets of
+    rows, so `compute` sorts them into an order of their own; it also caps the subset size at the rows there are
+    (unreadable test images are skipped after the size was chosen from the image counts).
+    """
+
+    def __init__(self, inception: InceptionFeatures, subset_size: int) -> None:
+        super().__init__(inception, subset_size=subset_size, reset_real_features=False)
+        self.num_features = inception.num_features
+        self.max_subset_size = subset_size
+
+    def pack(self) -> None:
+        """One feature tensor per state on this rank ([0, D] without images); call before `compute`."""
+        for state in ("real_features", "fake_features"):
+            rows = getattr(self, state)
+            empty = torch.empty(0, self.num_features, device=self.device)
+            setattr(self, state, [torch.cat(rows) if rows else empty])
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = []
+        for state in ("real_features", "fake_features"):  # all ranks' rows here: compute runs on synced states
+            rows = torch.cat(getattr(self, state))
+            setattr(self, state, [rows[rows[:, 0].argsort(stable=True)]])
+            counts.append(len(rows))
+        self.subset_size = min(self.max_subset_size, *counts)
+        if self.subset_size < 2:
+            nan = torch.tensor(float("nan"), device=self.device)
+            return nan, nan
+        return super().compute()
 
 
 @contextlib.contextmanager
@@ -123,9 +167,7 @@ class Evaluator:
                 if subset >= 2:
                     with warnings.catch_warnings():  # "saves all features": intended, test sets are small
                         warnings.simplefilter("ignore", UserWarning)
-                        self.metrics[f"kid_{domain}"] = KernelInceptionDistance(
-                            inception, subset_size=subset, reset_real_features=False
-                        )
+                        self.metrics[f"kid_{domain}"] = SplitFreeKID(inception, subset)
         for metric in self.metrics.values():
             metric.to(device)
         self.real_done = False
@@ -152,6 +194,9 @@ class Evaluator:
                         target = partner[start : start + rows].to(self.device) if test.paired else None
                         self._update(domain, batch[:rows], fake[:rows].float(), rec[:rows].float(), target)
         self.real_done = True
+        for metric in self.metrics.values():
+            if isinstance(metric, SplitFreeKID):
+                metric.pack()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # KID draws random subsets: the same ones on every rank and every call
             values = {name: metric.compute() for name, metric in self.metrics.items()}
@@ -224,12 +269,67 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(f"{k:<{width}}  {v:>12.4f}" for k, v in metrics.items())
 
 
+def load_test_data(root: str, image_size: int, extra: str, count: int, rank: int = 0, world_size: int = 1) -> TestSet:
+    """This rank's share of the first `count` test images per domain of --data: a shard directory's x-test and
+    y-test splits, or the image folders root/testA and root/testB; resized to image_size either way.
+
+    Raises:
+        ConfigError: --data is neither, or holds no such test images.
+    """
+    data = DataConfig(root=root, load_size=image_size, crop_size=image_size, extra=extra)
+    path = Path(root)
+    if (path / "manifest.json").is_file():
+        return shard_test_set(data, root, count, rank, world_size)
+    if has_test_folders(path):
+        return load_test_folders(path, image_size, extra, count, data.max_image_pixels, rank, world_size)
+    expected = "expected a shard directory (manifest.json) or image folders testA/ (X) and testB/ (Y)"
+    if root.startswith(BUILTIN_PREFIX):  # made on first use by trainer.data
+        return shard_test_set(data, root, count, rank, world_size)
+    if not path.exists():
+        raise ConfigError(f"--data {root} does not exist; {expected}")
+    if not path.is_dir():
+        raise ConfigError(f"--data {root} is not a directory; {expected}")
+    present = [f"{name}/" for name in TEST_FOLDERS.values() if (path / name).is_dir()]
+    has = f"has {present[0]} only" if present else "holds neither manifest.json nor testA/ and testB/"
+    raise ConfigError(f"--data {root} {has}; {expected}")
+
+
+def shard_test_set(data: DataConfig, root: str, count: int, rank: int, world_size: int) -> TestSet:
+    """`load_test_images`, which must find test splits.
+
+    Raises:
+        ConfigError: the shard directory has no x-test/y-test splits.
+    """
+    test = load_test_images(data, count, rank=rank, world_size=world_size)
+    if test is None:
+        raise ConfigError(f"--data {root}: no x-test/y-test splits to evaluate on")
+    return test
+
+
+def check_readable(test: TestSet, data: str, device: torch.device, world_size: int) -> None:
+    """Each domain has at least one readable test image on some rank (a collective when world_size > 1).
+
+    Raises:
+        ConfigError: on every rank, naming the empty domain.
+    """
+    counts = torch.tensor([len(test.x), len(test.y)], device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(counts)
+    for domain, count in zip("xy", counts.tolist()):
+        if count == 0:
+            raise ConfigError(f"--data {data}: none of the {domain.upper()} test images could be read")
+
+
 def main(argv: list[str] | None = None) -> int:
     from trainer.export import add_inference_arguments, inference_device, load_inference_generators
 
-    parser = argparse.ArgumentParser(description="Evaluate generators on a shard directory's test split.")
+    parser = argparse.ArgumentParser(
+        description="Evaluate generators on a shard directory's test splits or on testA/ and testB/ image folders."
+    )
     add_inference_arguments(parser)
-    parser.add_argument("--data", required=True, help="shard directory with x-test and y-test splits")
+    parser.add_argument(
+        "--data", required=True, help="shard directory with x-test and y-test splits, or a folder with testA/ testB/"
+    )
     parser.add_argument("--images", type=int, default=64, help="test images per domain")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--inception-weights", default="", help="local TorchScript Inception-v3 for FID/KID")
@@ -241,12 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     if world_size > 1:  # under accelerate launch / torchrun: each rank evaluates its share
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
+        if args.images < 1:
+            raise ConfigError(f"--images {args.images}: expected an integer >= 1 (test images per domain)")
         gens = load_inference_generators(args.weights, args.step, args.best)
         cfg = EvalConfig(images=args.images, batch_size=args.batch_size, inception_weights=args.inception_weights)
-        data = DataConfig(root=args.data, load_size=gens.image_size, crop_size=gens.image_size, extra=gens.extra)
-        test = load_test_images(data, cfg.images, rank=rank, world_size=world_size)
-        if test is None:
-            raise ConfigError(f"--data {args.data}: no x-test/y-test splits to evaluate on")
+        test = load_test_data(args.data, gens.image_size, gens.extra, cfg.images, rank, world_size)
+        check_readable(test, args.data, device, world_size)
         inception = load_inception(cfg.inception_weights, device) if cfg.inception_weights else None
     except (ConfigError, ValueError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
@@ -256,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluator(gens.g_xy.to(device), gens.g_yx.to(device), bf16)
     if rank == 0:
         print(format_table(metrics))
+        if not test.paired:
+            print(NO_KNOWN_ANSWER)
         if inception is None:
             print(NO_INCEPTION)
         if args.json:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from trainer.checkpoint import (
@@ -81,20 +82,34 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None, best
 
 def load_inference_generators(path: str | Path, step: int | None = None, best: bool = False) -> ExportedGenerators:
     """G and F in eval mode from an export directory (model.json) or a run directory (config.yaml: its newest
-    intact checkpoint, `step`, or the best one).
+    intact checkpoint, `step`, or the best one). `path` is what the user gave as --weights.
 
     Raises:
-        ConfigError, CheckpointError: one line naming the path and what is wrong.
+        ConfigError, CheckpointError: one line naming the path and what is wrong (a missing path, a file such as
+            one of an export's .safetensors instead of its directory, an unreadable export).
     """
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--weights {path} does not exist")
+    if not path.is_dir():
+        what = "is a file" if path.is_file() else "is not a directory"
+        if (path.parent / "model.json").is_file():
+            raise ConfigError(f"--weights {path} {what}; give the export directory that holds it ({path.parent})")
+        expected = "expected an export directory (model.json) or a run directory (config.yaml)"
+        raise ConfigError(f"--weights {path} {what}; {expected}")
     if (path / "model.json").is_file():
         if step is not None or best:
             raise ConfigError(f"{path} is an export directory; --step and --best choose among a run's checkpoints")
-        return load_generators(path)
+        try:
+            return load_generators(path)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, SafetensorError) as err:  # malformed model.json or safetensors
+            raise ConfigError(f"--weights {path}: unreadable export ({type(err).__name__}: {err!s:.120})") from None
     if (path / "config.yaml").is_file():
         cfg, checkpoint, weights = checkpoint_weights(path, step, best)
         return generators_from_weights(weights, cfg.model, cfg.data.crop_size, cfg.data.extra, str(checkpoint))
-    raise ConfigError(f"{path}: neither an export directory (model.json) nor a run directory (config.yaml)")
+    raise ConfigError(f"--weights {path}: neither an export directory (model.json) nor a run directory (config.yaml)")
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:

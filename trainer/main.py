@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.checkpoint import CheckpointError
     from trainer.nonfinite import TrainingDiverged
-    from trainer.preemption import PREEMPTED_EXIT_CODE
+    from trainer.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
     from trainer.run_lock import RunDirLocked
     from trainer.train import train
 
@@ -42,8 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a quota, a permission: say which file, without a traceback
         print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+    if result.interrupted:
+        return INTERRUPTED_EXIT_CODE
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    try:
+        status = main()
+    except KeyboardInterrupt:  # Ctrl-C before training installed its handler: nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        status = 130
+    exit_process(status)

@@ -1,33 +1,67 @@
-"""Preemption: SIGUSR1 (SLURM's `--signal=B:USR1@T`, forwarded) and SIGTERM set a flag; the training loop checks
-it on step boundaries, saves a checkpoint and exits with PREEMPTED_EXIT_CODE so the job script requeues.
+"""Stopping on a signal: SIGUSR1 (SLURM's `--signal=B:USR1@T`, forwarded) and SIGTERM mean preemption, SIGINT
+(Ctrl-C) means the user stops the run. Both set a flag that the training loop checks on step boundaries; it then
+saves a checkpoint and exits, with PREEMPTED_EXIT_CODE (the SLURM scripts requeue) or INTERRUPTED_EXIT_CODE.
 
-The handler only sets a flag, so a second signal during the save changes nothing: the save finishes.
+The handler only sets a flag, so a second SIGUSR1/SIGTERM during the save changes nothing: the save finishes. A
+second SIGINT is the user insisting: the process exits at once, saying what is lost.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from pathlib import Path
 
+from trainer.process_exit import exit_process
+
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" - the SLURM scripts requeue on it
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
 PREEMPTED_MARKER = "PREEMPTED"  # written to the run directory with the step, for launchers that hide exit codes
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionFlag:
-    """Installs the handlers on creation (main thread only); `raised` tells whether a signal arrived."""
+    """Installs the handlers on creation (main thread only); `raised` tells whether a signal arrived. The training
+    loop keeps `step` and `saved_step` current, for the message of a second Ctrl-C. Processes forked later (loader
+    workers) inherit the handlers but ignore the signals: their parent handles them."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.step = self.saved_step = 0
+        self.pid = os.getpid()
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signal = signum
+        if os.getpid() != self.pid:
+            return
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            lost = self.step - self.saved_step
+            print(
+                f"interrupted again: stopped at step {self.step} without saving; the {lost} step(s) since "
+                f"{'the checkpoint of step ' + str(self.saved_step) if self.saved_step else 'the start'} are lost",
+                file=sys.stderr,
+                flush=True,
+            )
+            exit_process(INTERRUPTED_EXIT_CODE)
+        if signum == signal.SIGINT and self.signal is None:
+            print(
+                "interrupt: saving a checkpoint within a few steps, then stopping (Ctrl-C again stops at once "
+                "without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.signal = self.signal or signum
 
     @property
     def raised(self) -> bool:
         return self.signal is not None
+
+    @property
+    def interrupted(self) -> bool:
+        """The user pressed Ctrl-C (SIGINT), rather than a scheduler preempting the run."""
+        return self.signal == signal.SIGINT
 
 
 def mark_preempted(run_dir: Path, step: int) -> None:

@@ -1,5 +1,5 @@
-"""Run tracking on the main process: metrics.jsonl, PNG sample grids, a tqdm progress bar and W&B through
-Accelerate's tracker API. Every method is a no-op on the other ranks; nothing here knows about models.
+"""Run tracking on the main process: metrics.jsonl, PNG sample grids and W&B through Accelerate's tracker API
+(the console is trainer.console's). Every method is a no-op on the other ranks; nothing here knows about models.
 
 Resuming continues the same W&B run (its id is kept in the checkpoints) and never logs a step at or below the
 last one W&B already has, so its step axis only goes forward.
@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from trainer.config import ConfigError, LoggingConfig
 
@@ -77,7 +75,6 @@ class Tracker:
         run_dir: Path,
         cfg: LoggingConfig,
         config: dict[str, Any],
-        total_steps: int,
         resume_step: int = 0,
         wandb_run_id: str | None = None,
     ):
@@ -86,16 +83,12 @@ class Tracker:
         self.use_wandb = cfg.wandb != "disabled"
         self.run_dir = run_dir
         self.jsonl = None
-        self.progress = None
         self.wandb_run_id: str | None = None
         self.wandb_floor = -1
         if not self.is_main:
             return
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         self.jsonl = self._open_jsonl(run_dir / "metrics.jsonl", resume_step)
-        self.progress = tqdm(
-            total=total_steps, initial=resume_step, desc="train", unit="step", disable=not sys.stderr.isatty()
-        )
         if self.use_wandb:
             try:
                 import wandb  # noqa: F401
@@ -136,8 +129,11 @@ class Tracker:
         """Write scalars for `step` (number of updates done) to metrics.jsonl and W&B."""
         if not self.is_main:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        except OSError as err:  # a full disk: name the file (a write error names none)
+            raise OSError(err.errno, err.strerror, self.jsonl.name) from None
         self._to_wandb(step, metrics)
 
     def _to_wandb(self, step: int, values: dict[str, Any]) -> None:
@@ -145,12 +141,6 @@ class Tracker:
             return  # W&B already has this step from the run before the resume
         self.accelerator.log(values, step=step)
         (self.run_dir / WANDB_LAST_STEP).write_text(str(step))
-
-    def advance(self, steps: int, postfix: dict[str, float]) -> None:
-        """Move the progress bar."""
-        if self.is_main:
-            self.progress.update(steps)
-            self.progress.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
 
     def log_images(self, step: int, grids: dict[str, np.ndarray]) -> None:
         """Save each grid as run_dir/images/<name>_<step>.png and log it to W&B."""
@@ -165,5 +155,4 @@ class Tracker:
 
     def close(self) -> None:
         if self.is_main:
-            self.progress.close()
             self.jsonl.close()

@@ -23,6 +23,7 @@ from trainer.checkpoint import (
     save_generators,
 )
 from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, save_config, to_dict
+from trainer.console import Console
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import Engine
@@ -143,10 +144,13 @@ class TrainResult:
     step: int  # the last update done
     metrics: dict[str, float]  # the last evaluation (empty without a test split)
     preempted: bool  # stopped by SIGUSR1/SIGTERM after saving a checkpoint
+    interrupted: bool = False  # stopped by SIGINT (Ctrl-C) after saving a checkpoint
 
 
 def train(cfg: Config) -> TrainResult:
-    """Train a CycleGAN as `cfg` says, continuing from a checkpoint when train.resume finds one.
+    """Train a CycleGAN as `cfg` says, continuing from a checkpoint when train.resume finds one. Everything that
+    can be checked (data, test split, the resume point and its architecture) is checked before the run directory
+    changes.
 
     Raises:
         ConfigError, CheckpointError, RunDirLocked, TrainingDiverged: one-line reasons to stop.
@@ -156,62 +160,70 @@ def train(cfg: Config) -> TrainResult:
         cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb"
     )
     cfg = dataclasses.replace(cfg, distributed=engine.cfg)  # backend=auto resolved from the launcher
-    with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
-        return _train(cfg, engine, preemption)
-
-
-def _train(cfg: Config, engine: Engine, preemption: PreemptionFlag) -> TrainResult:
-    run_dir = Path(cfg.train.run_dir)
-    resume_from = _resume_point(cfg, run_dir, engine)
-    if engine.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-    total, accum = cfg.train.steps, cfg.train.grad_accum_steps
-
-    units, global_batch, scale = build_training(cfg, engine)
+    console = Console(engine.is_main)
     loader = UnpairedLoader(
         cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device
     )
+    evaluator = _build_evaluator(cfg, engine, console)
+    samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
+    with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
+        resume_from = _resume_point(cfg, Path(cfg.train.run_dir), engine, console)
+        return _train(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
+
+
+def _train(
+    cfg: Config,
+    engine: Engine,
+    preemption: PreemptionFlag,
+    console: Console,
+    loader: UnpairedLoader,
+    evaluator: Evaluator | None,
+    samples: TestSet | None,
+    resume_from: Path | None,
+) -> TrainResult:
+    run_dir = Path(cfg.train.run_dir)
+    total, accum = cfg.train.steps, cfg.train.grad_accum_steps
+    units, global_batch, scale = build_training(cfg, engine)
     pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
     start, train_state = 0, {}
     if resume_from is not None:
-        train_state, rank_state = load_checkpoint(engine, resume_from)
+        train_state, rank_state = load_checkpoint(engine, resume_from, console.message)
         start = train_state["step"]
         loader.load_state_dict(rank_state["data"])
         for pool, key in zip(pools, ("pool_x", "pool_y")):
             if key in rank_state:
                 pool.load_state_dict(rank_state[key], engine.device)
+    if engine.is_main:  # only now: a resume point that does not load leaves the run directory as it was
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     tracker = Tracker(
         engine.accelerator,
         run_dir,
         cfg.logging,
         to_dict(cfg),
-        total,
         resume_step=start,
         wandb_run_id=train_state.get("wandb_run_id"),
     )
     spikes = SpikeCapture(run_dir, cfg.logging.spike_factor, cfg.logging.spike_check_steps)
     capture_spikes = engine.is_main and cfg.logging.spike_factor > 0
-    if engine.is_main:
-        print(
-            f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
-            f"global batch {global_batch} = {cfg.train.batch_size} per rank x {engine.world_size} ranks x {accum} "
-            f"micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr {cfg.optimizer.lr * scale:.4g}"
-            + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
-        )
+    console.message(
+        f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
+        f"global batch {global_batch} = {cfg.train.batch_size} per rank x {engine.world_size} ranks x {accum} "
+        f"micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr {cfg.optimizer.lr * scale:.4g}"
+        + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
+    )
     if start == 0:
         tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
-    evaluator = _build_evaluator(cfg, engine)
     best = read_best(run_dir)  # from before a resume; a best by another eval.select metric does not compare
     best = best if cfg.eval.select != "none" and best and best["select"] == cfg.eval.select else None
-    samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
 
     sums: dict[str, torch.Tensor] = {}
     nonfinite = NonfiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision == "fp16")
     window_steps, window_start, data_wait = 0, time.perf_counter(), 0.0
     metrics: dict[str, float] = {}
-    preempted = False
+    stopped = False
+    preemption.step = preemption.saved_step = start
+    console.start(start, total)
     for step in range(start + 1, total + 1):
         wait_start = time.perf_counter()
         micro_batches = [next(loader) for _ in range(accum)]
@@ -221,9 +233,13 @@ def _train(cfg: Config, engine: Engine, preemption: PreemptionFlag) -> TrainResu
         _accumulate(sums, stats)  # on the device: no host sync per step
         nonfinite.add(stats)
         window_steps += 1
+        preemption.step = step
+        console.step()
         if capture_spikes:
             for event in spikes.add(step, {k: v for k, v in stats.items() if k.startswith("loss/")}, images):
-                print(f"loss spike at step {event['step']} in {', '.join(event['terms'])}: saved {event['dir']}")
+                console.message(
+                    f"loss spike at step {event['step']} in {', '.join(event['terms'])}: saved {event['dir']}"
+                )
                 tracker.log(step, {"spike/step": event["step"], "spike/terms": len(event["terms"])})
         if _is_due(step, cfg.logging.every_steps, total):
             elapsed = time.perf_counter() - window_start
@@ -254,7 +270,7 @@ def _train(cfg: Config, engine: Engine, preemption: PreemptionFlag) -> TrainResu
             if cfg.train.precision == "fp16":
                 logged.update({"loss_scale/g": engine.loss_scale("g"), "loss_scale/d": engine.loss_scale("d")})
             tracker.log(step, logged)
-            tracker.advance(window_steps, {"g": logged["loss/g_total"], "d": logged["loss/d_total"]})
+            console.interval(step, logged)
             sums, window_steps, window_start, data_wait = {}, 0, time.perf_counter(), 0.0
             nonfinite.check(engine.any_rank, step, run_dir)
 
@@ -270,8 +286,8 @@ def _train(cfg: Config, engine: Engine, preemption: PreemptionFlag) -> TrainResu
                 metrics["eval/select_score"] = score = selection_score(metrics, cfg.eval.select)
                 new_best = engine.any_rank(best is None or score > best["score"])
             tracker.log(step, metrics)
-        preempted = step % cfg.checkpoint.preempt_check_steps == 0 and engine.any_rank(preemption.raised)
-        if preempted or new_best or _is_due(step, cfg.checkpoint.every_steps, total):
+        stopped = step % cfg.checkpoint.preempt_check_steps == 0 and engine.any_rank(preemption.raised)
+        if stopped or new_best or _is_due(step, cfg.checkpoint.every_steps, total):
             nonfinite.check(engine.any_rank, step, run_dir)
             rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
             meta = {"model": dataclasses.asdict(cfg.model), "wandb_run_id": tracker.wandb_run_id}
@@ -281,24 +297,33 @@ def _train(cfg: Config, engine: Engine, preemption: PreemptionFlag) -> TrainResu
                 engine, run_dir, step, rank_state, meta, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps,
                 best if new_best else None,
             )  # fmt: skip
-            logged = {"checkpoint/saved_step": step, **_replica_check(engine, step)}
+            preemption.saved_step = step
+            logged = {"checkpoint/saved_step": step, **_replica_check(engine, step, console)}
             tracker.log(step, {**logged, **({"eval/best_step": step} if new_best else {})})
-        if preempted:
-            if engine.is_main:
-                mark_preempted(run_dir, step)
-                print(f"preempted: saved {path}; exiting with code {PREEMPTED_EXIT_CODE} to be requeued")
+        if stopped:
             break
 
-    if not preempted:
+    interrupted = stopped and engine.any_rank(preemption.interrupted)
+    export = None
+    if not stopped:
         weights = engine.full_state_dict("g")  # collective under DeepSpeed
         if engine.is_main:
-            save_generators(run_dir / "export", weights, cfg.model, cfg.data)
+            export = run_dir / "export"
+            save_generators(export, weights, cfg.model, cfg.data)
+    elif interrupted:
+        console.message(f"interrupted: saved {path}; run the same command to continue from step {step}")
+    else:
+        if engine.is_main:
+            mark_preempted(run_dir, step)
+        console.message(f"preempted: saved {path}; exiting with code {PREEMPTED_EXIT_CODE} to be requeued")
+    last = step if total > start else start
+    console.summary(last, (last - start) * global_batch, metrics, None if export is None else str(export))
     tracker.close()
     engine.end()
-    return TrainResult(step=step if total > start else start, metrics=metrics, preempted=preempted)
+    return TrainResult(step=last, metrics=metrics, preempted=stopped and not interrupted, interrupted=interrupted)
 
 
-def _resume_point(cfg: Config, run_dir: Path, engine: Engine) -> Path | None:
+def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) -> Path | None:
     """The checkpoint to continue from, after refusing to start over on top of an existing run unless told."""
     if cfg.train.resume == "none" and complete_checkpoints(run_dir):
         if not cfg.train.overwrite:
@@ -310,13 +335,13 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine) -> Path | None:
         if engine.is_main:
             shutil.rmtree(run_dir / CHECKPOINTS)
         engine.barrier()
-    resume_from = find_resume(run_dir, cfg.train.resume)
+    resume_from = find_resume(run_dir, cfg.train.resume, console.message)
     if resume_from is not None:
         check_architecture(resume_from, cfg.model)
     return resume_from
 
 
-def _build_evaluator(cfg: Config, engine: Engine) -> Evaluator | None:
+def _build_evaluator(cfg: Config, engine: Engine, console: Console) -> Evaluator | None:
     """The evaluator of this rank's share of the test split (None without one), after checking eval.select."""
     test = load_test_images(cfg.data, cfg.eval.images, "cpu", engine.rank, engine.world_size)
     if test is None:
@@ -326,18 +351,18 @@ def _build_evaluator(cfg: Config, engine: Engine) -> Evaluator | None:
     if cfg.eval.select == "psnr" and not test.paired:
         raise ConfigError("eval.select=psnr needs a test split with a known answer (synthetic data); use cycle or fid")
     inception = load_inception(cfg.eval.inception_weights, engine.device) if cfg.eval.inception_weights else None
-    if inception is None and engine.is_main:
-        print(NO_INCEPTION)
+    if inception is None:
+        console.message(NO_INCEPTION)
     return Evaluator(test, cfg.eval, cfg.model.input_nc, engine.device, engine.world_size, inception)
 
 
-def _replica_check(engine: Engine, step: int) -> dict[str, float]:
+def _replica_check(engine: Engine, step: int, console: Console) -> dict[str, float]:
     """run/replica_spread (see Engine.replica_spread) for the checkpoint log, with a warning when ranks differ."""
     spread = engine.replica_spread()
     if spread is None:
         return {}
-    if spread > 0 and engine.is_main:
-        print(f"warning: ranks hold different weights at step {step} (relative spread {spread:.3g})")
+    if spread > 0:
+        console.message(f"warning: ranks hold different weights at step {step} (relative spread {spread:.3g})")
     return {"run/replica_spread": spread}
 
 

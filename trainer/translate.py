@@ -6,7 +6,10 @@
 shard directory (manifest.json; the x-test split for x2y, y-test for y2x, or --split) or a shard URL spec (outputs
 are named KEY.png). Images are resized to --size (default: the training resolution; 0 keeps each image's size,
 cropped to a multiple the generator accepts). --side-by-side also writes input | output pairs under OUT/compare/.
-From Python: `load_inference_generators` (trainer.export) and `translate_batches`.
+Images are decoded as training decodes them (shards.decode: grey, RGBA and palette images become RGB, the same
+pixel limit); an input that cannot be used is skipped and named with its reason on stderr, and the run fails
+(exit 2) only when nothing could be translated. From Python: `load_inference_generators` (trainer.export) and
+`translate_batches`.
 """
 
 from __future__ import annotations
@@ -18,49 +21,19 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from shards.decode import DEFAULT_MAX_PIXELS
-from shards.encoding import IMAGE_EXTENSIONS, colour_histogram
+from shards.decode import DEFAULT_MAX_PIXELS, BadSample
 from shards.manifest import read_manifest, split_urls
 from shards.urls import ShardsError, expand_shard_spec
 from trainer.checkpoint import CheckpointError, ExportedGenerators
 from trainer.config import ConfigError
 from trainer.cyclegan import with_extra
-from trainer.data import BadSampleCounter, decode_or_count, extra_channels, resize, shard_samples
+from trainer.data import BadSampleCounter, decode, extra_channels, resize, shard_samples
 from trainer.export import add_inference_arguments, inference_device, load_inference_generators
-
-Item = tuple[str, torch.Tensor, torch.Tensor | None]  # (output name, uint8 [3, H, W], extra or None)
-
-
-def read_image_dir(root: Path, extra: str, convert_rgb: bool) -> Iterator[Item]:
-    """Every image file under `root` (sorted), named by its path relative to root.
-
-    Raises:
-        ConfigError: an image that is not RGB (unless convert_rgb), or a model that needs label maps.
-    """
-    if extra == "label":
-        raise ConfigError(f"--input {root}: the model takes label maps (data.extra=label); give shards with label.png")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    if not files:
-        raise ConfigError(f"--input {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                if image.mode != "RGB" and not convert_rgb:
-                    channels = len(image.getbands())
-                    raise ConfigError(
-                        f"{path} has {channels} channel(s) ({image.mode}); the generators take RGB images "
-                        "(convert it, or pass --convert-rgb)"
-                    )
-                pixels = np.asarray(image.convert("RGB"))
-        except (OSError, SyntaxError) as err:
-            raise ConfigError(f"{path} is not a readable image: {err}") from None
-        hist = torch.from_numpy(colour_histogram(pixels)).float() if extra == "hist" else None
-        yield str(path.relative_to(root)), torch.from_numpy(pixels.copy()).permute(2, 0, 1), hist
+from trainer.image_folders import Item, image_files, read_image_dir
 
 
 def output_name(key: str) -> str:
@@ -70,20 +43,30 @@ def output_name(key: str) -> str:
     return "/".join(part for part in parts if part) or "_"
 
 
-def read_shards(urls: list[str], extra: str) -> Iterator[Item]:
-    """Every decodable sample of the shards, named KEY.png (see `output_name`); bad samples are counted and
-    reported at the end."""
+def read_shards(urls: list[str], extra: str, skipped: list[str] | None = None) -> Iterator[Item]:
+    """Every decodable sample of the shards, named KEY.png (see `output_name`). Each bad sample (and each tar-level
+    error) is appended to `skipped` as "SHARD:KEY: reason"; None prints those lines to stderr at the end."""
     bad = BadSampleCounter()
+    lines = [] if skipped is None else skipped
     for sample in (s for url in urls for s in shard_samples(url, 0, bad)):
-        decoded = decode_or_count(sample, extra, bad, DEFAULT_MAX_PIXELS)
-        if decoded is not None:
-            yield f"{output_name(str(sample['__key__']))}.png", decoded[0], decoded[1]
-    if bad.examples:
-        print(f"skipped bad samples: {dict(bad.counts) or ''} {bad.examples[0]}", file=sys.stderr)
+        try:
+            image, extra_part = decode(sample, extra, DEFAULT_MAX_PIXELS)
+        except BadSample as err:
+            lines.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {err}")
+            continue
+        yield f"{output_name(str(sample['__key__']))}.png", image, extra_part
+    lines.extend(bad.examples)  # tar-level errors (handler), at most 8
+    if skipped is None:
+        for line in lines:
+            print(f"skipped {line}", file=sys.stderr)
 
 
-def read_inputs(source: str, direction: str, split: str | None, extra: str, convert_rgb: bool) -> Iterator[Item]:
-    """The images of --input: an image directory, a shard directory or a shard URL spec.
+def read_inputs(
+    source: str, direction: str, split: str | None, extra: str, skipped: list[str] | None = None
+) -> Iterator[Item]:
+    """The images of --input: an image directory, a shard directory or a shard URL spec. Images are decoded as
+    training decodes them (grey, RGBA and palette converted to RGB); an input that cannot be used is skipped and
+    appended to `skipped` as "WHERE: reason" (None: printed to stderr).
 
     Raises:
         ConfigError: a path that does not exist or holds nothing to translate.
@@ -94,12 +77,12 @@ def read_inputs(source: str, direction: str, split: str | None, extra: str, conv
         split = split or f"{direction[0]}-test"
         if split not in manifest["splits"]:
             raise ConfigError(f"--input {path}: no split {split}; it has {', '.join(sorted(manifest['splits']))}")
-        return read_shards(split_urls(path, manifest, split), extra)
+        return read_shards(split_urls(path, manifest, split), extra, skipped)
     if path.is_dir():
-        return read_image_dir(path, extra, convert_rgb)
+        return read_image_dir(path, image_files(path, "--input"), extra, "--input", DEFAULT_MAX_PIXELS, skipped)
     if not any(mark in source for mark in "{:") and not path.suffix == ".tar":
         raise ConfigError(f"--input {source} does not exist (expected an image directory, shard directory or shards)")
-    return read_shards(expand_shard_spec(source, allow_pipe=False, key="--input"), extra)
+    return read_shards(expand_shard_spec(source, allow_pipe=False, key="--input"), extra, skipped)
 
 
 def translate_batches(
@@ -160,17 +143,21 @@ def save_image(pixels: torch.Tensor, out: Path, name: str) -> None:
     """Write uint8 [3, H, W] to out/name (format from the suffix; JPEG at quality 95).
 
     Raises:
-        ConfigError: `name` would lead outside `out` (through `..`, an absolute path or a symlink).
+        ConfigError: `name` would lead outside `out` (through `..`, an absolute path or a symlink), or the file
+            cannot be written.
     """
     path = out / name
     if not path.resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"output {name!r:.120} would be written outside --out {out}; refusing")
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     buffer = io.BytesIO()
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     image.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    path.write_bytes(buffer.getvalue())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer.getvalue())
+    except OSError as err:
+        raise ConfigError(f"cannot write {err.filename or path}: {err.strerror or err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="resize to this square side (default: training resolution; 0: keep)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--side-by-side", action="store_true", help="also write input | output to OUT/compare/")
-    parser.add_argument("--convert-rgb", action="store_true", help="convert grey/RGBA/palette images to RGB")
     args = parser.parse_args(argv)
     device = inference_device(args.device)
-    count = 0
+    count, skipped = 0, []
     try:
+        if args.out.exists() and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out} exists and is not a directory")
         gens = load_inference_generators(args.weights, args.step, args.best)
-        items = read_inputs(args.input, args.direction, args.split, gens.extra, args.convert_rgb)
+        items = read_inputs(args.input, args.direction, args.split, gens.extra, skipped)
         results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16)
         for name, image, output in tqdm(results, desc=f"translate {args.direction}", unit="img", disable=None):
             save_image(output, args.out, name)
@@ -199,7 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ShardsError) as err:
         print(f"translate: {err}", file=sys.stderr)
         return 2
-    print(f"translated {count} images ({args.direction}) into {args.out}")
+    if count == 0:
+        why = f"{len(skipped)} skipped; the first: {skipped[0]}" if skipped else "it holds no samples"
+        print(f"translate: nothing in --input {args.input} could be translated ({why})", file=sys.stderr)
+        return 2
+    for line in skipped:
+        print(f"translate: skipped {line}", file=sys.stderr)
+    print(
+        f"translated {count} images ({args.direction}) into {args.out}"
+        + (f"; skipped {len(skipped)}" if skipped else "")
+    )
     return 0
 
 

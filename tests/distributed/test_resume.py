@@ -211,7 +211,7 @@ def test_resume_on_another_world_size_and_backend(first, second, colour_shards, 
     )
     before = losses(run_dir)
     result = train(second, colour_shards, run_dir, "train.steps=8", "logging.every_steps=1", "schedule.kind=constant")
-    assert "weights and optimizer state re-partitioned" in result.stdout
+    assert result.stdout.count("weights and optimizer state re-partitioned") == 1  # the main rank says it once
     after = losses(run_dir)
     assert sorted(after) == list(range(1, 9))
     # the losses continue where they were, not from an untrained model's level

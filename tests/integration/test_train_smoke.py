@@ -107,8 +107,10 @@ def test_bad_override_exits_with_one_line(tmp_path, colour_shards):
 
 def test_missing_shards_are_a_one_line_error(tmp_path):
     result = run_bounded(train_command(f"{tmp_path}/none", tmp_path / "run"))
-    assert result.returncode != 0
-    assert "manifest.json not found; write shards with" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: data.root={tmp_path}/none does not exist; give a shard directory (manifest.json) or builtin:colour"
+    )
 
 
 def test_wandb_offline_run_is_written(tmp_path, colour_shards):

@@ -4,6 +4,7 @@ shard directories and run directories; one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from shards.decode import decode_rgb
 from tests.conftest import REPO, run_bounded, train_command, untrained_export
 from trainer.checkpoint import save_generators
 from trainer.config import load_config
@@ -104,26 +106,70 @@ def test_cli_translates_a_run_directory_on_shards(colour_shards, tmp_path):
     assert len(keys) == json.loads((colour_shards / "manifest.json").read_text())["splits"]["x-test"]["samples"]
 
 
+def test_cli_converts_grey_rgba_and_palette_images_as_training_does(export_dir, tmp_path):
+    source = tmp_path / "in"
+    for name, mode in (("grey", "L"), ("rgba", "RGBA"), ("palette", "RGB")):
+        write_image(source / f"{name}.png", (32, 32), mode)
+    with Image.open(source / "palette.png") as image:
+        image.convert("P").save(source / "palette.png")
+    out = tmp_path / "out"
+    result = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", source, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "translated 3 images (x2y)" in result.stdout and result.stderr.strip() == ""
+    gens = load_inference_generators(export_dir)
+    for name in ("grey", "rgba", "palette"):
+        with Image.open(out / f"{name}.png") as written:
+            assert (written.format, written.mode, written.size) == ("PNG", "RGB", (32, 32))
+            pixels = torch.from_numpy(np.asarray(written).copy()).permute(2, 0, 1)
+        # training's decoding of the same bytes, through the generator: the same output
+        decoded = torch.from_numpy(decode_rgb((source / f"{name}.png").read_bytes()).copy()).permute(2, 0, 1)
+        [(_, _, expected)] = translate_batches(gens, "x2y", [(name, decoded, None)])
+        assert torch.equal(pixels, expected), name
+
+
+def test_cli_skips_unreadable_files_naming_each(export_dir, tmp_path):
+    source = tmp_path / "in"
+    write_image(source / "a.png", (32, 32))
+    (source / "b.png").write_bytes(b"not an image at all")
+    os.mkfifo(source / "c.png")  # never opened: a FIFO would block the read
+    result = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", source, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "translated 1 images (x2y)" in result.stdout and "skipped 2" in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"translate: skipped {source / 'b.png'}: image ")  # then shards.decode's reason
+    assert lines[1] == f"translate: skipped {source / 'c.png'}: a FIFO, not a regular file"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+    (source / "a.png").unlink()
+    nothing = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", source, "--out", tmp_path / "o2")
+    lines = nothing.stderr.strip().splitlines()
+    assert nothing.returncode == 2 and len(lines) == 1, nothing.stderr
+    assert lines[0].startswith(f"translate: nothing in --input {source} could be translated (2 skipped; the first: ")
+
+
 def test_cli_errors_are_one_line(export_dir, tmp_path):
-    write_image(tmp_path / "rgba" / "a.png", (32, 32), "RGBA")
+    write_image(tmp_path / "rgb" / "a.png", (32, 32))
+    (tmp_path / "not_an_export").mkdir()
+    (tmp_path / "not_an_export" / "weights.safetensors").write_bytes(b"x")
+    safetensors = export_dir / "g_xy.safetensors"
     cases = {
         "no such input": (["--input", tmp_path / "nope"], "translate: --input", "does not exist"),
-        "RGBA image": (
-            ["--input", tmp_path / "rgba"],
-            "translate:",
-            "has 4 channel(s) (RGBA); the generators take RGB",
-        ),
-        "no such weights": (["--weights", tmp_path / "nope"], "translate:", "neither an export directory"),
-    }
+        "no such weights": (["--weights", tmp_path / "nope"], "translate:", f"--weights {tmp_path / 'nope'} does not "
+                            "exist"),
+        "a safetensors file": (["--weights", safetensors], "translate:", f"--weights {safetensors} is a file; give "
+                               f"the export directory that holds it ({export_dir})"),
+        "another file": (["--weights", tmp_path / "not_an_export" / "weights.safetensors"], "translate:",
+                         "is a file; expected an export directory (model.json) or a run directory (config.yaml)"),
+        "weights a plain directory": (["--weights", tmp_path / "rgb"], "translate:", "neither an export directory"),
+        "out a file": (["--out", tmp_path / "rgb" / "a.png"], "translate: --out", "exists and is not a directory"),
+    }  # fmt: skip
     for name, (args, prefix, message) in cases.items():
-        full = {"--weights": export_dir, "--input": tmp_path / "rgba", **dict(zip(args[::2], args[1::2]))}
-        result = translate_cli(*[str(v) for kv in full.items() for v in kv], "--direction", "x2y", "--out", tmp_path)
+        given = dict(zip(args[::2], args[1::2]))
+        full = {"--weights": export_dir, "--input": tmp_path / "rgb", "--out": tmp_path / "out", **given}
+        result = translate_cli(*[str(v) for kv in full.items() for v in kv], "--direction", "x2y")
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, (name, result.stderr)
         assert lines[0].startswith(prefix) and message in lines[0], (name, lines[0])
-    converted = translate_cli("--weights", export_dir, "--input", tmp_path / "rgba", "--direction", "x2y",
-                              "--out", tmp_path / "out", "--convert-rgb")  # fmt: skip
-    assert converted.returncode == 0, converted.stderr
 
 
 def test_weights_of_another_architecture_are_refused_in_one_line(export_dir):

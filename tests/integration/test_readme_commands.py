@@ -1,0 +1,100 @@
+"""Every fenced command of README.md that can run on a CPU runs, in README order, in a scratch directory, so the
+README cannot drift from the code. A few stand-ins make them small: the user's own data and runs (PATH/horse2zebra,
+runs/horse2zebra, data/h2z, an Inception file) become tiny ones made here, and training runs a few steps. The
+commands that need a cluster, root or a GPU are listed with the reason; a README command matched by no rule, or a
+rule that matches no command, fails the test."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, run_bounded, write_tiny_inception
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+NOT_HERE = {  # command prefix -> why this test does not run it
+    "bash .ci/run": "the CI entry point itself: it runs this test",
+    "ACCELERATE_CONFIG=": "sbatch: the cluster tests run the Slurm scripts on a local Slurm",
+    "export SLURM_CONF=": "local Slurm: tests/cluster",
+    "squeue;": "local Slurm: tests/cluster",
+    "scontrol update": "local Slurm: tests/cluster",
+    "sudo ": "root and network namespaces: tests/cluster",
+}
+STAND_INS = {  # what the README names -> what this test uses
+    "pip install torch==2.13.0 && pip install -e . && ": "",  # installed already, exactly so, by .ci/run
+    "PATH/horse2zebra": "{images}",
+    "runs/horse2zebra": "runs/demo-cpu",
+    "data/h2z": "data/colour",
+    "--step 50000": "--step 4",
+    "--out /tmp/g": "--out exported-g",  # inside the scratch directory
+    "~/inception-2015-12-05.pt": "{inception}",
+}
+SHORT_TRAINING = ["train.steps=4", "eval.every_steps=2", "eval.select=psnr", "eval.images=8", "logging.every_steps=2"]
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """("bash" or "python", command) for each command of the README's fenced bash and python blocks, in order."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for kind, body in re.findall(r"```(bash|python)\n(.*?)```", text, re.S):
+        if kind == "python":
+            commands.append((kind, body))
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()  # a comment after the command
+            if line and not line.startswith("#"):
+                commands.append((kind, re.sub(r"\s+", " ", line)))
+    return commands
+
+
+def reference_layout(root: Path) -> Path:
+    """trainA/ trainB/ testA/ testB/ with a few small images, as the reference repository lays out data sets."""
+    rng = np.random.default_rng(0)
+    for folder in ("trainA", "trainB", "testA", "testB"):
+        (root / folder).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    return root
+
+
+def test_every_readme_command_that_can_run_on_a_cpu_runs(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    for name in ("trainer", "shards", "configs", "launch"):
+        (scratch / name).symlink_to(REPO / name)
+    images = reference_layout(tmp_path / "horse2zebra")
+    reference_layout(scratch / "photos")  # the README's own images: translate reads them all, evaluate testA/testB
+    inception = write_tiny_inception(tmp_path / "inception.pt")
+    env = {"CYCLEGAN_DATA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    unused_skips, unused_stand_ins = set(NOT_HERE), set(STAND_INS)
+    ran = []
+    for kind, command in readme_commands():
+        skip = next((prefix for prefix in NOT_HERE if command.startswith(prefix)), None)
+        if skip is not None:
+            unused_skips.discard(skip)
+            continue
+        for old, new in STAND_INS.items():
+            if old in command:
+                unused_stand_ins.discard(old)
+                command = command.replace(old, new.format(images=images, inception=inception))
+        if kind == "python":
+            argv = [sys.executable, "-c", command]
+        elif command.startswith("python trainer/main.py"):
+            argv = [sys.executable, *command.split()[1:], *SHORT_TRAINING]
+        elif command.startswith("python "):
+            argv = [sys.executable, *command.split()[1:]]
+        else:
+            argv = command.split()
+        result = run_bounded(argv, timeout_s=300, env={**env, "HOME": os.environ.get("HOME", "/root")}, cwd=scratch)
+        assert result.returncode == 0, f"README command failed: {command}\n{result.stderr[-3000:]}"
+        ran.append(command)
+    assert not unused_skips and not unused_stand_ins, (unused_skips, unused_stand_ins)  # rules the README outgrew
+    print("ran:\n" + "\n".join(ran))
+    assert len(ran) >= 15
