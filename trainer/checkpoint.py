@@ -228,24 +228,29 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp"
     previous = (complete_checkpoints(run_dir) or [None])[-1]
-    if engine.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
-            if debris.is_dir() and checkpoint_step(debris) is None:
-                shutil.rmtree(debris, ignore_errors=True)
-        tmp.mkdir()
-    engine.barrier()
-    universal = {f"{unit}/{key}": value for unit in UNITS for key, value in engine.universal_state(unit).items()}
-    own = {**rank_state, "engine": engine.state_dict(), "rng": _rng_state(engine.device)}
 
     def fail(err: OSError | None) -> None:
-        """Agree on failure (a collective) and raise it on every rank, leaving only the debris directory."""
+        """Agree on failure (a collective, so also a barrier) and raise it on every rank; what a failed save
+        leaves is debris that the next save removes."""
         if not engine.any_rank(err is not None):
             return
         kept = f"{previous} is still the newest intact checkpoint" if previous else "no checkpoint was saved before"
         what = f"{err.strerror or err} ({err.filename})" if err is not None else "another rank failed to write"
         raise CheckpointError(f"cannot save checkpoint {final.name}: {what}; {kept}")
 
+    error = None
+    if engine.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
+                if debris.is_dir() and checkpoint_step(debris) is None:
+                    shutil.rmtree(debris, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as err:
+            error = err
+    fail(error)  # no rank writes before the directory exists
+    universal = {f"{unit}/{key}": value for unit in UNITS for key, value in engine.universal_state(unit).items()}
+    own = {**rank_state, "engine": engine.state_dict(), "rng": _rng_state(engine.device)}
     error = None
     try:
         write_file(tmp / rank_file(engine.rank), state_bytes(own))
