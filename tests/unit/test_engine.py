@@ -1,5 +1,7 @@
 """Engine pieces that need no second process: backend resolution, clipping, LR scaling, compile."""
 
+import json
+
 import pytest
 import torch
 
@@ -52,3 +54,30 @@ def test_clipping_bounds_the_update_and_reports_the_raw_norm():
     assert raw.item() == pytest.approx(6.0)
     assert weight.weight.norm().item() == pytest.approx(0.5)  # the step used the clipped gradient
     assert weight.weight.grad is None  # zeroed after the step
+
+
+def test_deepspeed_fp16_loss_scale_round_trips_through_plain_numbers():
+    """DeepSpeed's fp16 (CUDA only) dynamic loss scaler: its state survives a checkpoint as JSON numbers."""
+    import types
+
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    from trainer.engine import deepspeed_scaler_state, set_deepspeed_scaler_state
+
+    def optimizer() -> types.SimpleNamespace:  # the dynamic scaler as DeepSpeed's "fp16": {"loss_scale": 0} makes it
+        args = {"init_scale": 2.0**16, "scale_window": 1000, "delayed_shift": 2, "consecutive_hysteresis": False,
+                "min_scale": 1.0}  # fmt: skip
+        return types.SimpleNamespace(loss_scaler=CreateLossScaler(torch.float16, 0, True, args))
+
+    trained = optimizer()  # where a run of overflows left it (update_scale needs DeepSpeed's process group)
+    values = {"cur_scale": 1024.0, "cur_iter": 37, "last_overflow_iter": 30, "cur_hysteresis": 1}
+    for field, value in values.items():
+        setattr(trained.loss_scaler, field, value)
+    state = deepspeed_scaler_state(trained)
+    assert state == values
+    restored = optimizer()
+    set_deepspeed_scaler_state(restored, json.loads(json.dumps(state)))
+    for field in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis"):
+        assert getattr(restored.loss_scaler, field) == getattr(trained.loss_scaler, field), field
+    static = types.SimpleNamespace(loss_scaler=CreateLossScaler(torch.float32, 1.0, False, None))
+    assert deepspeed_scaler_state(static) == {}  # fp32/bf16: nothing to keep
