@@ -541,15 +541,19 @@ def load_test_images(
     if paired:
         keys = [k for k in shares["x"] if k in shares["y"]]
         shares = {d: {k: shares[d][k] for k in keys} for d in DOMAINS}
-    tensors: dict[str, Any] = {}
-    for domain in DOMAINS:
-        items = list(shares[domain].values())
-        size = (0, 3, cfg.crop_size, cfg.crop_size)
-        images = torch.stack([i for i, _ in items]) if items else torch.empty(size, dtype=torch.uint8)
-        tensors[domain] = images.float().div(127.5).sub(1.0).to(device)
-        tensors[f"extra_{domain}"] = (
-            None
-            if cfg.extra == "none" or not items
-            else extra_channels(torch.stack([e for _, e in items]), cfg.extra, cfg.crop_size).to(device)
-        )
-    return TestSet(tensors["x"], tensors["y"], tensors["extra_x"], tensors["extra_y"], paired, *totals)
+    stacked = [stack_test_images(list(shares[d].values()), cfg.extra, cfg.crop_size, device) for d in DOMAINS]
+    (x, extra_x), (y, extra_y) = stacked
+    return TestSet(x, y, extra_x, extra_y, paired, *totals)
+
+
+def stack_test_images(
+    items: list[tuple[torch.Tensor, torch.Tensor | None]], extra: str, size: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One domain's test images (uint8 [3, size, size]) and their extras as a TestSet holds them, on `device`:
+    images in [-1, 1] [n, 3, size, size] (n may be 0) and generator extra channels (None without extras or
+    images)."""
+    images = torch.stack([i for i, _ in items]) if items else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    images = images.float().div(127.5).sub(1.0).to(device)
+    if extra == "none" or not items:
+        return images, None
+    return images, extra_channels(torch.stack([e for _, e in items]), extra, size).to(device)

@@ -22,7 +22,7 @@ from shards.decode import DEFAULT_MAX_PIXELS, BadSample, decode_rgb
 from shards.encoding import colour_histogram
 from shards.write import IMAGE_SUFFIXES, file_problem, open_nonblocking
 from trainer.config import ConfigError
-from trainer.data import DOMAINS, TestSet, extra_channels, resize
+from trainer.data import DOMAINS, TestSet, resize, stack_test_images
 
 Item = tuple[str, torch.Tensor, torch.Tensor | None]
 """(name relative to the folder, uint8 [3, H, W], colour histogram float [24] or None)."""
@@ -116,20 +116,15 @@ def load_test_folders(
         ConfigError: a folder without images, or generators that take label maps.
     """
     skipped: list[str] = []
-    tensors: dict[str, torch.Tensor | None] = {}
-    totals = []
+    stacked, totals = [], []
     for domain in DOMAINS:
         folder = root / TEST_FOLDERS[domain]
         files = image_files(folder, "--data")[:count]
-        images, hists = [], []
-        for _, image, hist in read_image_dir(folder, files[rank::world_size], extra, "--data", max_pixels, skipped):
-            images.append(resize(image, crop_size))  # now: full-size decodes are not kept
-            hists.append(hist)
-        stacked = torch.stack(images) if images else torch.empty(0, 3, crop_size, crop_size, dtype=torch.uint8)
-        tensors[domain] = stacked.float().div(127.5).sub(1.0)
-        with_hist = extra == "hist" and images
-        tensors[f"extra_{domain}"] = extra_channels(torch.stack(hists), extra, crop_size) if with_hist else None
+        share = read_image_dir(folder, files[rank::world_size], extra, "--data", max_pixels, skipped)
+        items = [(resize(image, crop_size), hist) for _, image, hist in share]  # full-size decodes are not kept
+        stacked.append(stack_test_images(items, extra, crop_size))
         totals.append(len(files))
     if skipped:
         print(f"test folders: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
-    return TestSet(tensors["x"], tensors["y"], tensors["extra_x"], tensors["extra_y"], False, *totals)
+    (x, extra_x), (y, extra_y) = stacked
+    return TestSet(x, y, extra_x, extra_y, False, *totals)
