@@ -4,6 +4,7 @@ switched on one after another, beside the reference-style step (benchmarks/refer
 networks, all measured in one run on this machine.
 
     python benchmarks/train_throughput.py [--config configs/horse2zebra.yaml] [--size 128] [--steps 8] [--compile]
+        [--batches 4,8,16] [--keep-going] [--row-timeout S] [key=value ...]
 
 Each row runs in its own process (fresh allocator, compile cache and peak-memory counter), on synthetic shards
 read through the real loader (the reference gets its images for free). Writes JSON (benchmarks/results/).
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,16 +35,38 @@ from trainer.config import Config, load_config  # noqa: E402
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),
                ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("V100", 125.0)]  # fmt: skip
 
-# The ladder: each row adds one lever to the previous one (channels_last last: it is a GPU lever, see the README).
+# The ladder: each row adds one lever to the row above: the per-step levers at batch 1, then the batch. Then
+# activation checkpointing as a side row (a memory lever: the row shows its price in speed; the next rows go on
+# without it), and torch.compile, with CUDA graphs on a GPU, at the largest batch (two compilations, not one per row).
 LADDER = [
     ("ours: fp32, batch 1, for-loop Adam", ["train.precision=fp32", "train.batch_size=1",
                                            "optimizer.implementation=for_loop"]),
     ("+ foreach/fused Adam", ["optimizer.implementation=auto"]),
     ("+ bf16 autocast", ["train.precision=bf16"]),
-    ("+ batch 4 (linear LR scaling)", ["train.batch_size=4", "optimizer.lr_scaling=linear"]),
+    ("+ channels_last", ["train.channels_last=true"]),
+    ("+ fused generator passes", ["train.fuse_generator_passes=true"]),
 ]  # fmt: skip
+CHECKPOINTING = ("+ activation checkpointing (side row)", ["train.activation_checkpointing=true"])
 COMPILE = ("+ torch.compile", ["train.compile=true"])
-CHANNELS_LAST = ("+ channels_last", ["train.channels_last=true"])
+CUDA_GRAPHS = ("+ CUDA graphs (compile reduce-overhead)", ["train.compile_mode=reduce-overhead"])
+
+
+def batch_row(batch: int) -> tuple[str, list[str]]:
+    return f"+ batch {batch} (linear LR scaling)", [f"train.batch_size={batch}", "optimizer.lr_scaling=linear"]
+
+
+def batch_list(text: str) -> list[int]:
+    """--batches: comma-separated batch sizes ("" for none)."""
+    return [int(value) for value in text.split(",") if value.strip()]
+
+
+def ladder(compile_rows: bool, cuda: bool, batches: list[int]) -> list[tuple[str, list[str], bool]]:
+    """The rows to run as (name, overrides, side): a side row's overrides do not carry over to the next rows."""
+    rows = [(name, overrides, False) for name, overrides in [*LADDER, *map(batch_row, batches)]]
+    rows.append((*CHECKPOINTING, True))
+    if compile_rows:
+        rows += [(*COMPILE, False)] + ([(*CUDA_GRAPHS, False)] if cuda else [])
+    return rows
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -142,16 +166,28 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_row(args: argparse.Namespace, name: str, overrides: list[str], data: Path) -> dict:
-    """One row in a fresh process (see --row)."""
+    """One row in a fresh process (see --row); with --keep-going a failed or timed-out row is recorded with its
+    error instead of stopping the ladder."""
     cmd = [sys.executable, __file__, "--row", name, "--config", args.config, "--size", str(args.size),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", str(data), *args.overrides,
            *overrides]  # fmt: skip
     if args.flops and name == LADDER[0][0]:
         cmd.append("--count-flops")
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_SILENT": "true"})
-    if result.returncode != 0:
-        raise RuntimeError(f"row {name!r} failed:\n{result.stderr[-3000:]}")
-    return {"row": name, "overrides": overrides, **json.loads(result.stdout.strip().splitlines()[-1])}
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=args.row_timeout)
+        error = None if proc.returncode == 0 else stderr[-3000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the row and its compile workers
+        proc.communicate()
+        error = f"timed out after {args.row_timeout:g} s"
+    if error is not None:
+        if not args.keep_going:
+            raise RuntimeError(f"row {name!r} failed:\n{error}")
+        return {"row": name, "overrides": overrides, "error": error}
+    return {"row": name, "overrides": overrides, **json.loads(stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
@@ -160,7 +196,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="crop size (load size = size * 286 / 256)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile row (minutes on a CPU)")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes on a CPU)")
+    parser.add_argument("--batches", type=batch_list, default=[4], help="larger per-rank batches to add: 4,8,16")
+    parser.add_argument("--keep-going", action="store_true", help="record a failed row and go on")
+    parser.add_argument("--row-timeout", type=float, default=None, help="seconds before a row counts as failed")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip counting FLOPs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/train_throughput.json")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print its JSON
@@ -182,21 +221,23 @@ def main() -> None:
 
     from shards.synthetic import write_synthetic
 
-    ladder = LADDER + ([COMPILE] if args.compile else []) + [CHANNELS_LAST]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_synthetic(data, "colour", size=load_size, train=64, test=4, seed=0, maxcount=32)
         rows = [run_row(args, "reference", [], data)]
         applied: list[str] = []
-        for name, overrides in ladder:
-            applied = applied + overrides
-            rows.append(run_row(args, name, list(applied), data))
-    reference = rows[0]["images_per_s"]
+        for name, overrides, side in ladder(args.compile, device.type == "cuda", args.batches):
+            rows.append(run_row(args, name, applied + overrides, data))
+            if not side:
+                applied = applied + overrides
+    measured = [row for row in rows if "error" not in row]
+    reference = rows[0].get("images_per_s")
     flops = next((r["flops_per_image_pair"] for r in rows if "flops_per_image_pair" in r), None)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_tflops(device)
-    for row in rows:
-        row["speedup_vs_reference"] = row["images_per_s"] / reference
+    for row in measured:
+        if reference is not None:
+            row["speedup_vs_reference"] = row["images_per_s"] / reference
         if flops is not None:
             row["achieved_tflops"] = flops * row["images_per_s"] / 1e12
             if peak is not None:
@@ -208,7 +249,7 @@ def main() -> None:
         "overrides": args.overrides,
         "steps": args.steps,
         "warmup": args.warmup,
-        "device": rows[0]["device"],
+        "device": _device_name(device),
         "peak_tflops_bf16": peak,
         "flops_per_image_pair": flops,
         "rows": rows,
@@ -216,9 +257,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     for row in rows:
+        if "error" in row:
+            print(f"{row['row']:<42} failed: {row['error'].strip().splitlines()[-1]}")
+            continue
         mfu = f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""
         wait = f"  data wait {row['data_wait_fraction']:.1%}" if "data_wait_fraction" in row else ""
-        print(f"{row['row']:<38} {row['images_per_s']:8.2f} img/s  x{row['speedup_vs_reference']:.2f}{wait}{mfu}")
+        speedup = f"  x{row['speedup_vs_reference']:.2f}" if "speedup_vs_reference" in row else ""
+        print(f"{row['row']:<42} {row['images_per_s']:8.2f} img/s{speedup}{wait}{mfu}")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ class Engine:
         self.cfg = cfg
         self.precision = train.precision
         self.accum_steps = train.grad_accum_steps
-        self.use_compile = train.compile
+        self.compile_mode = train.compile_mode if train.compile else None
         self.is_deepspeed = cfg.backend == "deepspeed"
         on_cuda = torch.cuda.is_available() and not cfg.cpu
         if self.is_deepspeed and "WORLD_SIZE" not in os.environ:
@@ -210,10 +210,12 @@ class Engine:
         schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler],
     ) -> dict[str, nn.Module]:
         """Wrap the units ("g", "d") and their optimizers for the backend; returns the wrapped units."""
-        if self.use_compile:
+        if self.compile_mode is not None:
             for unit in units.values():
                 for child in unit.children():
-                    child.compile()  # in place: parameter names (checkpoints, exports) stay the same
+                    # In place: parameter names (checkpoints, exports) stay the same. Static shapes: each batch
+                    # shape (e.g. fused and single passes) gets its own specialized graph and CUDA graph.
+                    child.compile(mode=self.compile_mode, dynamic=False)
         if self.is_deepspeed:
             for name in UNITS:
                 # Two engines from one Accelerator: select this unit's DeepSpeed config, prepare one model at a time.

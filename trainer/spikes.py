@@ -32,8 +32,10 @@ class SpikeCapture:
         self.history_size = history
 
     def add(self, step: int, losses: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> list[dict]:
-        """Buffer one step; every `check_steps` steps, check the buffer and return one event per spiking step."""
-        self.pending.append((step, losses, images))
+        """Buffer one step; every `check_steps` steps, check the buffer and return one event per spiking step.
+        The images are copied: under CUDA graphs (train.compile_mode=reduce-overhead) the next step reuses the
+        memory of this step's generator outputs."""
+        self.pending.append((step, losses, {name: image.clone() for name, image in images.items()}))
         if len(self.pending) < self.check_steps:
             return []
         pending, self.pending = self.pending, []

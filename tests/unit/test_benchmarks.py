@@ -36,23 +36,15 @@ def test_quality_budget_writes_json(tmp_path):
     assert run["model"] == "resnet6" and run["steps"] >= 1 and "eval/psnr_gain_xy" in run
 
 
-def test_train_throughput_writes_json(tmp_path):
+def test_train_throughput_records_failed_rows_with_keep_going(tmp_path):
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, "benchmarks/train_throughput.py", "--config", "configs/demo-cpu.yaml", "--size", "32",
-           "--steps", "2", "--warmup", "1", "--out", str(out), "model.ngf=8", "model.ndf=8"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+           "--batches", "", "--keep-going", "--row-timeout", "0.01", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    figures = json.loads(out.read_text())
-    rows = figures["rows"]
-    assert figures["benchmark"] == "train_throughput" and [r["row"] for r in rows][:2] == [
-        "reference", "ours: fp32, batch 1, for-loop Adam",
-    ]  # fmt: skip
-    assert len(rows) == 6 and rows[0]["speedup_vs_reference"] == 1.0
-    assert figures["flops_per_image_pair"] > 0 and all(r["achieved_tflops"] > 0 for r in rows)
-    ours = rows[1:]
-    assert all(0 <= r["data_wait_fraction"] < 1 and r["generator_s"] > 0 and r["discriminator_s"] > 0 for r in ours)
-    assert rows[4]["overrides"][-2:] == ["train.batch_size=4", "optimizer.lr_scaling=linear"]
-    assert rows[-1]["row"] == "+ channels_last" and rows[-1]["overrides"][-1] == "train.channels_last=true"
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 7 and all(row["error"] == "timed out after 0.01 s" for row in rows)
+    assert "+ fused generator passes" in result.stdout and "failed: timed out" in result.stdout
 
 
 @pytest.mark.distributed
