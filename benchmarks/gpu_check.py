@@ -7,7 +7,8 @@ Sections, in order of importance, each a subprocess with its own time cap inside
 that would start after the budget is recorded as skipped, a failing one as failed, and the check goes on):
 
   environment     GPU, driver, torch / CUDA / cuDNN / NCCL and package versions
-  install         `benchmarks/gpu_install.sh WHEELS` when --wheels is given (the machine has no internet)
+  install         `benchmarks/gpu_install.sh WHEELS` when --wheels is given (the machine has no internet); where
+                  REPO/.gpu-site exists (its target mode), every section runs with it and REPO first on PYTHONPATH
   ladder          benchmarks/train_throughput.py at 256 px, ResNet-9 + PatchGAN: the reference's step, then fp32
                   batch 1, bf16, channels_last, fused passes, torch.compile, CUDA graphs, batch 4/8/16 and
                   activation checkpointing; img/s, MFU and peak memory per row
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SITE = REPO / ".gpu-site"  # gpu_install.sh's target mode installs there when the interpreter's site is read-only
 PACKAGES = ("torch", "accelerate", "deepspeed", "transformers", "webdataset", "wandb", "torchmetrics", "safetensors")
 
 
@@ -100,6 +102,9 @@ class Check:
         self.log.flush()
         start = time.monotonic()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env or {})}
+        if SITE.exists():
+            paths = [str(SITE), str(REPO), full_env.get("PYTHONPATH", "")]
+            full_env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
         proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         try:
@@ -126,6 +131,9 @@ def environment() -> dict:
     import importlib.metadata
 
     import torch
+
+    if SITE.exists():
+        sys.path.insert(0, str(SITE))  # the versions of what the sections import
 
     info: dict = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
                   "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count()}  # fmt: skip

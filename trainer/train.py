@@ -28,6 +28,7 @@ from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import Engine
 from trainer.evaluate import NO_INCEPTION, Evaluator, eval_mode, load_inception, selection_score
+from trainer.models import set_activation_checkpointing
 from trainer.nonfinite import NonfiniteGuard
 from trainer.pool import ImagePool
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
@@ -61,6 +62,8 @@ def train_step(
         (stats, images): detached device tensors - each loss term averaged over the micro-batches and each unit's
         grad norm; the last micro-batch's real images and generator outputs (for loss-spike capture).
     """
+    if engine.compile_mode is not None:
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graph trees: a new iteration, earlier outputs are done
     last = len(micro_batches) - 1
     sums: dict[str, torch.Tensor] = {}
     fakes = []
@@ -119,7 +122,10 @@ def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
         (the prepared units {"g", "d"}, the global batch, the LR scale factor applied).
     """
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    gens, discs = build_units(cfg.model, cfg.loss)
+    gens, discs = build_units(cfg.model, cfg.loss, cfg.train.fuse_generator_passes)
+    if cfg.train.activation_checkpointing:  # before compile (in engine.prepare), which guards on the flag
+        for gen in (gens.g_xy, gens.g_yx):
+            set_activation_checkpointing(gen, True)
     if cfg.train.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
     kernel = optimizer_kernel(cfg.optimizer.implementation, engine.device)

@@ -62,3 +62,18 @@ def test_scaling_writes_json(tmp_path):
     full = figures["zero_state_per_rank"]["zero1"][0]["param_bytes"]
     for rank in figures["zero_state_per_rank"]["zero3"]:  # ZeRO-3 partitions the parameters (with some padding)
         assert abs(2 * rank["param_bytes"] - full) <= 0.01 * full
+
+
+def test_activation_memory_dry_writes_json(tmp_path):
+    out = tmp_path / "activation.json"
+    cmd = [sys.executable, "benchmarks/activation_memory.py", "--dry", "--device", "cpu", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["benchmark"] == "activation_memory" and figures["overrides"] == ["model.ngf=8", "model.ndf=8"]
+    off, on = figures["rows"]
+    assert (off["size"], off["checkpointing"], on["size"], on["checkpointing"]) == (32, "off", 32, "on")
+    assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 and len(r["step_s_all"]) == 1 for r in (off, on))
+    assert 0 < on["saved_g_step_bytes"] < off["saved_g_step_bytes"]
+    (ratios,) = figures["ratios"]
+    assert ratios["size"] == 32 and ratios["saved_g_step_on_over_off"] < 1

@@ -31,6 +31,7 @@ GENERATORS: dict[str, GeneratorBuilder] = {
 }
 
 OUTPUT_NC = 3
+CHECKPOINTABLE = (ResnetGenerator, ArticleUnetGenerator, DeepUnetGenerator)
 
 
 def build_generator(cfg: ModelConfig) -> nn.Module:
@@ -38,6 +39,24 @@ def build_generator(cfg: ModelConfig) -> nn.Module:
     net = GENERATORS[cfg.generator](cfg, cfg.in_channels, OUTPUT_NC)
     init_weights(net, cfg.init, cfg.init_gain)
     return net
+
+
+def set_activation_checkpointing(net: nn.Module, enabled: bool) -> int:
+    """Make a generator recompute its blocks' activations in the backward pass instead of keeping them (or stop).
+    Only a flag read in `forward` changes: parameter and buffer names stay as they are, and forwards without
+    autograd (no_grad, evaluation) run as before. Set it before torch.compile, which guards on it.
+
+    Returns:
+        The number of blocks switched (ResNet: residual blocks; article U-Net: encoder and decoder stages; deep
+        U-Net: the one level below the outermost, see `DeepUnetGenerator.set_activation_checkpointing`).
+
+    Raises:
+        ValueError: `net` is not a generator with blocks to recompute.
+    """
+    if not isinstance(net, CHECKPOINTABLE):
+        names = ", ".join(c.__name__ for c in CHECKPOINTABLE)
+        raise ValueError(f"activation checkpointing is not available for {type(net).__name__}; expected one of {names}")
+    return net.set_activation_checkpointing(enabled)
 
 
 def build_discriminator(cfg: ModelConfig) -> nn.Module:

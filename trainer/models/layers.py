@@ -1,8 +1,14 @@
-"""Shared building blocks: the normalization choice and weight initialization."""
+"""Shared building blocks: the normalization choice, weight initialization and activation checkpointing of a
+generator's blocks."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
+import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -40,3 +46,46 @@ def init_weights(net: nn.Module, kind: str, gain: float) -> None:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.normal_(module.weight, 1.0, gain)
             nn.init.zeros_(module.bias)
+
+
+def run_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    checkpointed: bool,
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`fn(x)` (by default `block(x)`), keeping only `x` for the backward pass when `checkpointed` and autograd is
+    recording: the block's activations are recomputed there (torch.utils.checkpoint, non-reentrant), with the RNG
+    state of the forward, so dropout draws the same masks and the gradients are those of the plain call.
+
+    Args:
+        block: the module that `fn` runs (its batch norms are looked up here).
+        x: the block's input; `fn` must not modify it in place, since the recomputation starts again from it.
+        checkpointed: the owner's activation-checkpointing flag.
+        fn: what to run, when it is not simply `block` (a method of `block`).
+    """
+    fn = block if fn is None else fn
+    if not (checkpointed and torch.is_grad_enabled()):
+        return fn(x)
+    # Eager recomputation would update batch norms' running statistics a second time; a compiled backward
+    # recomputes without side effects (and torch.compile takes no custom context_fn).
+    if torch.compiler.is_compiling() or not any(_tracks_running_stats(m) for m in block.modules()):
+        return checkpoint(fn, x, use_reentrant=False)
+    return checkpoint(fn, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _kept_stats(block)))
+
+
+def _tracks_running_stats(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+
+
+@contextlib.contextmanager
+def _kept_stats(block: nn.Module) -> Iterator[None]:
+    """Restore the batch norms' running statistics after a recomputation: the first forward has updated them."""
+    buffers = [b for m in block.modules() if _tracks_running_stats(m) for b in m.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:  # the recomputation ends early (an exception) once it has what the backward needs
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)

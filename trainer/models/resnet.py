@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.models.layers import conv_bias, norm_layer
+from trainer.models.layers import conv_bias, norm_layer, run_block
 
 
 class ResnetBlock(nn.Module):
@@ -25,9 +25,10 @@ class ResnetBlock(nn.Module):
             layers.append(nn.Dropout(0.5))
         layers += [nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=bias), norm_layer(norm, channels)]
         self.block = nn.Sequential(*layers)
+        self.checkpointed = False  # recompute self.block in the backward pass (train.activation_checkpointing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+        return x + run_block(self.block, x, self.checkpointed)
 
 
 class ResnetGenerator(nn.Module):
@@ -60,3 +61,12 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, output_nc, H, W]
         return self.net(x)
+
+    def set_activation_checkpointing(self, enabled: bool) -> int:
+        """Recompute each residual block in the backward pass (or stop); returns the number of blocks. The blocks
+        (1/4 resolution, ngf*4 channels) hold about half of the activations; the full-resolution stem and head keep
+        theirs."""
+        blocks = [m for m in self.net if isinstance(m, ResnetBlock)]
+        for block in blocks:
+            block.checkpointed = enabled
+        return len(blocks)
