@@ -1,5 +1,7 @@
 """GPU paths: skipped without CUDA; run them on a GPU machine with `python -m pytest tests/gpu`."""
 
+import math
+
 import pytest
 import torch
 
@@ -122,8 +124,8 @@ def test_fast_step_makes_no_host_sync():
 @needs_cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_step_on_cuda_matches_eager_and_stops_compiling(mode):
-    """torch.compile, with CUDA graphs in reduce-overhead mode: the same losses as eager (bf16 tolerance) and no
-    recompilation once the first steps have compiled every shape."""
+    """torch.compile, with CUDA graphs in reduce-overhead mode: the first step's losses equal eager's (bf16
+    tolerance), and nothing recompiles once the first steps have compiled every shape."""
     from trainer.train import train_step
 
     levers = ["train.precision=bf16", "train.fuse_generator_passes=true", "train.pool_size=0"]
@@ -139,9 +141,10 @@ def test_compiled_step_on_cuda_matches_eager_and_stops_compiling(mode):
             history.append({k: v.item() for k, v in stats.items()})
         results.append(history)
         engine.end()
-    for eager, compiled in zip(*results):
-        assert compiled["loss/g_total"] == pytest.approx(eager["loss/g_total"], rel=5e-2)
-        assert compiled["loss/d_total"] == pytest.approx(eager["loss/d_total"], rel=5e-2)
+    eager, compiled = results[0][0], results[1][0]  # the first step: same weights, same images
+    assert compiled["loss/g_total"] == pytest.approx(eager["loss/g_total"], rel=2e-2)
+    assert compiled["loss/d_total"] == pytest.approx(eager["loss/d_total"], rel=2e-2)
+    assert all(math.isfinite(value) for step in results[1] for value in step.values())
 
 
 @needs_cuda

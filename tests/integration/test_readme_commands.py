@@ -26,6 +26,8 @@ NOT_HERE = {  # command prefix -> why this test does not run it
     "squeue;": "local Slurm: tests/cluster",
     "scontrol update": "local Slurm: tests/cluster",
     "sudo ": "root and network namespaces: tests/cluster",
+    "bash benchmarks/gpu_wheels.sh": "downloads from PyPI into the repo: tests/integration/test_gpu_install.py",
+    "python benchmarks/gpu_check.py": "needs CUDA; tests/integration/test_gpu_check.py runs its --dry mode",
 }
 STAND_INS = {  # what the README names -> what this test uses
     "pip install torch==2.13.0 && pip install -e . && ": "",  # installed already, exactly so, by .ci/run
