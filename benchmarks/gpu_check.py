@@ -257,7 +257,8 @@ def main() -> None:
     tests_cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                  # the ladder section above measures what this test checks, at full size
                  "--deselect", "tests/gpu/test_cuda.py::test_throughput_benchmark_reports_mfu_on_cuda"]  # fmt: skip
-    check.run("tests", tests_cmd, steps.caps["tests"])["summary"] = junit_summary(junit)
+    result = check.run("tests", tests_cmd, steps.caps["tests"])
+    result["summary"] = junit_summary(junit)
 
     activation_json = args.out / "activation_memory.json"
     activation_cmd = [sys.executable, "benchmarks/activation_memory.py", *steps.activation, "--out",
