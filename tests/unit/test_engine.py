@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from trainer.backends import resolve_backend
 from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig
-from trainer.engine import Engine, resolve_backend
+from trainer.engine import Engine
 from trainer.train import lr_scale
 
 
@@ -62,7 +63,7 @@ def test_deepspeed_fp16_loss_scale_round_trips_through_plain_numbers():
 
     from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
 
-    from trainer.engine import deepspeed_scaler_state, set_deepspeed_scaler_state
+    from trainer.backends.deepspeed import scaler_state, set_scaler_state
 
     def optimizer() -> types.SimpleNamespace:  # the dynamic scaler as DeepSpeed's "fp16": {"loss_scale": 0} makes it
         args = {"init_scale": 2.0**16, "scale_window": 1000, "delayed_shift": 2, "consecutive_hysteresis": False,
@@ -73,11 +74,11 @@ def test_deepspeed_fp16_loss_scale_round_trips_through_plain_numbers():
     values = {"cur_scale": 1024.0, "cur_iter": 37, "last_overflow_iter": 30, "cur_hysteresis": 1}
     for field, value in values.items():
         setattr(trained.loss_scaler, field, value)
-    state = deepspeed_scaler_state(trained)
+    state = scaler_state(trained)
     assert state == values
     restored = optimizer()
-    set_deepspeed_scaler_state(restored, json.loads(json.dumps(state)))
+    set_scaler_state(restored, json.loads(json.dumps(state)))
     for field in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis"):
         assert getattr(restored.loss_scaler, field) == getattr(trained.loss_scaler, field), field
     static = types.SimpleNamespace(loss_scaler=CreateLossScaler(torch.float32, 1.0, False, None))
-    assert deepspeed_scaler_state(static) == {}  # fp32/bf16: nothing to keep
+    assert scaler_state(static) == {}  # fp32/bf16: nothing to keep
