@@ -476,10 +476,14 @@ class UnpairedLoader:
                 out[f"extra_{domain}"] = extra_channels(extra, self.cfg.extra, images.shape[-1])
         return out
 
-    def metrics(self) -> dict[str, float]:
-        """data/ metrics of this rank: samples read, bad samples by kind, the epoch of each domain."""
-        out = {"data/samples_read": float(self.read)}
-        out.update({f"data/bad_{kind}": float(self.bad.get(kind, 0)) for kind in BAD_KINDS})
+    def counters(self) -> dict[str, float]:
+        """The counts of this rank (samples read, bad samples by kind): summed over ranks they are the run's."""
+        bad = {f"data/bad_{kind}": float(self.bad.get(kind, 0)) for kind in BAD_KINDS}
+        return {"data/samples_read": float(self.read), **bad}
+
+    def progress(self) -> dict[str, float]:
+        """The epoch each domain's reading of this rank has reached (data/epoch_x, data/epoch_y)."""
+        out = {}
         for domain in DOMAINS:
             epochs = [state[domain][0] for state in self.slot_states.values()]
             out[f"data/epoch_{domain}"] = float(min(epochs, default=0))

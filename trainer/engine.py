@@ -223,14 +223,19 @@ class Engine:
             out["mem/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
 
-    def reduce_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean of each scalar over ranks, in one collective and one host sync."""
-        if not values:
+    def reduce(self, means: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Each scalar of `means` averaged and each of `sums` summed over ranks (counters: totals stay exact), in
+        one collective and one host sync."""
+        sums = sums or {}
+        names = sorted(means) + sorted(sums)
+        if not names:
             return {}
-        names = sorted(values)
+        values = {**means, **sums}
         stacked = torch.stack([values[n].detach().float().reshape(()).to(self.device) for n in names])
-        reduced = self.accelerator.reduce(stacked, reduction="mean")
-        return dict(zip(names, reduced.cpu().tolist()))
+        totals = self.accelerator.reduce(stacked, reduction="sum") if self.world_size > 1 else stacked
+        totals = totals.cpu().tolist()
+        divisors = [self.world_size] * len(means) + [1] * len(sums)
+        return {name: total / divisor for name, total, divisor in zip(names, totals, divisors)}
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

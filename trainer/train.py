@@ -250,20 +250,18 @@ def _train(
         if _is_due(step, cfg.logging.every_steps, total):
             elapsed = time.perf_counter() - window_start
             rank_values = {
-                **loader.metrics(),
+                **loader.progress(),
                 **engine.memory_metrics(),
                 "perf/images_per_s_per_rank": window_steps * cfg.train.batch_size * accum / elapsed,
             }
-            logged = engine.reduce_mean(  # one collective for everything
+            logged = engine.reduce(  # one collective for everything
                 {
                     **{k: v / window_steps for k, v in sums.items()},
                     **nonfinite.take(),
                     **{k: torch.tensor(v) for k, v in rank_values.items()},
-                }
+                },
+                sums={k: torch.tensor(v) for k, v in loader.counters().items()},  # totals of all ranks
             )
-            for key in logged:
-                if key.startswith(("data/samples_read", "data/bad_")):
-                    logged[key] *= engine.world_size  # totals over all ranks
             logged.update(
                 {
                     "lr/g": engine.lr("g"),

@@ -47,7 +47,7 @@ def batch(step: int, engine: Engine) -> list[dict[str, torch.Tensor]]:
 def step_losses(engine: Engine, units: dict, pools: tuple, step: int, loss_cfg) -> dict[str, float]:
     """Take update `step`; its losses averaged over the ranks (equal shares: the global batch's mean)."""
     stats, _ = train_step(engine, units, pools, batch(step, engine), loss_cfg)
-    return engine.reduce_mean({k: stats[k] for k in ("loss/g_total", "loss/d_total")})
+    return engine.reduce({k: stats[k] for k in ("loss/g_total", "loss/d_total")})
 
 
 def main(mode: str, target: str, args: list[str]) -> None:

@@ -58,7 +58,7 @@ def test_bad_samples_are_counted_by_kind_and_skipped(bad_shards):
     oracle = BadSampleCounter()
     raw = list(itertools.islice(stream.samples(0, 0, oracle), read_x[0] * stream.epoch_length + read_x[1]))
     keys = [sample["__key__"] for _, _, sample in raw]
-    counts = loader.metrics()
+    counts = loader.counters()
     assert counts["data/bad_corrupt"] == keys.count(CORRUPT) > 0
     assert counts["data/bad_missing"] == keys.count(MISSING) > 0
     assert counts["data/bad_truncated"] == oracle.counts["truncated"] > 0

@@ -54,7 +54,7 @@ def test_two_ranks_two_workers_see_each_image_once_with_equal_batch_counts(colou
         loader = UnpairedLoader(cfg, batch_size=4, seed=0, rank=rank, world_size=2, device=torch.device("cpu"))
         batches = list(itertools.islice(loader, 12))  # 2 workers x 24 samples / batch 4
         per_rank[rank] = batches
-        assert loader.metrics()["data/epoch_x"] == 0.0
+        assert loader.progress()["data/epoch_x"] == 0.0
     for domain in ("x", "y"):
         ids = [i for batches in per_rank.values() for b in batches for i in image_ids(b, domain)]
         assert len(ids) == 96 and len(set(ids)) == 96
