@@ -21,6 +21,7 @@ renamed, so a symlink planted at that path is replaced, never followed.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import secrets
@@ -61,6 +62,12 @@ class GroupInfo:
     thumbnails: list[Image.Image] = field(default_factory=list)
 
 
+def _record(errors: list[Exception], err: Exception) -> bool:
+    """A tar reader's error handler: note the error and go on reading."""
+    errors.append(err)
+    return True
+
+
 def header_size(data: bytes) -> tuple[int, int]:
     """(height, width) of an encoded image, from its header only.
 
@@ -87,7 +94,7 @@ def read_group(group: ShardGroup, thumbnails: int) -> GroupInfo:
             continue
         info.bytes += status.st_size
         errors: list[Exception] = []
-        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(e) or True):
+        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=functools.partial(_record, errors)):
             info.samples += 1
             info.extras.update(part for part in EXTRA_PARTS.values() if part in sample)
             try:

@@ -151,7 +151,7 @@ def read_image(path: Path, mode: str) -> Image.Image:
     if problem:
         raise Unreadable(problem)
     try:
-        handle = open(path, "rb", opener=open_nonblocking)
+        handle = open(path, "rb", opener=open_nonblocking)  # noqa: SIM115 (closed by the with below)
     except OSError as err:
         raise Unreadable(f"cannot open: {err.strerror}") from None
     with handle, warnings.catch_warnings():

@@ -61,7 +61,7 @@ def run_bounded(cmd: list[str], timeout_s: int = 300, env: dict | None = None, c
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{err[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -120,7 +120,7 @@ def untrained_export(cfg, out: Path) -> Path:
     """Freshly initialized generators of `cfg` (a Config), exported to `out` like a training run's export."""
     import torch
 
-    from trainer.checkpoint import save_generators
+    from trainer.export import save_generators
     from trainer.models import build_generator
 
     torch.manual_seed(cfg.train.seed)

@@ -20,19 +20,16 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save
 
 from shards.manifest import sha256_file
 from shards.urls import check_relative_name
-from trainer.config import ConfigError, DataConfig, ModelConfig, from_dict
+from trainer.config import ModelConfig
 from trainer.engine import UNITS, Engine
-from trainer.models import build_generator
 from trainer.state_file import load_state_file, state_bytes
 
 CHECKPOINTS = "checkpoints"
@@ -369,82 +366,6 @@ def load_checkpoint(
         "image pools empty, data from the start of the epoch"
     )
     return train_state, {"data": state["data"]}
-
-
-def save_generators(
-    out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig
-) -> None:
-    """Write g_xy.safetensors and g_yx.safetensors from the generator pair's full state dict (keys `g_xy.*`,
-    `g_yx.*`), plus model.json (architecture, training resolution and the extra input channels' kind)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("g_xy", "g_yx"):
-        prefix = f"{name}."
-        tensors = {k[len(prefix) :]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
-        write_atomic(out_dir / f"{name}.safetensors", save(tensors))
-    meta = {"model": dataclasses.asdict(model_cfg), "image_size": data_cfg.crop_size, "extra": data_cfg.extra}
-    write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))
-
-
-@dataclass
-class ExportedGenerators:
-    g_xy: nn.Module  # the paper's G: X -> Y, in eval mode
-    g_yx: nn.Module  # the paper's F: Y -> X
-    model: ModelConfig
-    image_size: int  # the training resolution
-    extra: str  # data.extra of the training run
-
-
-def generators_from_weights(
-    weights: dict[str, torch.Tensor], model_cfg: ModelConfig, image_size: int, extra: str, source: str
-) -> ExportedGenerators:
-    """Build G and F from full weights (keys `g_xy.*`, `g_yx.*`) in eval mode.
-
-    Raises:
-        ConfigError: the weights do not fit the architecture (one line naming `source` and the first mismatch).
-    """
-    nets = []
-    for name in ("g_xy", "g_yx"):
-        net = build_generator(model_cfg)
-        prefix = f"{name}."
-        state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-        expected = net.state_dict()
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
-        if missing or unexpected or reshaped:
-            example = (
-                f"{reshaped[0]} is {tuple(state[reshaped[0]].shape)}, expected {tuple(expected[reshaped[0]].shape)}"
-                if reshaped
-                else f"e.g. {(missing or unexpected)[0]}"
-            )
-            raise ConfigError(
-                f"{source}: the {name} weights do not fit generator={model_cfg.generator} ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected, {len(reshaped)} of another shape; {example})"
-            )
-        net.load_state_dict(state)
-        nets.append(net.eval())
-    return ExportedGenerators(nets[0], nets[1], model_cfg, image_size, extra)
-
-
-def load_generators(path: str | Path) -> ExportedGenerators:
-    """Load exported generators (safetensors: nothing is unpickled) in eval mode.
-
-    Raises:
-        ConfigError: a missing or unreadable export, or weights that do not fit its model.json.
-    """
-    path = Path(path)
-    meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise ConfigError(f"{meta_path} not found; expected a directory written by training's export")
-    meta = json.loads(meta_path.read_text())
-    model_cfg = from_dict(ModelConfig, meta["model"], "model.")
-    weights = {}
-    for name in ("g_xy", "g_yx"):
-        file = path / f"{name}.safetensors"
-        if not file.is_file():
-            raise ConfigError(f"{file} not found; the export is incomplete")
-        weights.update({f"{name}.{k}": v for k, v in load_file(str(file)).items()})
-    return generators_from_weights(weights, model_cfg, int(meta["image_size"]), meta.get("extra", "none"), str(path))
 
 
 def read_best(run_dir: Path) -> dict[str, Any] | None:

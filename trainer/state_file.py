@@ -47,7 +47,7 @@ def load_state_file(path: str | Path) -> Any:
     try:
         with safe_open(str(path), framework="pt") as handle:
             tree = json.loads((handle.metadata() or {})[TREE])
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except Exception as err:  # safetensors' own error type, KeyError, JSONDecodeError: one message
         raise ValueError(f"{path} is not a readable state file ({type(err).__name__}: {err!s:.120})") from None
 

@@ -20,14 +20,14 @@ from trainer.checkpoint import (
     load_checkpoint,
     read_best,
     save_checkpoint,
-    save_generators,
 )
 from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, save_config, to_dict
 from trainer.console import Console
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import Engine
-from trainer.evaluate import NO_INCEPTION, Evaluator, eval_mode, load_inception, selection_score
+from trainer.evaluation import NO_INCEPTION, Evaluator, eval_mode, load_inception, selection_score
+from trainer.export import save_generators
 from trainer.models import set_activation_checkpointing
 from trainer.nonfinite import NonfiniteGuard
 from trainer.pool import ImagePool
@@ -177,7 +177,7 @@ def train(cfg: Config) -> TrainResult:
         return _train(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
 
 
-def _train(
+def _train(  # noqa: PLR0915 (to be split into a metric window, a train state and due components: issue 15)
     cfg: Config,
     engine: Engine,
     preemption: PreemptionFlag,

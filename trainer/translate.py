@@ -28,11 +28,11 @@ from tqdm import tqdm
 from shards.decode import DEFAULT_MAX_PIXELS, BadSample
 from shards.manifest import read_manifest, split_urls
 from shards.urls import ShardsError, expand_shard_spec
-from trainer.checkpoint import CheckpointError, ExportedGenerators
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
 from trainer.cyclegan import with_extra
 from trainer.data import BadSampleCounter, decode, extra_channels, resize, shard_samples
-from trainer.export import add_inference_arguments, inference_device, load_inference_generators
+from trainer.export import ExportedGenerators, add_inference_arguments, inference_device, load_inference_generators
 from trainer.image_folders import Item, image_files, read_image_dir
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tests.conftest import accelerate_launch, read_metrics, run_bounded, train_command
-from trainer.checkpoint import load_generators
 from trainer.config import load_config
+from trainer.export import load_generators
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 

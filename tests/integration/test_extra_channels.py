@@ -5,9 +5,9 @@ import torch
 
 from shards.synthetic import write_synthetic
 from tests.conftest import evaluate_cli, read_metrics, run_bounded, train_command
-from trainer.checkpoint import load_generators
 from trainer.config import DataConfig, load_config
 from trainer.data import UnpairedLoader
+from trainer.export import load_generators
 
 
 @pytest.fixture(scope="module")

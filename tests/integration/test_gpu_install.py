@@ -111,7 +111,7 @@ def run(cmd: list[str], env: dict[str, str], timeout_s: int = 300, cwd: Path = R
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{err[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

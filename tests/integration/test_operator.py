@@ -15,7 +15,7 @@ import yaml
 
 from shards.synthetic import builtin_root
 from tests.conftest import REPO, accelerate_launch, kill_tree, read_metrics, run_bounded, train_command
-from trainer.checkpoint import load_generators
+from trainer.export import load_generators
 from trainer.preemption import INTERRUPTED_EXIT_CODE
 
 TINY = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "train.batch_size=2", "data.num_workers=1",

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import evaluate_cli, read_metrics, run_bounded, train_command
-from trainer.checkpoint import COMPLETE, load_generators
+from trainer.checkpoint import COMPLETE
 from trainer.config import load_config
+from trainer.export import load_generators
 
 TINY = ["model.ngf=8", "model.ndf=8", "model.n_blocks=1", "train.batch_size=2", "logging.every_steps=2"]
 

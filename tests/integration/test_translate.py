@@ -15,11 +15,10 @@ from PIL import Image
 
 from shards.decode import decode_rgb
 from tests.conftest import REPO, run_bounded, train_command, untrained_export
-from trainer.checkpoint import save_generators
 from trainer.config import load_config
 from trainer.engine import Engine
-from trainer.evaluate import eval_mode
-from trainer.export import load_inference_generators
+from trainer.evaluation import eval_mode
+from trainer.export import load_inference_generators, save_generators
 from trainer.pool import ImagePool
 from trainer.train import build_training, train_step
 from trainer.translate import translate_batches

@@ -1,5 +1,5 @@
 """Each backend against the `Backend` protocol; the engine delegates and never names a backend; the DDP path
-never imports DeepSpeed."""
+never imports DeepSpeed; training imports no command-line module."""
 
 import inspect
 import subprocess
@@ -80,3 +80,11 @@ def test_ddp_universal_state_round_trips_into_a_fresh_engine():
     again = fresh.universal_state("g")
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
     assert fresh.full_shapes("g") == {k: tuple(v.shape) for k, v in source.full_state_dict("g").items()}
+
+
+def test_training_imports_no_command_line_module():
+    cli = ("trainer.evaluate", "trainer.translate", "trainer.main")
+    code = f"import sys, trainer.train; print(sorted(m for m in {cli!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tests.conftest import write_tiny_inception
 from trainer import data
 from trainer.config import ConfigError, EvalConfig, load_config
-from trainer.evaluate import Evaluator, format_table, load_inception, selection_score
+from trainer.evaluation import Evaluator, format_table, load_inception, selection_score
 
 
 class Scale(nn.Module):
