@@ -8,9 +8,10 @@ is delegated to the backend (trainer/backends/); the engine never branches on it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from datetime import timedelta
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -199,6 +200,19 @@ class Engine:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def broadcast_json(self, value: Any) -> Any:
+        """The main rank's `value` (JSON-serializable) on every rank; JSON, not pickle, travels."""
+        if self.world_size == 1:
+            return value
+        data = json.dumps(value).encode() if self.is_main else b""
+        size = torch.tensor([len(data)], device=self.device)
+        torch.distributed.broadcast(size, src=0)
+        buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if self.is_main:
+            buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        torch.distributed.broadcast(buffer, src=0)
+        return json.loads(bytes(buffer.cpu().tolist()).decode())
 
     def replica_spread(self) -> float | None:
         """Largest relative difference between ranks of a fingerprint of each unit's weights (their sum and sum of

@@ -14,6 +14,7 @@ import torch
 
 from trainer.checkpoint import (
     CHECKPOINTS,
+    CheckpointError,
     check_architecture,
     complete_checkpoints,
     find_resume,
@@ -339,7 +340,19 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) 
         if engine.is_main:
             shutil.rmtree(run_dir / CHECKPOINTS)
         engine.barrier()
-    resume_from = find_resume(run_dir, cfg.train.resume, console.message)
+    # The main rank reads and hashes the checkpoints (N ranks must not read them N times from shared storage)
+    # and tells the others its verdict: the checkpoint to load, or the error every rank then raises.
+    verdict: dict[str, str | None] = {"path": None, "error": None}
+    if engine.is_main:
+        try:
+            found = find_resume(run_dir, cfg.train.resume, console.message)
+            verdict["path"] = None if found is None else str(found)
+        except CheckpointError as err:
+            verdict["error"] = str(err)
+    verdict = engine.broadcast_json(verdict)
+    if verdict["error"] is not None:
+        raise CheckpointError(verdict["error"])
+    resume_from = None if verdict["path"] is None else Path(verdict["path"])
     if resume_from is not None:
         check_architecture(resume_from, cfg.model)
     return resume_from
