@@ -38,6 +38,8 @@ BEST = "best.json"
 COMPLETE = "COMPLETE"
 UNIVERSAL = "units.safetensors"
 TRAIN_STATE = "train_state.json"
+STATE_FORMAT = 1
+"""train_state.json's format: 1 adds format, images_seen and config_hash (earlier checkpoints have none: 0)."""
 STEP_DIR = re.compile(r"step_(\d{8})")
 MOMENTS = (".exp_avg", ".exp_avg_sq")
 
@@ -106,10 +108,14 @@ def read_train_state(path: Path) -> dict[str, Any]:
         "world_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
         "backend": lambda v: isinstance(v, str),
         "model": lambda v: v is None or isinstance(v, dict),
+        "format": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= STATE_FORMAT,
+        "images_seen": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     }
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} is not a JSON object")
     state.setdefault("model", None)  # checkpoints of earlier versions did not record the architecture
+    state.setdefault("format", 0)
+    state.setdefault("images_seen", None)  # unknown before format 1
     for key, ok in checks.items():
         if not ok(state.get(key)):
             raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} has {key}={state.get(key)!r:.60}")
@@ -259,7 +265,13 @@ def save_checkpoint(
     error = None
     if engine.is_main:
         try:
-            train_state = {"step": step, "world_size": engine.world_size, "backend": engine.backend_name, **meta}
+            train_state = {
+                "format": STATE_FORMAT,
+                "step": step,
+                "world_size": engine.world_size,
+                "backend": engine.backend_name,
+                **meta,
+            }
             write_file(tmp / TRAIN_STATE, json.dumps(train_state))
             hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             write_file(tmp / COMPLETE, json.dumps(hashes))

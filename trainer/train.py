@@ -4,6 +4,8 @@ logging, sample grids, evaluation and checkpoints on intervals, and exported gen
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -196,10 +198,14 @@ def _train(  # noqa: PLR0915 (to be split into a metric window, a train state an
     if resume_from is not None:
         train_state, rank_state = load_checkpoint(engine, resume_from, console.message)
         start = train_state["step"]
+        if train_state.get("config_hash") not in (None, config_hash(cfg)):
+            console.message(f"note: the config differs from the one that wrote {resume_from}")
         loader.load_state_dict(rank_state["data"])
         for pool, key in zip(pools, ("pool_x", "pool_y")):
             if key in rank_state:
                 pool.load_state_dict(rank_state[key], engine.device)
+    # Images per domain seen before this run: counted by earlier runs (global batches may have differed)
+    images_before = train_state.get("images_seen") or start * global_batch
     if engine.is_main:  # only now: a resume point that does not load leaves the run directory as it was
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -295,7 +301,12 @@ def _train(  # noqa: PLR0915 (to be split into a metric window, a train state an
         if stopped or new_best or _is_due(step, cfg.checkpoint.every_steps, total):
             nonfinite.check(engine.any_rank, step, run_dir)
             rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
-            meta = {"model": dataclasses.asdict(cfg.model), "wandb_run_id": tracker.wandb_run_id}
+            meta = {
+                "model": dataclasses.asdict(cfg.model),
+                "wandb_run_id": tracker.wandb_run_id,
+                "images_seen": images_before + (step - start) * global_batch,
+                "config_hash": config_hash(cfg),
+            }
             if new_best:
                 best = {"select": cfg.eval.select, "score": metrics["eval/select_score"], "metrics": metrics}
             path = save_checkpoint(
@@ -326,6 +337,11 @@ def _train(  # noqa: PLR0915 (to be split into a metric window, a train state an
     tracker.close()
     engine.end()
     return TrainResult(step=last, metrics=metrics, preempted=stopped and not interrupted, interrupted=interrupted)
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the resolved config, for telling whether a resumed run continues with the same settings."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
 def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) -> Path | None:

@@ -169,3 +169,25 @@ def test_checkpoint_rotation_keeps_the_newest_and_every_nth(tmp_path, colour_sha
     )
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["latest", "step_00000004", "step_00000008", "step_00000010"]
+
+
+def test_train_state_counts_images_across_a_resume_with_another_batch(tmp_path, colour_shards):
+    run_dir = tmp_path / "run"
+    train_cli(run_dir, colour_shards, "train.steps=4")  # batch 2: 8 images per domain by step 4
+    first = json.loads((run_dir / "checkpoints/step_00000004/train_state.json").read_text())
+    assert first["format"] == 1 and first["images_seen"] == 8 and len(first["config_hash"]) == 64
+    result = train_cli(run_dir, colour_shards, "train.steps=6", "train.batch_size=1")  # 2 more steps at batch 1
+    state = json.loads((run_dir / "checkpoints/step_00000006/train_state.json").read_text())
+    assert state["step"] == 6 and state["images_seen"] == 8 + 2 * 1
+    assert state["config_hash"] != first["config_hash"]
+    assert "note: the config differs from the one that wrote" in result.stdout + result.stderr
+
+
+def test_a_train_state_of_a_newer_format_is_refused(tmp_path):
+    from trainer.checkpoint import CheckpointError, read_train_state
+
+    (tmp_path / "train_state.json").write_text(json.dumps({"format": 99, "step": 4, "world_size": 1, "backend": "ddp"}))
+    with pytest.raises(CheckpointError, match="has format=99"):
+        read_train_state(tmp_path)
+    (tmp_path / "train_state.json").write_text(json.dumps({"step": 4, "world_size": 1, "backend": "ddp"}))
+    assert read_train_state(tmp_path)["format"] == 0  # written before formats were numbered
