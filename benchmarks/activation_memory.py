@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.train_throughput import device_name, synchronize  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
 
 MODES = ("off", "on")
@@ -65,11 +65,6 @@ class SavedTensorBytes:
         if storage.data_ptr() not in self.excluded:
             self.storages[storage.data_ptr()] = storage.nbytes()
         return tensor
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rss_bytes() -> int:
@@ -125,14 +120,8 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
         "step_s_all": times,
         "step_cpu_s": statistics.median(cpu_times[warmup:]),  # all threads: less sensitive to other processes
         "load_average_1m": os.getloadavg()[0],  # other processes on the machine skew the times
-        "device": _device_name(device),
+        "device": device_name(device),
     }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def row_overrides(args: argparse.Namespace, size: int, mode: str) -> list[str]:

@@ -72,7 +72,7 @@ def ladder(compile_rows: bool, cuda: bool, batches: list[int]) -> list[tuple[str
 def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.getdevice_name(device)
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
@@ -149,7 +149,7 @@ def measure_reference(cfg: Config, steps: int, warmup: int) -> dict:
 
 
 def _row(images_per_s: float, step_s: float, phases: dict, steps: int, flops: float | None, device) -> dict:
-    row = {"images_per_s": images_per_s, "step_s": step_s, "device": _device_name(device)}
+    row = {"images_per_s": images_per_s, "step_s": step_s, "device": device_name(device)}
     for name, seconds in phases.items():
         row[f"{name}_s"] = seconds / steps
     if phases:
@@ -159,9 +159,10 @@ def _row(images_per_s: float, step_s: float, phases: dict, steps: int, flops: fl
     return row
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU and its thread count, for the figures' records."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
@@ -249,7 +250,7 @@ def main() -> None:
         "overrides": args.overrides,
         "steps": args.steps,
         "warmup": args.warmup,
-        "device": _device_name(device),
+        "device": device_name(device),
         "peak_tflops_bf16": peak,
         "flops_per_image_pair": flops,
         "rows": rows,

@@ -46,13 +46,17 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def run_bounded(cmd: list[str], timeout_s: int = 300, env: dict | None = None, cwd: Path = REPO):
+def run_bounded(
+    cmd: list[str], timeout_s: int = 300, env: dict | None = None, cwd: Path = REPO, inherit_env: bool = True
+):
     """Run `cmd` (from the repo root unless `cwd`); on timeout kill it with all its descendants (a hung collective
-    must fail one test, not the suite). Returns the CompletedProcess."""
+    must fail one test, not the suite). `env` adds to this process's environment, or with inherit_env=False is
+    the whole environment. Returns the CompletedProcess."""
     import os
     import subprocess
 
-    full_env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
+    base = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"} if inherit_env else {}
+    full_env = {**base, **(env or {})}
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

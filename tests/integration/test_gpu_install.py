@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from tests.conftest import REPO, kill_tree
+from tests.conftest import REPO, run_bounded
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -103,16 +103,16 @@ def make_image_venv(root: Path, carried: set[str]) -> tuple[Path, set[str], set[
 
 
 def run(cmd: list[str], env: dict[str, str], timeout_s: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run cmd from the repo root (or cwd) with exactly `env`; on timeout kill it and its descendants."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """Run cmd from the repo root (or cwd) with exactly `env`, bounded like every test command."""
+    return run_bounded(cmd, timeout_s, env=env, cwd=cwd, inherit_env=False)
+
+
+def train_two_steps(run_dir: Path, shards: Path, env: dict[str, str]) -> None:
+    """The demo config for 2 steps with W&B offline, in `env`: it must train and write its metrics and W&B run."""
+    train = run(["python", "trainer/main.py", "--config", "configs/demo-cpu.yaml", "train.steps=2",
+                 f"train.run_dir={run_dir}", "logging.wandb=offline", f"data.root={shards}"], env)  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (run_dir / "metrics.jsonl").is_file() and list((run_dir / "wandb").glob("offline-run-*"))
 
 
 def installed(bin_dir: Path, env: dict[str, str]) -> set[str]:
@@ -165,12 +165,7 @@ def test_offline_install_into_an_emulated_image(tmp_path, colour_shards):
     assert found.returncode == 0, found.stderr[-3000:]
     assert found.stdout.split()[-2:] == [str(site / "webdataset/__init__.py"), str(REPO / "trainer/__init__.py")]
 
-    target_run_dir = tmp_path / "run-target"
-    train = run(["python", "trainer/main.py", "--config", "configs/demo-cpu.yaml", "train.steps=2",
-                 f"train.run_dir={target_run_dir}", "logging.wandb=offline", f"data.root={colour_shards}"],
-                path_env)  # fmt: skip
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert (target_run_dir / "metrics.jsonl").is_file() and list((target_run_dir / "wandb").glob("offline-run-*"))
+    train_two_steps(tmp_path / "run-target", colour_shards, path_env)
 
     started = time.monotonic()
     again = run(["bash", "benchmarks/gpu_install.sh", str(wheels)], target_env, timeout_s=120)
@@ -185,11 +180,7 @@ def test_offline_install_into_an_emulated_image(tmp_path, colour_shards):
     assert first.stdout.startswith("gpu_install: ready: webdataset ") and "cyclegan-dist 0.1.0" in first.stdout
     assert installed(bin_dir, env) - before == carried | {"cyclegan-dist"}
 
-    run_dir = tmp_path / "run"
-    train = run(["python", "trainer/main.py", "--config", "configs/demo-cpu.yaml", "train.steps=2",
-                 f"train.run_dir={run_dir}", "logging.wandb=offline", f"data.root={colour_shards}"], env)  # fmt: skip
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert (run_dir / "metrics.jsonl").is_file() and list((run_dir / "wandb").glob("offline-run-*"))
+    train_two_steps(tmp_path / "run", colour_shards, env)
 
     started = time.monotonic()
     again = run(["bash", "benchmarks/gpu_install.sh", str(wheels)], env, timeout_s=120)
