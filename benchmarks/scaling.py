@@ -1,5 +1,6 @@
 """Scaling on this machine: weak scaling from 1 to 2 CPU ranks (DDP over gloo, with and without DDP's static
-graph), and the bytes of parameters plus optimizer state each rank holds under ZeRO-1/2/3 against total / N.
+graph, and FSDP2), and the bytes of parameters plus optimizer state each rank holds under FSDP2 and ZeRO-1/2/3
+against total / N.
 
     python benchmarks/scaling.py [--config configs/demo-cpu.yaml] [--steps 60]
 
@@ -50,10 +51,16 @@ def throughput(args: argparse.Namespace, data: Path, run_dir: Path, launch: str 
     windows = [r for r in records if "perf/images_per_s" in r][1:]
     mean = sum(r["perf/images_per_s"] for r in windows) / len(windows)
     per_rank = sum(r["perf/images_per_s_per_rank"] for r in windows) / len(windows)
-    return {"ranks": nproc, "images_per_s": mean, "images_per_s_per_rank": per_rank, "overrides": list(extra)}
+    return {
+        "ranks": nproc,
+        "launch": launch or "none",
+        "images_per_s": mean,
+        "images_per_s_per_rank": per_rank,
+        "overrides": list(extra),
+    }
 
 
-def zero_probe(config: str, out: Path) -> None:
+def state_probe(config: str, out: Path) -> None:
     """(Under accelerate launch) one training step, then write this rank's parameter and optimizer bytes to
     out/rank_N.json."""
     import torch
@@ -69,25 +76,24 @@ def zero_probe(config: str, out: Path) -> None:
     size = cfg.data.crop_size
     batch = {d: torch.rand(2, 3, size, size, device=engine.device) * 2 - 1 for d in ("x", "y")}
     train_step(engine, units, (ImagePool(0, seed=0), ImagePool(0, seed=1)), [batch], cfg.loss)
-    params = 0
-    for unit in ("g", "d"):
-        for p in engine.unwrap(unit).parameters():
-            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps only this rank's partition
-            params += local.numel() * local.element_size()
-    state = sum(engine.optimizer_state_bytes(u) for u in ("g", "d"))
-    row = {"rank": engine.rank, "backend": engine.backend_name, "param_bytes": params, "optimizer_bytes": state}
+    held = [engine.state_bytes(unit) for unit in ("g", "d")]
+    row = {
+        "rank": engine.rank,
+        "backend": engine.backend_name,
+        "param_bytes": sum(h["params"] for h in held),
+        "optimizer_bytes": sum(h["optimizer"] for h in held),
+    }
     (out / f"rank_{engine.rank}.json").write_text(json.dumps(row))
     engine.end()
 
 
-def zero_memory(args: argparse.Namespace, stage: int | None, nproc: int) -> list[dict]:
-    """Each rank's bytes after one step under zero{stage} on nproc ranks (None: plain DDP)."""
-    launch = None if stage is None else f"zero{stage}"
+def state_memory(args: argparse.Namespace, launch: str | None, nproc: int) -> list[dict]:
+    """Each rank's bytes after one step under launch/{launch}.yaml on nproc ranks (None: one plain process)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = launcher(launch, nproc) + [__file__, "--probe", out, "--config", args.config]
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"zero probe {launch} failed:\n{result.stderr[-3000:]}")
+            raise RuntimeError(f"state probe {launch} failed:\n{result.stderr[-3000:]}")
         return [json.loads((Path(out) / f"rank_{rank}.json").read_text()) for rank in range(nproc)]
 
 
@@ -101,7 +107,7 @@ def main() -> None:
     if args.probe:
         from trainer.process_exit import exit_process
 
-        zero_probe(args.config, args.probe)
+        state_probe(args.config, args.probe)
         exit_process(0)
 
     from shards.synthetic import write_synthetic
@@ -115,18 +121,19 @@ def main() -> None:
             throughput(args, data, Path(tmp) / "r1", None, 1),
             throughput(args, data, Path(tmp) / "r2", "cpu-ddp-2", 2),
             throughput(args, data, Path(tmp) / "r2s", "cpu-ddp-2", 2, "distributed.static_graph=true"),
+            throughput(args, data, Path(tmp) / "r2f", "fsdp2", 2),
         ]
     for run in runs:
         run["weak_scaling_speedup"] = run["images_per_s"] / runs[0]["images_per_s"]
         run["efficiency"] = run["weak_scaling_speedup"] / run["ranks"]
-    full = zero_memory(args, None, 1)[0]
+    full = state_memory(args, None, 1)[0]
     total = full["param_bytes"] + full["optimizer_bytes"]
-    zero = {}
-    for stage in (1, 2, 3):
-        ranks = zero_memory(args, stage, 2)
+    sharded = {}
+    for launch in ("fsdp2", "zero1", "zero2", "zero3"):
+        ranks = state_memory(args, launch, 2)
         for rank in ranks:
             rank["fraction_of_total"] = (rank["param_bytes"] + rank["optimizer_bytes"]) / total
-        zero[f"zero{stage}"] = ranks
+        sharded[launch] = ranks
     figures = {
         "benchmark": "scaling",
         "config": args.config,
@@ -134,14 +141,14 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "weak_scaling": runs,
         "state_bytes_one_rank": total,
-        "zero_state_per_rank": zero,
+        "sharded_state_per_rank": sharded,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     for run in runs:
-        print(f"{run['ranks']} rank(s) {' '.join(run['overrides']):<30} {run['images_per_s']:8.1f} img/s "
+        print(f"{run['ranks']} x {run['launch']:<9} {' '.join(run['overrides']):<30} {run['images_per_s']:8.1f} img/s "
               f"x{run['weak_scaling_speedup']:.2f}")  # fmt: skip
-    for name, ranks in zero.items():
+    for name, ranks in sharded.items():
         print(
             f"{name}: per-rank params + optimizer state = {[round(r['fraction_of_total'], 3) for r in ranks]} of total"
         )

@@ -289,15 +289,22 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DistributedConfig:
-    backend: Literal["auto", "ddp", "deepspeed"] = "auto"
+    backend: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"
     """auto follows the launcher: DeepSpeed (stage and offload from the accelerate config) when launched with a
-    DeepSpeed accelerate config, else DDP. ddp and deepspeed force a backend."""
+    DeepSpeed accelerate config (launch/zero*.yaml), FSDP2 with an FSDP one (launch/fsdp2*.yaml), else DDP.
+    ddp, fsdp2 and deepspeed force a backend."""
     zero_stage: Literal[1, 2, 3] = 2
     """ZeRO stage for backend=deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
     offload_optimizer: bool = False
     """DeepSpeed: keep optimizer states in CPU memory."""
     offload_params: bool = False
     """DeepSpeed ZeRO-3: keep parameters in CPU memory."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each block's gathered weights after its forward and gather them again for backward (less memory,
+    one more all-gather per block); false keeps them until the backward is done."""
+    fsdp_min_block_params: int = 2**20
+    """FSDP2: a submodule holding at least this many parameters outside smaller groups is sharded and gathered as
+    its own group (a block); each network and each unit gathers the rest."""
     sync_batchnorm: bool = True
     """DDP on CUDA: convert BatchNorm layers to SyncBatchNorm so statistics cover the global batch."""
     cpu: bool = False
@@ -314,9 +321,12 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         _require(self.timeout_s >= 1, "distributed.timeout_s", self.timeout_s, "an integer >= 1")
         _require(self.bucket_cap_mb >= 1, "distributed.bucket_cap_mb", self.bucket_cap_mb, "an integer >= 1")
+        _require(
+            self.fsdp_min_block_params >= 1, "distributed.fsdp_min_block_params", self.fsdp_min_block_params, ">= 1"
+        )
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError(f"distributed.offload_params=true needs distributed.zero_stage=3 (got {self.zero_stage})")
-        if self.backend == "ddp" and (self.offload_optimizer or self.offload_params):
+        if self.backend in ("ddp", "fsdp2") and (self.offload_optimizer or self.offload_params):
             raise ConfigError("distributed.offload_optimizer/offload_params need distributed.backend=deepspeed or auto")
 
 

@@ -81,7 +81,7 @@ class Engine:
 
     @property
     def backend_name(self) -> str:
-        """`ddp` or `zero1`/`zero2`/`zero3` (+`-offload`), for logs."""
+        """`ddp`, `fsdp2` or `zero1`/`zero2`/`zero3` (+`-offload`), for logs."""
         return self.backend.name
 
     def global_batch(self, batch_size: int) -> int:
@@ -165,9 +165,9 @@ class Engine:
         """Full (unpartitioned) shape of every parameter and buffer of unit `which`, by name."""
         return self.backend.full_shapes(which)
 
-    def optimizer_state_bytes(self, which: str) -> int:
-        """Bytes of optimizer state (and fp32 master partitions under DeepSpeed) that this rank holds for `which`."""
-        return self.backend.optimizer_state_bytes(which)
+    def state_bytes(self, which: str) -> dict[str, int]:
+        """Bytes this rank holds of unit `which`: `params` (whole, or its shards) and `optimizer` state."""
+        return self.backend.state_bytes(which)
 
     def universal_state(self, which: str) -> dict[str, torch.Tensor]:
         """Backend-independent full state of unit `which` on CPU: fp32 weights and buffers by name, Adam's
@@ -217,7 +217,7 @@ class Engine:
     def replica_spread(self) -> float | None:
         """Largest relative difference between ranks of a fingerprint of each unit's weights (their sum and sum of
         squares, in float64): 0 when every rank holds the same weights, as synchronized gradients guarantee. None
-        when there is nothing to compare: one process, or ZeRO-3, whose ranks hold different slices."""
+        when there is nothing to compare: one process, or FSDP2 and ZeRO-3, whose ranks hold different slices."""
         if self.world_size == 1 or not self.backend.replicas_comparable:
             return None
         rows = []
@@ -229,10 +229,16 @@ class Engine:
         return spread.max().item()
 
     def memory_metrics(self) -> dict[str, float]:
-        """mem/ metrics of this process: host RSS and, on CUDA, the peak memory allocated by tensors."""
+        """mem/ metrics of this process: host RSS, the parameters and optimizer state it holds (shards under FSDP2
+        and ZeRO) and, on CUDA, the peak memory allocated by tensors."""
         import psutil
 
-        out = {"mem/host_rss_gb": psutil.Process().memory_info().rss / 2**30}
+        held = [self.state_bytes(which) for which in UNITS]
+        out = {
+            "mem/host_rss_gb": psutil.Process().memory_info().rss / 2**30,
+            "mem/params_gb": sum(h["params"] for h in held) / 2**30,
+            "mem/optimizer_state_gb": sum(h["optimizer"] for h in held) / 2**30,
+        }
         if self.device.type == "cuda":
             out["mem/peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out

@@ -1,5 +1,5 @@
-"""Checkpoints on real 2-rank runs: bitwise exact resume (DDP and ZeRO-2), kill -9 at random moments, preemption
-by SIGUSR1, resume on another world size and backend, damaged checkpoints, export."""
+"""Checkpoints on real 2-rank runs: bitwise exact resume (DDP, FSDP2 and ZeRO-2), kill -9 at random moments,
+preemption by SIGUSR1, resume on another world size and backend, damaged checkpoints, export."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("launch_config", ["cpu-ddp-2", "zero2"])
+@pytest.mark.parametrize("launch_config", ["cpu-ddp-2", "fsdp2", "zero2"])
 def test_resume_is_bitwise_exact(launch_config, colour_shards, tmp_path):
     straight = tmp_path / "straight"
     train(launch_config, colour_shards, straight, "train.steps=12", "checkpoint.every_steps=6", "checkpoint.keep=5")
@@ -197,33 +197,29 @@ def test_single_process_preemption_exit_code(colour_shards, tmp_path):
     assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE
 
 
-@pytest.mark.parametrize("first,second", [("zero3", None), (None, "zero3")])
-def test_resume_on_another_world_size_and_backend(first, second, colour_shards, tmp_path):
+@pytest.mark.parametrize("sharded", ["zero3", "fsdp2"])
+def test_a_sharded_run_resumes_on_one_ddp_rank_and_back(sharded, colour_shards, tmp_path):
+    """2 sharded ranks -> 1 DDP rank -> 2 sharded ranks, one run directory: each resume re-partitions the last
+    checkpoint, and the loss curve continues from where it was rather than from an untrained model's level."""
     run_dir = tmp_path / "run"
-    train(
-        first,
-        colour_shards,
-        run_dir,
-        "train.steps=6",
-        "checkpoint.every_steps=6",
-        "logging.every_steps=1",
-        "schedule.kind=constant",
-    )
+    common = ["logging.every_steps=1", "schedule.kind=constant"]
+    train(sharded, colour_shards, run_dir, "train.steps=6", "checkpoint.every_steps=6", *common)
     before = losses(run_dir)
-    result = train(second, colour_shards, run_dir, "train.steps=8", "logging.every_steps=1", "schedule.kind=constant")
-    assert result.stdout.count("weights and optimizer state re-partitioned") == 1  # the main rank says it once
+    for launch_config, steps in ((None, 8), (sharded, 10)):
+        result = train(launch_config, colour_shards, run_dir, f"train.steps={steps}", *common)
+        assert result.stdout.count("weights and optimizer state re-partitioned") == 1  # the main rank says it once
     after = losses(run_dir)
-    assert sorted(after) == list(range(1, 9))
-    # the losses continue where they were, not from an untrained model's level
+    assert sorted(after) == list(range(1, 11))
     untrained = before[1]["loss/g_total"]
-    for step in (7, 8):
+    for step in (7, 8, 9, 10):
         assert (
             abs(after[step]["loss/g_total"] - before[6]["loss/g_total"])
             < 0.5 * abs(untrained - before[6]["loss/g_total"]) + 0.5
         )
-    saved = units(run_dir / "checkpoints" / "step_00000006")
+    saved = units(run_dir / "checkpoints" / "step_00000010")
     exported = load_file(str(run_dir / "export" / "g_xy.safetensors"))
     assert exported.keys() == {k[len("g/g_xy.") :] for k in saved if k.startswith("g/g_xy.") and "exp_avg" not in k}
+    assert all(torch.equal(exported[k], saved[f"g/g_xy.{k}"]) for k in exported)
 
 
 def test_damaged_checkpoint_falls_back_or_fails_clearly(colour_shards, tmp_path):

@@ -101,9 +101,38 @@ def test_zero_stages_train_agree_and_shard_the_optimizer_state(stage, ddp_two_ra
     # Same math as DDP (fp32 AdamW on the flattened partitions).
     assert_weights(ranks[0], ddp_two_ranks_batch2[0], atol=1e-5)
     for unit in ("g", "d"):
-        full = ddp_two_ranks_batch2[0]["opt_bytes"][unit]
+        full = ddp_two_ranks_batch2[0]["state_bytes"][unit]["optimizer"]
         for rank in ranks:
-            assert 0.45 <= rank["opt_bytes"][unit] / full <= 0.55, (unit, rank["opt_bytes"][unit], full)
+            held = rank["state_bytes"][unit]["optimizer"]
+            assert 0.45 <= held / full <= 0.55, (unit, held, full)
+
+
+FSDP2_BLOCKS = "distributed.fsdp_min_block_params=100"  # the tiny networks still get blocks inside each root
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_fsdp2_trains_exactly_like_ddp(accumulation, ddp_two_ranks_batch2, tmp_path):
+    """Same data, pool off: FSDP2's reduce-scattered gradients and sharded AdamW give DDP's weights, also with
+    gradient accumulation (gradients kept unsharded and local until the last micro-batch)."""
+    split = ["train.batch_size=2", f"train.grad_accum_steps={accumulation}", "train.steps=2"]
+    ranks = launch(tmp_path / "out", 2, *split, FSDP2_BLOCKS, launch_config="fsdp2")
+    assert [r["backend"] for r in ranks] == ["fsdp2", "fsdp2"] and ranks[0]["world"] == 2
+    assert [r["replica_spread"] for r in ranks] == [None, None]  # ranks hold different slices
+    assert max_rank_difference(ranks) == 0.0  # every rank consolidates the same full weights
+    ddp = ddp_two_ranks_batch2 if accumulation == 1 else launch(tmp_path / "ddp", 2, *split)
+    assert_weights(ranks[0], ddp[0], atol=1e-5)
+    assert any(not torch.equal(ranks[0]["final"]["d"][k], ranks[0]["init"]["d"][k]) for k in ranks[0]["init"]["d"])
+
+
+def test_fsdp2_ranks_each_hold_half_of_the_parameters_and_optimizer_state(tmp_path):
+    """At the demo's network sizes, each of 2 ranks holds (params + Adam state) within 5% of one rank's total / 2."""
+    demo = ["model.ngf=16", "model.ndf=16", "model.n_blocks=3", "train.batch_size=2", "train.steps=1"]
+    (whole,) = launch(tmp_path / "ddp", 1, *demo)
+    ranks = launch(tmp_path / "fsdp2", 2, *demo, launch_config="fsdp2")
+    total = sum(sum(whole["state_bytes"][unit].values()) for unit in ("g", "d"))
+    for rank in ranks:
+        held = sum(sum(rank["state_bytes"][unit].values()) for unit in ("g", "d"))
+        assert abs(held / (total / 2) - 1) <= 0.05, (held, total)
 
 
 def test_fp16_overflow_in_one_unit_skips_only_that_unit(tmp_path):

@@ -1,6 +1,6 @@
 """Test harness, run directly or under `accelerate launch`: trains a tiny CycleGAN on fixed random tensors with
 the real Engine, build_training and train_step, then saves each rank's consolidated weights (before and after),
-optimizer-state bytes and loss scales to OUT/rank<R>.pt.
+the bytes of parameters and optimizer state it holds, and loss scales to OUT/rank<R>.pt.
 
 Rank r's micro-batch j of a step is images [(j * world + r) * b, (j * world + r + 1) * b) of that step's global
 batch, so any (world, batch, accumulation) split of the same global batch sees the same images.
@@ -79,7 +79,7 @@ def main() -> None:
     result = {
         "init": init,
         "final": {unit: engine.full_state_dict(unit) for unit in ("g", "d")},
-        "opt_bytes": {unit: engine.optimizer_state_bytes(unit) for unit in ("g", "d")},
+        "state_bytes": {unit: engine.state_bytes(unit) for unit in ("g", "d")},
         "loss_scale": {unit: engine.loss_scale(unit) for unit in ("g", "d")},
         "backend": engine.backend_name,
         "noise_driven": {u: biases_before_instance_norm(engine.unwrap(u), "") for u in ("g", "d")},

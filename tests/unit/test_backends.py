@@ -10,7 +10,9 @@ import torch
 
 from tests.conftest import REPO
 from trainer.backends import Backend, build_backend
+from trainer.backends.fsdp2 import shard_blocks, shard_roots
 from trainer.config import load_config
+from trainer.cyclegan import build_units
 from trainer.engine import Engine
 from trainer.train import build_training
 
@@ -23,7 +25,7 @@ def protocol_members() -> set[str]:
     return methods | set(Backend.__annotations__)
 
 
-@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "deepspeed"])
 def test_backend_has_every_protocol_member_with_its_signature(backend, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")  # as under a launcher: no rendezvous of its own
     cfg = load_config(None, [*TINY, f"distributed.backend={backend}"])
@@ -34,12 +36,12 @@ def test_backend_has_every_protocol_member_with_its_signature(backend, monkeypat
         if callable(getattr(Backend, name, None)):
             wanted = list(inspect.signature(getattr(Backend, name)).parameters)[1:]  # without self
             assert list(inspect.signature(getattr(instance, name)).parameters) == wanted, name
-    assert instance.name == {"ddp": "ddp", "deepspeed": "zero2"}[backend]
+    assert instance.name == {"ddp": "ddp", "fsdp2": "fsdp2", "deepspeed": "zero2"}[backend]
 
 
 def test_the_engine_never_branches_on_a_backend():
     source = (REPO / "trainer" / "engine.py").read_text()
-    for word in ("deepspeed", "DistributedDataParallel", "is_deepspeed", "zero_stage", "GradScaler"):
+    for word in ("deepspeed", "DistributedDataParallel", "is_deepspeed", "zero_stage", "GradScaler", "fully_shard"):
         assert word not in source.replace("DeepSpeed ZeRO", ""), word
 
 
@@ -80,6 +82,25 @@ def test_ddp_universal_state_round_trips_into_a_fresh_engine():
     again = fresh.universal_state("g")
     assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
     assert fresh.full_shapes("g") == {k: tuple(v.shape) for k, v in source.full_state_dict("g").items()}
+
+
+def test_fsdp2_shards_each_network_as_a_root_and_large_modules_as_blocks():
+    cfg = load_config(None, ["model.generator=resnet", "model.n_blocks=2", "model.ngf=8", "model.discriminator=hnet"])
+    gens, discs = build_units(cfg.model, cfg.loss)
+    assert shard_roots(gens) == [gens.g_xy, gens.g_yx]
+    trunk, head_x, head_y = discs.trunk, discs.d_x[1], discs.d_y[1]
+    roots = shard_roots(discs)  # the shared H trunk is split out of both heads' networks, once
+    assert len(roots) == 3 and all(any(r is m for r in roots) for m in (trunk, head_x, head_y))
+    residual = [m for m in gens.g_xy.modules() if type(m).__name__ == "ResnetBlock"]
+    per_block = sum(p.numel() for p in residual[0].parameters())
+    blocks = shard_blocks(gens.g_xy, per_block)
+    for block in residual:  # each residual block's parameters form one group (the block or its one container)
+        inside = [b for b in blocks if any(b is m for m in block.modules())]
+        assert len(inside) == 1 and sum(p.numel() for p in inside[0].parameters()) == per_block
+    assert all(sum(p.numel() for p in b.parameters()) >= per_block for b in blocks)
+    assert shard_blocks(gens.g_xy, 10**9) == []  # nothing that large: the network is the only group
+    innermost = shard_blocks(gens.g_xy, 1)  # every module with parameters, children before parents
+    assert all(next(m.parameters(recurse=False), None) is not None for m in innermost)
 
 
 def test_training_imports_no_command_line_module():

@@ -54,14 +54,22 @@ def test_scaling_writes_json(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
-    assert [r["ranks"] for r in figures["weak_scaling"]] == [1, 2, 2]
+    assert [(r["ranks"], r["launch"]) for r in figures["weak_scaling"]] == [
+        (1, "none"),
+        (2, "cpu-ddp-2"),
+        (2, "cpu-ddp-2"),
+        (2, "fsdp2"),
+    ]
     assert all(r["images_per_s"] > 0 for r in figures["weak_scaling"])
-    assert sorted(figures["zero_state_per_rank"]) == ["zero1", "zero2", "zero3"]
-    for ranks in figures["zero_state_per_rank"].values():
+    sharded = figures["sharded_state_per_rank"]
+    assert sorted(sharded) == ["fsdp2", "zero1", "zero2", "zero3"]
+    for ranks in sharded.values():
         assert [r["rank"] for r in ranks] == [0, 1] and all(0 < r["fraction_of_total"] < 1 for r in ranks)
-    full = figures["zero_state_per_rank"]["zero1"][0]["param_bytes"]
-    for rank in figures["zero_state_per_rank"]["zero3"]:  # ZeRO-3 partitions the parameters (with some padding)
-        assert abs(2 * rank["param_bytes"] - full) <= 0.01 * full
+    full = sharded["zero1"][0]["param_bytes"]
+    for name in ("zero3", "fsdp2"):  # both partition the parameters (with some padding)
+        for rank in sharded[name]:
+            assert abs(2 * rank["param_bytes"] - full) <= 0.02 * full, (name, rank)
+    assert all(abs(r["fraction_of_total"] - 0.5) <= 0.025 for r in sharded["fsdp2"])  # and the Adam state
 
 
 def test_activation_memory_dry_writes_json(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.backends import resolve_backend
-from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig
+from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig, load_config
 from trainer.engine import Engine
 from trainer.train import lr_scale
 
@@ -33,6 +33,32 @@ def test_auto_backend_follows_the_launcher():
 def test_forcing_ddp_under_a_deepspeed_launch_is_refused():
     with pytest.raises(ConfigError, match="distributed.backend=ddp but accelerate launched with a DeepSpeed config"):
         resolve_backend(DistributedConfig(backend="ddp"), {"ACCELERATE_USE_DEEPSPEED": "true"})
+
+
+def test_an_fsdp2_launch_config_selects_fsdp2_and_its_resharding():
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}
+    resolved = resolve_backend(DistributedConfig(), env)
+    assert (resolved.backend, resolved.reshard_after_forward) == ("fsdp2", False)
+    assert resolve_backend(DistributedConfig(backend="fsdp2"), env).reshard_after_forward is True  # explicit wins
+    with pytest.raises(ConfigError, match="distributed.backend=ddp but accelerate launched with a FSDP2 config"):
+        resolve_backend(DistributedConfig(backend="ddp"), env)
+    with pytest.raises(ConfigError, match="asks for FSDP version 1; only FSDP2 is supported"):
+        resolve_backend(DistributedConfig(), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["distributed.backend=fsdp2", "train.precision=fp16"], "fp16 with distributed.backend=fsdp2"),
+        (["distributed.backend=fsdp2", "distributed.offload_optimizer=true"], "need distributed.backend=deepspeed"),
+        (["distributed.fsdp_min_block_params=0"], "distributed.fsdp_min_block_params"),
+    ],
+)
+def test_fsdp2_settings_it_cannot_honour_are_refused(overrides, message, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=message):
+        cfg = load_config(None, overrides)
+        Engine(cfg.distributed, cfg.train, cfg.optimizer)
 
 
 @pytest.mark.parametrize("rule,expected", [("none", 1.0), ("linear", 8.0), ("sqrt", 8.0**0.5)])

@@ -1,9 +1,9 @@
 """Distributed backends: one module per way of sharing the two units' training across ranks, behind `Backend`.
 
 The engine (trainer/engine.py) owns the Accelerator, devices, autocast and collectives and never branches on the
-backend; everything that differs between DDP and DeepSpeed ZeRO - wrapping, gradient sync, loss scaling, the
-optimizer step and the full (unsharded) state of a unit - lives in the backend's own module. Adding a backend is
-one module implementing `Backend` plus a line in `build_backend`.
+backend; everything that differs between DDP, FSDP2 and DeepSpeed ZeRO - wrapping or sharding, gradient sync,
+loss scaling, the optimizer step and the full (unsharded) state of a unit - lives in the backend's own module.
+Adding a backend is one module implementing `Backend` plus a line in `build_backend`.
 """
 
 from __future__ import annotations
@@ -11,22 +11,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Mapping, Protocol
+import socket
+from typing import Callable, Iterable, Mapping, Protocol
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 
 from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig
 
 UNITS = ("g", "d")
+LAUNCHED_NAMES = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2"}
 
 
 class Backend(Protocol):
     """What the engine asks of a backend, per unit ("g" or "d") after `prepare`."""
 
     name: str
-    """For logs: `ddp`, `zero1`/`zero2`/`zero3` (+`-offload`)."""
+    """For logs: `ddp`, `fsdp2`, `zero1`/`zero2`/`zero3` (+`-offload`)."""
     replicas_comparable: bool
     """Every rank holds the whole of each unit's weights (so a cross-rank fingerprint must agree)."""
     always_distributed: bool
@@ -74,27 +77,50 @@ class Backend(Protocol):
     def load_scaler_state(self, state: dict[str, dict]) -> None:
         """Restore what `scaler_state` returned."""
 
-    def optimizer_state_bytes(self, which: str) -> int:
-        """Bytes of optimizer state (and fp32 master partitions) this rank holds for unit `which`."""
+    def state_bytes(self, which: str) -> dict[str, int]:
+        """Bytes this rank holds of unit `which`: `params` (its parameters or their shards) and `optimizer` (the
+        optimizer's state tensors)."""
+
+
+def launched_backend(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The backend the `accelerate launch` config chose: `deepspeed` (launch/zero*.yaml), `fsdp2`
+    (launch/fsdp2*.yaml), or None (a DDP config, or no launcher).
+
+    Raises:
+        ConfigError: for an FSDP launch config of version 1.
+    """
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if environ.get("FSDP_VERSION", "1") != "2":
+            raise ConfigError(
+                f"the accelerate launch config asks for FSDP version {environ.get('FSDP_VERSION', '1')}; only FSDP2 "
+                "is supported: set fsdp_config.fsdp_version: 2 (see launch/fsdp2.yaml)"
+            )
+        return "fsdp2"
+    return None
 
 
 def resolve_backend(cfg: DistributedConfig, environ: Mapping[str, str] = os.environ) -> DistributedConfig:
-    """Settle backend=auto from the launcher: `accelerate launch` with a DeepSpeed config (launch/zero*.yaml) sets
-    ACCELERATE_USE_DEEPSPEED and the ZeRO stage/offload variables; anything else means DDP.
+    """Settle backend=auto from the launcher (`launched_backend`; DDP without one). DeepSpeed takes the ZeRO
+    stage and offload settings of its launch config, FSDP2 its fsdp_reshard_after_forward.
 
     Raises:
-        ConfigError: when the config forces DDP but the launcher set up DeepSpeed.
+        ConfigError: when the config forces one backend and the launcher set up another.
     """
-    launched_deepspeed = environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if cfg.backend == "ddp" and launched_deepspeed:
+    launched = launched_backend(environ)
+    if cfg.backend != "auto" and launched not in (None, cfg.backend):
         raise ConfigError(
-            "distributed.backend=ddp but accelerate launched with a DeepSpeed config; use distributed.backend=auto "
-            "or launch with a DDP config such as launch/cpu-ddp-2.yaml"
+            f"distributed.backend={cfg.backend} but accelerate launched with a {LAUNCHED_NAMES[launched]} config; use "
+            "distributed.backend=auto or a launch config for that backend (launch/cpu-ddp-2.yaml for DDP)"
         )
     if cfg.backend != "auto":
         return cfg
-    if not launched_deepspeed:
+    if launched is None:
         return dataclasses.replace(cfg, backend="ddp")
+    if launched == "fsdp2":
+        reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+        return dataclasses.replace(cfg, backend="fsdp2", reshard_after_forward=reshard)
 
     def offloaded(key: str) -> bool:
         return environ.get(key, "none").lower() not in ("none", "")
@@ -115,9 +141,26 @@ def build_backend(cfg: DistributedConfig, train: TrainConfig, optim: OptimizerCo
         from trainer.backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg, train, clips, on_cuda)
+    if cfg.backend == "fsdp2":
+        from trainer.backends.fsdp2 import FSDP2Backend
+
+        return FSDP2Backend(cfg, train, clips, on_cuda)
     from trainer.backends.ddp import DDPBackend
 
     return DDPBackend(cfg, train, clips, on_cuda)
+
+
+def single_process_rendezvous() -> None:
+    """Without a launcher, set the environment of a one-process rendezvous on a free loopback port, so the
+    Accelerator creates a process group for backends that need one (`always_distributed`)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    )
 
 
 def buffers_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,11 +168,47 @@ def buffers_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: buf.detach().cpu().clone() for name, buf in module.named_buffers()}
 
 
-def tensor_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the non-scalar tensors in a torch optimizer's state."""
-    return sum(
-        t.numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if torch.is_tensor(t) and t.dim() > 0
-    )
+def local_bytes(tensors: Iterable[object]) -> int:
+    """Bytes this rank holds of the non-scalar tensors among `tensors` (a DTensor counts its local shard)."""
+    total = 0
+    for tensor in tensors:
+        if isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
+        if torch.is_tensor(tensor) and tensor.dim() > 0:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[object]:
+    """Every value in a torch optimizer's per-parameter state (for `local_bytes`)."""
+    return [value for state in optimizer.state.values() for value in state.values()]
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, norm: torch.Tensor) -> None:
+    """optimizer.step() unless the gradient norm is NaN or infinite: the fused AdamW reads the verdict on the device
+    (no host sync), other kernels after one host check."""
+    base = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    if getattr(base, "_step_supports_amp_scaling", False):
+        base.found_inf = (~torch.isfinite(norm)).float()
+        optimizer.step()
+        del base.found_inf
+    elif torch.isfinite(norm):
+        optimizer.step()
+
+
+def with_adam_moments(
+    state: dict[str, torch.Tensor],
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    moment: Callable[[nn.Parameter, str], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """`state` plus, once the optimizer has stepped, its update count `__step__` and each parameter's full Adam
+    moments `NAME.exp_avg` / `NAME.exp_avg_sq` as `moment(param, key)` returns them (fp32, on CPU)."""
+    steps = [s["step"] for s in optimizer.state.values() if "step" in s]
+    if not steps:
+        return state
+    state["__step__"] = torch.as_tensor(steps[0], dtype=torch.float32).reshape(()).cpu().clone()
+    for name, param in module.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[f"{name}.{key}"] = moment(param, key).detach().float().cpu().clone()
+    return state

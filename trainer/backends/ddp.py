@@ -15,7 +15,14 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
-from trainer.backends import UNITS, buffers_on_cpu, tensor_bytes
+from trainer.backends import (
+    UNITS,
+    buffers_on_cpu,
+    local_bytes,
+    optimizer_tensors,
+    step_unless_nonfinite,
+    with_adam_moments,
+)
 from trainer.config import DistributedConfig, TrainConfig
 
 
@@ -79,16 +86,11 @@ class DDPBackend:
         scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.clips[which] or math.inf).detach()
-        base = self._base_optimizer(which)
         if scaler.is_enabled():
             scaler.step(optimizer)
             scaler.update()
-        elif getattr(base, "_step_supports_amp_scaling", False):  # fused: reads found_inf on the device
-            base.found_inf = (~torch.isfinite(norm)).float()
-            optimizer.step()
-            del base.found_inf
-        elif torch.isfinite(norm):
-            optimizer.step()
+        else:
+            step_unless_nonfinite(optimizer, norm)
         optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -107,16 +109,8 @@ class DDPBackend:
         return {name: tuple(t.shape) for name, t in [*module.named_buffers(), *module.named_parameters()]}
 
     def universal_state(self, which: str) -> dict[str, torch.Tensor]:
-        state = self.full_state_dict(which)
         base = self._base_optimizer(which)
-        steps = [s["step"] for s in base.state.values() if "step" in s]
-        if not steps:
-            return state
-        state["__step__"] = torch.as_tensor(steps[0], dtype=torch.float32).reshape(()).cpu().clone()
-        for name, param in self.unwrap(which).named_parameters():
-            for key in ("exp_avg", "exp_avg_sq"):
-                state[f"{name}.{key}"] = base.state[param][key].detach().float().cpu().clone()
-        return state
+        return with_adam_moments(self.full_state_dict(which), self.unwrap(which), base, lambda p, k: base.state[p][k])
 
     def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
         module, base = self.unwrap(which), self._base_optimizer(which)
@@ -141,8 +135,11 @@ class DDPBackend:
             if scaler_state:
                 self.scalers[unit].load_state_dict(scaler_state)
 
-    def optimizer_state_bytes(self, which: str) -> int:
-        return tensor_bytes(self._base_optimizer(which))
+    def state_bytes(self, which: str) -> dict[str, int]:
+        return {
+            "params": local_bytes(self.unwrap(which).parameters()),
+            "optimizer": local_bytes(optimizer_tensors(self._base_optimizer(which))),
+        }
 
     def _base_optimizer(self, which: str) -> torch.optim.Optimizer:
         """The torch optimizer under accelerate's wrapper."""

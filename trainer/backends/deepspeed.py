@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import deepspeed
 import torch
@@ -19,7 +18,14 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
 from deepspeed import utils as ds_utils
 
-from trainer.backends import UNITS, buffers_on_cpu, tensor_bytes
+from trainer.backends import (
+    UNITS,
+    buffers_on_cpu,
+    local_bytes,
+    optimizer_tensors,
+    single_process_rendezvous,
+    with_adam_moments,
+)
 from trainer.config import ConfigError, DistributedConfig, TrainConfig
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -63,15 +69,6 @@ def set_scaler_state(optimizer: object, state: dict[str, float]) -> None:
             setattr(scaler, field, value if field == "cur_scale" else int(value))
 
 
-def _single_process_rendezvous() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    )
-
-
 class DeepSpeedBackend:
     """Two DeepSpeed engines from one Accelerator, one DeepSpeed config each."""
 
@@ -80,8 +77,7 @@ class DeepSpeedBackend:
     def __init__(self, cfg: DistributedConfig, train: TrainConfig, clips: dict[str, float], on_cuda: bool):
         if train.precision == "fp16" and not on_cuda:
             raise ConfigError("train.precision=fp16 with DeepSpeed needs CUDA; use bf16 or fp32 on CPU")
-        if "WORLD_SIZE" not in os.environ:
-            _single_process_rendezvous()  # DeepSpeed needs a process group even for one process without a launcher
+        single_process_rendezvous()  # DeepSpeed needs a process group even for one process without a launcher
         # The launcher's DeepSpeed fields were read by resolve_backend; the DeepSpeed configs below are complete,
         # and accelerate refuses a full config while this variable lists fields from an accelerate config.
         os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
@@ -146,16 +142,12 @@ class DeepSpeedBackend:
 
     def universal_state(self, which: str) -> dict[str, torch.Tensor]:
         """A collective (every rank must call it)."""
-        state = self.full_state_dict(which)
-        steps = [s["step"] for s in self._base_optimizer(which).state.values() if "step" in s]
-        if not steps:
-            return state
-        state["__step__"] = torch.as_tensor(steps[0], dtype=torch.float32).reshape(()).cpu().clone()
-        for name, param in self.unwrap(which).named_parameters():
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = ds_utils.safe_get_full_optimizer_state(param, key)
-                state[f"{name}.{key}"] = value.detach().float().cpu().clone()
-        return state
+        return with_adam_moments(
+            self.full_state_dict(which),
+            self.unwrap(which),
+            self._base_optimizer(which),
+            ds_utils.safe_get_full_optimizer_state,
+        )
 
     def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
         """A collective. Weights go into the module and DeepSpeed's fp32 master partitions, Adam's moments into
@@ -217,8 +209,11 @@ class DeepSpeedBackend:
             if values:
                 set_scaler_state(self.units[unit].optimizer, values)
 
-    def optimizer_state_bytes(self, which: str) -> int:
-        return tensor_bytes(self._base_optimizer(which))
+    def state_bytes(self, which: str) -> dict[str, int]:
+        """The module's parameters (ZeRO-3: this rank's partitions) and the optimizer's state on its flat fp32
+        partitions."""
+        params = [getattr(p, "ds_tensor", p) for p in self.unwrap(which).parameters()]
+        return {"params": local_bytes(params), "optimizer": local_bytes(optimizer_tensors(self._base_optimizer(which)))}
 
     def _base_optimizer(self, which: str) -> torch.optim.Optimizer:
         """The torch optimizer under accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
