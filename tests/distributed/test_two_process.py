@@ -148,13 +148,13 @@ def test_fp16_overflow_in_one_unit_skips_only_that_unit(tmp_path):
     assert result["loss_scale"]["g"] > result["loss_scale"]["d"]
 
 
-@pytest.mark.parametrize("case", ["foreach", "fused", "zero2"])
+@pytest.mark.parametrize("case", ["foreach", "fused", "fsdp2", "zero2"])
 def test_a_nonfinite_loss_skips_only_that_units_update(case, tmp_path):
     """fp32, every discriminator loss infinite: D's updates are skipped (by our check, by the fused kernel's
-    found_inf on the device, or by DeepSpeed), and its Adam state never sees a NaN; G trains on."""
+    found_inf on the device, on FSDP2's shards, or by DeepSpeed), and its Adam state never sees a NaN; G trains on."""
     flags = ("--overflow-d",)
-    if case == "zero2":
-        ranks = launch(tmp_path / "out", 2, "train.batch_size=2", "train.steps=3", launch_config="zero2", flags=flags)
+    if case in ("fsdp2", "zero2"):
+        ranks = launch(tmp_path / "out", 2, "train.batch_size=2", "train.steps=3", launch_config=case, flags=flags)
     else:
         ranks = launch(tmp_path / "out", 1, "train.batch_size=4", "train.steps=3", f"optimizer.implementation={case}",
                        flags=flags)  # fmt: skip

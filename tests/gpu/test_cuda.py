@@ -33,6 +33,19 @@ def test_demo_trains_on_one_gpu(precision, tmp_path, colour_shards):
     assert "cuda" in result.stdout
 
 
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fsdp2_trains_on_one_gpu_over_nccl(precision, tmp_path, colour_shards):
+    """FSDP2 on CUDA: a process group of one over NCCL, bf16 through its mixed-precision policy."""
+    run_dir = tmp_path / "run"
+    small = ["distributed.backend=fsdp2", f"train.precision={precision}", "train.steps=20", "logging.every_steps=10"]
+    result = run_bounded(train_command(colour_shards, run_dir, *small))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training with fsdp2 on 1 process(es), cuda" in result.stdout
+    losses = [r["loss/g_total"] for r in read_metrics(run_dir) if "loss/g_total" in r]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses) and losses[1] < losses[0]
+
+
 @needs_two_gpus
 def test_ddp_converts_batch_norm_to_sync_batch_norm_on_gpus(tmp_path, colour_shards):
     run_dir = tmp_path / "run"
