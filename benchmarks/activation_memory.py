@@ -76,7 +76,7 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
     """One row: a counted step, then `warmup` and `steps` timed steps on fixed random images."""
     from trainer.engine import Engine
     from trainer.pool import ImagePool
-    from trainer.train import build_training, train_step
+    from trainer.train import build_training, discriminator_update, generator_update, train_step
 
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     units, _, _ = build_training(cfg, engine)
@@ -85,11 +85,6 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
     data = torch.Generator().manual_seed(0)
     batch = {d: (torch.rand(1, 3, size, size, generator=data) * 2 - 1).to(device) for d in ("x", "y")}
     counter = SavedTensorBytes(t for unit in units.values() for t in (*unit.parameters(), *unit.buffers()))
-    saved_g: list[int] = []
-
-    def count(phase: str) -> None:
-        if phase == "generator":  # called after the generators' update, before the discriminators' step
-            saved_g.append(counter.total)
 
     synchronize(device)
     if device.type == "cuda":
@@ -98,7 +93,9 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
     else:
         start_bytes = rss_bytes()
     with counter:
-        train_step(engine, units, pools, [batch], cfg.loss, count)
+        _, fakes, _ = generator_update(engine, units, pools, [batch], cfg.loss)
+        saved_g = counter.total  # after the generators' update, before the discriminators' step
+        discriminator_update(engine, units, [batch], fakes, cfg.loss)
     times, cpu_times = [], []
     for _ in range(warmup + steps):
         synchronize(device)
@@ -113,7 +110,7 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     engine.end()
     return {
-        "saved_g_step_bytes": saved_g[0],
+        "saved_g_step_bytes": saved_g,
         "peak_bytes": peak,
         "peak_over_start_bytes": peak - start_bytes,
         "step_s": statistics.median(times[warmup:]),

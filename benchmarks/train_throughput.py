@@ -82,11 +82,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dict:
-    """Time our train_step through the real loader; returns the row's figures."""
+    """Time our train_step through the real loader, its generator and discriminator updates apart; returns the
+    row's figures."""
     from trainer.data import UnpairedLoader
     from trainer.engine import Engine
     from trainer.pool import ImagePool
-    from trainer.train import build_training, train_step
+    from trainer.train import build_training, discriminator_update, generator_update, train_step
 
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     units, _, _ = build_training(cfg, engine)
@@ -119,7 +120,10 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
         mark[0] = time.perf_counter()
         micro = next(loader)
         clock("data_wait")
-        train_step(engine, units, pools, [micro], cfg.loss, clock)
+        _, fakes, _ = generator_update(engine, units, pools, [micro], cfg.loss)
+        clock("generator")
+        discriminator_update(engine, units, [micro], fakes, cfg.loss)
+        clock("discriminator")
     elapsed = time.perf_counter() - start
     row = _row(steps * batch / elapsed, elapsed / steps, phases, steps, flops, device)
     row["mem/" + ("peak_allocated_gb" if device.type == "cuda" else "host_rss_gb")] = list(

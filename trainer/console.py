@@ -87,6 +87,10 @@ class Console:
         )
         print(line, file=self.stream, flush=True)
 
+    def spike(self, event: dict) -> None:
+        """A loss spike that the tracker captured (see Tracker.capture_spikes)."""
+        self.message(f"loss spike at step {event['step']} in {', '.join(event['terms'])}: saved {event['dir']}")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -1,5 +1,6 @@
-"""Run tracking on the main process: metrics.jsonl, PNG sample grids and W&B through Accelerate's tracker API
-(the console is trainer.console's). Every method is a no-op on the other ranks; nothing here knows about models.
+"""Run tracking on the main process: metrics.jsonl, PNG sample grids, loss-spike captures (trainer.spikes) and W&B
+through Accelerate's tracker API (the console is trainer.console's). Every method is a no-op on the other ranks;
+nothing here knows about models.
 
 Resuming continues the same W&B run (its id is kept in the checkpoints) and never logs a step at or below the
 last one W&B already has, so its step axis only goes forward.
@@ -85,10 +86,15 @@ class Tracker:
         self.jsonl = None
         self.wandb_run_id: str | None = None
         self.wandb_floor = -1
+        self.spikes = None
         if not self.is_main:
             return
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         self.jsonl = self._open_jsonl(run_dir / "metrics.jsonl", resume_step)
+        if cfg.spike_factor > 0:
+            from trainer.spikes import SpikeCapture  # imported here: trainer.spikes imports this module's image_grid
+
+            self.spikes = SpikeCapture(run_dir, cfg.spike_factor, cfg.spike_check_steps)
         if self.use_wandb:
             try:
                 import wandb  # noqa: F401
@@ -152,6 +158,22 @@ class Tracker:
             import wandb
 
             self._to_wandb(step, {f"images/{n}": wandb.Image(g) for n, g in grids.items()})
+
+    def capture_spikes(
+        self, step: int, stats: dict[str, torch.Tensor], images: dict[str, torch.Tensor]
+    ) -> list[dict[str, Any]]:
+        """Buffer update `step`'s loss terms (the loss/ keys of `stats`) and images for loss-spike capture
+        (logging.spike_factor; see trainer.spikes) and log the spikes found (spike/step, spike/terms).
+
+        Returns:
+            One event {step, dir, terms} per spiking step found now (none off the main process).
+        """
+        if self.spikes is None:
+            return []
+        events = self.spikes.add(step, {k: v for k, v in stats.items() if k.startswith("loss/")}, images)
+        for event in events:
+            self.log(step, {"spike/step": event["step"], "spike/terms": len(event["terms"])})
+        return events
 
     def close(self) -> None:
         if self.is_main:

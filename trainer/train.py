@@ -8,9 +8,7 @@ import hashlib
 import json
 import math
 import shutil
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -22,23 +20,24 @@ from trainer.checkpoint import (
     find_resume,
     load_checkpoint,
     read_best,
-    save_checkpoint,
 )
 from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, save_config, to_dict
 from trainer.console import Console
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import Engine
-from trainer.evaluation import NO_INCEPTION, Evaluator, eval_mode, load_inception, selection_score
+from trainer.evaluation import NO_INCEPTION, Evaluator, load_inception
 from trainer.export import save_generators
+from trainer.intervals import Checkpointer, PeriodicEval, SampleGrids
+from trainer.metric_window import MetricWindow, accumulate
 from trainer.models import set_activation_checkpointing
 from trainer.nonfinite import NonfiniteGuard
 from trainer.pool import ImagePool
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
 from trainer.run_lock import hold_run_dir
 from trainer.schedule import build_scheduler
-from trainer.spikes import SpikeCapture
-from trainer.tracking import Tracker, image_grid
+from trainer.tracking import Tracker
+from trainer.train_state import TrainState, comparable_best
 
 RECORDED_OUTPUTS = ("fake_x", "fake_y", "rec_x", "rec_y")
 Batch = dict[str, torch.Tensor]  # "x", "y": [N, 3, H, W] in [-1, 1]; optional "extra_x", "extra_y": [N, C, H, W]
@@ -50,20 +49,19 @@ def lr_scale(cfg: OptimizerConfig, global_batch: int) -> float:
     return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
 
 
-def train_step(
+def generator_update(
     engine: Engine,
     units: dict,
     pools: tuple[ImagePool, ImagePool],
     micro_batches: list[Batch],
     loss_cfg: LossConfig,
-    clock: Callable[[str], None] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One optimizer update of each unit over `micro_batches` (gradient accumulation when there are several).
-    `clock` (benchmarks) is called with "generator" after the generators' update and "discriminator" at the end.
+) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The generators' optimizer update over `micro_batches` (the first half of train_step), with the
+    discriminators frozen; their fakes go through the image pools for discriminator_update.
 
     Returns:
-        (stats, images): detached device tensors - each loss term averaged over the micro-batches and each unit's
-        grad norm; the last micro-batch's real images and generator outputs (for loss-spike capture).
+        (stats, fakes, outputs): each loss term averaged over the micro-batches and grad_norm/g (detached device
+        tensors); the pooled (fake_x, fake_y) of each micro-batch; the last micro-batch's generator outputs.
     """
     if engine.compile_mode is not None:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graph trees: a new iteration, earlier outputs are done
@@ -87,28 +85,55 @@ def train_step(
             fakes.append(
                 (pools[0].query(out["fake_x"].detach().float()), pools[1].query(out["fake_y"].detach().float()))
             )
-            _accumulate(sums, stats)
-    norm_g = engine.step("g")
-    if clock is not None:
-        clock("generator")
+            accumulate(sums, stats)
+    norm = engine.step("g")
+    return {**{key: value / len(micro_batches) for key, value in sums.items()}, "grad_norm/g": norm}, fakes, out
+
+
+def discriminator_update(
+    engine: Engine,
+    units: dict,
+    micro_batches: list[Batch],
+    fakes: list[tuple[torch.Tensor, torch.Tensor]],
+    loss_cfg: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """The discriminators' optimizer update over `micro_batches` and their pooled `fakes` (the second half of
+    train_step).
+
+    Returns:
+        Each loss term averaged over the micro-batches and grad_norm/d (detached device tensors).
+    """
+    last = len(micro_batches) - 1
+    sums: dict[str, torch.Tensor] = {}
     for i, (batch, (fake_x, fake_y)) in enumerate(zip(micro_batches, fakes)):
         with engine.accumulate("d", is_last=i == last):
             with engine.autocast():
                 d_loss, stats = discriminator_step(units["d"], batch["x"], batch["y"], fake_x, fake_y, loss_cfg)
             engine.backward(d_loss, "d")
-        _accumulate(sums, stats)
-    norm_d = engine.step("d")
-    if clock is not None:
-        clock("discriminator")
-    means = {key: value / len(micro_batches) for key, value in sums.items()}
+        accumulate(sums, stats)
+    norm = engine.step("d")
+    return {**{key: value / len(micro_batches) for key, value in sums.items()}, "grad_norm/d": norm}
+
+
+def train_step(
+    engine: Engine,
+    units: dict,
+    pools: tuple[ImagePool, ImagePool],
+    micro_batches: list[Batch],
+    loss_cfg: LossConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One optimizer update of each unit over `micro_batches` (gradient accumulation when there are several):
+    generator_update, then discriminator_update.
+
+    Returns:
+        (stats, images): detached device tensors - each loss term averaged over the micro-batches and each unit's
+        grad norm; the last micro-batch's real images and generator outputs (for loss-spike capture).
+    """
+    g_stats, fakes, out = generator_update(engine, units, pools, micro_batches, loss_cfg)
+    d_stats = discriminator_update(engine, units, micro_batches, fakes, loss_cfg)
     batch = micro_batches[-1]
     images = {"real_x": batch["x"], "real_y": batch["y"], **{k: out[k].detach() for k in RECORDED_OUTPUTS}}
-    return {**means, "grad_norm/g": norm_g, "grad_norm/d": norm_d}, images
-
-
-def _accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
-    for key, value in stats.items():
-        sums[key] = sums[key] + value if key in sums else value
+    return {**g_stats, **d_stats}, images
 
 
 def optimizer_kernel(implementation: str, device: torch.device) -> dict[str, bool]:
@@ -180,7 +205,7 @@ def train(cfg: Config) -> TrainResult:
         return _train(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
 
 
-def _train(  # noqa: PLR0915 (to be split into a metric window, a train state and due components: issue 15)
+def _train(
     cfg: Config,
     engine: Engine,
     preemption: PreemptionFlag,
@@ -190,153 +215,118 @@ def _train(  # noqa: PLR0915 (to be split into a metric window, a train state an
     samples: TestSet | None,
     resume_from: Path | None,
 ) -> TrainResult:
-    run_dir = Path(cfg.train.run_dir)
-    total, accum = cfg.train.steps, cfg.train.grad_accum_steps
+    run_dir, total, accum = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.grad_accum_steps
     units, global_batch, scale = build_training(cfg, engine)
     pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
-    start, train_state = 0, {}
+    state = TrainState(loader=loader, pools=pools, global_batch=global_batch)
     if resume_from is not None:
-        train_state, rank_state = load_checkpoint(engine, resume_from, console.message)
-        start = train_state["step"]
-        if train_state.get("config_hash") not in (None, config_hash(cfg)):
-            console.message(f"note: the config differs from the one that wrote {resume_from}")
-        loader.load_state_dict(rank_state["data"])
-        for pool, key in zip(pools, ("pool_x", "pool_y")):
-            if key in rank_state:
-                pool.load_state_dict(rank_state[key], engine.device)
-    # Images per domain seen before this run: counted by earlier runs (global batches may have differed)
-    images_before = train_state.get("images_seen") or start * global_batch
-    if engine.is_main:  # only now: a resume point that does not load leaves the run directory as it was
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        _resume(state, cfg, engine, resume_from, console)
+    start = state.step
+    _claim_run_dir(cfg, engine)  # only now: a resume point that does not load leaves the run directory as it was
     tracker = Tracker(
-        engine.accelerator,
-        run_dir,
-        cfg.logging,
-        to_dict(cfg),
-        resume_step=start,
-        wandb_run_id=train_state.get("wandb_run_id"),
+        engine.accelerator, run_dir, cfg.logging, to_dict(cfg), resume_step=start, wandb_run_id=state.wandb_run_id
     )
-    spikes = SpikeCapture(run_dir, cfg.logging.spike_factor, cfg.logging.spike_check_steps)
-    capture_spikes = engine.is_main and cfg.logging.spike_factor > 0
-    console.message(
-        f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
-        f"global batch {global_batch} = {cfg.train.batch_size} per rank x {engine.world_size} ranks x {accum} "
-        f"micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr {cfg.optimizer.lr * scale:.4g}"
-        + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
-    )
+    state.wandb_run_id = tracker.wandb_run_id
+    console.message(_start_line(cfg, engine, global_batch, scale, resume_from, start))
     if start == 0:
         tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
-    best = read_best(run_dir)  # from before a resume; a best by another eval.select metric does not compare
-    best = best if cfg.eval.select != "none" and best and best["select"] == cfg.eval.select else None
+    state.best = comparable_best(read_best(run_dir), cfg.eval.select)  # from before a resume
 
-    sums: dict[str, torch.Tensor] = {}
     nonfinite = NonfiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision == "fp16")
-    window_steps, window_start, data_wait = 0, time.perf_counter(), 0.0
+    window = MetricWindow(
+        engine, loader, nonfinite, cfg.logging.every_steps, total, cfg.train.batch_size * accum, global_batch,
+        fp16=cfg.train.precision == "fp16", sinks=(tracker.log, console.interval),
+    )  # fmt: skip
+    grids = SampleGrids(engine, samples, cfg.logging.image_every_steps, total)
+    evaluation = PeriodicEval(engine, evaluator, cfg.eval.every_steps, total, cfg.eval.select)
+    checkpointer = Checkpointer(
+        engine, run_dir, cfg.checkpoint, total, cfg.model, config_hash(cfg), tracker, console, preemption
+    )
     metrics: dict[str, float] = {}
-    stopped = False
+    stopping = False
     preemption.step = preemption.saved_step = start
     console.start(start, total)
     for step in range(start + 1, total + 1):
-        wait_start = time.perf_counter()
-        micro_batches = [next(loader) for _ in range(accum)]
-        data_wait += time.perf_counter() - wait_start
-
+        with window.waiting_for_data():
+            micro_batches = [next(loader) for _ in range(accum)]
         stats, images = train_step(engine, units, pools, micro_batches, cfg.loss)
-        _accumulate(sums, stats)  # on the device: no host sync per step
-        nonfinite.add(stats)
-        window_steps += 1
-        preemption.step = step
+        window.add(stats)  # on the device: no host sync per step
+        state.step = preemption.step = step
         console.step()
-        if capture_spikes:
-            for event in spikes.add(step, {k: v for k, v in stats.items() if k.startswith("loss/")}, images):
-                console.message(
-                    f"loss spike at step {event['step']} in {', '.join(event['terms'])}: saved {event['dir']}"
-                )
-                tracker.log(step, {"spike/step": event["step"], "spike/terms": len(event["terms"])})
-        if _is_due(step, cfg.logging.every_steps, total):
-            elapsed = time.perf_counter() - window_start
-            rank_values = {
-                **loader.progress(),
-                **engine.memory_metrics(),
-                "perf/images_per_s_per_rank": window_steps * cfg.train.batch_size * accum / elapsed,
-            }
-            logged = engine.reduce(  # one collective for everything
-                {
-                    **{k: v / window_steps for k, v in sums.items()},
-                    **nonfinite.take(),
-                    **{k: torch.tensor(v) for k, v in rank_values.items()},
-                },
-                sums={k: torch.tensor(v) for k, v in loader.counters().items()},  # totals of all ranks
-            )
-            logged.update(
-                {
-                    "lr/g": engine.lr("g"),
-                    "lr/d": engine.lr("d"),
-                    "perf/images_per_s": window_steps * global_batch / elapsed,
-                    "perf/step_time_s": elapsed / window_steps,
-                    "perf/data_wait_fraction": data_wait / elapsed,
-                }
-            )
-            if cfg.train.precision == "fp16":
-                logged.update({"loss_scale/g": engine.loss_scale("g"), "loss_scale/d": engine.loss_scale("d")})
-            tracker.log(step, logged)
-            console.interval(step, logged)
-            sums, window_steps, window_start, data_wait = {}, 0, time.perf_counter(), 0.0
+        for event in tracker.capture_spikes(step, stats, images):
+            console.spike(event)
+        if window.due(step):
+            window.flush(step)  # to the tracker and the console
             nonfinite.check(engine.any_rank, step, run_dir)
-
-        plain_gens = engine.unwrap("g")
-        if samples is not None and _is_due(step, cfg.logging.image_every_steps, total):
-            with engine.autocast():
-                tracker.log_images(step, _sample_grids(plain_gens, samples))
-        new_best = False
-        if evaluator is not None and _is_due(step, cfg.eval.every_steps, total):
-            with eval_mode(plain_gens):
-                metrics = evaluator(plain_gens.g_xy, plain_gens.g_yx, engine.autocast)
-            if cfg.eval.select != "none":
-                metrics["eval/select_score"] = score = selection_score(metrics, cfg.eval.select)
-                new_best = engine.any_rank(best is None or score > best["score"])
+        if grids.due(step):
+            tracker.log_images(step, grids(engine.unwrap("g")))
+        new_best = None
+        if evaluation.due(step):
+            metrics, new_best = evaluation(engine.unwrap("g"), state.best)
             tracker.log(step, metrics)
-        stopped = step % cfg.checkpoint.preempt_check_steps == 0 and engine.any_rank(preemption.raised)
-        if stopped or new_best or _is_due(step, cfg.checkpoint.every_steps, total):
-            nonfinite.check(engine.any_rank, step, run_dir)
-            rank_state = {"pool_x": pools[0].state_dict(), "pool_y": pools[1].state_dict(), "data": loader.state_dict()}
-            meta = {
-                "model": dataclasses.asdict(cfg.model),
-                "wandb_run_id": tracker.wandb_run_id,
-                "images_seen": images_before + (step - start) * global_batch,
-                "config_hash": config_hash(cfg),
-            }
-            if new_best:
-                best = {"select": cfg.eval.select, "score": metrics["eval/select_score"], "metrics": metrics}
-            path = save_checkpoint(
-                engine, run_dir, step, rank_state, meta, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps,
-                best if new_best else None,
-            )  # fmt: skip
-            preemption.saved_step = step
-            logged = {"checkpoint/saved_step": step, **_replica_check(engine, step, console)}
-            tracker.log(step, {**logged, **({"eval/best_step": step} if new_best else {})})
-        if stopped:
+        stopping = checkpointer.stop_requested(step)
+        if checkpointer.due(step, new_best is not None, stopping):
+            nonfinite.check(engine.any_rank, step, run_dir)  # never save weights a diverged run has spoilt
+            checkpointer.save(state, new_best)
+        if stopping:
             break
 
-    interrupted = stopped and engine.any_rank(preemption.interrupted)
-    export = None
-    if not stopped:
-        weights = engine.full_state_dict("g")  # collective under DeepSpeed
-        if engine.is_main:
-            export = run_dir / "export"
-            save_generators(export, weights, cfg.model, cfg.data)
-    elif interrupted:
-        console.message(f"interrupted: saved {path}; run the same command to continue from step {step}")
-    else:
-        if engine.is_main:
-            mark_preempted(run_dir, step)
-        console.message(f"preempted: saved {path}; exiting with code {PREEMPTED_EXIT_CODE} to be requeued")
-    last = step if total > start else start
-    console.summary(last, (last - start) * global_batch, metrics, None if export is None else str(export))
+    interrupted = stopping and engine.any_rank(preemption.interrupted)
+    export = _end_of_run(cfg, engine, console, stopping, interrupted, state.step, checkpointer.last_saved)
+    console.summary(state.step, (state.step - start) * global_batch, metrics, None if export is None else str(export))
     tracker.close()
     engine.end()
-    return TrainResult(step=last, metrics=metrics, preempted=stopped and not interrupted, interrupted=interrupted)
+    preempted = stopping and not interrupted
+    return TrainResult(step=state.step, metrics=metrics, preempted=preempted, interrupted=interrupted)
+
+
+def _resume(state: TrainState, cfg: Config, engine: Engine, resume_from: Path, console: Console) -> None:
+    """Load the checkpoint `resume_from` into the engine and `state` (a collective)."""
+    saved, rank_state = load_checkpoint(engine, resume_from, console.message)
+    if saved.get("config_hash") not in (None, config_hash(cfg)):
+        console.message(f"note: the config differs from the one that wrote {resume_from}")
+    state.load(saved, rank_state, engine.device)
+
+
+def _claim_run_dir(cfg: Config, engine: Engine) -> None:
+    """On the main rank: the run's resolved config.yaml, and no PREEMPTED marker of an earlier attempt."""
+    if engine.is_main:
+        run_dir = Path(cfg.train.run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+
+
+def _start_line(
+    cfg: Config, engine: Engine, global_batch: int, scale: float, resume_from: Path | None, start: int
+) -> str:
+    """What trains where: backend, processes, device, the global batch's make-up, the LR scaling, the resume."""
+    return (
+        f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
+        f"global batch {global_batch} = {cfg.train.batch_size} per rank x {engine.world_size} ranks x "
+        f"{cfg.train.grad_accum_steps} micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr "
+        f"{cfg.optimizer.lr * scale:.4g}" + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
+    )
+
+
+def _end_of_run(
+    cfg: Config, engine: Engine, console: Console, stopped: bool, interrupted: bool, step: int, saved: Path | None
+) -> Path | None:
+    """Export the generators of a finished run (a collective), or say how a stopped one goes on (`saved`: its last
+    checkpoint). Returns the export directory (on the main rank) or None."""
+    run_dir = Path(cfg.train.run_dir)
+    if not stopped:
+        weights = engine.full_state_dict("g")  # collective under DeepSpeed
+        if not engine.is_main:
+            return None
+        save_generators(run_dir / "export", weights, cfg.model, cfg.data)
+        return run_dir / "export"
+    if interrupted:
+        console.message(f"interrupted: saved {saved}; run the same command to continue from step {step}")
+        return None
+    if engine.is_main:
+        mark_preempted(run_dir, step)
+    console.message(f"preempted: saved {saved}; exiting with code {PREEMPTED_EXIT_CODE} to be requeued")
+    return None
 
 
 def config_hash(cfg: Config) -> str:
@@ -387,28 +377,3 @@ def _build_evaluator(cfg: Config, engine: Engine, console: Console) -> Evaluator
     if inception is None:
         console.message(NO_INCEPTION)
     return Evaluator(test, cfg.eval, cfg.model.input_nc, engine.device, engine.world_size, inception)
-
-
-def _replica_check(engine: Engine, step: int, console: Console) -> dict[str, float]:
-    """run/replica_spread (see Engine.replica_spread) for the checkpoint log, with a warning when ranks differ."""
-    spread = engine.replica_spread()
-    if spread is None:
-        return {}
-    if spread > 0:
-        console.message(f"warning: ranks hold different weights at step {step} (relative spread {spread:.3g})")
-    return {"run/replica_spread": spread}
-
-
-def _is_due(step: int, every: int, total: int) -> bool:
-    """True after update `step` (1-based) when it is a multiple of `every` (0: never) or the last one."""
-    return step == total or (every > 0 and step % every == 0)
-
-
-def _sample_grids(gens: torch.nn.Module, samples: TestSet) -> dict:
-    """x | G(x) | F(G(x)) and y | F(y) | G(F(y)) rows for the fixed sample images."""
-    with eval_mode(gens):
-        out = gens(samples.x, samples.y, samples.extra_x, samples.extra_y)
-    return {
-        "x_to_y": image_grid([list(row) for row in zip(samples.x, out["fake_y"], out["rec_x"])]),
-        "y_to_x": image_grid([list(row) for row in zip(samples.y, out["fake_x"], out["rec_y"])]),
-    }
