@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.process_group import run_group  # noqa: E402
+
 SITE = REPO / ".gpu-site"  # gpu_install.sh's target mode installs there when the interpreter's site is read-only
 PACKAGES = ("torch", "accelerate", "deepspeed", "transformers", "webdataset", "wandb", "torchmetrics", "safetensors")
 
@@ -105,15 +109,9 @@ class Check:
         if SITE.exists():
             paths = [str(SITE), str(REPO), full_env.get("PYTHONPATH", "")]
             full_env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-        try:
-            status = "ok" if proc.wait(timeout=timeout_s) == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            status = "timed out"
-        result = {"status": status, "seconds": time.monotonic() - start, "returncode": proc.returncode}
+        returncode, _, _ = run_group(cmd, timeout_s, cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        status = "timed out" if returncode is None else "ok" if returncode == 0 else "failed"
+        result = {"status": status, "seconds": time.monotonic() - start, "returncode": returncode}
         if status != "ok":
             result["cmd"] = cmd
         return result

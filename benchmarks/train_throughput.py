@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.process_group import run_group  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched in order against torch.cuda.get_device_name().
@@ -126,9 +126,8 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
         clock("discriminator")
     elapsed = time.perf_counter() - start
     row = _row(steps * batch / elapsed, elapsed / steps, phases, steps, flops, device)
-    row["mem/" + ("peak_allocated_gb" if device.type == "cuda" else "host_rss_gb")] = list(
-        engine.memory_metrics().values()
-    )[-1]
+    key = "mem/" + ("peak_allocated_gb" if device.type == "cuda" else "host_rss_gb")
+    row[key] = engine.memory_metrics()[key]
     engine.end()
     return row
 
@@ -179,15 +178,10 @@ def run_row(args: argparse.Namespace, name: str, overrides: list[str], data: Pat
     if args.flops and name == LADDER[0][0]:
         cmd.append("--count-flops")
     env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=args.row_timeout)
-        error = None if proc.returncode == 0 else stderr[-3000:]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the row and its compile workers
-        proc.communicate()
-        error = f"timed out after {args.row_timeout:g} s"
+    returncode, stdout, stderr = run_group(  # the row and its compile workers
+        cmd, args.row_timeout, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    error = None if returncode == 0 else stderr[-3000:] if returncode else f"timed out after {args.row_timeout:g} s"
     if error is not None:
         if not args.keep_going:
             raise RuntimeError(f"row {name!r} failed:\n{error}")

@@ -1,0 +1,26 @@
+"""Run a benchmark step as its own process group and, on timeout, kill the whole group: the step together with its
+children (compile workers, launcher ranks), which killing the step alone would leave running. Standard library only:
+gpu_check.py imports it before anything is installed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+
+def run_group(cmd: list[str], timeout_s: float, **popen_kwargs) -> tuple[int | None, str | None, str | None]:
+    """Run `cmd` in a new session with Popen's `popen_kwargs` (cwd, env, stdout, stderr, text, ...).
+
+    Returns:
+        (its exit status, or None when it ran past `timeout_s` and was killed; its captured stdout and stderr, or
+        None where they were not piped).
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None, None, None
+    return proc.returncode, stdout, stderr
