@@ -15,11 +15,14 @@ resumed from; the debris of an interrupted save or rotation is removed by the ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -204,6 +207,108 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+@dataclasses.dataclass
+class CapturedCheckpoint:
+    """A checkpoint held in host memory (`capture_checkpoint`), ready to be written without collectives."""
+
+    root: Path
+    final: Path
+    previous: Path | None
+    rank: int
+    world_size: int
+    rank_bytes: bytes
+    universal: dict[str, torch.Tensor] | None  # main rank only
+    train_state: dict[str, Any] | None  # main rank only
+    best: dict[str, Any] | None
+    keep: int
+    keep_every_steps: int
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / f"{self.final.name}.tmp"
+
+
+def _agree(engine: Engine, error: BaseException | None, saving: CapturedCheckpoint | Path, previous: Path | None):
+    """Agree on failure (a collective, so also a barrier) and raise it on every rank; what a failed save leaves
+    is debris that the next save removes."""
+    if not engine.any_rank(error is not None):
+        return
+    name = saving.final.name if isinstance(saving, CapturedCheckpoint) else saving.name
+    kept = f"{previous} is still the newest intact checkpoint" if previous else "no checkpoint was saved before"
+    if isinstance(error, OSError):
+        what = f"{error.strerror or error} ({error.filename})"
+    else:
+        what = str(error) if error is not None else "another rank failed to write"
+    raise CheckpointError(f"cannot save checkpoint {name}: {what}; {kept}")
+
+
+def capture_checkpoint(
+    engine: Engine,
+    run_dir: Path,
+    step: int,
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+    keep_every_steps: int = 0,
+    best: dict[str, Any] | None = None,
+) -> CapturedCheckpoint:
+    """Take the full training state into host memory (a collective: every rank must call it) and create the
+    checkpoint's temporary directory; `save_checkpoint` documents the arguments. What training changes afterwards
+    does not change the capture."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step_{step:08d}"
+    previous = (complete_checkpoints(run_dir) or [None])[-1]
+    error = None
+    if engine.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
+                if debris.is_dir() and checkpoint_step(debris) is None:
+                    shutil.rmtree(debris, ignore_errors=True)
+            (root / f"{final.name}.tmp").mkdir()
+        except OSError as err:
+            error = err
+    _agree(engine, error, final, previous)  # no rank writes before the directory exists
+    universal = {f"{unit}/{key}": value for unit in UNITS for key, value in engine.universal_state(unit).items()}
+    own = {**rank_state, "engine": engine.state_dict(), "rng": _rng_state(engine.device)}
+    train_state = {"format": STATE_FORMAT, "step": step, "world_size": engine.world_size,
+                   "backend": engine.backend_name, **meta}  # fmt: skip
+    return CapturedCheckpoint(
+        root=root, final=final, previous=previous, rank=engine.rank, world_size=engine.world_size,
+        rank_bytes=state_bytes(own), universal=universal if engine.is_main else None,
+        train_state=train_state if engine.is_main else None, best=best, keep=keep, keep_every_steps=keep_every_steps,
+    )  # fmt: skip
+
+
+def write_rank_part(saving: CapturedCheckpoint) -> None:
+    """This rank's own file, then (main rank) units.safetensors. The rank file appears under its name only once
+    complete, so the main rank can wait for the others' files without a collective."""
+    part = saving.tmp / f"{rank_file(saving.rank)}.part"
+    write_file(part, saving.rank_bytes)
+    os.replace(part, saving.tmp / rank_file(saving.rank))
+    if saving.universal is not None:
+        write_file(saving.tmp / UNIVERSAL, save(saving.universal))
+
+
+def publish_checkpoint(saving: CapturedCheckpoint) -> Path:
+    """(Main rank, once every rank's file is written) train_state.json, COMPLETE, the rename to step_XXXXXXXX,
+    `latest`, best.json and the rotation."""
+    tmp, final, root = saving.tmp, saving.final, saving.root
+    write_file(tmp / TRAIN_STATE, json.dumps(saving.train_state))
+    hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    write_file(tmp / COMPLETE, json.dumps(hashes))
+    _fsync_dir(tmp)
+    if final.exists():  # a damaged checkpoint of this step, or one a resume from an earlier step replaces
+        os.replace(final, final.with_name(final.name + ".old"))
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    write_atomic(root / LATEST, final.name + "\n")
+    if saving.best is not None:
+        write_atomic(root / BEST, json.dumps({"step": int(final.name[5:]), **saving.best}, indent=2))
+    _rotate(root.parent, saving.keep, saving.keep_every_steps)
+    return final
+
+
 def save_checkpoint(
     engine: Engine,
     run_dir: Path,
@@ -214,7 +319,7 @@ def save_checkpoint(
     keep_every_steps: int = 0,
     best: dict[str, Any] | None = None,
 ) -> Path:
-    """Save the full training state (a collective: every rank must call it).
+    """Save the full training state (a collective: every rank must call it) and return once it is published.
 
     Args:
         rank_state: this rank's own state (pools, data position, ...): JSON-able values and tensors.
@@ -227,67 +332,77 @@ def save_checkpoint(
         CheckpointError: (on every rank) a rank could not write its part, e.g. a full disk; the checkpoints saved
             before are untouched.
     """
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:08d}"
-    tmp = root / f"{final.name}.tmp"
-    previous = (complete_checkpoints(run_dir) or [None])[-1]
-
-    def fail(err: OSError | None) -> None:
-        """Agree on failure (a collective, so also a barrier) and raise it on every rank; what a failed save
-        leaves is debris that the next save removes."""
-        if not engine.any_rank(err is not None):
-            return
-        kept = f"{previous} is still the newest intact checkpoint" if previous else "no checkpoint was saved before"
-        what = f"{err.strerror or err} ({err.filename})" if err is not None else "another rank failed to write"
-        raise CheckpointError(f"cannot save checkpoint {final.name}: {what}; {kept}")
-
-    error = None
-    if engine.is_main:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
-                if debris.is_dir() and checkpoint_step(debris) is None:
-                    shutil.rmtree(debris, ignore_errors=True)
-            tmp.mkdir()
-        except OSError as err:
-            error = err
-    fail(error)  # no rank writes before the directory exists
-    universal = {f"{unit}/{key}": value for unit in UNITS for key, value in engine.universal_state(unit).items()}
-    own = {**rank_state, "engine": engine.state_dict(), "rng": _rng_state(engine.device)}
+    saving = capture_checkpoint(engine, run_dir, step, rank_state, meta, keep, keep_every_steps, best)
     error = None
     try:
-        write_file(tmp / rank_file(engine.rank), state_bytes(own))
-        if engine.is_main:
-            write_file(tmp / UNIVERSAL, save(universal))
+        write_rank_part(saving)
     except OSError as err:
         error = err
-    fail(error)
+    _agree(engine, error, saving, saving.previous)  # also a barrier: every rank's file is written
     error = None
     if engine.is_main:
         try:
-            train_state = {
-                "format": STATE_FORMAT,
-                "step": step,
-                "world_size": engine.world_size,
-                "backend": engine.backend_name,
-                **meta,
-            }
-            write_file(tmp / TRAIN_STATE, json.dumps(train_state))
-            hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-            write_file(tmp / COMPLETE, json.dumps(hashes))
-            _fsync_dir(tmp)
-            if final.exists():  # a damaged checkpoint of this step, or one a resume from an earlier step replaces
-                os.replace(final, final.with_name(final.name + ".old"))
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            write_atomic(root / LATEST, final.name + "\n")
-            if best is not None:
-                write_atomic(root / BEST, json.dumps({"step": step, **best}, indent=2))
-            _rotate(run_dir, keep, keep_every_steps)
+            publish_checkpoint(saving)
         except OSError as err:
             error = err
-    fail(error)
-    return final
+    _agree(engine, error, saving, saving.previous)
+    return saving.final
+
+
+class AsyncCheckpointWriter:
+    """checkpoint.async_save: the loop stops only for `capture_checkpoint`; a thread per rank writes its files, and
+    the main rank's thread waits for the other ranks' files (no collectives off the main thread), then publishes.
+    At most one save is in flight: the next save, the end of training and a preemption `wait` for it, and a
+    failure is raised (on every rank) by that `wait`. A kill during the background write leaves a `.tmp`
+    directory, never a resumable half checkpoint: the previous one stays the newest intact checkpoint."""
+
+    def __init__(self, engine: Engine, timeout_s: float):
+        self.engine, self.timeout_s = engine, timeout_s
+        self.thread: threading.Thread | None = None
+        self.saving: CapturedCheckpoint | None = None
+        self.error: BaseException | None = None
+
+    def save(self, *args: Any, **kwargs: Any) -> Path:
+        """Wait for the save in flight, capture (a collective; `save_checkpoint`'s arguments) and start writing."""
+        self.wait()
+        self.saving = capture_checkpoint(self.engine, *args, **kwargs)
+        self.thread = threading.Thread(target=self._write, args=(self.saving,), name="checkpoint-writer", daemon=True)
+        self.thread.start()
+        return self.saving.final
+
+    def wait(self) -> Path | None:
+        """Wait for the save in flight (a collective); returns its checkpoint, None when none was in flight.
+
+        Raises:
+            CheckpointError: on every rank, when any rank failed to write it.
+        """
+        if self.saving is None:
+            return None
+        self.thread.join()
+        saving, error, self.saving, self.error = self.saving, self.error, None, None
+        _agree(self.engine, error, saving, saving.previous)
+        return saving.final
+
+    def _write(self, saving: CapturedCheckpoint) -> None:
+        try:
+            write_rank_part(saving)
+            if saving.universal is not None:
+                self._wait_for_ranks(saving)
+                publish_checkpoint(saving)
+        except (OSError, CheckpointError) as err:
+            self.error = err
+            with contextlib.suppress(OSError):  # tell the main rank's writer not to wait for this rank's file
+                (saving.tmp / f"{rank_file(saving.rank)}.failed").write_text(str(err))
+
+    def _wait_for_ranks(self, saving: CapturedCheckpoint) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        names = [rank_file(rank) for rank in range(saving.world_size)]
+        while not all((saving.tmp / name).is_file() for name in names):
+            if any((saving.tmp / f"{name}.failed").exists() for name in names):
+                raise CheckpointError("another rank failed to write")
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"not every rank wrote its file within {self.timeout_s:g} s")
+            time.sleep(0.01)
 
 
 def _rotate(run_dir: Path, keep: int, keep_every_steps: int) -> None:

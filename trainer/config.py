@@ -407,6 +407,9 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this forever; 0 disables it."""
     preempt_check_steps: int = 5
     """Ranks agree on a received SIGUSR1/SIGTERM every N steps (one tiny all-reduce), then save and exit."""
+    async_save: bool = False
+    """Training stops only to copy the state into host memory; a background thread writes the files and publishes
+    the checkpoint (one save in flight; the next save, a preemption and the end of training wait for it)."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")

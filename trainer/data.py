@@ -33,6 +33,7 @@ from shards.manifest import MANIFEST, read_manifest, split_urls
 from shards.synthetic import BUILTIN_PREFIX, builtin_root
 from shards.urls import ShardsError, expand_shard_spec
 from trainer.config import ConfigError, DataConfig
+from trainer.preemption import ignore_in_worker
 
 DOMAINS = ("x", "y")
 BAD_KINDS = ("corrupt", "missing", "truncated")
@@ -449,6 +450,7 @@ class UnpairedLoader:
             # Our randomness derives from data positions; a generator of its own keeps the loader's worker seeds
             # from drawing on the global RNG, whose stream a resumed run continues exactly (dropout).
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=ignore_in_worker,
         )
         return iter(loader)
 

@@ -6,13 +6,14 @@ trainer.metric_window's. What a checkpoint holds is trainer.train_state's; how i
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint import AsyncCheckpointWriter, save_checkpoint
 from trainer.config import CheckpointConfig, ModelConfig
 from trainer.console import Console
 from trainer.data import TestSet
@@ -102,6 +103,7 @@ class Checkpointer:
         self.model, self.config_hash = model, config_hash
         self.tracker, self.console, self.preemption = tracker, console, preemption
         self.last_saved: Path | None = None
+        self.writer = AsyncCheckpointWriter(engine, engine.cfg.timeout_s) if cfg.async_save else None
 
     def stop_requested(self, step: int) -> bool:
         """Whether a signal asks the run to stop after update `step` (a collective on the check steps)."""
@@ -111,19 +113,25 @@ class Checkpointer:
         return stopping or new_best or is_due(step, self.cfg.every_steps, self.total_steps)
 
     def save(self, state: TrainState, best: dict[str, Any] | None = None) -> Path:
-        """Save `state` after its update state.step (a collective), as the new best when `best` is given."""
-        step = state.step
+        """Save `state` after its update state.step (a collective), as the new best when `best` is given. Under
+        checkpoint.async_save the files are written in the background (`finish` waits for them)."""
+        step, started = state.step, time.perf_counter()
         if best is not None:
             state.best = best
         meta = state.meta(self.model, self.config_hash)
-        path = save_checkpoint(
-            self.engine, self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best
-        )
+        args = (self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best)
+        path = save_checkpoint(self.engine, *args) if self.writer is None else self.writer.save(*args)
+        stall = time.perf_counter() - started
         self.preemption.saved_step = step
-        logged = {"checkpoint/saved_step": step, **self._replica_check(step)}
+        logged = {"checkpoint/saved_step": step, "checkpoint/stall_s": stall, **self._replica_check(step)}
         self.tracker.log(step, {**logged, **({"eval/best_step": step} if best is not None else {})})
         self.last_saved = path
         return path
+
+    def finish(self) -> None:
+        """Wait for a checkpoint still being written (a collective; raises CheckpointError if it failed)."""
+        if self.writer is not None:
+            self.writer.wait()
 
     def _replica_check(self, step: int) -> dict[str, float]:
         """run/replica_spread (see Engine.replica_spread), with a warning when ranks differ."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -53,4 +54,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C before training installed its handler: nothing to save yet
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         status = 130
+    except Exception:  # e.g. a collective whose peer died: report it and leave now, so a launcher can restart us
+        traceback.print_exc()
+        status = 1
     exit_process(status)

@@ -23,8 +23,8 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 class PreemptionFlag:
     """Installs the handlers on creation (main thread only); `raised` tells whether a signal arrived. The training
-    loop keeps `step` and `saved_step` current, for the message of a second Ctrl-C. Processes forked later (loader
-    workers) inherit the handlers but ignore the signals: their parent handles them."""
+    loop keeps `step` and `saved_step` current, for the message of a second Ctrl-C. Loader workers ignore the
+    signals (`ignore_in_worker`): their parent handles them."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -67,3 +67,14 @@ class PreemptionFlag:
 def mark_preempted(run_dir: Path, step: int) -> None:
     """Leave RUN/PREEMPTED naming the step that was saved (removed again when the run resumes)."""
     (run_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: keep the stop signals meant for the training process away from its loader
+    workers. A launcher that signals the training process's whole process group (torchelastic stopping its workers
+    on a membership change) would otherwise kill the workers first, and the training process would fail instead
+    of saving; so each worker leaves the group, and ignores SIGUSR1 and SIGINT. SIGTERM keeps its default action:
+    the loader itself stops a worker that way when it shuts down."""
+    os.setpgid(0, 0)
+    for sig in (signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

@@ -86,11 +86,13 @@ class Tracker:
         self.jsonl = None
         self.wandb_run_id: str | None = None
         self.wandb_floor = -1
+        self.steps_redone = 0
         self.spikes = None
         if not self.is_main:
             return
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
-        self.jsonl = self._open_jsonl(run_dir / "metrics.jsonl", resume_step)
+        self.jsonl, last_logged = self._open_jsonl(run_dir / "metrics.jsonl", resume_step)
+        self.steps_redone = max(0, last_logged - resume_step)
         if cfg.spike_factor > 0:
             from trainer.spikes import SpikeCapture  # imported here: trainer.spikes imports this module's image_grid
 
@@ -115,21 +117,24 @@ class Tracker:
                 self.wandb_floor = int(text) if text.isdigit() else -1
 
     @staticmethod
-    def _open_jsonl(path: Path, resume_step: int):
-        """metrics.jsonl for appending: a fresh run starts it over; a resumed one drops what an interrupted run
-        logged after the checkpoint, so the curve has each step once, and lines torn by a crash or a full disk."""
-        kept, torn = [], 0
+    def _open_jsonl(path: Path, resume_step: int) -> tuple[Any, int]:
+        """metrics.jsonl for appending, and the last step it had logged: a fresh run starts it over; a resumed one
+        drops what an interrupted run logged after the checkpoint, so the curve has each step once, and lines torn
+        by a crash or a full disk."""
+        kept, torn, last = [], 0, 0
         if resume_step > 0 and path.is_file():
             for line in path.read_text(errors="replace").splitlines():
                 record = _parse_record(line)
                 if record is None:
                     torn += 1
-                elif record["step"] <= resume_step:
+                    continue
+                last = max(last, record["step"])
+                if record["step"] <= resume_step:
                     kept.append(line)
         if torn:
             print(f"{path}: dropped {torn} torn line(s) that an interrupted write left")
         path.write_text("".join(line + "\n" for line in kept))
-        return open(path, "a")
+        return open(path, "a"), last
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write scalars for `step` (number of updates done) to metrics.jsonl and W&B."""

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -228,8 +229,7 @@ def _train(
     )
     state.wandb_run_id = tracker.wandb_run_id
     console.message(_start_line(cfg, engine, global_batch, scale, resume_from, start))
-    if start == 0:
-        tracker.log(0, {"run/global_batch": global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale})
+    _log_run_facts(tracker, console, engine, state, scale)
     state.best = comparable_best(read_best(run_dir), cfg.eval.select)  # from before a resume
 
     nonfinite = NonfiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision == "fp16")
@@ -270,7 +270,7 @@ def _train(
             checkpointer.save(state, new_best)
         if stopping:
             break
-
+    checkpointer.finish()  # an asynchronous save still in flight
     interrupted = stopping and engine.any_rank(preemption.interrupted)
     export = _end_of_run(cfg, engine, console, stopping, interrupted, state.step, checkpointer.last_saved)
     console.summary(state.step, (state.step - start) * global_batch, metrics, None if export is None else str(export))
@@ -286,6 +286,25 @@ def _resume(state: TrainState, cfg: Config, engine: Engine, resume_from: Path, c
     if saved.get("config_hash") not in (None, config_hash(cfg)):
         console.message(f"note: the config differs from the one that wrote {resume_from}")
     state.load(saved, rank_state, engine.device)
+
+
+def _log_run_facts(tracker: Tracker, console: Console, engine: Engine, state: TrainState, scale: float) -> None:
+    """run/world_size, run/global_batch and run/lr_scale at the start and whenever the world size changed or an
+    elastic agent restarted the workers (run/restarts), and the updates an interrupted attempt logged after the
+    checkpoint this one resumed, which are done again (run/steps_redone)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    changed = state.saved_world_size not in (None, engine.world_size)
+    if state.step == 0 or changed or restarts:
+        facts = {"run/global_batch": state.global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale}
+        tracker.log(state.step, {**facts, "run/restarts": restarts})
+    if changed:
+        console.message(
+            f"world size {state.saved_world_size} -> {engine.world_size} (agent restart {restarts}): global batch "
+            f"{state.global_batch}, lr x{scale:.4g}"
+        )
+    if tracker.steps_redone:
+        tracker.log(state.step, {"run/steps_redone": tracker.steps_redone})
+        console.message(f"{tracker.steps_redone} update(s) after step {state.step} are done again")
 
 
 def _claim_run_dir(cfg: Config, engine: Engine) -> None:

@@ -46,6 +46,8 @@ class TrainState:
     """The best evaluation so far under eval.select ({select, score, metrics}), or None."""
     wandb_run_id: str | None = None
     """The W&B run to continue (None without W&B)."""
+    saved_world_size: int | None = None
+    """The world size of the run that wrote the checkpoint this run resumed (None for a fresh run)."""
 
     @property
     def images_seen(self) -> int:
@@ -64,6 +66,7 @@ class TrainState:
         # Written before images were counted (or 0): the steps times this run's global batch
         self.images_before = saved.get("images_seen") or self.step * self.global_batch
         self.wandb_run_id = saved.get("wandb_run_id")
+        self.saved_world_size = saved["world_size"]
         self.loader.load_state_dict(rank_state["data"])
         for pool, key in zip(self.pools, POOL_KEYS):
             if key in rank_state:

@@ -85,3 +85,16 @@ def test_activation_memory_dry_writes_json(tmp_path):
     assert 0 < on["saved_g_step_bytes"] < off["saved_g_step_bytes"]
     (ratios,) = figures["ratios"]
     assert ratios["size"] == 32 and ratios["saved_g_step_on_over_off"] < 1
+
+
+def test_checkpoint_stall_writes_json(tmp_path):
+    out = tmp_path / "stall.json"
+    cmd = [sys.executable, "benchmarks/checkpoint_stall.py", "--config", "configs/demo-cpu.yaml", "--size", "32",
+           "--steps", "6", "--every", "2", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for mode, asynchronous in (("sync", False), ("async", True)):
+        run = figures[mode]
+        assert run["async_save"] is asynchronous and len(run["stall_s"]) == 2 and run["checkpoint_bytes"] > 0
+    assert figures["async_stall_fraction"] == figures["async"]["mean_stall_s"] / figures["sync"]["mean_stall_s"]

@@ -130,6 +130,7 @@ def test_save_records_the_state_the_best_and_the_step(monkeypatch):
     assert (run_dir, step, keep, keep_every, saved_best) == (Path("run"), 6, 2, 0, best)
     assert rank_state["data"] == {"consumed": 3} and meta["images_seen"] == 12 and meta["config_hash"] == "hash"
     assert state.best is best and flag.saved_step == 6
+    assert tracker.logged[0][1].pop("checkpoint/stall_s") >= 0  # how long the loop waited for the save
     assert tracker.logged == [(6, {"checkpoint/saved_step": 6, "run/replica_spread": 0.25, "eval/best_step": 6})]
     assert "ranks hold different weights at step 6" in out.getvalue()
 
@@ -137,4 +138,5 @@ def test_save_records_the_state_the_best_and_the_step(monkeypatch):
     state.step = 8
     saver.save(state)
     assert calls[1][7] is None and state.best is best  # not a new best: best.json stays
+    assert tracker.logged[-1][1].pop("checkpoint/stall_s") >= 0
     assert tracker.logged[-1] == (8, {"checkpoint/saved_step": 8})

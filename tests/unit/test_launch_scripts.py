@@ -15,7 +15,19 @@ BAD_NODE_SETTINGS = {
     "MACHINE_RANK": ("1", "MACHINE_RANK=1 must be below NUM_MACHINES=1"),
     "MAIN_PROCESS_IP": ("no-such-host.invalid", "MAIN_PROCESS_IP=no-such-host.invalid does not resolve"),
     "NETWORK_INTERFACE": ("nope0", "NETWORK_INTERFACE=nope0 is not an interface"),
+    "MIN_NODES": ("2", "MIN_NODES=2 must be between 1 and NUM_MACHINES=1"),
 }
+
+
+def test_elastic_mode_refuses_a_deepspeed_or_fsdp_launch_config():
+    env = {**GOOD, "SLURM_NNODES": "2", "MIN_NODES": "1", "ACCELERATE_CONFIG": "launch/zero2.yaml"}
+    result = run_bounded(NODE_LAUNCH, timeout_s=60, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "node-launch: elastic mode (MIN_NODES=1) launches with torchrun, which does not read "
+        "ACCELERATE_CONFIG=launch/zero2.yaml; use a DDP config and choose the backend with "
+        "distributed.backend=deepspeed or fsdp2 in the training config"
+    )
 
 
 @pytest.mark.parametrize("key", sorted(BAD_NODE_SETTINGS))
