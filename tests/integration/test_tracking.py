@@ -137,3 +137,17 @@ def test_training_works_without_wandb_installed(colour_shards, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: logging.wandb=offline needs the wandb package; install it or set logging.wandb=disabled"
     )
+
+
+def test_a_resume_drops_and_counts_the_updates_an_interrupted_attempt_logged_after_its_checkpoint(tmp_path):
+    from trainer.tracking import Tracker
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "loss/g_total": 1.0}) + "\n" for step in range(1, 10)))
+    handle, last = Tracker._open_jsonl(path, resume_step=6)
+    handle.close()
+    assert last == 9  # so run/steps_redone = 9 - 6
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    handle, last = Tracker._open_jsonl(path, resume_step=0)  # a fresh run starts over and redoes nothing
+    handle.close()
+    assert last == 0 and path.read_text() == ""
