@@ -1,4 +1,4 @@
-"""Checkpoints (save, verify, find, load) and exported generators.
+"""Checkpoints: save (synchronous or in the background), verify, find, load.
 
 A checkpoint is RUN/checkpoints/step_XXXXXXXX/ holding safetensors and JSON only, so resuming from a checkpoint
 someone else wrote cannot run code (nothing is unpickled, not even by DeepSpeed or Accelerate):
@@ -9,8 +9,10 @@ someone else wrote cannot run code (nothing is unpickled, not even by DeepSpeed 
   - train_state.json: step, world size, backend, the model architecture and tracker ids.
 It is written as `step_XXXXXXXX.tmp`; once every rank has written its part, COMPLETE (the sha256 of every file) is
 written and the directory renamed, then `latest` is replaced atomically and old checkpoints are rotated out
-(renamed to `*.old`, then deleted). Only directories named exactly step_XXXXXXXX that hold COMPLETE are ever
-resumed from; the debris of an interrupted save or rotation is removed by the next save.
+(renamed to `*.old`, then deleted). A save is a capture into host memory (collectives) followed by writing, which
+`save_checkpoint` does before it returns and `AsyncCheckpointWriter` in a background thread. Only directories
+named exactly step_XXXXXXXX that hold COMPLETE are ever resumed from; the debris of an interrupted save or
+rotation is removed by the next save.
 """
 
 from __future__ import annotations
@@ -225,15 +227,20 @@ class CapturedCheckpoint:
 
     @property
     def tmp(self) -> Path:
-        return self.root / f"{self.final.name}.tmp"
+        return _tmp_dir(self.final)
 
 
-def _agree(engine: Engine, error: BaseException | None, saving: CapturedCheckpoint | Path, previous: Path | None):
-    """Agree on failure (a collective, so also a barrier) and raise it on every rank; what a failed save leaves
-    is debris that the next save removes."""
+def _tmp_dir(final: Path) -> Path:
+    """Where checkpoint `final` is written until it is complete."""
+    return final.with_name(f"{final.name}.tmp")
+
+
+def _agree(engine: Engine, error: BaseException | None, final: Path, previous: Path | None) -> None:
+    """Agree on failure (a collective, so also a barrier) and raise it on every rank; what a failed save of
+    checkpoint `final` leaves is debris that the next save removes."""
     if not engine.any_rank(error is not None):
         return
-    name = saving.final.name if isinstance(saving, CapturedCheckpoint) else saving.name
+    name = final.name
     kept = f"{previous} is still the newest intact checkpoint" if previous else "no checkpoint was saved before"
     if isinstance(error, OSError):
         what = f"{error.strerror or error} ({error.filename})"
@@ -265,7 +272,7 @@ def capture_checkpoint(
             for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
                 if debris.is_dir() and checkpoint_step(debris) is None:
                     shutil.rmtree(debris, ignore_errors=True)
-            (root / f"{final.name}.tmp").mkdir()
+            _tmp_dir(final).mkdir()
         except OSError as err:
             error = err
     _agree(engine, error, final, previous)  # no rank writes before the directory exists
@@ -338,14 +345,14 @@ def save_checkpoint(
         write_rank_part(saving)
     except OSError as err:
         error = err
-    _agree(engine, error, saving, saving.previous)  # also a barrier: every rank's file is written
+    _agree(engine, error, saving.final, saving.previous)  # also a barrier: every rank's file is written
     error = None
     if engine.is_main:
         try:
             publish_checkpoint(saving)
         except OSError as err:
             error = err
-    _agree(engine, error, saving, saving.previous)
+    _agree(engine, error, saving.final, saving.previous)
     return saving.final
 
 
@@ -380,7 +387,7 @@ class AsyncCheckpointWriter:
             return None
         self.thread.join()
         saving, error, self.saving, self.error = self.saving, self.error, None, None
-        _agree(self.engine, error, saving, saving.previous)
+        _agree(self.engine, error, saving.final, saving.previous)
         return saving.final
 
     def _write(self, saving: CapturedCheckpoint) -> None:
