@@ -4,6 +4,7 @@ gpu_check.py imports it before anything is installed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,7 +21,15 @@ def run_group(cmd: list[str], timeout_s: float, **popen_kwargs) -> tuple[int | N
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        _kill_group(proc)
         return None, None, None
+    except BaseException:  # Ctrl-C: the group is in a session of its own and would not get the SIGINT
+        _kill_group(proc)
+        raise
     return proc.returncode, stdout, stderr
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it ended just before
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()

@@ -3,7 +3,7 @@
 A checkpoint is RUN/checkpoints/step_XXXXXXXX/ holding safetensors and JSON only, so resuming from a checkpoint
 someone else wrote cannot run code (nothing is unpickled, not even by DeepSpeed or Accelerate):
   - units.safetensors: the backend-independent state of both units (full fp32 weights, Adam moments, update
-    count), written by rank 0 (gathered from the ZeRO partitions under DeepSpeed);
+    count), written by rank 0 (gathered from FSDP2 shards or ZeRO partitions);
   - rank_XXXXX.safetensors per rank: its image pools, data position, schedulers, loss scalers and RNG states
     (trainer.state_file: tensors as tensors, the rest as JSON);
   - train_state.json: step, world size, backend, the model architecture and tracker ids.
@@ -17,6 +17,7 @@ rotation is removed by the next save.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -343,14 +344,14 @@ def save_checkpoint(
     error = None
     try:
         write_rank_part(saving)
-    except OSError as err:
+    except Exception as err:  # any failure must reach _agree, or the other ranks wait there until the timeout
         error = err
     _agree(engine, error, saving.final, saving.previous)  # also a barrier: every rank's file is written
     error = None
     if engine.is_main:
         try:
             publish_checkpoint(saving)
-        except OSError as err:
+        except Exception as err:
             error = err
     _agree(engine, error, saving.final, saving.previous)
     return saving.final
@@ -361,18 +362,30 @@ class AsyncCheckpointWriter:
     the main rank's thread waits for the other ranks' files (no collectives off the main thread), then publishes.
     At most one save is in flight: the next save, the end of training and a preemption `wait` for it, and a
     failure is raised (on every rank) by that `wait`. A kill during the background write leaves a `.tmp`
-    directory, never a resumable half checkpoint: the previous one stays the newest intact checkpoint."""
+    directory, never a resumable half checkpoint: the previous one stays the newest intact checkpoint. A process
+    that leaves through `exit_process` (also after an error) first lets a started write finish."""
 
     def __init__(self, engine: Engine, timeout_s: float):
         self.engine, self.timeout_s = engine, timeout_s
         self.thread: threading.Thread | None = None
         self.saving: CapturedCheckpoint | None = None
         self.error: BaseException | None = None
+        atexit.register(self._join)
 
-    def save(self, *args: Any, **kwargs: Any) -> Path:
-        """Wait for the save in flight, capture (a collective; `save_checkpoint`'s arguments) and start writing."""
+    def save(
+        self,
+        run_dir: Path,
+        step: int,
+        rank_state: dict[str, Any],
+        meta: dict[str, Any],
+        keep: int,
+        keep_every_steps: int = 0,
+        best: dict[str, Any] | None = None,
+    ) -> Path:
+        """Wait for the save in flight, capture (a collective; the arguments are `save_checkpoint`'s) and start
+        writing; returns the checkpoint's final path."""
         self.wait()
-        self.saving = capture_checkpoint(self.engine, *args, **kwargs)
+        self.saving = capture_checkpoint(self.engine, run_dir, step, rank_state, meta, keep, keep_every_steps, best)
         self.thread = threading.Thread(target=self._write, args=(self.saving,), name="checkpoint-writer", daemon=True)
         self.thread.start()
         return self.saving.final
@@ -385,10 +398,14 @@ class AsyncCheckpointWriter:
         """
         if self.saving is None:
             return None
-        self.thread.join()
+        self._join()
         saving, error, self.saving, self.error = self.saving, self.error, None, None
         _agree(self.engine, error, saving.final, saving.previous)
         return saving.final
+
+    def _join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
     def _write(self, saving: CapturedCheckpoint) -> None:
         try:
@@ -396,10 +413,12 @@ class AsyncCheckpointWriter:
             if saving.universal is not None:
                 self._wait_for_ranks(saving)
                 publish_checkpoint(saving)
-        except (OSError, CheckpointError) as err:
+        except Exception as err:  # reported by wait(); a thread must not end silently
             self.error = err
             with contextlib.suppress(OSError):  # tell the main rank's writer not to wait for this rank's file
                 (saving.tmp / f"{rank_file(saving.rank)}.failed").write_text(str(err))
+        finally:
+            saving.universal, saving.rank_bytes = None, b""  # the host copy is no longer needed
 
     def _wait_for_ranks(self, saving: CapturedCheckpoint) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -422,7 +441,7 @@ def _rotate(run_dir: Path, keep: int, keep_every_steps: int) -> None:
         if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step != best_step:
             trash = old.with_name(old.name + ".old")
             os.replace(old, trash)
-            shutil.rmtree(trash)
+            shutil.rmtree(trash, ignore_errors=True)  # what stays (NFS .nfs* files) is removed as debris later
 
 
 def _units_state(path: Path, engine: Engine) -> dict[str, dict[str, torch.Tensor]]:

@@ -119,8 +119,11 @@ class Checkpointer:
         if best is not None:
             state.best = best
         meta = state.meta(self.model, self.config_hash)
-        args = (self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best)
-        path = save_checkpoint(self.engine, *args) if self.writer is None else self.writer.save(*args)
+        rank_state, keep, keep_every = state.rank_state(), self.cfg.keep, self.cfg.keep_every_steps
+        if self.writer is None:
+            path = save_checkpoint(self.engine, self.run_dir, step, rank_state, meta, keep, keep_every, best)
+        else:
+            path = self.writer.save(self.run_dir, step, rank_state, meta, keep, keep_every, best)
         stall = time.perf_counter() - started
         self.preemption.saved_step = step
         logged = {"checkpoint/saved_step": step, "checkpoint/stall_s": stall, **self._replica_check(step)}

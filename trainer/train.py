@@ -334,7 +334,7 @@ def _end_of_run(
     checkpoint). Returns the export directory (on the main rank) or None."""
     run_dir = Path(cfg.train.run_dir)
     if not stopped:
-        weights = engine.full_state_dict("g")  # collective under DeepSpeed
+        weights = engine.full_state_dict("g")  # a collective under FSDP2 and DeepSpeed
         if not engine.is_main:
             return None
         save_generators(run_dir / "export", weights, cfg.model, cfg.data)

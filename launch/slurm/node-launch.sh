@@ -87,7 +87,7 @@ if [ "$elastic" = 1 ]; then
     torchrun --nnodes "$MIN_NODES:$NUM_MACHINES" --nproc-per-node "$NPROC_PER_NODE"
     --rdzv-backend c10d --rdzv-endpoint "$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT" --rdzv-id "${SLURM_JOB_ID:-cyclegan}"
     --rdzv-conf "join_timeout=$RDZV_TIMEOUT,last_call_timeout=$LAST_CALL_TIMEOUT,is_host=$is_host"
-    --max-restarts "$MAX_RESTARTS" --monitor-interval 1 "${local_addr[@]}"
+    --max-restarts "$MAX_RESTARTS" --monitor-interval 1 ${local_addr[@]+"${local_addr[@]}"}
     trainer/main.py "$@"
   )
   echo "node-launch: elastic node ($MIN_NODES to $NUM_MACHINES nodes) on $(hostname): ${launch[*]}"
@@ -107,7 +107,15 @@ fi
 # would die on SIGUSR1, so it is not signalled, and it starts with SIGUSR1 ignored: under srun, Slurm signals every
 # process of the step, the launcher included (it died with 138 while its ranks were saving). The ranks inherit
 # the ignored SIGUSR1 until the trainer installs its handler.
-forward() { pkill "-$1" -P "$launcher" || true; }
+# In elastic mode the agent itself gets SIGTERM: it stops its workers with SIGTERM (the trainer checkpoints; the
+# agent allows 30 s before SIGKILL) and ends, where a worker that exits after a checkpoint would be restarted.
+forward() {
+  if [ "$elastic" = 1 ]; then
+    kill -TERM "$launcher" 2>/dev/null || true
+  else
+    pkill "-$1" -P "$launcher" || true
+  fi
+}
 
 # torch reports a failed rendezvous deep in a traceback; say in one line what went wrong.
 explain() {

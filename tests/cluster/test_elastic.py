@@ -1,7 +1,7 @@
 """Elastic training on the two network-namespace nodes: launch/slurm/node-launch.sh with MIN_NODES=1 of 2 runs
 torchrun with a c10d rendezvous. Killing every process of node 1 leaves node 0 training alone from the last
 checkpoint, without a requeue; node 1 started again makes the job grow back to 2. A rendezvous that cannot reach
-MIN_NODES fails within its timeout with one line."""
+MIN_NODES fails within its timeout with one line, and a preempted elastic node checkpoints and stops."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from tests.cluster.conftest import NODE0_IP
 from tests.cluster.test_multinode import node_env
 from tests.conftest import REPO, kill_tree, read_metrics, train_command
+from trainer.preemption import PREEMPTED_MARKER
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
 STEPS = 400
@@ -112,3 +113,26 @@ def test_an_elastic_rendezvous_below_min_nodes_fails_within_its_timeout(netns_no
         "node-launch: fewer than MIN_NODES=2 nodes reached the elastic rendezvous at 10.200.0.1:29532 within "
         "RDZV_TIMEOUT=10s" in lines
     )
+
+
+def test_a_preempted_elastic_job_checkpoints_and_stops_instead_of_restarting(netns_nodes, colour_shards, tmp_path):
+    """SIGUSR1 (Slurm's warning, forwarded by the batch script) to an elastic node: its agent stops the workers,
+    which checkpoint, and ends; a worker that merely exited after its checkpoint would be restarted and train on."""
+    run_dir = tmp_path / "run"
+    args = train_command(colour_shards, run_dir, "train.steps=2000", "logging.every_steps=5",
+                         "checkpoint.preempt_check_steps=1", "eval.images=0")[2:]  # fmt: skip
+    env = {**node_env(0, 2, NODE0_IP, 29533, "multinode-ddp"), "MIN_NODES": "1", "LAST_CALL_TIMEOUT": "2",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    proc = start_node(netns_nodes[0], env, args, tmp_path / "node0.log")
+    wait_for(run_dir, "training", lambda rs: any("loss/g_total" in r for r in rs), [proc], 120)
+    subprocess.run(["pkill", "-USR1", "-f", f"node-launch.sh --config configs/demo-cpu.yaml data.root={colour_shards}"])
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        pytest.fail("the preempted elastic node did not stop")
+    marker = run_dir / PREEMPTED_MARKER
+    assert marker.is_file(), (tmp_path / "node0.log").read_text()[-3000:]
+    saved = int(marker.read_text())
+    assert max(r["step"] for r in read_metrics(run_dir) if "loss/g_total" in r) <= saved < 2000  # no restart
+    assert (run_dir / "checkpoints" / f"step_{saved:08d}" / "COMPLETE").is_file()

@@ -46,6 +46,21 @@ def test_fsdp2_trains_on_one_gpu_over_nccl(precision, tmp_path, colour_shards):
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses) and losses[1] < losses[0]
 
 
+@needs_cuda
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_a_resumed_cuda_run_steps_with_the_fused_adam(backend, tmp_path, colour_shards):
+    """The loaded Adam state must sit where the fused kernel wants it: moments on the GPU, the step too."""
+    run_dir = tmp_path / "run"
+    common = [f"distributed.backend={backend}", "optimizer.implementation=fused", "checkpoint.every_steps=2",
+              "logging.every_steps=1"]  # fmt: skip
+    for steps in (2, 4):
+        result = run_bounded(train_command(colour_shards, run_dir, *common, f"train.steps={steps}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    losses = [r["loss/g_total"] for r in read_metrics(run_dir) if "loss/g_total" in r]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+
+
 @needs_two_gpus
 def test_ddp_converts_batch_norm_to_sync_batch_norm_on_gpus(tmp_path, colour_shards):
     run_dir = tmp_path / "run"

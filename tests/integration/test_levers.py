@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
+from tests.conftest import run_bounded, train_command
 from trainer.config import ConfigError, load_config
 from trainer.cyclegan import GeneratorPair, build_units
 from trainer.engine import Engine
@@ -111,3 +113,19 @@ def test_compiled_step_equals_eager_and_stops_compiling_after_warmup(mode):
             assert after[key] == pytest.approx(before[key], rel=1e-3, abs=1e-5), key
     assert max_difference(eager_weights, compiled_weights) <= 1e-4
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_channels_last_runs_save_export_and_resume_exactly(colour_shards, tmp_path):
+    """Checkpoints and exports need contiguous tensors (safetensors refuses channels-last strides); a resume puts
+    Adam's moments back in the weights' memory format and continues exactly."""
+    tiny = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "train.batch_size=2", "train.precision=fp32",
+            "train.channels_last=true", "eval.images=0", "logging.every_steps=1", "checkpoint.every_steps=2",
+            "checkpoint.keep=3"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run_dir, extra in ((straight, []), (resumed, [f"train.resume={straight}/checkpoints/step_00000002"])):
+        result = run_bounded(train_command(colour_shards, run_dir, *tiny, "train.steps=4", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    final = "checkpoints/step_00000004/units.safetensors"
+    a, b = load_file(str(straight / final)), load_file(str(resumed / final))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed / "export" / "g_xy.safetensors").is_file()

@@ -101,6 +101,10 @@ def test_fsdp2_shards_each_network_as_a_root_and_large_modules_as_blocks():
     assert shard_blocks(gens.g_xy, 10**9) == []  # nothing that large: the network is the only group
     innermost = shard_blocks(gens.g_xy, 1)  # every module with parameters, children before parents
     assert all(next(m.parameters(recurse=False), None) is not None for m in innermost)
+    dense = load_config(None, ["model.generator=densenet", "model.ngf=64"])
+    net = build_units(dense.model, dense.loss)[0].g_xy
+    lists = [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]
+    assert lists and not any(b is m for b in shard_blocks(net, 500_000) for m in lists)  # no forward: never a group
 
 
 def test_training_imports_no_command_line_module():

@@ -52,6 +52,9 @@ def test_an_fsdp2_launch_config_selects_fsdp2_and_its_resharding():
         (["distributed.backend=fsdp2", "train.precision=fp16"], "fp16 with distributed.backend=fsdp2"),
         (["distributed.backend=fsdp2", "distributed.offload_optimizer=true"], "need distributed.backend=deepspeed"),
         (["distributed.fsdp_min_block_params=0"], "distributed.fsdp_min_block_params"),
+        (["distributed.backend=fsdp2", "train.channels_last=true"], "fully_shard needs contiguous weights"),
+        (["distributed.backend=fsdp2", "train.compile=true", "train.compile_mode=reduce-overhead"], "CUDA graphs"),
+        (["distributed.backend=fsdp2", "model.norm_d=batch"], "no SyncBatchNorm"),
     ],
 )
 def test_fsdp2_settings_it_cannot_honour_are_refused(overrides, message, monkeypatch):

@@ -163,9 +163,28 @@ def single_process_rendezvous() -> None:
     )
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy on CPU: safetensors refuses the strides of channels_last weights."""
+    return tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+
 def buffers_on_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of a module's buffers on CPU, by name (buffers are never sharded)."""
-    return {name: buf.detach().cpu().clone() for name, buf in module.named_buffers()}
+    return {name: host_copy(buf) for name, buf in module.named_buffers()}
+
+
+def adam_state(
+    param: torch.Tensor, group: dict, step: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """torch Adam's state of `param` from loaded values, laid out as torch keeps it: the moments like the parameter
+    (device, dtype, memory format), the update count on the parameter's device for fused and capturable kernels
+    and on the CPU otherwise."""
+    on_device = group.get("fused") or group.get("capturable")
+    return {
+        "step": step.to(device=param.device, dtype=torch.float32) if on_device else step.clone(),
+        "exp_avg": torch.empty_like(param).copy_(exp_avg),
+        "exp_avg_sq": torch.empty_like(param).copy_(exp_avg_sq),
+    }
 
 
 def local_bytes(tensors: Iterable[object]) -> int:
@@ -210,5 +229,5 @@ def with_adam_moments(
     state["__step__"] = torch.as_tensor(steps[0], dtype=torch.float32).reshape(()).cpu().clone()
     for name, param in module.named_parameters():
         for key in ("exp_avg", "exp_avg_sq"):
-            state[f"{name}.{key}"] = moment(param, key).detach().float().cpu().clone()
+            state[f"{name}.{key}"] = host_copy(moment(param, key).float())
     return state

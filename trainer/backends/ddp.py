@@ -17,7 +17,9 @@ from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer.backends import (
     UNITS,
+    adam_state,
     buffers_on_cpu,
+    host_copy,
     local_bytes,
     optimizer_tensors,
     step_unless_nonfinite,
@@ -101,7 +103,7 @@ class DDPBackend:
         module = self.unwrap(which)
         state = buffers_on_cpu(module)
         for name, param in module.named_parameters():
-            state[name] = param.detach().float().cpu().clone()
+            state[name] = host_copy(param.float())
         return state
 
     def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
@@ -115,17 +117,15 @@ class DDPBackend:
     def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
         module, base = self.unwrap(which), self._base_optimizer(which)
         step = state.get("__step__")
+        groups = {param: group for group in base.param_groups for param in group["params"]}
         with torch.no_grad():
             for name, buf in module.named_buffers():
                 buf.copy_(state[name])
             for name, param in module.named_parameters():
                 param.copy_(state[name].to(param.dtype))
                 if step is not None:
-                    base.state[param] = {
-                        "step": step.clone(),
-                        "exp_avg": state[f"{name}.exp_avg"].clone(),
-                        "exp_avg_sq": state[f"{name}.exp_avg_sq"].clone(),
-                    }
+                    moments = state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"]
+                    base.state[param] = adam_state(param, groups[param], step, *moments)
 
     def scaler_state(self) -> dict[str, dict]:
         return {u: s.state_dict() for u, s in self.scalers.items()}

@@ -21,6 +21,7 @@ from deepspeed import utils as ds_utils
 from trainer.backends import (
     UNITS,
     buffers_on_cpu,
+    host_copy,
     local_bytes,
     optimizer_tensors,
     single_process_rendezvous,
@@ -130,7 +131,7 @@ class DeepSpeedBackend:
         module = self.unwrap(which)
         state = buffers_on_cpu(module)
         for name, param in module.named_parameters():
-            state[name] = ds_utils.safe_get_full_fp32_param(param).detach().cpu().clone()
+            state[name] = host_copy(ds_utils.safe_get_full_fp32_param(param))
         return state
 
     def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:

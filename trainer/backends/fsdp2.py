@@ -26,7 +26,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.backends import (
     UNITS,
+    adam_state,
     buffers_on_cpu,
+    host_copy,
     local_bytes,
     optimizer_tensors,
     single_process_rendezvous,
@@ -59,15 +61,17 @@ def shard_roots(unit: nn.Module) -> list[nn.Module]:
 
 
 def shard_blocks(root: nn.Module, min_params: int) -> list[nn.Module]:
-    """The submodules of `root` to shard as their own groups, innermost first: each holding at least `min_params`
-    parameters outside the groups below it."""
+    """The submodules of `root` to shard as their own groups, innermost first: each module with a forward of its own
+    holding at least `min_params` parameters outside the groups below it."""
     blocks: list[nn.Module] = []
 
     def visit(node: nn.Module) -> int:
         """Parameters under `node` not yet in a group."""
         free = sum(visit(child) for child in node.children())
         free += sum(p.numel() for p in node.parameters(recurse=False))
-        if free >= min_params and node is not root:
+        # FSDP2 gathers a group in its module's forward: containers that only hold modules (ModuleList) have none
+        runs_forward = type(node).forward is not nn.Module.forward
+        if free >= min_params and node is not root and runs_forward:
             blocks.append(node)
             return 0
         return free
@@ -86,6 +90,15 @@ class FSDP2Backend:
     def __init__(self, cfg: DistributedConfig, train: TrainConfig, clips: dict[str, float], on_cuda: bool):
         if train.precision == "fp16":
             raise ConfigError("train.precision=fp16 with distributed.backend=fsdp2 is not supported; use bf16")
+        if train.channels_last:
+            raise ConfigError(
+                "train.channels_last=true with distributed.backend=fsdp2: fully_shard needs contiguous weights"
+            )
+        if train.compile and train.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(
+                f"train.compile_mode={train.compile_mode} (CUDA graphs) with distributed.backend=fsdp2 would capture "
+                "its collectives; use default or max-autotune-no-cudagraphs"
+            )
         # resolve_backend read the launcher's FSDP fields; the sharding is ours, not accelerate's FSDP plugin.
         for key in LAUNCHER_FSDP_VARIABLES:
             os.environ.pop(key, None)
@@ -154,7 +167,7 @@ class FSDP2Backend:
         module = self.units[which]
         state = buffers_on_cpu(module)
         for name, param in module.named_parameters():
-            state[name] = _full(param).float().cpu().clone()
+            state[name] = host_copy(_full(param).float())
         return state
 
     def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
@@ -172,17 +185,15 @@ class FSDP2Backend:
         """Each rank keeps its slice of the full tensors (no communication: every rank read the same file)."""
         module, optimizer = self.units[which], self.optimizers[which]
         step = state.get("__step__")
+        groups = {param: group for group in optimizer.param_groups for param in group["params"]}
         with torch.no_grad():
             for name, buf in module.named_buffers():
                 buf.copy_(state[name])
             for name, param in module.named_parameters():
                 param.to_local().copy_(_slice_like(param, state[name]).to_local())
                 if step is not None:
-                    optimizer.state[param] = {
-                        "step": step.clone(),
-                        "exp_avg": _slice_like(param, state[f"{name}.exp_avg"]),
-                        "exp_avg_sq": _slice_like(param, state[f"{name}.exp_avg_sq"]),
-                    }
+                    moments = [_slice_like(param, state[f"{name}.{key}"]) for key in ("exp_avg", "exp_avg_sq")]
+                    optimizer.state[param] = adam_state(param, groups[param], step, *moments)
 
     def scaler_state(self) -> dict[str, dict]:
         return {u: {} for u in UNITS}
