@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 NOT_HERE = {  # command prefix -> why this test does not run it
     "bash .ci/run": "the CI entry point itself: it runs this test",
     "ACCELERATE_CONFIG=": "sbatch: the cluster tests run the Slurm scripts on a local Slurm",
+    "MIN_NODES=": "elastic sbatch on 4 nodes: tests/cluster/test_elastic.py runs node-launch.sh's elastic mode",
     "export SLURM_CONF=": "local Slurm: tests/cluster",
     "squeue;": "local Slurm: tests/cluster",
     "scontrol update": "local Slurm: tests/cluster",
