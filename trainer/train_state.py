@@ -66,7 +66,7 @@ class TrainState:
         # Written before images were counted (or 0): the steps times this run's global batch
         self.images_before = saved.get("images_seen") or self.step * self.global_batch
         self.wandb_run_id = saved.get("wandb_run_id")
-        self.saved_world_size = saved["world_size"]
+        self.saved_world_size = saved.get("world_size")
         self.loader.load_state_dict(rank_state["data"])
         for pool, key in zip(self.pools, POOL_KEYS):
             if key in rank_state:

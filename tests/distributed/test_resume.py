@@ -1,5 +1,5 @@
-"""Checkpoints on real 2-rank runs: bitwise exact resume (DDP, FSDP2 and ZeRO-2), kill -9 at random moments,
-preemption by SIGUSR1, resume on another world size and backend, damaged checkpoints, export."""
+"""Checkpoints on real 2-rank runs: bitwise exact resume (synchronous and asynchronous saves), kill -9 at random
+moments, preemption by SIGUSR1, resume on another world size and backend, damaged checkpoints, export."""
 
 from __future__ import annotations
 
@@ -66,9 +66,11 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("launch_config,saving", [("cpu-ddp-2", "sync"), ("cpu-ddp-2", "async"), ("fsdp2", "sync"),
-                                                  ("zero2", "sync")])  # fmt: skip
-def test_resume_is_bitwise_exact(launch_config, saving, colour_shards, tmp_path):
+@pytest.mark.parametrize("saving", ["sync", "async"])
+def test_resume_is_bitwise_exact(saving, colour_shards, tmp_path):
+    """Through the whole trainer on 2 DDP ranks (data positions, pools, RNG; the resume matrix checks that every
+    backend continues exactly on its own topology)."""
+    launch_config = "cpu-ddp-2"
     straight = tmp_path / "straight"
     mode = f"checkpoint.async_save={saving == 'async'}"
     train(launch_config, colour_shards, straight, "train.steps=12", "checkpoint.every_steps=6", "checkpoint.keep=5",

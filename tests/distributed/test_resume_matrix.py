@@ -1,7 +1,8 @@
-"""Every checkpoint resumes under every backend and world size: sources {1-rank DDP, 2-rank DDP, FSDP2 and ZeRO-1/2/3
-on 2 ranks} x the same targets, through tests/distributed/resume_worker.py. The loaded weights are exactly the saved
-ones, training continues from the right step with the saved schedule, and the first step's generator loss equals
-the source's own next step (bitwise on the same topology, within float rounding elsewhere)."""
+"""Every checkpoint resumes under every backend and world size: sources {1-rank DDP, 2-rank DDP, FSDP2, ZeRO-2 and
+ZeRO-3 on 2 ranks} x the same targets (ZeRO-1 runs every line of ZeRO-2's checkpoint code, and
+tests/distributed/test_two_process.py trains it), through tests/distributed/resume_worker.py. The loaded weights are
+exactly the saved ones, training continues from the right step with the saved schedule, and the first step's
+generator loss equals the source's own next step (bitwise on the same topology, within float rounding elsewhere)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from trainer.checkpoint import UNIVERSAL
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 WORKER = "tests/distributed/resume_worker.py"
-TOPOLOGIES = {"ddp1": (None, 1), "ddp2": ("cpu-ddp-2", 2), "fsdp2": ("fsdp2", 2), "zero1": ("zero1", 2),
-              "zero2": ("zero2", 2), "zero3": ("zero3", 2)}  # fmt: skip
+TOPOLOGIES = {"ddp1": (None, 1), "ddp2": ("cpu-ddp-2", 2), "fsdp2": ("fsdp2", 2), "zero2": ("zero2", 2),
+              "zero3": ("zero3", 2)}  # fmt: skip
 STEPS = 2
 
 

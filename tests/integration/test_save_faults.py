@@ -51,7 +51,7 @@ def test_asynchronous_saves_end_with_the_weights_of_synchronous_ones(reference, 
     assert len(stalls) == 4 and all(s >= 0 for s in stalls)
 
 
-CASES = [(phase, False) for phase in PHASES] + [("mid-units", True), ("before-rename", True)]
+CASES = [(phase, False) for phase in PHASES] + [("mid-units", True)]
 
 
 @pytest.mark.parametrize("phase,asynchronous", CASES, ids=[f"{p}{'-async' if a else ''}" for p, a in CASES])
