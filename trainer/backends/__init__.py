@@ -187,6 +187,27 @@ def adam_state(
     }
 
 
+def load_with_adam_moments(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, torch.Tensor],
+    layout: Callable[[nn.Parameter, torch.Tensor], torch.Tensor],
+) -> None:
+    """Load what `with_adam_moments` returned into a module held whole or in torch-native shards: buffers, each
+    weight and, when `__step__` is there, Adam's state, where `layout(param, full)` is the full tensor laid out
+    like `param` (itself for whole weights, this rank's shard for DTensors)."""
+    step = state.get("__step__")
+    groups = {param: group for group in optimizer.param_groups for param in group["params"]}
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            buf.copy_(state[name])
+        for name, param in module.named_parameters():
+            param.copy_(layout(param, state[name]))
+            if step is not None:
+                moments = [layout(param, state[f"{name}.{key}"]) for key in ("exp_avg", "exp_avg_sq")]
+                optimizer.state[param] = adam_state(param, groups[param], step, *moments)
+
+
 def local_bytes(tensors: Iterable[object]) -> int:
     """Bytes this rank holds of the non-scalar tensors among `tensors` (a DTensor counts its local shard)."""
     total = 0

@@ -17,9 +17,9 @@ from accelerate.utils import DistributedDataParallelKwargs
 
 from trainer.backends import (
     UNITS,
-    adam_state,
     buffers_on_cpu,
     host_copy,
+    load_with_adam_moments,
     local_bytes,
     optimizer_tensors,
     step_unless_nonfinite,
@@ -115,17 +115,7 @@ class DDPBackend:
         return with_adam_moments(self.full_state_dict(which), self.unwrap(which), base, lambda p, k: base.state[p][k])
 
     def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
-        module, base = self.unwrap(which), self._base_optimizer(which)
-        step = state.get("__step__")
-        groups = {param: group for group in base.param_groups for param in group["params"]}
-        with torch.no_grad():
-            for name, buf in module.named_buffers():
-                buf.copy_(state[name])
-            for name, param in module.named_parameters():
-                param.copy_(state[name].to(param.dtype))
-                if step is not None:
-                    moments = state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"]
-                    base.state[param] = adam_state(param, groups[param], step, *moments)
+        load_with_adam_moments(self.unwrap(which), self._base_optimizer(which), state, lambda param, full: full)
 
     def scaler_state(self) -> dict[str, dict]:
         return {u: s.state_dict() for u, s in self.scalers.items()}

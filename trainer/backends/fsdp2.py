@@ -20,15 +20,15 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.backends import (
     UNITS,
-    adam_state,
     buffers_on_cpu,
     host_copy,
+    load_with_adam_moments,
     local_bytes,
     optimizer_tensors,
     single_process_rendezvous,
@@ -113,7 +113,6 @@ class FSDP2Backend:
         self.units: dict[str, nn.Module] = {}
         self.roots: dict[str, list[nn.Module]] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.mesh: DeviceMesh | None = None
 
     def accelerator_kwargs(self) -> dict:
         return {"cpu": not self.on_cuda, "mixed_precision": "no"}
@@ -121,15 +120,14 @@ class FSDP2Backend:
     def prepare(
         self, accelerator: Accelerator, units: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
     ) -> dict[str, nn.Module]:
-        self.mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+        options = {
+            "mesh": init_device_mesh(accelerator.device.type, (accelerator.num_processes,)),
+            "mp_policy": self.mixed_precision,
+            "reshard_after_forward": self.cfg.reshard_after_forward,
+        }
         for name in UNITS:
             unit = units[name].to(accelerator.device)
             before = dict(unit.named_parameters())
-            options = {
-                "mesh": self.mesh,
-                "mp_policy": self.mixed_precision,
-                "reshard_after_forward": self.cfg.reshard_after_forward,
-            }
             self.roots[name] = shard_roots(unit)
             for root in self.roots[name]:
                 for block in shard_blocks(root, self.cfg.fsdp_min_block_params):
@@ -183,17 +181,7 @@ class FSDP2Backend:
 
     def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
         """Each rank keeps its slice of the full tensors (no communication: every rank read the same file)."""
-        module, optimizer = self.units[which], self.optimizers[which]
-        step = state.get("__step__")
-        groups = {param: group for group in optimizer.param_groups for param in group["params"]}
-        with torch.no_grad():
-            for name, buf in module.named_buffers():
-                buf.copy_(state[name])
-            for name, param in module.named_parameters():
-                param.to_local().copy_(_slice_like(param, state[name]).to_local())
-                if step is not None:
-                    moments = [_slice_like(param, state[f"{name}.{key}"]) for key in ("exp_avg", "exp_avg_sq")]
-                    optimizer.state[param] = adam_state(param, groups[param], step, *moments)
+        load_with_adam_moments(self.units[which], self.optimizers[which], state, _slice_like)
 
     def scaler_state(self) -> dict[str, dict]:
         return {u: {} for u in UNITS}
