@@ -1,28 +1,30 @@
-"""Translation quality with torchmetrics, the library part: PSNR and SSIM of G(x) against the known answer T(x)
-and of F(y) against x (synthetic data) beside the identity baseline, cycle reconstruction L1 for any data, and FID
-and KID of G(x) against real y and of F(y) against real x when a local Inception network is given. Each rank
-evaluates its share of the test set; torchmetrics reduces the states over ranks, so N ranks give the numbers of one.
-Training evaluates through `Evaluator`; `python -m trainer.evaluate` is the command line around it.
+"""Translation quality, the library part: PSNR and SSIM of G(x) against the known answer T(x) and of F(y) against x
+(synthetic data) beside the identity baseline, cycle reconstruction L1 for any data, and FID and KID of G(x)
+against real y and of F(y) against real x when a local Inception network is given. Each rank evaluates its share
+of the test set and the metric states are reduced over ranks, so N ranks give the numbers of one: PSNR, SSIM and
+L1 are our own (trainer/image_metrics.py, one all_reduce for all of them); FID/KID are torchmetrics'
+(trainer/inception_metrics.py), imported only when an Inception network is given, so that processes without it
+skip torchmetrics' import time. Training evaluates through `Evaluator`; `python -m trainer.evaluate` is the
+command line around it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn as nn
-from torchmetrics import MeanAbsoluteError, Metric
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from torchmetrics.image.fid import FrechetInceptionDistance  # not re-exported without torch-fidelity, not needed
-from torchmetrics.image.kid import KernelInceptionDistance  # with our own feature network
 
 from trainer.config import ConfigError, EvalConfig
 from trainer.cyclegan import with_extra
 from trainer.data import TestSet
+from trainer.image_metrics import PSNR, SSIM, MeanAbsoluteError, MeanMetric, reduce_means
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 NO_INCEPTION = (
     "FID/KID skipped: set eval.inception_weights (CLI: --inception-weights) to a local TorchScript Inception-v3 "
@@ -74,41 +76,6 @@ def load_inception(path: str, device: torch.device | str = "cpu") -> InceptionFe
     return InceptionFeatures(scripted, int(probe.shape[1]))
 
 
-class SplitFreeKID(KernelInceptionDistance):
-    """torchmetrics' KID, made independent of how the images were split over ranks.
-
-    Its feature states are lists that torchmetrics gathers element by element (dist_reduce_fx=None), so ranks that
-    ran different numbers of updates (uneven shares) would pair up the wrong collectives: `pack` leaves one tensor
-    per state on each rank first. The gathered rows come in rank order, and KID draws seeded random subsets of
-    rows, so `compute` sorts them into an order of their own; it also caps the subset size at the rows there are
-    (unreadable test images are skipped after the size was chosen from the image counts).
-    """
-
-    def __init__(self, inception: InceptionFeatures, subset_size: int) -> None:
-        super().__init__(inception, subset_size=subset_size, reset_real_features=False)
-        self.num_features = inception.num_features
-        self.max_subset_size = subset_size
-
-    def pack(self) -> None:
-        """One feature tensor per state on this rank ([0, D] without images); call before `compute`."""
-        for state in ("real_features", "fake_features"):
-            rows = getattr(self, state)
-            empty = torch.empty(0, self.num_features, device=self.device)
-            setattr(self, state, [torch.cat(rows) if rows else empty])
-
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = []
-        for state in ("real_features", "fake_features"):  # all ranks' rows here: compute runs on synced states
-            rows = torch.cat(getattr(self, state))
-            setattr(self, state, [rows[rows[:, 0].argsort(stable=True)]])
-            counts.append(len(rows))
-        self.subset_size = min(self.max_subset_size, *counts)
-        if self.subset_size < 2:
-            nan = torch.tensor(float("nan"), device=self.device)
-            return nan, nan
-        return super().compute()
-
-
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Eval mode (dropout off, batch-norm running stats) and no autograd for the block, then back as it was."""
@@ -140,24 +107,20 @@ class Evaluator:
     ) -> None:
         self.test, self.cfg, self.input_nc, self.device, self.world_size = test, cfg, input_nc, device, world_size
         self.inception = inception
-        self.metrics: dict[str, Metric] = {
-            "cycle_l1_x": MeanAbsoluteError(),
-            "cycle_l1_y": MeanAbsoluteError(),
+        self.metrics: dict[str, MeanMetric] = {
+            "cycle_l1_x": MeanAbsoluteError(device),
+            "cycle_l1_y": MeanAbsoluteError(device),
         }
         if test.paired:
-            for name in ("identity", "g_xy", "g_yx"):
-                self.metrics[f"psnr_{name}"] = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3))
-                self.metrics[f"ssim_{name}"] = StructuralSimilarityIndexMeasure(data_range=2.0)
+            for name in ("identity", "g_xy", "g_yx"):  # images in [-1, 1]: a data range of 2
+                self.metrics[f"psnr_{name}"] = PSNR(2.0, device)
+                self.metrics[f"ssim_{name}"] = SSIM(2.0, device)
+        self.inception_metrics: dict[str, Metric] = {}
         if inception is not None:
+            from trainer.inception_metrics import build_inception_metrics  # imports torchmetrics (~1.7 s)
+
             subset = min(cfg.kid_subset_size, test.total_x, test.total_y)
-            for domain in ("x", "y"):
-                self.metrics[f"fid_{domain}"] = FrechetInceptionDistance(inception, reset_real_features=False)
-                if subset >= 2:
-                    with warnings.catch_warnings():  # "saves all features": intended, test sets are small
-                        warnings.simplefilter("ignore", UserWarning)
-                        self.metrics[f"kid_{domain}"] = SplitFreeKID(inception, subset)
-        for metric in self.metrics.values():
-            metric.to(device)
+            self.inception_metrics = build_inception_metrics(inception, subset, device)
         self.real_done = False
 
     def __call__(
@@ -165,7 +128,7 @@ class Evaluator:
     ) -> dict[str, float]:
         """eval/ metrics of G = g_xy and F = g_yx (in eval mode: see `eval_mode`), equal on every rank."""
         autocast = autocast or contextlib.nullcontext
-        for metric in self.metrics.values():
+        for metric in [*self.metrics.values(), *self.inception_metrics.values()]:
             metric.reset()  # FID/KID keep their real features (reset_real_features=False)
         test = self.test
         directions = (
@@ -182,18 +145,13 @@ class Evaluator:
                         target = partner[start : start + rows].to(self.device) if test.paired else None
                         self._update(domain, batch[:rows], fake[:rows].float(), rec[:rows].float(), target)
         self.real_done = True
-        for metric in self.metrics.values():
-            if isinstance(metric, SplitFreeKID):
-                metric.pack()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # KID draws random subsets: the same ones on every rank and every call
-            values = {name: metric.compute() for name, metric in self.metrics.items()}
+        values = reduce_means(self.metrics)  # one all_reduce, then FID/KID's syncs in a fixed order
+        if self.inception_metrics:
+            from trainer.inception_metrics import compute_inception_metrics
+
+            values.update(compute_inception_metrics(self.inception_metrics))
         out = {"eval/images_x": float(test.total_x), "eval/images_y": float(test.total_y)}
-        for name, value in values.items():
-            if name.startswith("kid_"):
-                out[f"eval/{name}"], out[f"eval/{name}_std"] = float(value[0]), float(value[1])
-            else:
-                out[f"eval/{name}"] = float(value)
+        out.update({f"eval/{name}": value for name, value in values.items()})
         if test.paired:
             out["eval/psnr_gain_xy"] = out["eval/psnr_g_xy"] - out["eval/psnr_identity"]
             out["eval/psnr_gain_yx"] = out["eval/psnr_g_yx"] - out["eval/psnr_identity"]
@@ -228,13 +186,13 @@ class Evaluator:
             if domain == "x":
                 m["psnr_identity"].update(real, target)
                 m["ssim_identity"].update(real, target)
-        if self.inception is not None:
-            other = "y" if domain == "x" else "x"
-            for kind in ("fid", "kid"):
-                if f"{kind}_{other}" in m:
-                    m[f"{kind}_{other}"].update(fake, real=False)
-                if f"{kind}_{domain}" in m and not self.real_done:
-                    m[f"{kind}_{domain}"].update(real, real=True)
+        inception = self.inception_metrics
+        other = "y" if domain == "x" else "x"
+        for kind in ("fid", "kid"):
+            if f"{kind}_{other}" in inception:
+                inception[f"{kind}_{other}"].update(fake, real=False)
+            if f"{kind}_{domain}" in inception and not self.real_done:
+                inception[f"{kind}_{domain}"].update(real, real=True)
 
 
 def selection_score(metrics: dict[str, float], select: str) -> float:

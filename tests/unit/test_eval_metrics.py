@@ -1,20 +1,26 @@
-"""Evaluation metrics against torchmetrics' functional versions on hand-made data, the Inception loader, and the
-eval.select score."""
+"""Evaluation metrics against torchmetrics (the independent oracle) and hand-computed values, the Inception loader,
+that training starts without importing torchmetrics, and the eval.select score."""
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import torchmetrics
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from tests.conftest import write_tiny_inception
+from tests.conftest import REPO, write_tiny_inception
 from trainer import data
 from trainer.config import ConfigError, EvalConfig, load_config
 from trainer.evaluation import Evaluator, format_table, load_inception, selection_score
+from trainer.image_metrics import PSNR, SSIM, MeanAbsoluteError, reduce_means
 
 
 class Scale(nn.Module):
@@ -69,6 +75,48 @@ def test_metrics_equal_torchmetrics_functional_on_a_hand_made_pair():
     assert m["eval/images_x"] == 6 and "eval/fid_x" not in m
     # A perfect cycle has no reconstruction error; a repeated call gives the same numbers.
     assert evaluate(test, nn.Identity(), nn.Identity())["eval/cycle_l1_x"] == 0.0
+
+
+def test_psnr_ssim_and_l1_equal_torchmetrics_over_uneven_batches():
+    gen = torch.Generator().manual_seed(2)
+    preds = torch.rand(9, 3, 24, 20, generator=gen) * 2 - 1  # non-square, so height and width are not mixed up
+    target = (preds * 0.8 + 0.4 * torch.rand(9, 3, 24, 20, generator=gen) - 0.2).clamp(-1, 1)  # SSIM ~0.8
+    ours = {"psnr": PSNR(2.0), "ssim": SSIM(2.0), "l1": MeanAbsoluteError()}
+    oracle = {
+        "psnr": PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3)),
+        "ssim": StructuralSimilarityIndexMeasure(data_range=2.0),
+        "l1": torchmetrics.MeanAbsoluteError(),
+    }
+    for start, stop in ((0, 3), (3, 8), (8, 9)):
+        for metric in [*ours.values(), *oracle.values()]:
+            metric.update(preds[start:stop], target[start:stop])
+    values = reduce_means(ours)
+    for name, metric in oracle.items():
+        assert values[name] == pytest.approx(metric.compute().item(), abs=1e-5), name
+        assert ours[name].compute() == values[name]  # one process: the reduction is the local value
+    for metric in ours.values():
+        metric.reset()
+    assert math.isnan(ours["psnr"].compute())
+
+
+def test_psnr_of_known_errors_and_ssim_of_identical_images():
+    target = torch.zeros(2, 3, 16, 16)
+    preds = torch.stack([torch.full((3, 16, 16), 0.2), torch.full((3, 16, 16), -0.02)])
+    psnr, l1, ssim = PSNR(2.0), MeanAbsoluteError(), SSIM(2.0)
+    psnr.update(preds, target)
+    l1.update(preds, target)
+    # MSE 0.04 and 0.0004 against a range of 2: 10 log10(4 / 0.04) = 20 dB and 40 dB, mean 30 dB.
+    assert psnr.compute() == pytest.approx(30.0, abs=1e-5)
+    assert l1.compute() == pytest.approx((0.2 + 0.02) / 2, abs=1e-7)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ssim.update(images, images)
+    assert ssim.compute() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_training_starts_without_importing_torchmetrics():
+    check = "import sys, trainer.train, trainer.evaluate; assert 'torchmetrics' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_unpaired_data_gives_cycle_metrics_only():
