@@ -4,7 +4,9 @@
 
 Writes JPEG shards of synthetic scenes pre-resized to load_size = size * 286 / 256 (the paper's ratio), then reads
 them through the training stream (decode, random crop to `size`, flip, batching) in the main process (one core)
-and through a DataLoader with 2 workers. Writes JSON.
+and through a DataLoader with 2 workers. Then the remote rows, one core each: the same shards over HTTP on
+loopback (`python -m shards.serve` in a process of its own), without the cache, with a cold cache (the pass that
+fills it) and with a warm one. Writes JSON, with the remote rows' ratios to the local one-core figure.
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ import itertools
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -61,6 +68,22 @@ def images_per_second(cfg: DataConfig, batches: int, batch_size: int) -> float:
     return 2 * batches * batch_size / (time.perf_counter() - start)
 
 
+@contextmanager
+def served(root: str) -> Iterator[str]:
+    """The URL of `root` served by shards.serve in a separate process (not competing with the reader's GIL)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "shards.serve", root, "--port", str(port), "--quiet"]
+    server = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        server.stdout.readline()  # "serving ... at URL": listening
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="crop size (training resolution)")
@@ -79,6 +102,11 @@ def main() -> None:
             batches,
             args.batch_size,
         )
+        with served(tmp) as url, tempfile.TemporaryDirectory() as cache:
+            remote = {"root": url, "load_size": load_size, "crop_size": args.size, "flip": True, "num_workers": 0}
+            http = images_per_second(DataConfig(**remote), batches, args.batch_size)
+            cold = images_per_second(DataConfig(**remote, cache_dir=cache), batches, args.batch_size)
+            warm = images_per_second(DataConfig(**remote, cache_dir=cache), batches, args.batch_size)
     result = {
         "benchmark": "data_throughput",
         "crop_size": args.size,
@@ -88,6 +116,12 @@ def main() -> None:
         "batch_size": args.batch_size,
         "images_per_s_one_core": round(one_core, 1),
         "images_per_s_two_workers": round(two_workers, 1),
+        "images_per_s_http_one_core": round(http, 1),
+        "images_per_s_http_cache_cold_one_core": round(cold, 1),
+        "images_per_s_http_cache_warm_one_core": round(warm, 1),
+        "http_vs_local": round(http / one_core, 3),
+        "http_cache_cold_vs_local": round(cold / one_core, 3),
+        "http_cache_warm_vs_local": round(warm / one_core, 3),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,

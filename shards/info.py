@@ -36,6 +36,8 @@ import webdataset as wds
 from PIL import Image
 
 from shards.decode import EXTRA_PARTS, BadSample, decode_rgb, image_extension
+from shards.remote import ShardUnavailable
+from shards.streams import Reading, local_copy
 from shards.urls import ShardsError
 from shards.verify import ShardGroup, positive_int, resolve_targets, shown, usage_error
 
@@ -82,38 +84,47 @@ def header_size(data: bytes) -> tuple[int, int]:
 
 
 def read_group(group: ShardGroup, thumbnails: int) -> GroupInfo:
-    """Read every sample header of a group's shards and decode its first `thumbnails` good images."""
+    """Read every sample header of a group's shards (remote ones downloaded one at a time) and decode its first
+    `thumbnails` good images."""
     info = GroupInfo(shards=len(group.urls))
     for url in group.urls:
         try:
-            status = os.stat(url)
-        except OSError:
-            status = None
-        if status is None or not stat.S_ISREG(status.st_mode):  # a manifest's shard missing, or a FIFO that blocks
+            with local_copy(url, Reading()) as path:
+                _read_shard(path, info, thumbnails)
+        except ShardUnavailable:
             info.unreadable_shards += 1
-            continue
-        info.bytes += status.st_size
-        errors: list[Exception] = []
-        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=functools.partial(_record, errors)):
-            info.samples += 1
-            info.extras.update(part for part in EXTRA_PARTS.values() if part in sample)
-            try:
-                data = sample[image_extension(sample)]
-            except BadSample:
-                info.no_image += 1
-                continue
-            try:
-                info.sizes[header_size(data)] += 1
-            except Exception:  # any header PIL cannot read is one bad header
-                info.bad_headers += 1
-                continue
-            if len(info.thumbnails) < thumbnails:
-                try:
-                    info.thumbnails.append(Image.fromarray(decode_rgb(data)).resize((THUMB, THUMB)))
-                except BadSample:
-                    pass  # shards.verify reports it
-        info.unreadable_shards += bool(errors)
     return info
+
+
+def _read_shard(path: str, info: GroupInfo, thumbnails: int) -> None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        status = None
+    if status is None or not stat.S_ISREG(status.st_mode):  # a manifest's shard missing, or a FIFO that blocks
+        info.unreadable_shards += 1
+        return
+    info.bytes += status.st_size
+    errors: list[Exception] = []
+    for sample in wds.tariterators.tarfile_samples([{"url": path}], handler=functools.partial(_record, errors)):
+        info.samples += 1
+        info.extras.update(part for part in EXTRA_PARTS.values() if part in sample)
+        try:
+            data = sample[image_extension(sample)]
+        except BadSample:
+            info.no_image += 1
+            continue
+        try:
+            info.sizes[header_size(data)] += 1
+        except Exception:  # any header PIL cannot read is one bad header
+            info.bad_headers += 1
+            continue
+        if len(info.thumbnails) < thumbnails:
+            try:
+                info.thumbnails.append(Image.fromarray(decode_rgb(data)).resize((THUMB, THUMB)))
+            except BadSample:
+                pass  # shards.verify reports it
+    info.unreadable_shards += bool(errors)
 
 
 def hxw(size: tuple[int, int]) -> str:

@@ -8,13 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from shards.remote import RemoteOptions, ShardUnavailable, is_remote, join, read_bytes
 from shards.urls import ShardsError, check_relative_name, manifest_shard_url
 
 MANIFEST = "manifest.json"
 VERSION = 1
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -50,20 +53,40 @@ def write_manifest(root: str | Path, splits: dict[str, dict[str, Any]], extra: d
     return path
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    """Load and check root/manifest.json, which is data (untrusted): its structure, sample counts and shard names
-    (see shards.urls) are checked before anything uses them.
+def manifest_location(root: str | Path) -> str:
+    """Where the manifest of the shard root `root` (a directory or a remote URL) lives."""
+    return join(str(root), MANIFEST) if is_remote(str(root)) else str(Path(root) / MANIFEST)
+
+
+def _manifest_text(root: str | Path, remote: RemoteOptions) -> str:
+    path = manifest_location(root)
+    if is_remote(str(root)):
+        try:
+            data = read_bytes(path, remote)
+        except ShardUnavailable as err:
+            raise ShardsError(f"{path} cannot be read ({err})") from None
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise ShardsError(f"{path} is not valid JSON: not UTF-8 text") from None
+    if not Path(path).is_file():
+        raise ShardsError(
+            f"{path} not found; write shards with `python -m shards.write` or `python -m shards.synthetic`"
+        )
+    return Path(path).read_text()
+
+
+def read_manifest(root: str | Path, remote: RemoteOptions | None = None) -> dict[str, Any]:
+    """Load and check the manifest.json of `root` (a directory, or a remote URL read with `remote`'s retries).
+    It is data (untrusted): its structure, sample counts, sha256 digests and shard names (see shards.urls) are
+    checked before anything uses them.
 
     Raises:
         ShardsError: one line naming the file and what is wrong with it.
     """
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise ShardsError(
-            f"{path} not found; write shards with `python -m shards.write` or `python -m shards.synthetic`"
-        )
+    path = manifest_location(root)
     try:
-        body = json.loads(path.read_text())
+        body = json.loads(_manifest_text(root, remote or RemoteOptions()))
     except json.JSONDecodeError as err:
         raise ShardsError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(body, dict) or body.get("version") != VERSION or not isinstance(body.get("splits"), dict):
@@ -73,20 +96,24 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
             raise ShardsError(f"{path}: split {split!r:.80} has no list of shard records")
         for shard in shards:
-            check_relative_name(shard.get("name"), str(path))
+            check_relative_name(shard.get("name"), path)
             samples = shard.get("samples")
             if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
                 raise ShardsError(f"{path}: shard {shard['name']} has samples={samples!r:.40}; expected an integer >=0")
+            digest = shard.get("sha256")
+            if digest is not None and not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+                raise ShardsError(f"{path}: shard {shard['name']} has sha256={digest!r:.80}; expected 64 hex digits")
     return body
 
 
 def split_urls(root: str | Path, manifest: dict[str, Any], split: str) -> list[str]:
-    """Absolute paths of the shards of `split` (a checked manifest), in manifest order.
+    """The URLs (absolute paths for a local root) of the shards of `split` (a checked manifest), in manifest
+    order.
 
     Raises:
         ShardsError: when the manifest has no such split.
     """
+    source = manifest_location(root)
     if split not in manifest["splits"]:
-        raise ShardsError(f"{Path(root) / MANIFEST} has no split {split!r}; it has {sorted(manifest['splits'])}")
-    source = str(Path(root) / MANIFEST)
+        raise ShardsError(f"{source} has no split {split!r}; it has {sorted(manifest['splits'])}")
     return [manifest_shard_url(root, shard["name"], source) for shard in manifest["splits"][split]["shards"]]

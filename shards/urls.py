@@ -6,8 +6,9 @@ string without a scheme is a local file. Joining a directory and an untrusted na
 (`str(Path(".") / "pipe:rm x")` is `"pipe:rm x"`), so
   - names read from a manifest must be plain relative paths of safe components (letters, digits, `_.+-`, no
     leading dot or dash, no `..`, no `:`), and are joined to the absolute path of their root;
-  - URLs a user wrote (data.x_train, --input) are local paths, made absolute so that no part of them reads as a
-    scheme, or `pipe:` commands, accepted only when the caller allows them (data.allow_pipe).
+  - URLs a user wrote (data.x_train, data.root, --input) are remote URLs of the schemes shards.remote reads
+    (http, https, s3, gs), local paths, made absolute so that no part of them reads as a scheme, or `pipe:`
+    commands, accepted only when the caller allows them (data.allow_pipe).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import stat
 from urllib.parse import urlparse
 
 import webdataset as wds
+
+from shards.remote import REMOTE_SCHEMES, is_remote, join
 
 SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 PIPE = "pipe:"
@@ -44,13 +47,17 @@ def check_relative_name(name: object, source: str, what: str = "shard name") -> 
 
 
 def manifest_shard_url(root: str | os.PathLike, name: object, source: str) -> str:
-    """The absolute local path of shard `name` listed in the manifest `source` of directory `root`."""
-    return os.path.join(os.path.abspath(root), check_relative_name(name, source))
+    """The URL of shard `name` listed in the manifest `source` of `root`: under a remote root, or the absolute
+    local path."""
+    name = check_relative_name(name, source)
+    if is_remote(str(root)):
+        return join(str(root), name)
+    return os.path.join(os.path.abspath(root), name)
 
 
 def check_url(url: str, allow_pipe: bool, key: str) -> str:
-    """A shard URL written by the user, ready for webdataset: `pipe:` commands as they are (only with
-    `allow_pipe`), local files as absolute paths.
+    """A shard URL written by the user, ready to open (shards.streams): remote URLs and `pipe:` commands (only
+    with `allow_pipe`) as they are, local files as absolute paths.
 
     Raises:
         ShardsError: a `pipe:` URL without allow_pipe, another scheme, or a local path that is not a file.
@@ -59,9 +66,14 @@ def check_url(url: str, allow_pipe: bool, key: str) -> str:
         if not allow_pipe:
             raise ShardsError(f"{key}={url!r} runs a shell command; set data.allow_pipe=true to allow pipe: URLs")
         return url
+    if is_remote(url):
+        return url
     scheme = urlparse(url).scheme
     if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise ShardsError(f"{key}: {url!r} has the scheme {scheme}:; shards are local paths or pipe: commands")
+        schemes = ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
+        raise ShardsError(
+            f"{key}: {url!r} has the scheme {scheme}:; shards are local paths, {schemes} URLs or pipe: commands"
+        )
     try:
         is_file = stat.S_ISREG(os.stat(url).st_mode)
     except OSError:

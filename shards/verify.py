@@ -8,9 +8,11 @@ A TARGET is
   - a shard directory with manifest.json: all of its splits, checked against the manifest;
   - a directory without manifest.json: its *.tar files in name order (names starting with a dot are left out, as
     a shell's DIR/*.tar would; entries that are not regular files are skipped and named in the first line);
-  - a shard URL spec as data.x_train takes it: a path, a brace pattern (`'/data/x-{000000..000009}.tar'`) or
-    several separated by spaces, expanded and checked by shards.urls.expand_shard_spec. `pipe:` commands are
-    refused: the tools read local files only.
+  - the URL of a shard directory on a store (`s3://bucket/prefix`, `http(s)://...`, as data.root takes it): its
+    manifest and every shard are downloaded (one at a time, into a temporary file) and checked like a directory;
+  - a shard URL spec as data.x_train takes it: a path or URL, a brace pattern (`'/data/x-{000000..000009}.tar'`)
+    or several separated by spaces, expanded and checked by shards.urls.expand_shard_spec. `pipe:` commands are
+    refused: the tools read files and stores only.
 Without a manifest there is nothing to compare hashes or counts against, so only the samples are checked.
 
 Prints, per target, a first line saying what it is, then one line per problem (`FILE:KEY: reason`,
@@ -34,6 +36,8 @@ import webdataset as wds
 
 from shards.decode import DEFAULT_MAX_PIXELS, EXTRA_PARTS, BadSample, decode_extra, decode_rgb, image_extension
 from shards.manifest import MANIFEST, read_manifest, sha256_file, split_urls
+from shards.remote import ShardUnavailable, is_remote
+from shards.streams import Reading, local_copy
 from shards.urls import PIPE, ShardsError, check_url, expand_shard_spec
 
 
@@ -44,7 +48,7 @@ class ShardGroup:
     name: str
     """The split, or the target as the user wrote it."""
     urls: list[str]
-    """Absolute local paths that passed shards.urls."""
+    """URLs that passed shards.urls: absolute local paths or remote URLs."""
     labels: list[str]
     """How each shard is named in the output: its manifest name, else its path."""
     records: list[dict] | None
@@ -85,7 +89,7 @@ def _directory_shards(directory: Path, key: str) -> tuple[list[str], list[str]]:
     return urls, skipped
 
 
-def manifest_groups(root: Path, manifest: dict) -> list[ShardGroup]:
+def manifest_groups(root: Path | str, manifest: dict) -> list[ShardGroup]:
     """One group per split of a checked manifest (see shards.manifest.read_manifest), in manifest order."""
     return [
         ShardGroup(split, split_urls(root, manifest, split), [s["name"] for s in entry["shards"]], entry["shards"])
@@ -101,6 +105,10 @@ def resolve_target(arg: str, key: str) -> Target:
     """
     if any(part.startswith(PIPE) for part in arg.split()):
         raise ShardsError(f"{key}: {arg!r:.200} is a pipe: command; the shard tools read local files only")
+    if is_remote(arg) and not arg.endswith(".tar") and "{" not in arg and " " not in arg.strip():
+        manifest = read_manifest(arg)
+        groups = manifest_groups(arg, manifest)
+        return Target(arg, f"{shown(arg)}: {MANIFEST}, {len(groups)} splits", groups, None, manifest)
     path = Path(arg)
     if arg.strip() and path.is_dir():  # Path("") is ".": an empty TARGET names nothing
         if (path / MANIFEST).is_file():
@@ -182,22 +190,30 @@ def check_shard(url: str, label: str, max_pixels: int, tally: Tally) -> tuple[in
 
 def check_group(group: ShardGroup, max_pixels: int, tally: Tally | None = None) -> Iterator[str]:
     """The problems of one group of shards, shard by shard; with manifest records, also missing files and
-    differing sizes, hashes and counts."""
+    differing sizes, hashes and counts. Remote shards are downloaded one at a time (shards.streams.local_copy)."""
     for index, (url, label) in enumerate(zip(group.urls, group.labels)):
         record = group.records[index] if group.records is not None else None
-        if record is not None:
-            path = Path(url)
-            if not path.is_file():
-                yield f"{label}: missing"
-                continue
-            if path.stat().st_size != record.get("bytes"):
-                yield f"{label}: {path.stat().st_size} bytes, manifest says {record.get('bytes')}"
-            if sha256_file(path) != record.get("sha256"):
-                yield f"{label}: sha256 differs from the manifest"
-        count, problems = check_shard(url, label, max_pixels, tally if tally is not None else Tally())
-        yield from problems
-        if record is not None and count != record["samples"]:
-            yield f"{label}: {count} samples, manifest says {record['samples']}"
+        try:
+            with local_copy(url, Reading()) as local:
+                yield from _check_local(local, label, record, max_pixels, tally if tally is not None else Tally())
+        except ShardUnavailable as err:
+            yield f"{label}: unavailable ({shown(str(err)):.300})"
+
+
+def _check_local(url: str, label: str, record: dict | None, max_pixels: int, tally: Tally) -> Iterator[str]:
+    if record is not None:
+        path = Path(url)
+        if not path.is_file():
+            yield f"{label}: missing"
+            return
+        if path.stat().st_size != record.get("bytes"):
+            yield f"{label}: {path.stat().st_size} bytes, manifest says {record.get('bytes')}"
+        if sha256_file(path) != record.get("sha256"):
+            yield f"{label}: sha256 differs from the manifest"
+    count, problems = check_shard(url, label, max_pixels, tally)
+    yield from problems
+    if record is not None and count != record["samples"]:
+        yield f"{label}: {count} samples, manifest says {record['samples']}"
 
 
 def verify(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:

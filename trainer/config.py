@@ -182,9 +182,10 @@ EXTRA_CHANNELS = {"none": 0, "hist": 24, "label": 1}
 @dataclass(kw_only=True)
 class DataConfig:
     root: str = ""
-    """Directory of tar shards with a manifest.json (written by `python -m shards.write` or `shards.synthetic`)."""
+    """Tar shards with a manifest.json (written by `python -m shards.write` or `shards.synthetic`): a directory or
+    the URL of one on a store, `s3://bucket/prefix`, `gs://bucket/prefix` or `http(s)://host/path`."""
     x_train: str = ""
-    """Shard URLs of the X training set instead of root's manifest: a path, a brace pattern
+    """Shard URLs of the X training set instead of root's manifest: a path or URL, a brace pattern
     (`data/x-train-{000000..000009}.tar`), several separated by spaces, or one `pipe:` command; counted by a
     scan at start."""
     y_train: str = ""
@@ -216,6 +217,21 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     """Images (and label maps) larger than this many pixels, judged from their header before decoding, are bad
     samples (decompression bombs); PIL refuses more than 179 megapixels regardless."""
+    retries: int = 5
+    """Transient failures in a row (connection refused or reset, timeout, HTTP 5xx) retried per remote shard read,
+    with exponential backoff, before the shard is skipped as unavailable (its samples count as bad)."""
+    retry_backoff_s: float = 0.5
+    """The first retry's wait; each further one in a row waits twice as long."""
+    io_timeout_s: float = 60.0
+    """A remote read that waits this long for data fails (and is retried)."""
+    s3_endpoint_url: str = ""
+    """An S3-compatible store's endpoint (MinIO, Ceph, ...); empty: AWS_ENDPOINT_URL or AWS itself. Credentials
+    come from the standard AWS variables and files, never from this config."""
+    cache_dir: str = ""
+    """A node-local directory caching remote shards (verified against the manifest's sha256), so that later
+    epochs read local disk; shared safely by all ranks and workers of a node. Empty: no cache."""
+    cache_max_gb: float = 100.0
+    """The cache's size bound; the least recently used shards are deleted beyond it."""
 
     def __post_init__(self) -> None:
         _require(self.crop_size >= 1, "data.crop_size", self.crop_size, "an integer >= 1")
@@ -235,6 +251,10 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", self.max_bad_fraction, "a number in [0, 1]")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", self.max_image_pixels, "an integer >= 1")
+        _require(self.retries >= 0, "data.retries", self.retries, "an integer >= 0")
+        _require(self.retry_backoff_s >= 0, "data.retry_backoff_s", self.retry_backoff_s, "a number >= 0")
+        _require(self.io_timeout_s > 0, "data.io_timeout_s", self.io_timeout_s, "a number > 0")
+        _require(self.cache_max_gb > 0, "data.cache_max_gb", self.cache_max_gb, "a number > 0")
 
 
 @dataclass(kw_only=True)

@@ -18,6 +18,7 @@ import itertools
 import math
 import random
 import tarfile
+import traceback
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -30,13 +31,21 @@ import webdataset as wds
 
 from shards.decode import BadSample, decode_extra, decode_rgb, image_extension
 from shards.manifest import MANIFEST, read_manifest, split_urls
+from shards.remote import RemoteOptions, ShardUnavailable, is_remote
+from shards.streams import Reading, open_shard
 from shards.synthetic import BUILTIN_PREFIX, builtin_root
-from shards.urls import ShardsError, expand_shard_spec
+from shards.urls import PIPE, ShardsError, expand_shard_spec
 from trainer.config import ConfigError, DataConfig
 from trainer.preemption import ignore_in_worker
 
 DOMAINS = ("x", "y")
-BAD_KINDS = ("corrupt", "missing", "truncated")
+BAD_KINDS = ("corrupt", "missing", "truncated", "unavailable")
+STORE_DOWN_SHARDS = 3
+"""This many shards in a row unreadable within their retry budget stop training: the store is down."""
+
+
+class DataError(RuntimeError):
+    """Training data that cannot go on (too many bad samples, a store that is down); one line."""
 
 
 def mix(*values: int) -> int:
@@ -52,17 +61,33 @@ def mix(*values: int) -> int:
 class Shard:
     url: str
     samples: int
+    sha256: str | None = None  # from the manifest; lets a remote shard go through the cache
 
 
-def count_samples(url: str) -> int:
-    """Samples in one tar shard, by reading its headers (a scan, for shards without a manifest)."""
-    if url.startswith("pipe:"):
-        return sum(1 for _ in wds.tariterators.tarfile_samples([{"url": url}]))
+def reading(cfg: DataConfig) -> Reading:
+    """How `cfg` reads shards: remote retries and endpoint, and the local cache."""
+    remote = RemoteOptions(cfg.retries, cfg.retry_backoff_s, cfg.io_timeout_s, cfg.s3_endpoint_url)
+    return Reading(remote, cfg.cache_dir, int(cfg.cache_max_gb * 2**30))
+
+
+def count_samples(url: str, how: Reading) -> int:
+    """Samples in one tar shard, by reading its headers (a scan, for shards without a manifest).
+
+    Raises:
+        ShardsError: the shard cannot be read (one line naming it).
+    """
     keys = set()
-    with tarfile.open(url) as tar:
-        for member in tar:
-            if member.isfile():
-                keys.add(wds.tariterators.base_plus_ext(member.name)[0])
+    try:
+        if url.startswith(PIPE) or is_remote(url):
+            with open_shard(url, how) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                members = [m.name for m in tar if m.isfile()]
+        else:
+            with tarfile.open(url) as tar:
+                members = [m.name for m in tar if m.isfile()]
+    except (OSError, tarfile.TarError) as err:
+        raise ShardsError(f"shard {url} cannot be read ({type(err).__name__}: {err!s:.200})") from None
+    for name in members:
+        keys.add(wds.tariterators.base_plus_ext(name)[0])
     return len(keys)
 
 
@@ -78,6 +103,8 @@ def data_root(root: str, load_size: int = 286) -> str:
             return str(builtin_root(root))
         except ShardsError as err:
             raise ConfigError(str(err)) from None
+    if is_remote(root):  # its manifest is read (with retries) by whoever needs it
+        return root
     path = Path(root)
     if not path.is_dir():
         raise ConfigError(f"data.root={root} does not exist; give a shard directory (manifest.json) or builtin:colour")
@@ -96,21 +123,22 @@ def data_root(root: str, load_size: int = 286) -> str:
 
 
 def train_shards(cfg: DataConfig, domain: str) -> list[Shard]:
-    """The training shards of `domain` with their sample counts, from data.<domain>_train or root's manifest."""
+    """The training shards of `domain` with their sample counts (and digests), from data.<domain>_train or root's
+    manifest."""
     spec = getattr(cfg, f"{domain}_train")
     try:
         if spec:
             urls = expand_shard_spec(spec, cfg.allow_pipe, f"data.{domain}_train")
-            return [Shard(url, count_samples(url)) for url in urls]
+            return [Shard(url, count_samples(url, reading(cfg))) for url in urls]
         if not cfg.root:
             raise ConfigError("data.root is empty; set it to a shard directory, or set data.x_train and data.y_train")
         root = data_root(cfg.root, cfg.load_size)
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, reading(cfg).remote)
         urls = split_urls(root, manifest, f"{domain}-train")
     except ShardsError as err:
         raise ConfigError(str(err)) from None
-    counts = [entry["samples"] for entry in manifest["splits"][f"{domain}-train"]["shards"]]
-    return [Shard(url, count) for url, count in zip(urls, counts)]
+    entries = manifest["splits"][f"{domain}-train"]["shards"]
+    return [Shard(url, entry["samples"], entry.get("sha256")) for url, entry in zip(urls, entries)]
 
 
 MIN_SAMPLES_FOR_BAD_FRACTION = 100
@@ -121,32 +149,41 @@ def check_bad_fraction(bad: Counter, read: int, max_fraction: float) -> None:
     """Stop when more than `max_fraction` of the `read` samples (at least MIN_SAMPLES_FOR_BAD_FRACTION) were bad.
 
     Raises:
-        RuntimeError: one line with the counts by kind and what to do.
+        DataError: one line with the counts by kind and what to do.
     """
     total = sum(bad.values())
     if read >= MIN_SAMPLES_FOR_BAD_FRACTION and total > max_fraction * read:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-        raise RuntimeError(
+        raise DataError(
             f"{total} of {read} samples read were bad ({counts}), more than data.max_bad_fraction={max_fraction}; "
             "check the shards with `python -m shards.verify`"
         )
 
 
 class BadSampleCounter:
-    """Counts bad samples by kind and remembers the last few (shard, key) for the log; never sleeps."""
+    """Counts bad samples by kind, retries of remote reads, and samples lost with shards that came up short;
+    remembers the last few (shard, key) for the log; never sleeps."""
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
         self.examples: list[str] = []
+        self.retries = 0
+        self.lost = 0
+        self.failure: str | None = None  # why the shard being read became unavailable
 
-    def add(self, kind: str, where: str) -> None:
-        self.counts[kind] += 1
+    def add(self, kind: str, where: str, count: int = 1) -> None:
+        self.counts[kind] += count
         if len(self.examples) < 8:
             self.examples.append(f"{kind}: {where}")
 
+    def retry(self) -> None:
+        self.retries += 1
+
     def handler(self, exn: Exception) -> bool:
         """webdataset error handler for tar-level failures: note the error and go on with the next shard (the
-        shard then comes up short of its sample count, which counts it as truncated)."""
+        shard then comes up short of its sample count: see `_ring`)."""
+        if isinstance(exn, ShardUnavailable):
+            self.failure = str(exn.args[0]) if exn.args else str(exn)
         if len(self.examples) < 8:
             self.examples.append(f"unreadable: {exn!s:.200}")
         return True
@@ -157,35 +194,53 @@ class BadSampleCounter:
         return counts
 
 
-def shard_samples(url: str, skip: int, bad: BadSampleCounter) -> Iterator[dict[str, Any]]:
-    """The raw samples of one shard from sample `skip` on; tar-level errors are noted in `bad`."""
-    samples = wds.tariterators.tarfile_samples([{"url": url}], handler=bad.handler)
-    for index, sample in enumerate(samples):
-        if index >= skip:
-            yield sample
+def shard_samples(
+    url: str, skip: int, bad: BadSampleCounter, how: Reading, sha256: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard from sample `skip` on; tar-level errors, unreadable remote shards and
+    retries are noted in `bad`."""
+    try:
+        stream = open_shard(url, how, sha256, bad.retry)
+    except OSError as err:
+        bad.handler(err)
+        return
+    with stream:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=bad.handler)
+        for index, sample in enumerate(wds.tariterators.group_by_keys(files, handler=bad.handler)):
+            if index >= skip:
+                yield sample
 
 
-def _ring(order: list[Shard], start: int, length: int, bad: BadSampleCounter) -> Iterator[dict[str, Any]]:
-    """`length` raw samples from position `start` of the concatenated `order`, wrapping around."""
+def _ring(order: list[Shard], start: int, length: int, bad: BadSampleCounter, how: Reading) -> Iterator[dict[str, Any]]:
+    """`length` raw samples from position `start` of the concatenated `order`, wrapping around. A shard that comes
+    up short of its sample count (a truncated tar, or a remote one unreadable within its retry budget) counts its
+    missing samples as bad and read; STORE_DOWN_SHARDS unreadable shards in a row raise DataError."""
     total = sum(s.samples for s in order)
     index, offset = 0, start % total
     while offset >= order[index].samples:
         offset -= order[index].samples
         index += 1
-    produced, empty_turns = 0, 0
+    produced, empty_turns, down = 0, 0, 0
     while produced < length:
-        got = 0
-        for sample in shard_samples(order[index].url, offset, bad):
+        shard, got = order[index], 0
+        for sample in shard_samples(shard.url, offset, bad, how, shard.sha256):
             yield sample
             got += 1
             produced += 1
             if produced == length:
                 return
-        if got < order[index].samples - offset:  # a short tar ends quietly in stream mode: compare with the count
-            bad.add("truncated", f"{order[index].url}: {offset + got} of {order[index].samples} samples")
+        failure, bad.failure = bad.failure, None
+        missing = shard.samples - offset - got  # a short tar ends quietly in stream mode: compare with the count
+        if missing > 0:
+            where = f"{shard.url}: {offset + got} of {shard.samples} samples"
+            bad.add("unavailable" if failure else "truncated", where, missing)
+            bad.lost += missing
+        down = down + 1 if failure else 0
+        if down >= STORE_DOWN_SHARDS:
+            raise DataError(f"{failure}; {down} shards in a row were unreadable, the store looks down")
         empty_turns = 0 if got else empty_turns + 1
         if empty_turns > len(order):
-            raise RuntimeError(f"no readable samples in any of {len(order)} shards (first: {order[0].url})")
+            raise DataError(f"no readable samples in any of {len(order)} shards (first: {order[0].url})")
         index, offset = (index + 1) % len(order), 0
 
 
@@ -230,7 +285,7 @@ class DomainStream:
                 total = self.total
             start = self.slot * total // self.slots
             rng = random.Random(mix(self.seed, self.domain_id, epoch, self.slot, 1))
-            raw = _ring(order, start, self.epoch_length, bad)
+            raw = _ring(order, start, self.epoch_length, bad, reading(self.cfg))
             for index, sample in enumerate(_shuffled(raw, rng, self.cfg.shuffle_buffer)):
                 if index >= position:
                     yield epoch, index, sample
@@ -355,7 +410,9 @@ class UnpairedShards(torch.utils.data.IterableDataset):
                     if decoded is None:
                         # The main process checks each batch; a worker whose samples are all bad would never
                         # finish one, so it checks the samples it read itself.
-                        check_bad_fraction(worker_bad + bad.counts, worker_read + read, self.cfg.max_bad_fraction)
+                        check_bad_fraction(
+                            worker_bad + bad.counts, worker_read + read + bad.lost, self.cfg.max_bad_fraction
+                        )
                         continue
                     image, extra = decoded
                     generator = torch.Generator().manual_seed(
@@ -368,9 +425,11 @@ class UnpairedShards(torch.utils.data.IterableDataset):
                 batch[domain] = torch.stack(images)
                 if self.cfg.extra != "none":
                     batch[f"extra_{domain}"] = torch.stack(extras)
+            read, bad.lost = read + bad.lost, 0
             batch["bad"] = bad.take()
             batch["bad_examples"], bad.examples = bad.examples, []
             batch["read"] = read
+            batch["retries"], bad.retries = bad.retries, 0
             worker_bad.update(batch["bad"])
             worker_read += read
             yield batch
@@ -402,6 +461,7 @@ class UnpairedLoader:
         self.slot_states: dict[int, dict[str, list[int]]] = {}
         self.bad: Counter = Counter()
         self.read = 0
+        self.retries = 0
         self._iterator: Iterator | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -413,6 +473,7 @@ class UnpairedLoader:
             "slots": {str(k): v for k, v in self.slot_states.items()},
             "bad": dict(self.bad),
             "read": self.read,
+            "retries": self.retries,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -426,6 +487,7 @@ class UnpairedLoader:
             self.consumed = 0
             self.slot_states = {w: {d: [epochs[d], 0] for d in DOMAINS} for w in range(max(1, self.cfg.num_workers))}
         self.bad, self.read = Counter(state.get("bad", {})), state.get("read", 0)
+        self.retries = state.get("retries", 0)
         self._iterator = None
 
     def _start(self) -> Iterator:
@@ -460,12 +522,22 @@ class UnpairedLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             self._iterator = self._start()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except DataError as err:  # from a worker: its message ends with the original one
+            failure = str(err).rstrip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
+            traceback.clear_frames(err.__traceback__)  # so that nothing but us keeps the loader's iterator alive
+        else:
+            failure = None
+        if failure is not None:
+            self._iterator = None  # its workers stop now, not when a garbage collection finds them
+            raise DataError(failure)
         self.consumed += 1
         state = batch["state"]
         self.slot_states[state["slot"]] = {d: state[d] for d in DOMAINS}
         self.bad.update(batch["bad"])
         self.read += batch["read"]
+        self.retries += batch["retries"]
         for example in batch["bad_examples"]:
             print(f"[data rank {self.rank}] bad sample {example}")
         self._check_bad_fraction()
@@ -479,9 +551,10 @@ class UnpairedLoader:
         return out
 
     def counters(self) -> dict[str, float]:
-        """The counts of this rank (samples read, bad samples by kind): summed over ranks they are the run's."""
+        """The counts of this rank (samples read, bad samples by kind, retried remote reads): summed over ranks
+        they are the run's."""
         bad = {f"data/bad_{kind}": float(self.bad.get(kind, 0)) for kind in BAD_KINDS}
-        return {"data/samples_read": float(self.read), **bad}
+        return {"data/samples_read": float(self.read), "data/retries": float(self.retries), **bad}
 
     def progress(self) -> dict[str, float]:
         """The epoch each domain's reading of this rank has reached (data/epoch_x, data/epoch_y)."""
@@ -518,7 +591,7 @@ def load_test_images(
         return None
     root = data_root(cfg.root, cfg.load_size)
     try:
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, reading(cfg).remote)
     except ShardsError as err:
         raise ConfigError(str(err)) from None
     if not {"x-test", "y-test"} <= set(manifest["splits"]):
@@ -530,7 +603,8 @@ def load_test_images(
     for domain in DOMAINS:
         share: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         seen = 0
-        samples = (s for url in split_urls(root, manifest, f"{domain}-test") for s in shard_samples(url, 0, bad))
+        urls = split_urls(root, manifest, f"{domain}-test")
+        samples = (s for url in urls for s in shard_samples(url, 0, bad, reading(cfg)))
         for sample in itertools.islice(samples, count):
             seen += 1
             if (seen - 1) % world_size != rank:

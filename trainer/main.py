@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
     from trainer.nonfinite import TrainingDiverged
     from trainer.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
     from trainer.run_lock import RunDirLocked
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, RunDirLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a quota, a permission: say which file, without a traceback

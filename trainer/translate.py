@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from shards.decode import DEFAULT_MAX_PIXELS, BadSample
 from shards.manifest import read_manifest, split_urls
+from shards.streams import Reading
 from shards.urls import ShardsError, expand_shard_spec
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
@@ -48,7 +49,7 @@ def read_shards(urls: list[str], extra: str, skipped: list[str] | None = None) -
     error) is appended to `skipped` as "SHARD:KEY: reason"; None prints those lines to stderr at the end."""
     bad = BadSampleCounter()
     lines = [] if skipped is None else skipped
-    for sample in (s for url in urls for s in shard_samples(url, 0, bad)):
+    for sample in (s for url in urls for s in shard_samples(url, 0, bad, Reading())):
         try:
             image, extra_part = decode(sample, extra, DEFAULT_MAX_PIXELS)
         except BadSample as err:

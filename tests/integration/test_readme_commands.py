@@ -6,16 +6,19 @@ rule that matches no command, fails the test."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_bounded, write_tiny_inception
+from shards.serve import ShardServer
+from tests.conftest import REPO, free_port, run_bounded, write_tiny_inception
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -29,6 +32,7 @@ NOT_HERE = {  # command prefix -> why this test does not run it
     "sudo ": "root and network namespaces: tests/cluster",
     "bash benchmarks/gpu_wheels.sh": "downloads from PyPI into the repo: tests/integration/test_gpu_install.py",
     "python benchmarks/gpu_check.py": "needs CUDA; tests/integration/test_gpu_check.py runs its --dry mode",
+    "python -m shards.serve": "serves until stopped; this test serves data/colour with its ShardServer instead",
 }
 STAND_INS = {  # what the README names -> what this test uses
     "pip install torch==2.13.0 && pip install -e . && ": "",  # installed already, exactly so, by .ci/run
@@ -38,6 +42,9 @@ STAND_INS = {  # what the README names -> what this test uses
     "--step 50000": "--step 4",
     "--out /tmp/g": "--out exported-g",  # inside the scratch directory
     "~/inception-2015-12-05.pt": "{inception}",
+    "/local/scratch/shards": "shard-cache",
+    "http://node0:8000/": "{http}",  # data/colour served by shards.serve's server
+    # s3://my-bucket/... stays: AWS_ENDPOINT_URL points at a moto S3 server with that bucket
 }
 SHORT_TRAINING = ["train.steps=4", "eval.every_steps=2", "eval.select=psnr", "eval.images=8", "logging.every_steps=2"]
 
@@ -76,6 +83,34 @@ def test_every_readme_command_that_can_run_on_a_cpu_runs(tmp_path):
     reference_layout(scratch / "photos")  # the README's own images: translate reads them all, evaluate testA/testB
     inception = write_tiny_inception(tmp_path / "inception.pt")
     env = {"CYCLEGAN_DATA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    with s3_bucket("my-bucket") as s3_env, ShardServer(scratch / "data" / "colour") as http:
+        ran = run_readme(scratch, images, inception, http.url, {**env, **s3_env})
+    print("ran:\n" + "\n".join(ran))
+    assert len(ran) >= 15
+
+
+@contextlib.contextmanager
+def s3_bucket(name: str) -> Iterator[dict[str, str]]:
+    """The environment of a moto S3 server on loopback holding an empty bucket `name`."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)  # fmt: skip
+        yield env
+    finally:
+        server.stop()
+
+
+def run_readme(scratch: Path, images: Path, inception: Path, http: str, env: dict[str, str]) -> list[str]:
+    """Run the README's commands (see the module docstring) in `scratch`; returns those that ran."""
     unused_skips, unused_stand_ins = set(NOT_HERE), set(STAND_INS)
     ran = []
     for kind, command in readme_commands():
@@ -86,7 +121,7 @@ def test_every_readme_command_that_can_run_on_a_cpu_runs(tmp_path):
         for old, new in STAND_INS.items():
             if old in command:
                 unused_stand_ins.discard(old)
-                command = command.replace(old, new.format(images=images, inception=inception))
+                command = command.replace(old, new.format(images=images, inception=inception, http=http))
         if kind == "python":
             argv = [sys.executable, "-c", command]
         elif command.startswith("python trainer/main.py"):
@@ -99,5 +134,4 @@ def test_every_readme_command_that_can_run_on_a_cpu_runs(tmp_path):
         assert result.returncode == 0, f"README command failed: {command}\n{result.stderr[-3000:]}"
         ran.append(command)
     assert not unused_skips and not unused_stand_ins, (unused_skips, unused_stand_ins)  # rules the README outgrew
-    print("ran:\n" + "\n".join(ran))
-    assert len(ran) >= 15
+    return ran

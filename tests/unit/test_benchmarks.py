@@ -22,6 +22,8 @@ def test_data_throughput_writes_json(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == "data_throughput" and figures["crop_size"] == 32 and figures["load_size"] == 35
     assert figures["images_per_s_one_core"] > 0 and figures["images_per_s_two_workers"] > 0
+    rows = ("http", "http_cache_cold", "http_cache_warm")
+    assert all(figures[f"images_per_s_{row}_one_core"] > 0 and figures[f"{row}_vs_local"] > 0 for row in rows)
 
 
 def test_quality_budget_writes_json(tmp_path):

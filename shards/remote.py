@@ -1,0 +1,208 @@
+"""Shards in object storage and on HTTP servers: byte streams that survive dropped connections.
+
+`open_stream(url, options)` is a read-only binary file over an `http(s)://`, `s3://` or `gs://` object. HTTP goes
+through the standard library (one streaming GET per shard, `Range: bytes=N-` to continue), S3 and GCS through fsspec
+(s3fs / gcsfs, the `[s3]` / `[gcs]` extras), whose files seek. A transient failure (connection refused or reset, a
+timeout, HTTP 5xx/429/408, a response cut short) reopens the object at the byte the reader had reached, after an
+exponential backoff (at most MAX_BACKOFF_S); `options.retries` failures in a row without a byte of progress give up
+with `ShardUnavailable` naming the URL. The reader's position, and so the samples a tar parser sees, never depend on
+how many retries it took. Credentials come from each store's standard environment and files (AWS_* variables,
+~/.aws, Google's application-default credentials), never from our configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable
+
+HTTP_SCHEMES = ("http", "https")
+FSSPEC_SCHEMES = {"s3": "s3fs (pip install -e .[s3])", "gs": "gcsfs (pip install -e .[gcs])"}
+REMOTE_SCHEMES = (*HTTP_SCHEMES, *FSSPEC_SCHEMES)
+TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+CHUNK_BYTES = 1 << 20
+MAX_BACKOFF_S = 30.0
+
+
+class ShardUnavailable(OSError):
+    """A remote object that could not be read within the retry budget, or that the store refuses (404, 403)."""
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How remote objects are read (data.retries, data.retry_backoff_s, data.io_timeout_s, data.s3_endpoint_url)."""
+
+    retries: int = 5
+    backoff_s: float = 0.5
+    timeout_s: float = 60.0
+    s3_endpoint_url: str = ""
+
+
+def scheme(url: str) -> str:
+    """The URL's scheme ("" for a local path or a pipe: command)."""
+    head, sep, _ = url.partition("://")
+    return head.lower() if sep and head.isalnum() else ""
+
+
+def is_remote(url: str) -> bool:
+    return scheme(url) in REMOTE_SCHEMES
+
+
+def join(root: str, name: str) -> str:
+    """`name` (a checked relative name) under the remote `root`."""
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _http_transient(err: Exception) -> bool:
+    if isinstance(err, urllib.error.HTTPError):
+        return err.code in TRANSIENT_HTTP
+    return isinstance(err, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError))
+
+
+def _http_open(url: str, start: int, options: RemoteOptions) -> tuple[BinaryIO, int | None]:
+    """A streaming GET of `url` from byte `start`, and the object's size when the server says it; a server that
+    ignores the range has the skipped bytes read."""
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=options.timeout_s)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and start:  # the range starts at the end: nothing left to read
+            return io.BytesIO(), None
+        raise
+    if start and response.status == 200:
+        left = start
+        while left:
+            got = len(response.read(min(left, CHUNK_BYTES)))
+            if not got:
+                raise http.client.IncompleteRead(b"", left)
+            left -= got
+    length = response.headers.get("Content-Length")
+    return response, (start + int(length) if length and length.isdigit() else None)
+
+
+def fsspec_filesystem(kind: str, options: RemoteOptions) -> Any:
+    try:
+        import fsspec
+
+        kwargs = {}
+        if kind == "s3" and options.s3_endpoint_url:
+            kwargs["client_kwargs"] = {"endpoint_url": options.s3_endpoint_url}
+        return fsspec.filesystem(kind, **kwargs)
+    except ImportError:
+        raise ShardUnavailable(f"{kind}:// URLs need {FSSPEC_SCHEMES[kind]}") from None
+
+
+def _fsspec_open(filesystem: Any, url: str, start: int) -> tuple[BinaryIO, int | None]:
+    handle = filesystem.open(url, "rb")
+    handle.seek(start)
+    return handle, getattr(handle, "size", None)
+
+
+def _fsspec_transient(err: Exception) -> bool:
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    transient: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+    try:
+        import botocore.exceptions
+
+        transient += (botocore.exceptions.BotoCoreError,)
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        transient += (aiohttp.ClientError,)
+    except ImportError:
+        pass
+    return isinstance(err, transient)
+
+
+class RetryingReader(io.RawIOBase):
+    """A forward-only binary stream over one remote object that reopens it where it was after a transient error.
+
+    `on_retry` is called once per retry (the data loader counts them as data/retries).
+    """
+
+    def __init__(self, url: str, options: RemoteOptions, on_retry: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.url, self.options, self.on_retry = url, options, on_retry or (lambda: None)
+        self.position, self.size = 0, None
+        kind = scheme(url)
+        if kind in HTTP_SCHEMES:
+            self._open: Callable[[int], tuple[BinaryIO, int | None]] = lambda start: _http_open(url, start, options)
+            self._transient: Callable[[Exception], bool] = _http_transient
+        else:
+            filesystem = fsspec_filesystem(kind, options)
+            self._open = lambda start: _fsspec_open(filesystem, url, start)
+            self._transient = _fsspec_transient
+        self._stream: BinaryIO | None = None
+        self._attempt(lambda stream: None)  # a missing object fails here, before anyone reads
+
+    def _attempt(self, action: Callable[[BinaryIO], Any]) -> Any:
+        """`action` on the open stream, reopening the object at `position` after each transient failure, up to
+        options.retries failures in a row."""
+        failures = 0
+        while True:
+            try:
+                if self._stream is None:
+                    self._stream, size = self._open(self.position)
+                    self.size = size if size is not None else self.size
+                return action(self._stream)
+            except Exception as err:
+                self._drop()
+                if not self._transient(err):
+                    raise ShardUnavailable(f"{self.url}: {type(err).__name__}: {err!s:.200}") from None
+                failures += 1
+                if failures > self.options.retries:
+                    raise ShardUnavailable(
+                        f"{self.url}: unreadable after {self.options.retries} retries at byte {self.position} "
+                        f"({type(err).__name__}: {err!s:.200})"
+                    ) from None
+                self.on_retry()
+                time.sleep(min(self.options.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
+
+    def _drop(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail again
+                self._stream.close()
+            self._stream = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        def read(stream: BinaryIO) -> int:
+            data = stream.read(len(buffer))
+            if not data and len(buffer) and self.size is not None and self.position < self.size:
+                # http.client returns b"" when the connection closes before Content-Length arrived
+                raise ConnectionError(f"connection closed at byte {self.position} of {self.size}")
+            buffer[: len(data)] = data
+            return len(data)
+
+        count = self._attempt(read)
+        self.position += count
+        return count
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_stream(url: str, options: RemoteOptions, on_retry: Callable[[], None] | None = None) -> BinaryIO:
+    """A buffered binary stream of the remote object `url`.
+
+    Raises:
+        ShardUnavailable: the object is refused (not found, forbidden) or unreadable within the retry budget.
+    """
+    return io.BufferedReader(RetryingReader(url, options, on_retry), buffer_size=CHUNK_BYTES)
+
+
+def read_bytes(url: str, options: RemoteOptions) -> bytes:
+    """The whole remote object `url` (a manifest), read with retries."""
+    with open_stream(url, options) as stream:
+        return stream.read()
