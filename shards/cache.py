@@ -38,7 +38,8 @@ class ShardCache:
 
     def get(self, url: str, sha256: str, fetch: Callable[[], BinaryIO]) -> str:
         """The local path of the shard `url` whose content hashes to `sha256`, downloaded with `fetch()` (a stream
-        of the remote object) when the cache lacks it.
+        of the remote object) when the cache lacks it. Another process may evict it before it is opened: `open`
+        it instead to read it.
 
         Raises:
             ShardUnavailable: the download does not match `sha256` (or `fetch` raises it).
@@ -53,6 +54,16 @@ class ShardCache:
         self._verified.add(sha256)
         self.evict(keep=path)
         return str(path)
+
+    def open(self, url: str, sha256: str, fetch: Callable[[], BinaryIO]) -> BinaryIO:
+        """The cached shard opened for reading (see `get`); an entry evicted between finding and opening it is
+        fetched again (an open file stays readable whatever eviction does afterwards)."""
+        for _ in range(2):
+            try:
+                return open(self.get(url, sha256, fetch), "rb")
+            except FileNotFoundError:
+                self._verified.discard(sha256)
+        return open(self.get(url, sha256, fetch), "rb")
 
     def _usable(self, path: Path, sha256: str) -> bool:
         try:

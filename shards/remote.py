@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import re
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +32,12 @@ MAX_BACKOFF_S = 30.0
 
 
 class ShardUnavailable(OSError):
-    """A remote object that could not be read within the retry budget, or that the store refuses (404, 403)."""
+    """A remote object that could not be read within the retry budget, that the store refuses (404, 403), or that
+    changed while being read. `reason` keeps the one-line message (webdataset appends to `args`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -58,31 +65,50 @@ def join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
+CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+PERMANENT_BOTO = ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError")
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An object opened at some byte: its stream, its total size and a version tag (ETag) when the store says."""
+
+    stream: BinaryIO
+    size: int | None
+    tag: str | None
+
+
 def _http_transient(err: Exception) -> bool:
     if isinstance(err, urllib.error.HTTPError):
         return err.code in TRANSIENT_HTTP
-    return isinstance(err, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError))
+    transient = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError)
+    return isinstance(err, transient)
 
 
-def _http_open(url: str, start: int, options: RemoteOptions) -> tuple[BinaryIO, int | None]:
-    """A streaming GET of `url` from byte `start`, and the object's size when the server says it; a server that
-    ignores the range has the skipped bytes read."""
+def _http_open(url: str, start: int, options: RemoteOptions) -> Opened:
+    """A streaming GET of `url` from byte `start`; a server that ignores the range answers 200 with the whole
+    object, whose first `start` bytes are then read and dropped."""
     headers = {"Range": f"bytes={start}-"} if start else {}
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=options.timeout_s)
     except urllib.error.HTTPError as err:
         if err.code == 416 and start:  # the range starts at the end: nothing left to read
-            return io.BytesIO(), None
+            return Opened(io.BytesIO(), None, None)
         raise
-    if start and response.status == 200:
-        left = start
-        while left:
-            got = len(response.read(min(left, CHUNK_BYTES)))
-            if not got:
-                raise http.client.IncompleteRead(b"", left)
-            left -= got
-    length = response.headers.get("Content-Length")
-    return response, (start + int(length) if length and length.isdigit() else None)
+    tag, length = response.headers.get("ETag"), response.headers.get("Content-Length")
+    if response.status == 206:
+        match = CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+        if match is None or int(match.group(1)) != start:
+            response.close()
+            raise ShardUnavailable(f"{url}: asked for bytes {start}- and got {response.headers.get('Content-Range')}")
+        return Opened(response, None if match.group(2) == "*" else int(match.group(2)), tag)
+    left = start
+    while left:
+        got = len(response.read(min(left, CHUNK_BYTES)))
+        if not got:
+            raise http.client.IncompleteRead(b"", left)
+        left -= got
+    return Opened(response, int(length) if length and length.isdigit() else None, tag)
 
 
 def fsspec_filesystem(kind: str, options: RemoteOptions) -> Any:
@@ -97,14 +123,17 @@ def fsspec_filesystem(kind: str, options: RemoteOptions) -> Any:
         raise ShardUnavailable(f"{kind}:// URLs need {FSSPEC_SCHEMES[kind]}") from None
 
 
-def _fsspec_open(filesystem: Any, url: str, start: int) -> tuple[BinaryIO, int | None]:
+def _fsspec_open(filesystem: Any, url: str, start: int) -> Opened:
     handle = filesystem.open(url, "rb")
     handle.seek(start)
-    return handle, getattr(handle, "size", None)
+    details = getattr(handle, "details", None) or {}
+    return Opened(handle, getattr(handle, "size", None), details.get("ETag") or details.get("etag"))
 
 
 def _fsspec_transient(err: Exception) -> bool:
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if type(err).__name__ in PERMANENT_BOTO:  # missing credentials or a malformed request do not get better
         return False
     transient: tuple[type[BaseException], ...] = (OSError, TimeoutError)
     try:
@@ -131,10 +160,11 @@ class RetryingReader(io.RawIOBase):
     def __init__(self, url: str, options: RemoteOptions, on_retry: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.url, self.options, self.on_retry = url, options, on_retry or (lambda: None)
-        self.position, self.size = 0, None
+        self.position, self.size, self.tag = 0, None, None
+        self.failed: ShardUnavailable | None = None
         kind = scheme(url)
         if kind in HTTP_SCHEMES:
-            self._open: Callable[[int], tuple[BinaryIO, int | None]] = lambda start: _http_open(url, start, options)
+            self._open: Callable[[int], Opened] = lambda start: _http_open(url, start, options)
             self._transient: Callable[[Exception], bool] = _http_transient
         else:
             filesystem = fsspec_filesystem(kind, options)
@@ -145,26 +175,47 @@ class RetryingReader(io.RawIOBase):
 
     def _attempt(self, action: Callable[[BinaryIO], Any]) -> Any:
         """`action` on the open stream, reopening the object at `position` after each transient failure, up to
-        options.retries failures in a row."""
+        options.retries failures in a row. Once it has given up, every later call fails at once (a tar reader
+        that catches the error must not start another round, nor read on from a buffer it has dropped)."""
+        if self.failed is not None:
+            raise self.failed
         failures = 0
         while True:
             try:
                 if self._stream is None:
-                    self._stream, size = self._open(self.position)
-                    self.size = size if size is not None else self.size
+                    self._stream = self._reopen()
                 return action(self._stream)
+            except ShardUnavailable as err:
+                self.failed = err
+                raise
             except Exception as err:
                 self._drop()
                 if not self._transient(err):
-                    raise ShardUnavailable(f"{self.url}: {type(err).__name__}: {err!s:.200}") from None
+                    self.failed = ShardUnavailable(f"{self.url}: {type(err).__name__}: {err!s:.200}")
+                    raise self.failed from None
                 failures += 1
                 if failures > self.options.retries:
-                    raise ShardUnavailable(
+                    self.failed = ShardUnavailable(
                         f"{self.url}: unreadable after {self.options.retries} retries at byte {self.position} "
                         f"({type(err).__name__}: {err!s:.200})"
-                    ) from None
+                    )
+                    raise self.failed from None
                 self.on_retry()
                 time.sleep(min(self.options.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
+
+    def _reopen(self) -> BinaryIO:
+        """The object opened at `position`; the same object as before (size and version tag), or ShardUnavailable:
+        bytes of two versions must never be spliced."""
+        opened = self._open(self.position)
+        changed = (self.size is not None and opened.size not in (None, self.size)) or (
+            self.tag is not None and opened.tag not in (None, self.tag)
+        )
+        if changed:
+            opened.stream.close()
+            raise ShardUnavailable(f"{self.url}: the object changed while being read (at byte {self.position})")
+        self.size = opened.size if opened.size is not None else self.size
+        self.tag = opened.tag if opened.tag is not None else self.tag
+        return opened.stream
 
     def _drop(self) -> None:
         if self._stream is not None:

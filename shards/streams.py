@@ -50,7 +50,7 @@ def open_shard(
     if not is_remote(url):
         return open(url, "rb")
     if reading.cache_dir and sha256:
-        return open(cache_for(reading).get(url, sha256, lambda: open_stream(url, reading.remote, on_retry)), "rb")
+        return cache_for(reading).open(url, sha256, lambda: open_stream(url, reading.remote, on_retry))
     return open_stream(url, reading.remote, on_retry)
 
 

@@ -2,7 +2,8 @@
 
 Every shard the manifest lists is uploaded and its size checked on the store, then manifest.json last: a reader
 that finds the manifest finds every shard it names, and an interrupted upload is repeated with the same command
-(shards already there with the right size are skipped). Works for the fsspec stores (s3://, gs://); credentials
+(everything is uploaded again: shards of another data set can have the same names and sizes). Works for the fsspec
+stores (s3://, gs://); credentials
 come from the store's standard environment and files. HTTP servers are filled by their own means (copy the
 directory to where the server serves it, or serve it with `python -m shards.serve`).
 """
@@ -19,7 +20,7 @@ from shards.urls import ShardsError
 
 
 def upload(root: str | Path, url: str, options: RemoteOptions) -> list[str]:
-    """Upload the shard directory `root` to `url`; returns the names uploaded (those already there are skipped).
+    """Upload the shard directory `root` to `url`; returns the names uploaded, the manifest last.
 
     Raises:
         ShardsError: an invalid manifest, a shard missing locally, a store that is not an fsspec one, or a size
@@ -38,8 +39,6 @@ def upload(root: str | Path, url: str, options: RemoteOptions) -> list[str]:
     for name in [*names, MANIFEST]:
         local, remote = Path(root) / name, join(url, name)
         size = local.stat().st_size
-        if name != MANIFEST and filesystem.exists(remote) and filesystem.size(remote) == size:
-            continue
         filesystem.put_file(str(local), remote)
         if filesystem.size(remote) != size:
             raise ShardsError(f"{remote}: {filesystem.size(remote)} bytes on the store after the upload, {size} here")
@@ -58,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         names = upload(args.root, args.url, RemoteOptions(s3_endpoint_url=args.s3_endpoint_url))
-    except (ShardsError, ShardUnavailable, OSError) as err:
+    except (ShardsError, ShardUnavailable) as err:
         print(f"shards.upload: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # the store client's own errors (credentials, network, permissions)
+        print(f"shards.upload: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 1
     print(f"{args.url}: {len(names)} file(s) uploaded, manifest last")
     return 0

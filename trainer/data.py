@@ -161,20 +161,21 @@ def check_bad_fraction(bad: Counter, read: int, max_fraction: float) -> None:
 
 
 class BadSampleCounter:
-    """Counts bad samples by kind, retries of remote reads, and samples lost with shards that came up short;
-    remembers the last few (shard, key) for the log; never sleeps."""
+    """Counts bad samples by kind and retries of remote reads; remembers the last few (shard, key) for the log;
+    never sleeps."""
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
         self.examples: list[str] = []
         self.retries = 0
-        self.lost = 0
-        self.failure: str | None = None  # why the shard being read became unavailable
 
-    def add(self, kind: str, where: str, count: int = 1) -> None:
-        self.counts[kind] += count
+    def add(self, kind: str, where: str) -> None:
+        self.counts[kind] += 1
+        self.note(f"{kind}: {where}")
+
+    def note(self, line: str) -> None:
         if len(self.examples) < 8:
-            self.examples.append(f"{kind}: {where}")
+            self.examples.append(line)
 
     def retry(self) -> None:
         self.retries += 1
@@ -182,10 +183,7 @@ class BadSampleCounter:
     def handler(self, exn: Exception) -> bool:
         """webdataset error handler for tar-level failures: note the error and go on with the next shard (the
         shard then comes up short of its sample count: see `_ring`)."""
-        if isinstance(exn, ShardUnavailable):
-            self.failure = str(exn.args[0]) if exn.args else str(exn)
-        if len(self.examples) < 8:
-            self.examples.append(f"unreadable: {exn!s:.200}")
+        self.note(f"unreadable: {exn.reason if isinstance(exn, ShardUnavailable) else exn!s:.200}")
         return True
 
     def take(self) -> dict[str, int]:
@@ -194,53 +192,89 @@ class BadSampleCounter:
         return counts
 
 
+LOST = "__lost__"
+"""The key of a placeholder for a sample a short shard did not deliver; its value is the kind of bad sample."""
+
+
+@dataclass
+class ShardOutcome:
+    """What reading one shard found beyond its samples: why it became unavailable, if it did."""
+
+    failure: str | None = None
+
+
+@dataclass
+class StoreHealth:
+    """Shards of one stream unreadable within their retry budget in a row, across epochs."""
+
+    down: int = 0
+
+
 def shard_samples(
-    url: str, skip: int, bad: BadSampleCounter, how: Reading, sha256: str | None = None
+    url: str,
+    skip: int,
+    bad: BadSampleCounter,
+    how: Reading,
+    sha256: str | None = None,
+    outcome: ShardOutcome | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The raw samples of one shard from sample `skip` on; tar-level errors, unreadable remote shards and
-    retries are noted in `bad`."""
+    """The raw samples of one shard from sample `skip` on; tar-level errors and retries are noted in `bad`, the
+    reason an unreadable remote shard gave up in `outcome`."""
+    outcome = outcome or ShardOutcome()
+
+    def handler(exn: Exception) -> bool:
+        if isinstance(exn, ShardUnavailable):
+            outcome.failure = exn.reason
+        return bad.handler(exn)
+
     try:
         stream = open_shard(url, how, sha256, bad.retry)
     except OSError as err:
-        bad.handler(err)
+        handler(err)
         return
-    with stream:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=bad.handler)
-        for index, sample in enumerate(wds.tariterators.group_by_keys(files, handler=bad.handler)):
+    try:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        for index, sample in enumerate(wds.tariterators.group_by_keys(files, handler=handler)):
             if index >= skip:
                 yield sample
+    finally:
+        try:
+            stream.close()
+        except Exception as err:  # a pipe: command's exit status, a connection that fails once more
+            handler(err)
 
 
-def _ring(order: list[Shard], start: int, length: int, bad: BadSampleCounter, how: Reading) -> Iterator[dict[str, Any]]:
+def _ring(
+    order: list[Shard], start: int, length: int, bad: BadSampleCounter, how: Reading, health: StoreHealth
+) -> Iterator[dict[str, Any]]:
     """`length` raw samples from position `start` of the concatenated `order`, wrapping around. A shard that comes
-    up short of its sample count (a truncated tar, or a remote one unreadable within its retry budget) counts its
-    missing samples as bad and read; STORE_DOWN_SHARDS unreadable shards in a row raise DataError."""
+    up short of its sample count (a truncated tar, or a remote one unreadable within its retry budget) gives a
+    placeholder (LOST) for each sample of this range it did not deliver, so positions, and the samples after
+    them, never depend on it; they count as bad when decoded. STORE_DOWN_SHARDS unreadable shards in a row raise
+    DataError."""
     total = sum(s.samples for s in order)
     index, offset = 0, start % total
     while offset >= order[index].samples:
         offset -= order[index].samples
         index += 1
-    produced, empty_turns, down = 0, 0, 0
+    produced = 0
     while produced < length:
-        shard, got = order[index], 0
-        for sample in shard_samples(shard.url, offset, bad, how, shard.sha256):
+        shard, got, outcome = order[index], 0, ShardOutcome()
+        wanted = min(shard.samples - offset, length - produced)
+        for sample in shard_samples(shard.url, offset, bad, how, shard.sha256, outcome):
             yield sample
             got += 1
-            produced += 1
-            if produced == length:
-                return
-        failure, bad.failure = bad.failure, None
-        missing = shard.samples - offset - got  # a short tar ends quietly in stream mode: compare with the count
-        if missing > 0:
-            where = f"{shard.url}: {offset + got} of {shard.samples} samples"
-            bad.add("unavailable" if failure else "truncated", where, missing)
-            bad.lost += missing
-        down = down + 1 if failure else 0
-        if down >= STORE_DOWN_SHARDS:
-            raise DataError(f"{failure}; {down} shards in a row were unreadable, the store looks down")
-        empty_turns = 0 if got else empty_turns + 1
-        if empty_turns > len(order):
-            raise DataError(f"no readable samples in any of {len(order)} shards (first: {order[0].url})")
+            if got == wanted:
+                break
+        if got < wanted:  # a short tar ends quietly in stream mode: compare with the count
+            kind = "unavailable" if outcome.failure else "truncated"
+            bad.note(f"{kind}: {shard.url}: {offset + got} of {shard.samples} samples")
+            for lost in range(offset + got, offset + wanted):
+                yield {"__key__": f"{lost:07d}", "__url__": shard.url, LOST: kind}
+        produced += wanted
+        health.down = health.down + 1 if outcome.failure else 0
+        if health.down >= STORE_DOWN_SHARDS:
+            raise DataError(f"{outcome.failure}; {health.down} shards in a row were unreadable, the store looks down")
         index, offset = (index + 1) % len(order), 0
 
 
@@ -277,6 +311,7 @@ class DomainStream:
 
     def samples(self, epoch: int, position: int, bad: BadSampleCounter) -> Iterator[tuple[int, int, dict]]:
         """(epoch, position, raw sample) from `position` of `epoch` on, forever; earlier ones are replayed unread."""
+        health = StoreHealth()
         while True:
             order = self.order(epoch)
             if self.cfg.resampled:
@@ -285,7 +320,7 @@ class DomainStream:
                 total = self.total
             start = self.slot * total // self.slots
             rng = random.Random(mix(self.seed, self.domain_id, epoch, self.slot, 1))
-            raw = _ring(order, start, self.epoch_length, bad, reading(self.cfg))
+            raw = _ring(order, start, self.epoch_length, bad, reading(self.cfg), health)
             for index, sample in enumerate(_shuffled(raw, rng, self.cfg.shuffle_buffer)):
                 if index >= position:
                     yield epoch, index, sample
@@ -313,7 +348,11 @@ def decode(sample: dict[str, Any], extra: str, max_pixels: int) -> tuple[torch.T
 def decode_or_count(
     sample: dict[str, Any], extra: str, bad: BadSampleCounter, max_pixels: int
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """`decode`, but a bad sample (a part missing or not decoding) is counted in `bad` and gives None."""
+    """`decode`, but a bad sample (a part missing or not decoding, or a placeholder for a lost one) is counted in
+    `bad` and gives None."""
+    if LOST in sample:
+        bad.counts[sample[LOST]] += 1  # its shard's line in the log says why
+        return None
     try:
         return decode(sample, extra, max_pixels)
     except BadSample as err:
@@ -410,9 +449,7 @@ class UnpairedShards(torch.utils.data.IterableDataset):
                     if decoded is None:
                         # The main process checks each batch; a worker whose samples are all bad would never
                         # finish one, so it checks the samples it read itself.
-                        check_bad_fraction(
-                            worker_bad + bad.counts, worker_read + read + bad.lost, self.cfg.max_bad_fraction
-                        )
+                        check_bad_fraction(worker_bad + bad.counts, worker_read + read, self.cfg.max_bad_fraction)
                         continue
                     image, extra = decoded
                     generator = torch.Generator().manual_seed(
@@ -425,7 +462,6 @@ class UnpairedShards(torch.utils.data.IterableDataset):
                 batch[domain] = torch.stack(images)
                 if self.cfg.extra != "none":
                     batch[f"extra_{domain}"] = torch.stack(extras)
-            read, bad.lost = read + bad.lost, 0
             batch["bad"] = bad.take()
             batch["bad_examples"], bad.examples = bad.examples, []
             batch["read"] = read

@@ -42,9 +42,12 @@ def store(colour_shards):
         assert first.returncode == 0, first.stderr
         assert first.stdout.splitlines()[-1] == "s3://shards/colour: 9 file(s) uploaded, manifest last"
         env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
-        again = subprocess.run(upload, cwd=REPO, capture_output=True, text=True, env=env)  # shards are there
-        assert again.stdout.splitlines()[-1] == "s3://shards/colour: 1 file(s) uploaded, manifest last"
-        assert again.stdout.startswith("uploaded manifest.json (")
+        again = subprocess.run(upload, cwd=REPO, capture_output=True, text=True, env=env)  # all again, manifest last
+        assert again.stdout.splitlines()[-2].startswith("uploaded manifest.json (")
+        anonymous = {k: v for k, v in env.items() if not k.startswith("AWS_")} | {"AWS_ENDPOINT_URL": endpoint}
+        refused = subprocess.run(upload, cwd=REPO, capture_output=True, text=True, env=anonymous)
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+        assert refused.stderr.startswith("shards.upload: NoCredentialsError: Unable to locate credentials")
         yield endpoint
     server.stop()
 
