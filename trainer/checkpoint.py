@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save
 from shards.manifest import sha256_file
 from shards.urls import check_relative_name
 from trainer.config import ModelConfig
-from trainer.engine import UNITS, Engine
+from trainer.engine import EMA_UNIT, Engine
 from trainer.state_file import load_state_file, state_bytes
 
 CHECKPOINTS = "checkpoints"
@@ -277,7 +277,11 @@ def capture_checkpoint(
         except OSError as err:
             error = err
     _agree(engine, error, final, previous)  # no rank writes before the directory exists
-    universal = {f"{unit}/{key}": value for unit in UNITS for key, value in engine.universal_state(unit).items()}
+    universal = {
+        f"{unit}/{key}": value
+        for unit in engine.checkpoint_units
+        for key, value in engine.universal_state(unit).items()
+    }
     own = {**rank_state, "engine": engine.state_dict(), "rng": _rng_state(engine.device)}
     train_state = {"format": STATE_FORMAT, "step": step, "world_size": engine.world_size,
                    "backend": engine.backend_name, **meta}  # fmt: skip
@@ -445,7 +449,8 @@ def _rotate(run_dir: Path, keep: int, keep_every_steps: int) -> None:
 
 
 def _units_state(path: Path, engine: Engine) -> dict[str, dict[str, torch.Tensor]]:
-    """units.safetensors split by unit, checked against this run's units (names and full shapes).
+    """units.safetensors split by unit, checked against this run's units (names and full shapes), in loading
+    order. A checkpoint written without the generators' moving average lacks EMA_UNIT.
 
     Raises:
         CheckpointError: an unreadable file, or tensors missing or of another shape.
@@ -455,9 +460,11 @@ def _units_state(path: Path, engine: Engine) -> dict[str, dict[str, torch.Tensor
     except Exception as err:  # safetensors' own error type for a malformed file
         raise CheckpointError(f"checkpoint {path}: {UNIVERSAL} is unreadable ({err!s:.120})") from None
     units = {}
-    for unit in UNITS:
+    for unit in engine.checkpoint_units:
         prefix = f"{unit}/"
         state = {k[len(prefix) :]: v for k, v in universal.items() if k.startswith(prefix)}
+        if unit == EMA_UNIT and not state:
+            continue
         expected = engine.full_shapes(unit)
         if "__step__" in state:
             params = [name for name, _ in engine.unwrap(unit).named_parameters()]
@@ -501,8 +508,12 @@ def load_checkpoint(
         state = load_state_file(source)
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path}: {err}") from None
-    for unit, unit_state in _units_state(path, engine).items():
+    units = _units_state(path, engine)
+    for unit, unit_state in units.items():
         engine.load_universal_state(unit, unit_state)
+    if engine.ema is not None and EMA_UNIT not in units:
+        engine.restart_ema()
+        report(f"{path} holds no moving average of the generators: it starts from their loaded weights")
     try:
         engine_state = state["engine"]
         if train_state["backend"] != engine.backend_name:  # loss scalers of another backend: start afresh

@@ -441,6 +441,23 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class EMAConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the generators' weights (StyleGAN2-ADA's rule) and use it for
+    evaluation, sample grids and the export (the raw generators are exported too, under export/raw)."""
+    half_life_images: int = 10000
+    """Images (per domain, over all ranks) after which a weight's contribution to the average has halved."""
+    rampup: float = 0.05
+    """Early in training the half-life is at most this fraction of the images seen so far (0: no ramp-up)."""
+    eval_raw: bool = False
+    """Also evaluate the raw generators at each evaluation, logged as eval_raw/* (one more pass over the test set)."""
+
+    def __post_init__(self) -> None:
+        _require(self.half_life_images >= 1, "ema.half_life_images", self.half_life_images, "an integer >= 1")
+        _require(self.rampup >= 0, "ema.rampup", self.rampup, "a number >= 0")
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -452,6 +469,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self) -> None:
         input_nc = 3 + EXTRA_CHANNELS[self.data.extra]

@@ -19,7 +19,11 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from trainer.backends import UNITS, Backend, build_backend, resolve_backend
-from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig
+from trainer.config import ConfigError, DistributedConfig, EMAConfig, OptimizerConfig, TrainConfig
+from trainer.ema import GeneratorEMA
+
+EMA_UNIT = "g_ema"
+"""The generators' moving average in a checkpoint (trainer.ema)."""
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,6 +52,7 @@ class Engine:
         )
         self._check_launch_shape()
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+        self.ema: GeneratorEMA | None = None
 
     def _check_launch_shape(self) -> None:
         """Refuse a multi-node launch whose nodes were started with different shapes. torchrun lets a node that
@@ -162,8 +167,35 @@ class Engine:
         return self.backend.full_state_dict(which)
 
     def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
-        """Full (unpartitioned) shape of every parameter and buffer of unit `which`, by name."""
-        return self.backend.full_shapes(which)
+        """Full (unpartitioned) shape of every parameter and buffer of unit `which` (or EMA_UNIT), by name."""
+        return self.backend.full_shapes("g" if which == EMA_UNIT else which)
+
+    def attach_ema(self, cfg: EMAConfig) -> None:
+        """Keep a moving average of the generators' weights from now on (trainer.ema); checkpoints then hold it
+        as the unit EMA_UNIT."""
+        self.ema = GeneratorEMA(cfg, self.backend.parameter_shards("g"))
+
+    def update_ema(self, images_seen: int, batch_images: int) -> None:
+        """Move the average after a generator update (nothing without one)."""
+        if self.ema is not None:
+            self.ema.update(self.backend.parameter_shards("g"), images_seen, batch_images)
+
+    def restart_ema(self) -> None:
+        """Set the average to the generators' current weights (after loading a checkpoint that has none)."""
+        if self.ema is not None:
+            self.ema.take(self.backend.parameter_shards("g"))
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """The generators hold their moving average for the block (their own weights without one)."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in(self.backend.parameter_shards("g"))
+
+    @property
+    def checkpoint_units(self) -> tuple[str, ...]:
+        """The units a checkpoint holds: with an average also EMA_UNIT (its parameters and the generators'
+        buffers)."""
+        return (*UNITS, EMA_UNIT) if self.ema is not None else UNITS
 
     def state_bytes(self, which: str) -> dict[str, int]:
         """Bytes this rank holds of unit `which`: `params` (whole, or its shards) and `optimizer` state."""
@@ -171,12 +203,18 @@ class Engine:
 
     def universal_state(self, which: str) -> dict[str, torch.Tensor]:
         """Backend-independent full state of unit `which` on CPU: fp32 weights and buffers by name, Adam's
-        `NAME.exp_avg` / `NAME.exp_avg_sq` and its update count `__step__` (once it has stepped). A collective
-        where ranks hold parts of it."""
+        `NAME.exp_avg` / `NAME.exp_avg_sq` and its update count `__step__` (once it has stepped); for EMA_UNIT the
+        generators' moving average (weights and buffers). A collective where ranks hold parts of it."""
+        if which == EMA_UNIT:
+            buffers = {name: buf.detach().cpu().clone() for name, buf in self.unwrap("g").named_buffers()}
+            return {**buffers, **self.backend.full_from_shards("g", self.ema.average)}
         return self.backend.universal_state(which)
 
     def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
         """Load what `universal_state` returned, whatever backend and world size wrote it (a collective)."""
+        if which == EMA_UNIT:
+            self.ema.take(self.backend.shards_from_full("g", state))
+            return
         self.backend.load_universal_state(which, state)
 
     def state_dict(self) -> dict:

@@ -5,7 +5,8 @@ exports the generators of a checkpoint as safetensors, whatever backend and worl
 
 Reads RUN/config.yaml and the checkpoint's backend-independent units.safetensors (the newest intact checkpoint,
 step N, or the best one by eval.select) and writes DIR (default RUN/export-step_N) with g_xy.safetensors
-(G: X->Y), g_yx.safetensors (F: Y->X) and model.json. Nothing is unpickled.
+(G: X->Y), g_yx.safetensors (F: Y->X) and model.json. A run with ema.enabled exports the generators' moving
+average there (what its evaluation measured) and the raw generators in DIR/raw. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -33,21 +34,44 @@ from trainer.checkpoint import (
     write_atomic,
 )
 from trainer.config import Config, ConfigError, DataConfig, ModelConfig, from_dict, load_config
+from trainer.engine import EMA_UNIT
 from trainer.models import build_generator
 
 
 def save_generators(
-    out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig
+    out_dir: Path,
+    gens_state: dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    weights: str = "raw",
 ) -> None:
     """Write g_xy.safetensors and g_yx.safetensors from the generator pair's full state dict (keys `g_xy.*`,
-    `g_yx.*`), plus model.json (architecture, training resolution and the extra input channels' kind)."""
+    `g_yx.*`), plus model.json (architecture, training resolution, the extra input channels' kind, and which
+    `weights` these are: "raw" or "ema")."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("g_xy", "g_yx"):
         prefix = f"{name}."
         tensors = {k[len(prefix) :]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
         write_atomic(out_dir / f"{name}.safetensors", save(tensors))
-    meta = {"model": dataclasses.asdict(model_cfg), "image_size": data_cfg.crop_size, "extra": data_cfg.extra}
+    meta = {"model": dataclasses.asdict(model_cfg), "image_size": data_cfg.crop_size, "extra": data_cfg.extra,
+            "weights": weights}  # fmt: skip
     write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))
+
+
+def save_export(
+    out_dir: Path,
+    raw: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+) -> None:
+    """An export directory (see `save_generators`) of the generators evaluation used: the moving average when
+    there is one, with the raw generators as an export of their own in out_dir/raw; else the raw ones."""
+    if ema is None:
+        save_generators(out_dir, raw, model_cfg, data_cfg)
+        return
+    save_generators(out_dir, ema, model_cfg, data_cfg, weights="ema")
+    save_generators(out_dir / "raw", raw, model_cfg, data_cfg)
 
 
 @dataclass
@@ -114,9 +138,9 @@ def load_generators(path: str | Path) -> ExportedGenerators:
 
 def checkpoint_weights(
     run_dir: Path, step: int | None = None, best: bool = False
-) -> tuple[Config, Path, dict[str, torch.Tensor]]:
-    """The run's config, the chosen checkpoint (newest intact one, `step`, or the best) and its generator weights
-    (keys `g_xy.*`, `g_yx.*`).
+) -> tuple[Config, Path, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The run's config, the chosen checkpoint (newest intact one, `step`, or the best), its raw generator weights
+    and their moving average, or None without one (keys `g_xy.*`, `g_yx.*`).
 
     Raises:
         CheckpointError: no intact checkpoint (at that step), or no best one recorded.
@@ -142,19 +166,23 @@ def checkpoint_weights(
         units = load_file(str(checkpoint / UNIVERSAL))
     except Exception as err:  # safetensors' own error type for a malformed file
         raise CheckpointError(f"checkpoint {checkpoint}: {UNIVERSAL} is unreadable ({err!s:.120})") from None
-    weights = {
-        key[len("g/") :]: value
-        for key, value in units.items()
-        if key.startswith("g/") and not key.endswith((".exp_avg", ".exp_avg_sq", "__step__"))
-    }
-    return cfg, checkpoint, weights
+    found = {}
+    for unit in ("g", EMA_UNIT):
+        prefix = f"{unit}/"
+        found[unit] = {
+            key[len(prefix) :]: value
+            for key, value in units.items()
+            if key.startswith(prefix) and not key.endswith((".exp_avg", ".exp_avg_sq", "__step__"))
+        }
+    return cfg, checkpoint, found["g"], found[EMA_UNIT] or None
 
 
 def export(run_dir: Path, step: int | None = None, out: Path | None = None, best: bool = False) -> Path:
-    """Write the generators of `run_dir`'s checkpoint (see `checkpoint_weights`); returns the directory."""
-    cfg, checkpoint, weights = checkpoint_weights(run_dir, step, best)
+    """Write the generators of `run_dir`'s checkpoint (see `checkpoint_weights` and `save_export`); returns the
+    directory."""
+    cfg, checkpoint, raw, ema = checkpoint_weights(run_dir, step, best)
     out = out or run_dir / f"export-{checkpoint.name}"
-    save_generators(out, weights, cfg.model, cfg.data)
+    save_export(out, raw, ema, cfg.model, cfg.data)
     return out
 
 
@@ -185,7 +213,8 @@ def load_inference_generators(path: str | Path, step: int | None = None, best: b
         except (KeyError, TypeError, ValueError, SafetensorError) as err:  # malformed model.json or safetensors
             raise ConfigError(f"--weights {path}: unreadable export ({type(err).__name__}: {err!s:.120})") from None
     if (path / "config.yaml").is_file():
-        cfg, checkpoint, weights = checkpoint_weights(path, step, best)
+        cfg, checkpoint, raw, ema = checkpoint_weights(path, step, best)
+        weights = raw if ema is None else ema  # what the run's evaluation measured
         return generators_from_weights(weights, cfg.model, cfg.data.crop_size, cfg.data.extra, str(checkpoint))
     raise ConfigError(f"--weights {path}: neither an export directory (model.json) nor a run directory (config.yaml)")
 

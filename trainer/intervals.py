@@ -62,6 +62,11 @@ class PeriodicEval:
     def due(self, step: int) -> bool:
         return self.evaluator is not None and is_due(step, self.every_steps, self.total_steps)
 
+    def measure(self, gens: torch.nn.Module) -> dict[str, float]:
+        """The eval/ metrics of the generator pair `gens` (its plain module; a collective), without selection."""
+        with eval_mode(gens):
+            return self.evaluator(gens.g_xy, gens.g_yx, self.engine.autocast)
+
     def __call__(self, gens: torch.nn.Module, best: dict[str, Any] | None) -> tuple[dict[str, float], dict | None]:
         """Evaluate the generator pair `gens` (its plain module; a collective).
 
@@ -72,8 +77,7 @@ class PeriodicEval:
             (the metrics, with eval/select_score under eval.select; the new best record when these metrics beat
             `best` on any rank, else None).
         """
-        with eval_mode(gens):
-            metrics = self.evaluator(gens.g_xy, gens.g_yx, self.engine.autocast)
+        metrics = self.measure(gens)
         if self.select == "none":
             return metrics, None
         metrics["eval/select_score"] = score = selection_score(metrics, self.select)

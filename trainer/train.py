@@ -26,9 +26,9 @@ from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, sav
 from trainer.console import Console
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
-from trainer.engine import Engine
+from trainer.engine import EMA_UNIT, Engine
 from trainer.evaluation import NO_INCEPTION, Evaluator, load_inception
-from trainer.export import save_generators
+from trainer.export import save_export
 from trainer.intervals import Checkpointer, PeriodicEval, SampleGrids
 from trainer.metric_window import MetricWindow, accumulate
 from trainer.models import set_activation_checkpointing
@@ -218,6 +218,8 @@ def _train(
 ) -> TrainResult:
     run_dir, total, accum = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.grad_accum_steps
     units, global_batch, scale = build_training(cfg, engine)
+    if cfg.ema.enabled:
+        engine.attach_ema(cfg.ema)
     pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
     state = TrainState(loader=loader, pools=pools, global_batch=global_batch)
     if resume_from is not None:
@@ -252,6 +254,7 @@ def _train(
         stats, images = train_step(engine, units, pools, micro_batches, cfg.loss)
         window.add(stats)  # on the device: no host sync per step
         state.step = preemption.step = step
+        engine.update_ema(state.images_seen, global_batch)
         console.step()
         for event in tracker.capture_spikes(step, stats, images):
             console.spike(event)
@@ -259,10 +262,15 @@ def _train(
             window.flush(step)  # to the tracker and the console
             nonfinite.check(engine.any_rank, step, run_dir)
         if grids.due(step):
-            tracker.log_images(step, grids(engine.unwrap("g")))
+            with engine.ema_weights():
+                tracker.log_images(step, grids(engine.unwrap("g")))
         new_best = None
         if evaluation.due(step):
-            metrics, new_best = evaluation(engine.unwrap("g"), state.best)
+            with engine.ema_weights():
+                metrics, new_best = evaluation(engine.unwrap("g"), state.best)
+            if engine.ema is not None and cfg.ema.eval_raw:
+                raw = evaluation.measure(engine.unwrap("g"))
+                metrics = {**metrics, **{key.replace("eval/", "eval_raw/", 1): value for key, value in raw.items()}}
             tracker.log(step, metrics)
         stopping = checkpointer.stop_requested(step)
         if checkpointer.due(step, new_best is not None, stopping):
@@ -334,10 +342,11 @@ def _end_of_run(
     checkpoint). Returns the export directory (on the main rank) or None."""
     run_dir = Path(cfg.train.run_dir)
     if not stopped:
-        weights = engine.full_state_dict("g")  # a collective under FSDP2 and DeepSpeed
+        raw = engine.full_state_dict("g")  # collectives under FSDP2 and DeepSpeed
+        ema = engine.universal_state(EMA_UNIT) if engine.ema is not None else None
         if not engine.is_main:
             return None
-        save_generators(run_dir / "export", weights, cfg.model, cfg.data)
+        save_export(run_dir / "export", raw, ema, cfg.model, cfg.data)
         return run_dir / "export"
     if interrupted:
         console.message(f"interrupted: saved {saved}; run the same command to continue from step {step}")

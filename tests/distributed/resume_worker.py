@@ -10,7 +10,10 @@
         rank 0 writes everything to OUT (torch.save of plain tensors).
 
 Update k trains on a fixed global batch of GLOBAL images per domain; rank r of W takes images [r * GLOBAL / W,
-(r + 1) * GLOBAL / W), so every topology sees the same images at every step.
+(r + 1) * GLOBAL / W), so every topology sees the same images at every step. The generators' moving average
+(trainer.ema, a short half-life) is on: it is saved, loaded and compared like the units. In save mode the worker
+also keeps a reference average of the full weights and writes how far the backend's average (kept on whatever part
+of the weights each rank holds) is from it, and each rank's sum of its average.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: impor
 from tests.distributed.worker import SIZE, TINY  # noqa: E402
 from trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.engine import UNITS, Engine  # noqa: E402
+from trainer.ema import ema_beta  # noqa: E402
+from trainer.engine import EMA_UNIT, UNITS, Engine  # noqa: E402
 from trainer.pool import ImagePool  # noqa: E402
 from trainer.process_exit import exit_process  # noqa: E402
 from trainer.train import build_training, train_step  # noqa: E402
 
 STEPS = 2
 GLOBAL = 4
+EMA = ["ema.enabled=true", "ema.half_life_images=4", "ema.rampup=0"]
 
 
 def batch(step: int, engine: Engine) -> list[dict[str, torch.Tensor]]:
@@ -45,37 +50,56 @@ def batch(step: int, engine: Engine) -> list[dict[str, torch.Tensor]]:
 
 
 def step_losses(engine: Engine, units: dict, pools: tuple, step: int, loss_cfg) -> dict[str, float]:
-    """Take update `step`; its losses averaged over the ranks (equal shares: the global batch's mean)."""
+    """Take update `step` (and the moving average's update); its losses averaged over the ranks (equal shares:
+    the global batch's mean)."""
     stats, _ = train_step(engine, units, pools, batch(step, engine), loss_cfg)
+    engine.update_ema(step * GLOBAL, GLOBAL)
     return engine.reduce({k: stats[k] for k in ("loss/g_total", "loss/d_total")})
+
+
+def saved_units(engine: Engine) -> dict[str, dict[str, torch.Tensor]]:
+    return {u: engine.universal_state(u) if u == EMA_UNIT else engine.full_state_dict(u) for u in (*UNITS, EMA_UNIT)}
 
 
 def main(mode: str, target: str, args: list[str]) -> None:
     checkpoints = [a for a in args if "=" not in a]
     # A schedule that changes the LR at every step: a resume must continue it, not restart it.
     schedule = ["schedule.kind=linear", "schedule.decay_start=0", "train.steps=50"]
-    cfg = load_config(None, [*TINY, *schedule, f"train.batch_size={GLOBAL}", *[a for a in args if "=" in a]])
+    overrides = [*TINY, *schedule, *EMA, f"train.batch_size={GLOBAL}", *[a for a in args if "=" in a]]
+    cfg = load_config(None, overrides)
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     assert GLOBAL % engine.world_size == 0
     units, _, _ = build_training(cfg, engine)
+    engine.attach_ema(cfg.ema)
     pools = (ImagePool(0, seed=0), ImagePool(0, seed=0))
     if mode == "save":
+        reference = engine.full_state_dict("g")  # the average of the full weights, computed here by hand
         for step in range(1, STEPS + 1):
             step_losses(engine, units, pools, step, cfg.loss)
+            weight = 1 - ema_beta(cfg.ema, step * GLOBAL, GLOBAL)
+            for name, value in engine.full_state_dict("g").items():
+                reference[name] = reference[name].lerp(value, weight)
+        ema = engine.universal_state(EMA_UNIT)
+        ema_error = max((ema[name] - value).abs().max().item() for name, value in reference.items())
+        local = torch.stack([part.double().sum() for part in engine.ema.average]).to(engine.device)
+        rank_sums = engine.accelerator.gather(local[None]).tolist()
+        local_share = sum(p.numel() for p in engine.ema.average) / sum(v.numel() for v in reference.values())
         save_checkpoint(engine, Path(target) / "run", STEPS, {"data": {}}, {"model": None}, keep=1)
         losses = step_losses(engine, units, pools, STEPS + 1, cfg.loss)
-        after = {u: engine.full_state_dict(u) for u in UNITS}
+        after = saved_units(engine)
         if engine.is_main:
-            (Path(target) / "next.json").write_text(json.dumps({**losses, "backend": engine.backend_name}))
+            facts = {"backend": engine.backend_name, "ema_error": ema_error, "ema_rank_sums": rank_sums,
+                     "ema_local_share": local_share}  # fmt: skip
+            (Path(target) / "next.json").write_text(json.dumps({**losses, **facts}))
             torch.save(after, Path(target) / "after.pt")
     else:
         results = []
         for checkpoint in checkpoints:
             train_state, _ = load_checkpoint(engine, Path(checkpoint))
-            loaded = {u: engine.full_state_dict(u) for u in UNITS}
+            loaded = saved_units(engine)
             positions = {u: engine.schedulers[u].last_epoch for u in UNITS}
             losses = step_losses(engine, units, pools, train_state["step"] + 1, cfg.loss)
-            after = {u: engine.full_state_dict(u) for u in UNITS}
+            after = saved_units(engine)
             results.append(
                 {"source": checkpoint, "step": train_state["step"], "schedulers": positions, "loaded": loaded,
                  "losses": losses, "after": after}

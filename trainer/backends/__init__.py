@@ -65,6 +65,18 @@ class Backend(Protocol):
     def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
         """The full shape of every parameter and buffer."""
 
+    def parameter_shards(self, which: str) -> list[torch.Tensor]:
+        """The tensors this rank holds of each parameter of unit `which`, in `parameters()` order, as the forward
+        reads them: writing into them changes the weights (whole parameters, or this rank's shards)."""
+
+    def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full fp32 tensors on CPU, by parameter name, from tensors laid out like `parameter_shards` (a
+        collective where ranks hold parts)."""
+
+    def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's part of each full tensor (by parameter name) laid out like `parameter_shards`, in fp32 on
+        the parameters' device; no communication (every rank holds `full`)."""
+
     def universal_state(self, which: str) -> dict[str, torch.Tensor]:
         """Weights, buffers, Adam's moments (`NAME.exp_avg`, `NAME.exp_avg_sq`) and `__step__`, full and on CPU."""
 

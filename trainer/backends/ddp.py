@@ -99,6 +99,16 @@ class DDPBackend:
     def loss_scale(self, which: str) -> float:
         return float(self.scalers[which].get_scale()) if self.scalers[which].is_enabled() else 1.0
 
+    def parameter_shards(self, which: str) -> list[torch.Tensor]:
+        return [param.data for param in self.unwrap(which).parameters()]
+
+    def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = [name for name, _ in self.unwrap(which).named_parameters()]
+        return {name: host_copy(shard.float()) for name, shard in zip(names, shards, strict=True)}
+
+    def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [full[name].to(param.device, torch.float32) for name, param in self.unwrap(which).named_parameters()]
+
     def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
         module = self.unwrap(which)
         state = buffers_on_cpu(module)

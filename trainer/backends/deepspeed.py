@@ -126,6 +126,35 @@ class DeepSpeedBackend:
     def loss_scale(self, which: str) -> float:
         return float(getattr(self.units[which].optimizer, "cur_scale", 1.0))
 
+    def parameter_shards(self, which: str) -> list[torch.Tensor]:
+        """ZeRO-3: each parameter's partition (`ds_tensor`); ZeRO-1/2: the whole parameters. In the module's dtype
+        (bf16 under train.precision=bf16: DeepSpeed's fp32 master copies live in its optimizer)."""
+        return [getattr(param, "ds_tensor", param).data for param in self.unwrap(which).parameters()]
+
+    def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ZeRO-3: a collective (each partition is all-gathered and the padding dropped)."""
+        full = {}
+        for (name, param), shard in zip(self.unwrap(which).named_parameters(), shards, strict=True):
+            if hasattr(param, "ds_id"):
+                parts = [torch.empty_like(shard) for _ in range(self.world_size)]
+                torch.distributed.all_gather(parts, shard.contiguous())
+                shard = torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+            full[name] = host_copy(shard.float())
+        return full
+
+    def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for name, param in self.unwrap(which).named_parameters():
+            value = full[name].to(self.device, torch.float32)
+            out.append(self._partition(param, value) if hasattr(param, "ds_id") else value)
+        return out
+
+    def _partition(self, param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a ZeRO-3 parameter's flattened full tensor, padded as DeepSpeed pads it."""
+        size = param.ds_tensor.numel()
+        flat = F.pad(full.flatten().to(self.device), (0, size * self.world_size - full.numel()))
+        return flat.narrow(0, size * self.rank, size)
+
     def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
         """A collective: ZeRO shards or half-precision copies hold the parameters."""
         module = self.unwrap(which)
@@ -191,16 +220,9 @@ class DeepSpeedBackend:
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if self.rank == 0:
                 param.data.copy_(value.to(param.dtype))
-        size = param.ds_tensor.numel()
-
-        def local(full: torch.Tensor) -> torch.Tensor:
-            flat = full.flatten().to(self.device)
-            flat = F.pad(flat, (0, size * self.world_size - flat.numel()))
-            return flat.narrow(0, size * self.rank, size)
-
-        ds_utils.safe_set_local_fp32_param(param, local(value))
+        ds_utils.safe_set_local_fp32_param(param, self._partition(param, value))
         for key in keys:
-            ds_utils.safe_set_local_optimizer_state(param, local(state[f"{name}.{key}"]), key)
+            ds_utils.safe_set_local_optimizer_state(param, self._partition(param, state[f"{name}.{key}"]), key)
 
     def scaler_state(self) -> dict[str, dict]:
         return {u: scaler_state(self.units[u].optimizer) for u in UNITS}

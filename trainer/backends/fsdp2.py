@@ -160,6 +160,23 @@ class FSDP2Backend:
     def loss_scale(self, which: str) -> float:
         return 1.0
 
+    def parameter_shards(self, which: str) -> list[torch.Tensor]:
+        return [param.data.to_local() for param in self.unwrap(which).parameters()]
+
+    def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A collective (each tensor is all-gathered)."""
+        full = {}
+        for (name, param), shard in zip(self.units[which].named_parameters(), shards, strict=True):
+            spread = DTensor.from_local(shard, param.device_mesh, param.placements, shape=param.shape,
+                                        stride=param.stride())  # fmt: skip
+            full[name] = host_copy(spread.full_tensor().float())
+        return full
+
+    def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            _slice_like(param, full[name]).to_local().float() for name, param in self.units[which].named_parameters()
+        ]
+
     def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
         """A collective (each parameter is all-gathered)."""
         module = self.units[which]
