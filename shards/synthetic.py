@@ -7,6 +7,10 @@ test sets are paired (y-test[k] = T(x-test[k]), same keys), so PSNR of G(x) agai
 Tasks:
   colour  - T permutes the colour channels (R, G, B) -> (B, R, G): easy, learnable in minutes on a CPU.
   stripes - T darkens every other pair of rows inside the shapes (invertible up to rounding): harder.
+  photos  - real image statistics: X are random crops of the photographs bundled with scikit-image (an optional
+            extra: pip install -e .[photos]), downscaled to the size; T scales the saturation by 0.4 and applies a tone
+            curve per channel (gammas 0.5, 1, 2), invertible up to rounding. Test pairs are crops of other
+            photographs than the training crops.
 
     python -m shards.synthetic --task colour --out data/colour --size 32 --train 2048 --test 64
 
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from PIL import Image
 
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
 from shards.manifest import MANIFEST, split_entry, write_manifest
@@ -68,13 +73,76 @@ def stripes_task(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.round(out).astype(np.uint8)
 
 
-TASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"colour": colour_task, "stripes": stripes_task}
+PHOTO_SATURATION = 0.4
+PHOTO_GAMMAS = np.array([0.5, 1.0, 2.0])
+PHOTOS = {  # files of scikit-image's data folder: training crops, and the held-out photographs of the test pairs
+    "train": ("astronaut.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg"),
+    "test": ("chelsea.png", "coffee.png"),
+}
 
 
-def _samples(task: str, size: int, count: int, seed: int, transform: bool, extras: bool) -> Iterator[dict[str, Any]]:
+def photos_task(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """T for `photos`: the saturation times PHOTO_SATURATION (a blend towards the luma, which stays in range), then
+    each channel to the power PHOTO_GAMMAS (on [0, 1])."""
+    rgb = image.astype(np.float64) / 255
+    luma = (rgb @ np.array([0.299, 0.587, 0.114]))[..., None]
+    rgb = luma + PHOTO_SATURATION * (rgb - luma)
+    return np.round(np.clip(rgb, 0, 1) ** PHOTO_GAMMAS * 255).astype(np.uint8)
+
+
+def photographs(part: str) -> list[np.ndarray]:
+    """The RGB photographs of PHOTOS[part] from scikit-image's data folder.
+
+    Raises:
+        ShardsError: scikit-image is not installed.
+    """
+    try:
+        import skimage
+    except ImportError:
+        raise ShardsError(
+            "the photos task crops the photographs that scikit-image bundles; install it with pip install -e .[photos]"
+        ) from None
+    folder = Path(skimage.__file__).parent / "data"
+    return [np.asarray(Image.open(folder / name).convert("RGB")) for name in PHOTOS[part]]
+
+
+def photo_crops(rng: np.random.Generator, photos: list[np.ndarray], size: int) -> Iterator[Scene]:
+    """Endless square crops of random photographs and sides (2 x size up to half the shorter edge), downscaled to
+    size x size; the masks are empty."""
+    while True:
+        photo = photos[int(rng.integers(len(photos)))]
+        height, width = photo.shape[:2]
+        side = int(rng.integers(2 * size, min(height, width) // 2 + 1))
+        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+        crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.Resampling.BOX)
+        yield np.asarray(crop), np.zeros((size, size), bool)
+
+
+def rendered_scenes(rng: np.random.Generator, size: int) -> Iterator[Scene]:
+    while True:
+        yield render_scene(rng, size)
+
+
+TASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "colour": colour_task,
+    "stripes": stripes_task,
+    "photos": photos_task,
+}
+
+
+def _scenes(task: str, part: str, size: int, seed: int) -> Iterator[Scene]:
     rng = np.random.default_rng(seed)
+    if task == "photos":
+        return photo_crops(rng, photographs(part), size)
+    return rendered_scenes(rng, size)
+
+
+def _samples(
+    task: str, part: str, size: int, count: int, seed: int, transform: bool, extras: bool
+) -> Iterator[dict[str, Any]]:
+    scenes = _scenes(task, part, size, seed)
     for index in range(count):
-        image, mask = render_scene(rng, size)
+        image, mask = next(scenes)
         if transform:
             image = TASKS[task](image, mask)
         sample = {"__key__": f"{index:07d}", "png": png_bytes(image)}
@@ -103,13 +171,15 @@ def write_synthetic(
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(TASKS)}")
+    if task == "photos" and extras:
+        raise ValueError("the photos task has no object masks: it cannot write extras")
     # Three seed streams: x-train and y-train must not share scenes (unpaired); the test pairs share theirs.
     x_train, y_train, test_seed = np.random.SeedSequence(seed).generate_state(3)
     plan = {
-        "x-train": _samples(task, size, train, int(x_train), transform=False, extras=extras),
-        "y-train": _samples(task, size, train, int(y_train), transform=True, extras=extras),
-        "x-test": _samples(task, size, test, int(test_seed), transform=False, extras=extras),
-        "y-test": _samples(task, size, test, int(test_seed), transform=True, extras=extras),
+        "x-train": _samples(task, "train", size, train, int(x_train), transform=False, extras=extras),
+        "y-train": _samples(task, "train", size, train, int(y_train), transform=True, extras=extras),
+        "x-test": _samples(task, "test", size, test, int(test_seed), transform=False, extras=extras),
+        "y-test": _samples(task, "test", size, test, int(test_seed), transform=True, extras=extras),
     }
     splits = {
         split: split_entry(write_shards(out, split, samples, maxcount), (size, size))
@@ -123,9 +193,10 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN = {
     "colour": {"task": "colour", "size": 32, "train": 2048, "test": 64, "extras": False},
     "stripes": {"task": "stripes", "size": 32, "train": 2048, "test": 64, "extras": True},
+    "photos": {"task": "photos", "size": 32, "train": 2048, "test": 64, "extras": False},
 }
 """The data sets `data.root: builtin:NAME` names: made once into a cache directory, byte for byte the same every
-time (seed 0). `stripes` carries the extras (label maps and colour histograms)."""
+time (seed 0). `stripes` carries the extras (label maps and colour histograms); `photos` needs scikit-image."""
 
 
 def builtin_cache() -> Path:
@@ -180,7 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.size < 8 or args.train < 0 or args.test < 0 or args.maxcount < 1:
         parser.error("--size must be >= 8, --train/--test >= 0 and --maxcount >= 1")
-    path = write_synthetic(args.out, args.task, args.size, args.train, args.test, args.seed, args.maxcount, args.extras)
+    try:
+        path = write_synthetic(
+            args.out, args.task, args.size, args.train, args.test, args.seed, args.maxcount, args.extras
+        )
+    except (ShardsError, ValueError) as err:
+        parser.exit(2, f"shards.synthetic: {err}\n")
     print(f"wrote {args.task} shards and {path}")
 
 

@@ -135,9 +135,11 @@ class OptimizerConfig:
     """Adam epsilon."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) for both units."""
-    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
-    """Scale lr and lr_d by (global batch / base_batch), or its square root; the global batch is
-    train.batch_size x world size x train.grad_accum_steps."""
+    lr_scaling: Literal["auto", "none", "linear", "sqrt"] = "auto"
+    """Scale lr and lr_d by r = global batch / base_batch (linear), by sqrt(r), or not; auto: by min(r, 8), with a
+    linear warm-up over the first 512 images when r > 1 and schedule.warmup_steps is 0 (what
+    benchmarks/time_to_quality.py found best; README, Performance). The global batch is train.batch_size x world
+    size x train.grad_accum_steps."""
     base_batch: int = 1
     """The global batch the learning rates are given for (the paper trains at batch 1)."""
     clip_grad_norm_g: float = 0.0

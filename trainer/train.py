@@ -22,7 +22,7 @@ from trainer.checkpoint import (
     load_checkpoint,
     read_best,
 )
-from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, save_config, to_dict
+from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, ScheduleConfig, save_config, to_dict
 from trainer.console import Console
 from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
@@ -44,10 +44,26 @@ RECORDED_OUTPUTS = ("fake_x", "fake_y", "rec_x", "rec_y")
 Batch = dict[str, torch.Tensor]  # "x", "y": [N, 3, H, W] in [-1, 1]; optional "extra_x", "extra_y": [N, C, H, W]
 
 
+AUTO_SCALE_CAP = 8.0
+"""lr_scaling=auto scales linearly up to this factor: linear won at global batch 4 and 16 in
+benchmarks/time_to_quality.py, and at 64 linear (x64) diverged where sqrt (x8) won."""
+AUTO_WARMUP_IMAGES = 512
+"""lr_scaling=auto warms the learning rates up over this many images when it scales them up."""
+
+
 def lr_scale(cfg: OptimizerConfig, global_batch: int) -> float:
     """Multiplier of the configured learning rates for `global_batch` under cfg.lr_scaling."""
     ratio = global_batch / cfg.base_batch
-    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+    rules = {"auto": min(ratio, AUTO_SCALE_CAP), "none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}
+    return rules[cfg.lr_scaling]
+
+
+def warmup(cfg: Config, global_batch: int) -> ScheduleConfig:
+    """cfg.schedule, with lr_scaling=auto's warm-up (AUTO_WARMUP_IMAGES) when it scales the learning rates up and
+    the schedule has none of its own."""
+    if cfg.optimizer.lr_scaling != "auto" or cfg.schedule.warmup_steps or global_batch <= cfg.optimizer.base_batch:
+        return cfg.schedule
+    return dataclasses.replace(cfg.schedule, warmup_steps=math.ceil(AUTO_WARMUP_IMAGES / global_batch))
 
 
 def generator_update(
@@ -170,7 +186,7 @@ def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
             weight_decay=cfg.optimizer.weight_decay,
             **kernel,
         )
-        schedulers[name] = build_scheduler(optimizers[name], cfg.schedule, cfg.train.steps)
+        schedulers[name] = build_scheduler(optimizers[name], warmup(cfg, global_batch), cfg.train.steps)
     return engine.prepare({"g": gens, "d": discs}, optimizers, schedulers), global_batch, scale
 
 

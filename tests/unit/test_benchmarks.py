@@ -100,3 +100,24 @@ def test_checkpoint_stall_writes_json(tmp_path):
         run = figures[mode]
         assert run["async_save"] is asynchronous and len(run["stall_s"]) == 2 and run["checkpoint_bytes"] > 0
     assert figures["async_stall_fraction"] == figures["async"]["mean_stall_s"] / figures["sync"]["mean_stall_s"]
+
+
+@pytest.mark.distributed
+def test_time_to_quality_writes_json_and_a_plot(tmp_path):
+    out = tmp_path / "ttq.json"
+    cmd = [sys.executable, "benchmarks/time_to_quality.py", "--images", "16", "--eval-every", "8", "--batches", "4",
+           "--rules", "linear", "--train", "16", "--test", "4", "--warmup-images", "8",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    figures = json.loads(out.read_text())
+    names = [r["name"] for r in figures["results"]]
+    assert names == ["reference: fp32, batch 1, no EMA", "batch 4, linear"]
+    reference, linear = figures["results"]
+    assert reference["ema"] is False and reference["curve"]["images"] == [8, 16]
+    assert reference["curve"]["steps"] == [8, 16]
+    assert linear["curve"]["images"] == [8, 16] and linear["curve"]["steps"] == [2, 4]
+    assert linear["overrides"] == ["optimizer.lr_scaling=linear", "schedule.warmup_steps=2"]
+    assert all(s > 0 for r in figures["results"] for s in r["curve"]["seconds"])
+    assert figures["target_gain_db"] == reference["curve"]["gain"][-1] and reference["to_target"]["images"] <= 16
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

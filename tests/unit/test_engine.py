@@ -8,7 +8,7 @@ import torch
 from trainer.backends import resolve_backend
 from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig, load_config
 from trainer.engine import Engine
-from trainer.train import lr_scale
+from trainer.train import lr_scale, warmup
 
 
 def test_auto_backend_follows_the_launcher():
@@ -64,9 +64,18 @@ def test_fsdp2_settings_it_cannot_honour_are_refused(overrides, message, monkeyp
         Engine(cfg.distributed, cfg.train, cfg.optimizer)
 
 
-@pytest.mark.parametrize("rule,expected", [("none", 1.0), ("linear", 8.0), ("sqrt", 8.0**0.5)])
+@pytest.mark.parametrize("rule,expected", [("none", 1.0), ("linear", 8.0), ("sqrt", 8.0**0.5), ("auto", 8.0)])
 def test_lr_scaling_rules(rule, expected):
     assert lr_scale(OptimizerConfig(lr_scaling=rule, base_batch=2), 16) == pytest.approx(expected)
+
+
+def test_auto_scaling_is_linear_up_to_its_cap_and_warms_up():
+    auto = OptimizerConfig(lr_scaling="auto")
+    assert [lr_scale(auto, batch) for batch in (1, 4, 8, 16, 64)] == [1.0, 4.0, 8.0, 8.0, 8.0]
+    cfg = load_config(None, [])
+    assert warmup(cfg, 16).warmup_steps == 32 and warmup(cfg, 1).warmup_steps == 0  # 512 images at batch 16
+    assert warmup(load_config(None, ["schedule.warmup_steps=5"]), 16).warmup_steps == 5  # the config's own
+    assert warmup(load_config(None, ["optimizer.lr_scaling=linear"]), 16).warmup_steps == 0
 
 
 def test_clipping_bounds_the_update_and_reports_the_raw_norm():

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from shards.manifest import read_manifest, sha256_file
-from shards.synthetic import TASKS, render_scene, write_synthetic
+from shards.synthetic import PHOTO_GAMMAS, PHOTO_SATURATION, PHOTOS, TASKS, photos_task, render_scene, write_synthetic
 
 
 def read_tar_images(path):
@@ -54,11 +54,33 @@ def test_tasks_change_the_image_and_identity_is_a_poor_answer(task):
     assert mask.any()
 
 
-def test_same_seed_gives_the_same_bytes(tmp_path):
-    a = write_synthetic(tmp_path / "a", "stripes", size=16, train=5, test=2, seed=1)
-    b = write_synthetic(tmp_path / "b", "stripes", size=16, train=5, test=2, seed=1)
+@pytest.mark.parametrize("task", ["stripes", "photos"])
+def test_same_seed_gives_the_same_bytes(task, tmp_path):
+    a = write_synthetic(tmp_path / "a", task, size=16, train=5, test=2, seed=1)
+    b = write_synthetic(tmp_path / "b", task, size=16, train=5, test=2, seed=1)
+    c = write_synthetic(tmp_path / "c", task, size=16, train=5, test=2, seed=2)
     shas = lambda m: [s["sha256"] for split in read_manifest(m.parent)["splits"].values() for s in split["shards"]]
-    assert shas(a) == shas(b)
+    assert shas(a) == shas(b) and shas(a) != shas(c)
+
+
+def test_photos_are_crops_of_real_photographs_with_held_out_test_pictures(tmp_path):
+    write_synthetic(tmp_path, "photos", size=32, train=64, test=16, seed=0)
+    xs, ys = (read_tar_images(tmp_path / f"{d}-test-000000.tar") for d in ("x", "y"))
+    assert all(np.array_equal(ys[k], photos_task(xs[k], np.zeros((32, 32), bool))) for k in xs)  # paired: T(x)
+    train = read_tar_images(tmp_path / "x-train-000000.tar")
+    assert np.mean([image.std() for image in train.values()]) > 10  # natural texture, not flat colour
+    assert set(PHOTOS["train"]).isdisjoint(PHOTOS["test"])
+    psnr = np.mean([10 * np.log10(255**2 / ((xs[k].astype(float) - ys[k]) ** 2).mean()) for k in xs])
+    assert psnr < 25  # the identity is a poor translation
+
+
+def test_photo_transform_is_invertible_up_to_rounding():
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    out = photos_task(image, np.zeros((16, 16), bool)).astype(float) / 255
+    rgb = out ** (1 / PHOTO_GAMMAS)  # undo the tone curves, then the saturation change
+    luma = (rgb @ np.array([0.299, 0.587, 0.114]))[..., None]
+    back = luma + (rgb - luma) / PHOTO_SATURATION
+    assert np.abs(back * 255 - image).mean() < 3
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
