@@ -4,10 +4,11 @@ the raw weights for evaluation, sample grids and the export when ema.enabled.
 Each rank averages the part of the generator parameters it holds (`Backend.parameter_shards`): whole parameters
 under DDP and ZeRO-1/2, equal on every rank, so the averages are equal too without any communication; this
 rank's shards under ZeRO-3 and FSDP2, so the average is sharded like the generators. The average takes the place
-of the live weights only inside `swapped_in` (evaluation, sample grids); a checkpoint or an export gathers it into
-full tensors with the backend's `full_from_shards`, and loading takes this rank's part with `shards_from_full`
-(trainer.engine does both). Under DeepSpeed with bf16 the forward's weights are bf16 copies of fp32 masters: the
-average is kept in fp32 but follows those copies.
+of the live weights only inside `swapped_in` (evaluation, sample grids), written through the backend because
+ZeRO-3's forward reads gathered copies that small parameters keep between forwards. A checkpoint or an export
+gathers it into full tensors with the backend's `full_from_shards`, and loading takes this rank's part with
+`shards_from_full` (trainer.engine does both). Under DeepSpeed with bf16 the forward's weights are bf16 copies of
+fp32 masters: the average is kept in fp32 but follows those copies.
 
 The rule: after each generator update of B images (the global batch) with I images seen so far,
 h = min(half_life_images, rampup x I) (just half_life_images when rampup is 0), beta = 0.5 ** (B / h), and
@@ -17,7 +18,8 @@ average = beta x average + (1 - beta) x weights.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 
@@ -54,15 +56,22 @@ class GeneratorEMA:
                 average.copy_(tensor.detach().float())
 
     @contextlib.contextmanager
-    def swapped_in(self, tensors: list[torch.Tensor]) -> Iterator[None]:
-        """The average in place of `tensors` (the live weights) for the block; the weights are restored after it."""
+    def swapped_in(
+        self, tensors: list[torch.Tensor], write: Callable[[list[torch.Tensor]], None] | None = None
+    ) -> Iterator[None]:
+        """The average as the weights for the block, the weights `tensors` restored after it. `write` makes the
+        model use tensors laid out like `tensors` (Backend.write_parameter_shards); by default they are copied
+        into `tensors`."""
+        write = write or partial(_copy_into, tensors)
         raw = [tensor.detach().clone() for tensor in tensors]
-        with torch.no_grad():
-            for tensor, average in zip(tensors, self.average, strict=True):
-                tensor.copy_(average)
+        write(self.average)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for tensor, saved in zip(tensors, raw):
-                    tensor.copy_(saved)
+            write(raw)
+
+
+def _copy_into(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for target, value in zip(targets, values, strict=True):
+            target.copy_(value)

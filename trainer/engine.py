@@ -189,7 +189,9 @@ class Engine:
         """The generators hold their moving average for the block (their own weights without one)."""
         if self.ema is None:
             return contextlib.nullcontext()
-        return self.ema.swapped_in(self.backend.parameter_shards("g"))
+        return self.ema.swapped_in(
+            self.backend.parameter_shards("g"), lambda shards: self.backend.write_parameter_shards("g", shards)
+        )
 
     @property
     def checkpoint_units(self) -> tuple[str, ...]:

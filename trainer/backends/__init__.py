@@ -69,6 +69,10 @@ class Backend(Protocol):
         """The tensors this rank holds of each parameter of unit `which`, in `parameters()` order, as the forward
         reads them: writing into them changes the weights (whole parameters, or this rank's shards)."""
 
+    def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
+        """Make the forward of unit `which` use `shards` (laid out like `parameter_shards`) as its weights (a
+        collective where the forward reads gathered copies)."""
+
     def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Full fp32 tensors on CPU, by parameter name, from tensors laid out like `parameter_shards` (a
         collective where ranks hold parts)."""

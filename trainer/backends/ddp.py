@@ -102,6 +102,11 @@ class DDPBackend:
     def parameter_shards(self, which: str) -> list[torch.Tensor]:
         return [param.data for param in self.unwrap(which).parameters()]
 
+    def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for target, shard in zip(self.parameter_shards(which), shards, strict=True):
+                target.copy_(shard)
+
     def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         names = [name for name, _ in self.unwrap(which).named_parameters()]
         return {name: host_copy(shard.float()) for name, shard in zip(names, shards, strict=True)}

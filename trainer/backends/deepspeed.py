@@ -131,14 +131,32 @@ class DeepSpeedBackend:
         (bf16 under train.precision=bf16: DeepSpeed's fp32 master copies live in its optimizer)."""
         return [getattr(param, "ds_tensor", param).data for param in self.unwrap(which).parameters()]
 
+    def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
+        """ZeRO-3: a collective. Its forward reads gathered copies, which small (persistent) parameters keep between
+        forwards: each parameter is written whole and re-partitioned, as loading a checkpoint does."""
+        with torch.no_grad():
+            for param, shard in zip(self.unwrap(which).parameters(), shards, strict=True):
+                if not hasattr(param, "ds_id"):
+                    param.data.copy_(shard)
+                    continue
+                full = self._gather_partition(param, shard)
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.rank == 0:
+                        param.data.copy_(full.to(param.dtype))
+
+    def _gather_partition(self, param: nn.Parameter, shard: torch.Tensor) -> torch.Tensor:
+        """The full tensor of a ZeRO-3 parameter from each rank's `shard` (laid out like its ds_tensor; a
+        collective)."""
+        parts = [torch.empty_like(shard) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, shard.contiguous())
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+
     def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """ZeRO-3: a collective (each partition is all-gathered and the padding dropped)."""
         full = {}
         for (name, param), shard in zip(self.unwrap(which).named_parameters(), shards, strict=True):
             if hasattr(param, "ds_id"):
-                parts = [torch.empty_like(shard) for _ in range(self.world_size)]
-                torch.distributed.all_gather(parts, shard.contiguous())
-                shard = torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+                shard = self._gather_partition(param, shard)
             full[name] = host_copy(shard.float())
         return full
 

@@ -163,6 +163,12 @@ class FSDP2Backend:
     def parameter_shards(self, which: str) -> list[torch.Tensor]:
         return [param.data.to_local() for param in self.unwrap(which).parameters()]
 
+    def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
+        """Into the local shards, which the next forward all-gathers."""
+        with torch.no_grad():
+            for target, shard in zip(self.parameter_shards(which), shards, strict=True):
+                target.copy_(shard)
+
     def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """A collective (each tensor is all-gathered)."""
         full = {}
