@@ -205,9 +205,11 @@ class ShardOutcome:
 
 @dataclass
 class StoreHealth:
-    """Shards of one stream unreadable within their retry budget in a row, across epochs."""
+    """Of one stream, across epochs: shards in a row unreadable within their retry budget, and shards in a row
+    that gave no sample at all."""
 
     down: int = 0
+    empty: int = 0
 
 
 def shard_samples(
@@ -275,6 +277,9 @@ def _ring(
         health.down = health.down + 1 if outcome.failure else 0
         if health.down >= STORE_DOWN_SHARDS:
             raise DataError(f"{outcome.failure}; {health.down} shards in a row were unreadable, the store looks down")
+        health.empty = health.empty + 1 if wanted and not got else 0
+        if health.empty > len(order):  # with data.max_bad_fraction=1 nothing else would stop an endless search
+            raise DataError(f"no readable samples in any of {len(order)} shards (first: {order[0].url})")
         index, offset = (index + 1) % len(order), 0
 
 

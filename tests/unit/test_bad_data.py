@@ -87,3 +87,15 @@ def test_training_on_bad_shards_runs_to_the_end(bad_shards, tmp_path):
     last = [r for r in read_metrics(run_dir) if "data/bad_corrupt" in r][-1]
     assert last["step"] == 12 and last["data/bad_corrupt"] >= 1 and last["data/bad_truncated"] >= 1
     assert f"bad sample corrupt: {bad_shards}/x-train-000000.tar:{CORRUPT}" in result.stdout
+
+
+def test_shards_without_a_readable_sample_stop_even_when_bad_samples_are_allowed(tmp_path):
+    x = write_shards(tmp_path, "x-train", [good(i) for i in range(8)], maxcount=4)
+    y = write_shards(tmp_path, "y-train", [good(i) for i in range(8)], maxcount=4)
+    for record in x:
+        (tmp_path / record["name"]).write_bytes(b"not a tar at all" * 100)  # the manifest still promises 4 each
+    write_manifest(tmp_path, {"x-train": split_entry(x, (32, 32)), "y-train": split_entry(y, (32, 32))})
+    cfg = DataConfig(root=str(tmp_path), load_size=32, crop_size=32, num_workers=0, max_bad_fraction=1.0)
+    loader = UnpairedLoader(cfg, 2, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"no readable samples in any of 2 shards \(first: .*x-train-00000"):
+        next(loader)
