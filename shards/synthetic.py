@@ -9,7 +9,8 @@ Tasks:
   stripes - T darkens every other pair of rows inside the shapes (invertible up to rounding): harder.
   photos  - real image statistics: X are random crops of the photographs bundled with scikit-image (an optional
             extra: pip install -e .[photos]), downscaled to the size; T scales the saturation by 0.4 and applies a tone
-            curve per channel (gammas 0.5, 1, 2), invertible up to rounding. Test pairs are crops of other
+            curve per channel (gammas 0.5, 1, 2), invertible but where rounding merges dark levels (gamma 2 on
+            blue keeps 192 of 256). Test pairs are crops of other
             photographs than the training crops.
 
     python -m shards.synthetic --task colour --out data/colour --size 32 --train 2048 --test 64
@@ -107,12 +108,14 @@ def photographs(part: str) -> list[np.ndarray]:
 
 
 def photo_crops(rng: np.random.Generator, photos: list[np.ndarray], size: int) -> Iterator[Scene]:
-    """Endless square crops of random photographs and sides (2 x size up to half the shorter edge), downscaled to
-    size x size; the masks are empty."""
+    """Endless square crops of random photographs and sides (2 x size up to half the shorter edge; for sizes the
+    photographs are too small for, from min(2 x size, the shorter edge)), resized to size x size; the masks are
+    empty."""
     while True:
         photo = photos[int(rng.integers(len(photos)))]
         height, width = photo.shape[:2]
-        side = int(rng.integers(2 * size, min(height, width) // 2 + 1))
+        low = min(2 * size, height, width)
+        side = int(rng.integers(low, max(low, min(height, width) // 2) + 1))
         top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
         crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.Resampling.BOX)
         yield np.asarray(crop), np.zeros((size, size), bool)

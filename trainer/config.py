@@ -457,6 +457,8 @@ class EMAConfig:
     def __post_init__(self) -> None:
         _require(self.half_life_images >= 1, "ema.half_life_images", self.half_life_images, "an integer >= 1")
         _require(self.rampup >= 0, "ema.rampup", self.rampup, "a number >= 0")
+        if self.eval_raw and not self.enabled:
+            raise ConfigError("ema.eval_raw=true needs ema.enabled=true: without an average, eval/ is of the raw ones")
 
 
 @dataclass(kw_only=True)

@@ -21,7 +21,7 @@ import tarfile
 import traceback
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -205,11 +205,11 @@ class ShardOutcome:
 
 @dataclass
 class StoreHealth:
-    """Of one stream, across epochs: shards in a row unreadable within their retry budget, and shards in a row
-    that gave no sample at all."""
+    """Of one stream, across epochs: shards in a row unreadable within their retry budget, and the shards that gave
+    no sample at all since the last one that did."""
 
     down: int = 0
-    empty: int = 0
+    empty: set[str] = field(default_factory=set)
 
 
 def shard_samples(
@@ -277,9 +277,12 @@ def _ring(
         health.down = health.down + 1 if outcome.failure else 0
         if health.down >= STORE_DOWN_SHARDS:
             raise DataError(f"{outcome.failure}; {health.down} shards in a row were unreadable, the store looks down")
-        health.empty = health.empty + 1 if wanted and not got else 0
-        if health.empty > len(order):  # with data.max_bad_fraction=1 nothing else would stop an endless search
-            raise DataError(f"no readable samples in any of {len(order)} shards (first: {order[0].url})")
+        if got:
+            health.empty.clear()
+        elif wanted:
+            health.empty.add(shard.url)
+        if len(health.empty) == len({s.url for s in order}):  # with max_bad_fraction=1 nothing else would stop it
+            raise DataError(f"no readable samples in any of {len(health.empty)} shards (first: {order[0].url})")
         index, offset = (index + 1) % len(order), 0
 
 

@@ -225,13 +225,17 @@ class Engine:
         return {"schedulers": schedulers, "scalers": self.backend.scaler_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned, including each optimizer's current learning rate (a scheduler's
-        load_state_dict restores its position but leaves the optimizer at the LR it was built with)."""
+        """Restore what `state_dict` returned: each schedule's position, with this launch's base learning rates
+        (scaled for its global batch, which an elastic or resized restart changes) rather than the saved ones, and
+        each optimizer's learning rate at that position (a scheduler's load_state_dict alone leaves the optimizer
+        at the LR it was built with)."""
         for unit, sched_state in state["schedulers"].items():
             scheduler = self.schedulers[unit]
+            base_lrs = list(scheduler.base_lrs)
             scheduler.load_state_dict(sched_state)
-            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-                group["lr"] = lr
+            scheduler.base_lrs = base_lrs
+            scheduler.last_epoch -= 1
+            scheduler.step()  # recomputes the learning rates at the restored position from base_lrs
         self.backend.load_scaler_state(state["scalers"])
 
     def any_rank(self, flag: bool) -> bool:

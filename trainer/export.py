@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ def save_export(
     there is one, with the raw generators as an export of their own in out_dir/raw; else the raw ones."""
     if ema is None:
         save_generators(out_dir, raw, model_cfg, data_cfg)
+        shutil.rmtree(out_dir / "raw", ignore_errors=True)  # of an earlier export with an average
         return
     save_generators(out_dir, ema, model_cfg, data_cfg, weights="ema")
     save_generators(out_dir / "raw", raw, model_cfg, data_cfg)

@@ -26,8 +26,16 @@ def test_evaluation_sees_the_moving_average(launch_config, tmp_path):
         assert facts["seen_vs_average"] <= 1e-6 < facts["raw_vs_average"], facts
 
 
-def test_one_process_sees_the_moving_average(tmp_path):
-    result = run_bounded([sys.executable, "tests/distributed/ema_worker.py", str(tmp_path)], timeout_s=300)
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["distributed.backend=fsdp2", "distributed.reshard_after_forward=false"]],
+    ids=["ddp", "fsdp2-unsharded-after-forward"],
+)
+def test_one_process_sees_the_moving_average(overrides, tmp_path):
+    """FSDP2 without resharding after forward leaves the generators unsharded after a no-grad forward: the average
+    must still go into (and come out of) the shards."""
+    cmd = [sys.executable, "tests/distributed/ema_worker.py", str(tmp_path), *overrides]
+    result = run_bounded(cmd, timeout_s=300)
     assert result.returncode == 0, result.stderr[-4000:]
     facts = json.loads((tmp_path / "rank0.json").read_text())
     assert facts["restored"] and facts["seen_vs_average"] <= 1e-6 < facts["raw_vs_average"], facts

@@ -32,9 +32,11 @@ def test_demo_command_runs_under_each_launcher(case, tmp_path, colour_shards):
     global_batch = 4 * nproc
     assert f"global batch {global_batch} = 4 per rank x {nproc} ranks" in result.stdout
     records = read_metrics(run_dir)
+    scale = min(global_batch, 8.0)  # lr_scaling=auto
     assert records[0] == {
-        "step": 0, "run/global_batch": global_batch, "run/world_size": nproc, "run/lr_scale": 1.0, "run/restarts": 0
+        "step": 0, "run/global_batch": global_batch, "run/world_size": nproc, "run/lr_scale": scale, "run/restarts": 0
     }  # fmt: skip
+    assert f"lr scaling auto x{scale:.4g} -> lr {2e-4 * scale:.4g}" in result.stdout
     assert [r["step"] for r in records if "loss/g_total" in r] == [2, 4]
     final = [r for r in records if "loss/g_total" in r][-1]
     assert final["data/samples_read"] == 4 * 2 * 4 * nproc  # steps x domains x batch, summed over the ranks

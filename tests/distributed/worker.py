@@ -32,6 +32,7 @@ TINY = [
     "data.crop_size=16",
     "schedule.kind=constant",
     "optimizer.lr=1e-3",
+    "optimizer.lr_scaling=none",  # the same LR for every split of a global batch, and no warm-up
     # With eps=1e-8 Adam's first update is lr * sign(g): an element whose gradient sums to rounding level flips sign
     # between batch splits. A larger eps keeps the update smooth in the gradient, so splits can be compared.
     "optimizer.eps=1e-4",

@@ -88,12 +88,30 @@ def test_evaluation_export_and_checkpoints_use_the_average(colour_shards, tmp_pa
 @pytest.mark.slow
 def test_a_run_without_an_average_resumes_with_one(colour_shards, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["checkpoint.every_steps=2", "eval.images=0", "model.ngf=8", "model.ndf=8", "logging.image_every_steps=0"]
-    first = run_bounded(train_command(colour_shards, run_dir, "train.steps=2", *args))
+    args = [
+        "checkpoint.every_steps=2",
+        "eval.images=0",
+        "model.ngf=8",
+        "model.ndf=8",
+        "logging.image_every_steps=0",
+        "train.precision=fp32",
+        "optimizer.lr_scaling=none",
+    ]  # lr_scaling=none: full-size steps from the first one, so the weights move
+    first = run_bounded(train_command(colour_shards, run_dir, "train.steps=2", "ema.enabled=false", *args))
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_bounded(train_command(colour_shards, run_dir, "train.steps=4", "ema.enabled=true", *args))
+    slow = ["ema.enabled=true", "ema.rampup=0", "ema.half_life_images=1000000"]  # the average barely moves
+    resumed = run_bounded(train_command(colour_shards, run_dir, "train.steps=4", *slow, *args))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "holds no moving average of the generators: it starts from their loaded weights" in resumed.stdout
+    loaded = load_file(str(run_dir / "checkpoints" / "step_00000002" / "units.safetensors"))
     units = load_file(str(run_dir / "checkpoints" / "step_00000004" / "units.safetensors"))
-    weights = {k[2:] for k in units if k.startswith("g/") and not k.endswith(("exp_avg", "exp_avg_sq", "__step__"))}
+    weights = {k[2:] for k in loaded if k.startswith("g/") and not k.endswith(("exp_avg", "exp_avg_sq", "__step__"))}
     assert {k[len("g_ema/") :] for k in units if k.startswith("g_ema/")} == weights
+    for name in weights:  # the average started at the loaded weights, not at a fresh initialization
+        assert torch.allclose(units[f"g_ema/{name}"], loaded[f"g/{name}"], atol=1e-4), name
+    assert any(not torch.allclose(units[f"g/{name}"], loaded[f"g/{name}"], atol=1e-4) for name in weights)
+
+
+def test_eval_raw_needs_an_average():
+    with pytest.raises(ConfigError, match=r"ema.eval_raw=true needs ema.enabled=true"):
+        load_config(None, ["ema.eval_raw=true"])

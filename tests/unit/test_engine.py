@@ -8,7 +8,7 @@ import torch
 from trainer.backends import resolve_backend
 from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig, load_config
 from trainer.engine import Engine
-from trainer.train import lr_scale, warmup
+from trainer.train import build_training, lr_scale, warmup
 
 
 def test_auto_backend_follows_the_launcher():
@@ -120,3 +120,12 @@ def test_deepspeed_fp16_loss_scale_round_trips_through_plain_numbers():
         assert getattr(restored.loss_scaler, field) == getattr(trained.loss_scaler, field), field
     static = types.SimpleNamespace(loss_scaler=CreateLossScaler(torch.float32, 1.0, False, None))
     assert scaler_state(static) == {}  # fp32/bf16: nothing to keep
+
+
+def test_build_training_applies_the_auto_warm_up(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = load_config(None, ["train.batch_size=16", "model.ngf=4", "model.ndf=4", "model.generator=resnet",
+                             "model.n_blocks=1", "schedule.kind=constant"])  # fmt: skip
+    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
+    build_training(cfg, engine)
+    assert engine.lr("g") == pytest.approx(2e-4 * 8 / 32)  # x min(16, 8), first of 512 / 16 warm-up steps

@@ -142,13 +142,14 @@ class DeepSpeedBackend:
                 full = self._gather_partition(param, shard)
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     if self.rank == 0:
-                        param.data.copy_(full.to(param.dtype))
+                        param.data.copy_(full.to(param.data.device, param.dtype))
 
     def _gather_partition(self, param: nn.Parameter, shard: torch.Tensor) -> torch.Tensor:
         """The full tensor of a ZeRO-3 parameter from each rank's `shard` (laid out like its ds_tensor; a
-        collective)."""
+        collective, on the device: partitions offloaded to the CPU cannot go through NCCL)."""
+        shard = shard.to(self.device).contiguous()
         parts = [torch.empty_like(shard) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, shard.contiguous())
+        torch.distributed.all_gather(parts, shard)
         return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
 
     def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -161,7 +161,13 @@ class FSDP2Backend:
         return 1.0
 
     def parameter_shards(self, which: str) -> list[torch.Tensor]:
+        """Resharded first: with reshard_after_forward=false a no-grad forward leaves the unit unsharded."""
+        self._reshard(which)
         return [param.data.to_local() for param in self.unwrap(which).parameters()]
+
+    def _reshard(self, which: str) -> None:
+        for root in self.roots[which]:
+            root.reshard()
 
     def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
         """Into the local shards, which the next forward all-gathers."""
@@ -171,6 +177,7 @@ class FSDP2Backend:
 
     def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """A collective (each tensor is all-gathered)."""
+        self._reshard(which)
         full = {}
         for (name, param), shard in zip(self.units[which].named_parameters(), shards, strict=True):
             spread = DTensor.from_local(shard, param.device_mesh, param.placements, shape=param.shape,
@@ -179,6 +186,7 @@ class FSDP2Backend:
         return full
 
     def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        self._reshard(which)
         return [
             _slice_like(param, full[name]).to_local().float() for name, param in self.units[which].named_parameters()
         ]
