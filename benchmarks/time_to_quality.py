@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.process_group import run_group  # noqa: E402
 
-REFERENCE = ["train.precision=fp32", "train.batch_size=1", "ema.enabled=false"]
+REFERENCE = ["train.precision=fp32", "train.batch_size=1", "ema.enabled=false", "ema.eval_raw=false"]
 
 
 def free_port() -> int:
