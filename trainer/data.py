@@ -7,9 +7,12 @@ sample is read once per epoch, and a slot whose share is one short re-reads one 
 documented padding). Every slot, so every rank, reads exactly L samples per epoch, whatever the shard counts.
 
 Inside a slot, samples pass a seeded shuffle buffer, are decoded (a counting handler skips bad ones without
-sleeping) and augmented with randomness derived from (seed, domain, epoch, slot, position). The position within
+sleeping) and augmented with randomness derived from (seed, domain, epoch, slot, position). A shard that comes up
+short (truncated, or a remote one unreadable within its retries: shards.remote) leaves a placeholder in each
+position it did not fill, a bad sample when decoded, so no position depends on a failure. The position within
 the epoch is therefore the whole state of a slot: resuming replays the raw samples up to it without decoding.
 X and Y are separate streams, zipped into batches inside the worker, and every batch carries its worker's state.
+Shards are local files, `pipe:` commands or store URLs (http(s), s3, gs), all opened by shards.streams.
 """
 
 from __future__ import annotations
