@@ -3,9 +3,8 @@
 Every shard the manifest lists is uploaded and its size checked on the store, then manifest.json last: a reader
 that finds the manifest finds every shard it names, and an interrupted upload is repeated with the same command
 (everything is uploaded again: shards of another data set can have the same names and sizes). Works for the fsspec
-stores (s3://, gs://); credentials
-come from the store's standard environment and files. HTTP servers are filled by their own means (copy the
-directory to where the server serves it, or serve it with `python -m shards.serve`).
+stores (s3://, gs://); credentials come from the store's standard environment and files. HTTP servers are filled by
+their own means (copy the directory to where the server serves it, or serve it with `python -m shards.serve`).
 """
 
 from __future__ import annotations
