@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,11 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shards.manifest import split_entry, write_manifest
-from shards.synthetic import render_scene
-from shards.writer import write_shards
-from trainer.config import DataConfig
-from trainer.data import UnpairedShards
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.process_group import free_port  # noqa: E402
+from shards.manifest import split_entry, write_manifest  # noqa: E402
+from shards.synthetic import render_scene  # noqa: E402
+from shards.writer import write_shards  # noqa: E402
+from trainer.config import DataConfig  # noqa: E402
+from trainer.data import UnpairedShards  # noqa: E402
 
 
 def write_jpeg_shards(root: Path, load_size: int, count: int) -> None:
@@ -71,11 +75,9 @@ def images_per_second(cfg: DataConfig, batches: int, batch_size: int) -> float:
 @contextmanager
 def served(root: str) -> Iterator[str]:
     """The URL of `root` served by shards.serve in a separate process (not competing with the reader's GIL)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "shards.serve", root, "--port", str(port), "--quiet"]
-    server = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         server.stdout.readline()  # "serving ... at URL": listening
         yield f"http://127.0.0.1:{port}"

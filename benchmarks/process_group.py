@@ -1,13 +1,15 @@
 """Run a benchmark step as its own process group and, on timeout, kill the whole group: the step together with its
-children (compile workers, launcher ranks), which killing the step alone would leave running. Standard library only:
-gpu_check.py imports it before anything is installed."""
+children (compile workers, launcher ranks), which killing the step alone would leave running; and the launcher
+prefix of a training step. Standard library only: gpu_check.py imports it before anything is installed."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
+import sys
 
 
 def run_group(cmd: list[str], timeout_s: float, **popen_kwargs) -> tuple[int | None, str | None, str | None]:
@@ -33,3 +35,19 @@ def _kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):  # it ended just before
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher(launch_config: str | None, nproc: int) -> list[str]:
+    """The command prefix of a training step: this interpreter, or `accelerate launch` with launch/LAUNCH.yaml on
+    nproc processes and a fresh port."""
+    if launch_config is None:
+        return [sys.executable]
+    return ["accelerate", "launch", "--config_file", f"launch/{launch_config}.yaml", "--num_processes", str(nproc),
+            "--main_process_port", str(free_port())]  # fmt: skip

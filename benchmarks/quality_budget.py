@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from shards.synthetic import write_synthetic  # noqa: E402
+
 MODELS = {
     "resnet6": ["model.generator=resnet", "model.n_blocks=6"],
     "unet_article": [  # the article's model (configs/unet-article.yaml) at the demo's width
@@ -68,11 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / args.task
-        subprocess.run(
-            [sys.executable, "-m", "shards.synthetic", "--task", args.task, "--out", str(data), "--size", "32",
-             "--train", str(args.train), "--test", str(args.test)],
-            cwd=REPO, check=True, capture_output=True,
-        )  # fmt: skip
+        write_synthetic(data, args.task, size=32, train=args.train, test=args.test)
         results = [run_model(m, data, Path(tmp) / f"run-{m}", args.seconds, args.test) for m in args.models]
     figures = {
         "benchmark": "quality_budget",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launcher(launch_config: str | None, nproc: int) -> list[str]:
-    if launch_config is None:
-        return [sys.executable]
-    return ["accelerate", "launch", "--config_file", f"launch/{launch_config}.yaml", "--num_processes", str(nproc),
-            "--main_process_port", str(free_port())]  # fmt: skip
+from benchmarks.process_group import launcher  # noqa: E402
 
 
 def throughput(args: argparse.Namespace, data: Path, run_dir: Path, launch: str | None, nproc: int, *extra: str):

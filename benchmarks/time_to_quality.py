@@ -31,17 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.process_group import run_group  # noqa: E402
+from benchmarks.process_group import launcher, run_group  # noqa: E402
+from shards.synthetic import write_synthetic  # noqa: E402
 
 REFERENCE = ["train.precision=fp32", "train.batch_size=1", "ema.enabled=false", "ema.eval_raw=false"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train(args: argparse.Namespace, data: Path, run_dir: Path, batch: int, overrides: list[str]) -> list[dict]:
@@ -49,11 +42,7 @@ def train(args: argparse.Namespace, data: Path, run_dir: Path, batch: int, overr
     ranks = 2 if batch >= 2 else 1
     steps = args.images // batch
     every = max(1, args.eval_every // batch)
-    launcher = [sys.executable]
-    if ranks == 2:
-        launcher = ["accelerate", "launch", "--config_file", "launch/cpu-ddp-2.yaml", "--num_processes", "2",
-                    "--main_process_port", str(free_port())]  # fmt: skip
-    cmd = launcher + [
+    cmd = launcher("cpu-ddp-2" if ranks == 2 else None, ranks) + [
         "trainer/main.py", "--config", "configs/demo-cpu.yaml", f"data.root={data}", f"train.run_dir={run_dir}",
         f"train.batch_size={batch // ranks}", f"train.steps={steps}", f"eval.every_steps={every}",
         f"logging.every_steps={every}", f"eval.images={args.test}", "checkpoint.every_steps=0",
@@ -161,11 +150,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / args.task
-        subprocess.run(
-            [sys.executable, "-m", "shards.synthetic", "--task", args.task, "--out", str(data), "--size", "32",
-             "--train", str(args.train), "--test", str(args.test)],
-            cwd=REPO, check=True, capture_output=True,
-        )  # fmt: skip
+        write_synthetic(data, args.task, size=32, train=args.train, test=args.test)
         for index, (name, batch, overrides) in enumerate(settings):
             records = train(args, data, Path(tmp) / f"run{index}", batch, overrides)
             ema = "ema.enabled=false" not in overrides
