@@ -262,7 +262,7 @@ def _ring(
     while offset >= order[index].samples:
         offset -= order[index].samples
         index += 1
-    produced = 0
+    produced, distinct = 0, len({s.url for s in order})
     while produced < length:
         shard, got, outcome = order[index], 0, ShardOutcome()
         wanted = min(shard.samples - offset, length - produced)
@@ -284,7 +284,7 @@ def _ring(
             health.empty.clear()
         elif wanted:
             health.empty.add(shard.url)
-        if len(health.empty) == len({s.url for s in order}):  # with max_bad_fraction=1 nothing else would stop it
+        if len(health.empty) == distinct:  # with data.max_bad_fraction=1 nothing else would stop the search
             raise DataError(f"no readable samples in any of {len(health.empty)} shards (first: {order[0].url})")
         index, offset = (index + 1) % len(order), 0
 
