@@ -26,6 +26,13 @@ GeneratorName = Literal[
 ]
 DiscriminatorName = Literal["patchgan", "pixel", "hnet"]
 NormName = Literal["batch", "instance", "none"]
+FamilyName = Literal["cyclegan", "cut", "fastcut"]
+CONTRASTIVE_FAMILIES = ("cut", "fastcut")
+"""Families trained with PatchNCE (trainer/cut.py): one generator X -> Y and one discriminator."""
+NCE_GENERATORS = ("resnet_9blocks", "resnet_6blocks", "resnet")
+"""Generators whose encoder layers PatchNCE reads (a flat stack of layers, like the paper's)."""
+RESNET_STEM_LAYERS = 10
+"""Layers of the ResNet generator before its first residual block (stem conv and two downsamplings)."""
 CHECKPOINTED_GENERATORS = ("resnet_9blocks", "resnet_6blocks", "resnet", "unet_article", "unet_128", "unet_256")
 """Generators whose blocks train.activation_checkpointing can recompute."""
 
@@ -36,6 +43,10 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    family: FamilyName = "cyclegan"
+    """cyclegan: two generators and two discriminators with cycle consistency (Zhu et al., 2017). cut / fastcut:
+    one generator X -> Y, one discriminator and a PatchNCE head (Park et al., 2020); fastcut is CUT without the
+    identity NCE term, with lambda_nce 10 and flip-equivariance augmentation."""
     generator: GeneratorName = "resnet_9blocks"
     """Generator family for both g_xy (the paper's G) and g_yx (the paper's F)."""
     discriminator: DiscriminatorName = "patchgan"
@@ -64,6 +75,19 @@ class ModelConfig:
     """For discriminator=hnet: PatchGAN stages in the shared trunk H; the rest form each head H'."""
     input_nc: int | None = None
     """Generator input channels: 3 plus the channels of data.extra (set from it when null)."""
+    nce_layers: list[int] | None = None
+    """CUT/FastCUT: the generator layers whose features PatchNCE compares, as indices into the ResNet's layer stack
+    (0: the padded input, 4 and 7: the two downsamplings, 10 + i: residual block i). Null: the paper's choice,
+    [0, 4, 7, 10, 14] (input, both downsamplings, the 1st and 5th block), keeping those the generator has."""
+    nce_patches: int = 256
+    """CUT/FastCUT: patch locations sampled per layer and image (all of a layer's locations when it has fewer)."""
+    nce_mlp_channels: int = 256
+    """CUT/FastCUT: width of the PatchNCE head (a two-layer MLP per layer; its output is L2-normalized)."""
+    nce_identity: bool | None = None
+    """CUT/FastCUT: also apply PatchNCE to G(y) against y (the identity NCE term). Null: on for cut, off for fastcut."""
+    flip_equivariance: bool | None = None
+    """CUT/FastCUT: flip each training batch horizontally with probability 0.5 before G and compare G's features of
+    the flipped translation, flipped back, with those of the input. Null: on for fastcut, off for cut."""
 
     def __post_init__(self) -> None:
         _require(self.ngf >= 1, "model.ngf", self.ngf, "an integer >= 1")
@@ -87,6 +111,40 @@ class ModelConfig:
             self.hnet_trunk_layers,
             f"an integer in [1, {max_trunk}] (n_layers_d + 1)",
         )
+        if self.family in CONTRASTIVE_FAMILIES:
+            self._resolve_nce()
+
+    def _resolve_nce(self) -> None:
+        """Check the CUT/FastCUT fields and fill in the family's defaults."""
+        if self.generator not in NCE_GENERATORS:
+            raise ConfigError(
+                f"model.family={self.family} needs a ResNet generator ({', '.join(NCE_GENERATORS)}), got "
+                f"model.generator={self.generator}: PatchNCE reads the features of its encoder layers"
+            )
+        if self.discriminator == "hnet":
+            raise ConfigError(
+                f"model.family={self.family} trains one discriminator; model.discriminator=hnet is CycleGAN's pair "
+                "with a shared trunk: use patchgan or pixel"
+            )
+        depth = RESNET_STEM_LAYERS + self.n_blocks
+        if self.nce_layers is None:
+            self.nce_layers = [layer for layer in (0, 4, 7, 10, 14) if layer < depth]
+        _require(
+            bool(self.nce_layers) and all(0 <= layer < depth for layer in self.nce_layers),
+            "model.nce_layers",
+            self.nce_layers,
+            f"a non-empty list of layer indices in [0, {depth - 1}] for this generator",
+        )
+        _require(
+            len(set(self.nce_layers)) == len(self.nce_layers), "model.nce_layers", self.nce_layers, "distinct indices"
+        )
+        _require(self.nce_patches >= 1, "model.nce_patches", self.nce_patches, "an integer >= 1")
+        _require(self.nce_mlp_channels >= 1, "model.nce_mlp_channels", self.nce_mlp_channels, "an integer >= 1")
+        fast = self.family == "fastcut"
+        if self.nce_identity is None:
+            self.nce_identity = not fast
+        if self.flip_equivariance is None:
+            self.flip_equivariance = fast
 
     @property
     def in_channels(self) -> int:
@@ -102,8 +160,11 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    gan_mode: Literal["lsgan", "vanilla", "hinge"] = "lsgan"
-    """Adversarial objective: least squares (the paper and the article), BCE-with-logits, or hinge."""
+    gan_mode: Literal["lsgan", "vanilla", "hinge", "wgangp"] = "lsgan"
+    """Adversarial objective: least squares (the paper and the article), BCE-with-logits, hinge, or wgangp (WGAN:
+    critic scores, with a gradient penalty on random interpolates of real and fake images, weight lambda_gp)."""
+    lambda_gp: float = 10.0
+    """gan_mode=wgangp: weight of the gradient penalty (||grad D(interpolate)||_2 - 1)^2 of each discriminator."""
     lambda_adv: float = 1.0
     """Weight of each generator's adversarial term."""
     lambda_cycle: float = 10.0
@@ -114,8 +175,17 @@ class LossConfig:
     """The article's input-preservation term ||G(x) - x||_1 + ||F(y) - y||_1 (the article uses 0.5); 0 disables."""
     lambda_feature: float = 0.0
     """Feature-level cycle loss ||H(F(G(x))) - H(x)||_1 + ||H(G(F(y))) - H(y)||_1; needs discriminator=hnet."""
+    lambda_nce: float | None = None
+    """CUT/FastCUT: weight of the PatchNCE loss (null: 1 for cut, 10 for fastcut). The cycle, identity, preserve
+    and feature weights above are CycleGAN's and unused by them."""
+    nce_temperature: float = 0.07
+    """CUT/FastCUT: temperature tau of the PatchNCE softmax."""
 
     def __post_init__(self) -> None:
+        _require(self.lambda_gp >= 0, "loss.lambda_gp", self.lambda_gp, "a number >= 0")
+        _require(self.nce_temperature > 0, "loss.nce_temperature", self.nce_temperature, "a number > 0")
+        if self.lambda_nce is not None:
+            _require(self.lambda_nce >= 0, "loss.lambda_nce", self.lambda_nce, "a number >= 0 or null")
         for name in ("lambda_adv", "lambda_cycle", "lambda_identity", "lambda_preserve", "lambda_feature"):
             value = getattr(self, name)
             _require(value >= 0, f"loss.{name}", value, "a number >= 0")
@@ -285,8 +355,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute the generators' residual / U-Net blocks in the backward pass instead of keeping their
     activations: much less memory for large crops (512 px and up) for about one more forward of those blocks."""
-    pool_size: int = 50
-    """Image history pool of generated images shown to the discriminators; 0 disables it."""
+    pool_size: int | None = None
+    """Image history pool of generated images shown to the discriminators; 0 disables it. Null: 50 for CycleGAN
+    (the paper), 0 for CUT/FastCUT (theirs has none)."""
     channels_last: bool = False
     """Keep the networks' weights (and so their activations) in channels-last memory format (NHWC), which
     convolution kernels of GPUs' tensor cores and of oneDNN on CPUs prefer."""
@@ -305,7 +376,8 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
         _require(bool(self.run_dir), "train.run_dir", self.run_dir, "a non-empty path")
         _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
-        _require(self.pool_size >= 0, "train.pool_size", self.pool_size, "an integer >= 0")
+        if self.pool_size is not None:
+            _require(self.pool_size >= 0, "train.pool_size", self.pool_size, "an integer >= 0 or null")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", self.max_nonfinite_steps, "an integer > 0")
 
 
@@ -483,6 +555,7 @@ class Config:
                 "leave model.input_nc unset"
             )
         self.model.input_nc = input_nc
+        self._resolve_family()
         if self.loss.lambda_feature > 0 and self.model.discriminator != "hnet":
             raise ConfigError(
                 f"loss.lambda_feature={self.loss.lambda_feature} needs model.discriminator=hnet "
@@ -503,11 +576,46 @@ class Config:
                 f"train.activation_checkpointing=true is not available for model.generator={self.model.generator}; "
                 f"expected one of {', '.join(CHECKPOINTED_GENERATORS)}"
             )
+        if self.loss.gan_mode == "wgangp":
+            self._check_penalty()
         multiple = self.model.min_image_multiple()
         if self.data.crop_size % multiple:
             raise ConfigError(
                 f"data.crop_size={self.data.crop_size} must be a multiple of {multiple} for "
                 f"model.generator={self.model.generator}"
+            )
+
+    def _resolve_family(self) -> None:
+        """The family's defaults (pool, lambda_nce) and the settings CUT/FastCUT cannot use."""
+        contrastive = self.model.family in CONTRASTIVE_FAMILIES
+        if self.train.pool_size is None:
+            self.train.pool_size = 0 if contrastive else 50
+        if not contrastive:
+            return
+        if self.loss.lambda_nce is None:
+            self.loss.lambda_nce = 10.0 if self.model.family == "fastcut" else 1.0
+        for key in ("lambda_preserve", "lambda_feature"):
+            if getattr(self.loss, key) > 0:
+                raise ConfigError(
+                    f"loss.{key}={getattr(self.loss, key)} is a CycleGAN term; model.family={self.model.family} has "
+                    "no second generator: set it to 0"
+                )
+        if self.eval.select == "cycle":
+            raise ConfigError(
+                f"eval.select=cycle needs reconstructions; model.family={self.model.family} has none: use psnr or fid"
+            )
+
+    def _check_penalty(self) -> None:
+        """loss.gan_mode=wgangp differentiates the discriminators twice: refuse what cannot."""
+        if self.train.compile:
+            raise ConfigError(
+                "loss.gan_mode=wgangp with train.compile=true: torch.compile cannot differentiate twice (the "
+                "gradient penalty); set train.compile=false or use another gan_mode"
+            )
+        if self.train.precision == "fp16":
+            raise ConfigError(
+                "loss.gan_mode=wgangp with train.precision=fp16: the penalty's input gradient is not loss-scaled and "
+                "underflows in fp16; use bf16 or fp32"
             )
 
 
@@ -622,6 +730,11 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
             return None
         (inner,) = [option for option in options if option is not type(None)]
         return _coerce(value, inner, path)
+    if origin is list:
+        (inner,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}={_show(value)} has the wrong type; expected a list, e.g. [0, 4]")
+        return [_coerce(item, inner, f"{path}[{i}]") for i, item in enumerate(value)]
     if kind is bool:
         if isinstance(value, bool):
             return value

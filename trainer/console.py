@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from tqdm import tqdm
 
 GROUPS = {  # the terms of each loss shown on the console, by the name it is shown under
     "g": {"adv": ("adv_g_xy", "adv_g_yx"), "cycle": ("cycle_x", "cycle_y"), "idt": ("idt_x", "idt_y"),
-          "preserve": ("preserve_x", "preserve_y"), "feature": ("feature_x", "feature_y")},
+          "preserve": ("preserve_x", "preserve_y"), "feature": ("feature_x", "feature_y"), "nce": ("nce_x", "nce_y")},
     "d": {"x": ("d_x",), "y": ("d_y",)},
 }  # fmt: skip
 
@@ -114,5 +115,6 @@ class Console:
             ]  # fmt: skip
             self.message(f"evaluation at step {step}: {', '.join(shown)}")
         if export:
-            self.message(f"generators exported to {export} (g_xy: X->Y, g_yx: Y->X); translate images with")
+            which = "g_xy: X->Y, g_yx: Y->X" if (Path(export) / "g_yx.safetensors").is_file() else "g_xy: X->Y"
+            self.message(f"generators exported to {export} ({which}); translate images with")
             self.message(f"  python -m trainer.translate --weights {export} --direction x2y --input IMAGES --out OUT")

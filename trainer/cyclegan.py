@@ -1,4 +1,5 @@
-"""The CycleGAN algorithm (Zhu et al., 2017), free of any distributed or tracking code.
+"""The CycleGAN algorithm (Zhu et al., 2017), free of any distributed or tracking code (CUT's is trainer/cut.py,
+with the same step functions).
 
 Names follow the paper and the source article: g_xy is the paper's G (X -> Y), g_yx is its F (Y -> X); d_x tells
 real x from g_yx(y), d_y tells real y from g_xy(x). The generators form one trainable unit (`GeneratorPair`), the
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from trainer.config import LossConfig, ModelConfig
-from trainer.losses import discriminator_loss, generator_adv_loss, l1
+from trainer.losses import discriminator_loss, generator_adv_loss, gradient_penalty, l1
 from trainer.models import build_discriminator, build_generator, build_hnet
 
 Tensors = dict[str, torch.Tensor]
@@ -59,6 +60,13 @@ class GeneratorPair(nn.Module):
         out["rec_y"] = self.g_xy(with_extra(out["fake_x"], extra_y))
         return out
 
+    def sample_columns(
+        self, x: torch.Tensor, y: torch.Tensor, extra_x: torch.Tensor | None, extra_y: torch.Tensor | None
+    ) -> dict[str, list[torch.Tensor]]:
+        """The sample grids' columns: x | G(x) | F(G(x)) and y | F(y) | G(F(y))."""
+        out = self(x, y, extra_x, extra_y)
+        return {"x_to_y": [x, out["fake_y"], out["rec_x"]], "y_to_x": [y, out["fake_x"], out["rec_y"]]}
+
 
 def with_extra(images: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     """Generator input: the images, followed by the extra channels when there are any."""
@@ -66,23 +74,30 @@ def with_extra(images: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor
 
 
 class DiscriminatorPair(nn.Module):
-    """d_x and d_y. For the article's H/H' variant both share `trunk` (H): d_x = H'_X(H(.)), d_y = H'_Y(H(.))."""
+    """d_x and d_y. For the article's H/H' variant both share `trunk` (H): d_x = H'_X(H(.)), d_y = H'_Y(H(.)).
+    With `penalty` (loss.gan_mode=wgangp) the forward also computes each one's gradient penalty, so the unit's
+    one forward holds all of its step's work."""
 
-    def __init__(self, d_x: nn.Module, d_y: nn.Module, trunk: nn.Module | None = None):
+    def __init__(self, d_x: nn.Module, d_y: nn.Module, trunk: nn.Module | None = None, penalty: bool = False):
         super().__init__()
         self.d_x = d_x
         self.d_y = d_y
         self.trunk = trunk
+        self.penalty = penalty
 
     def forward(
         self, real_x: torch.Tensor, fake_x: torch.Tensor, real_y: torch.Tensor, fake_y: torch.Tensor
     ) -> Tensors:
-        return {
+        out = {
             "real_x": self.d_x(real_x),
             "fake_x": self.d_x(fake_x),
             "real_y": self.d_y(real_y),
             "fake_y": self.d_y(fake_y),
         }
+        if self.penalty and torch.is_grad_enabled():
+            out["gp_x"] = gradient_penalty(self.d_x, real_x, fake_x)
+            out["gp_y"] = gradient_penalty(self.d_y, real_y, fake_y)
+        return out
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """H(images): the shared trunk's features (only for the H/H' variant)."""
@@ -97,11 +112,12 @@ def build_units(
     """The two trainable units, initialized from the global torch RNG (seed it first for identical ranks)."""
     g_xy, g_yx = build_generator(model_cfg), build_generator(model_cfg)
     gens = GeneratorPair(g_xy, g_yx, loss_cfg.lambda_identity > 0, fuse_passes)
+    penalty = loss_cfg.gan_mode == "wgangp"
     if model_cfg.discriminator == "hnet":
         trunk, head_x, head_y = build_hnet(model_cfg)
-        discs = DiscriminatorPair(nn.Sequential(trunk, head_x), nn.Sequential(trunk, head_y), trunk)
+        discs = DiscriminatorPair(nn.Sequential(trunk, head_x), nn.Sequential(trunk, head_y), trunk, penalty)
     else:
-        discs = DiscriminatorPair(build_discriminator(model_cfg), build_discriminator(model_cfg))
+        discs = DiscriminatorPair(build_discriminator(model_cfg), build_discriminator(model_cfg), penalty=penalty)
     return gens, discs
 
 
@@ -165,19 +181,17 @@ def discriminator_step(
     """The discriminators' objective on real images vs (pooled, detached) fakes.
 
     Returns:
-        (loss, stats): loss = loss_d_x + loss_d_y and detached per-term values keyed `loss/...`.
+        (loss, stats): loss = loss_d_x + loss_d_y, each with lambda_gp times its gradient penalty under wgangp,
+        and detached per-term values keyed `loss/...`.
     """
     preds = discs(real_x, fake_x.detach(), real_y, fake_y.detach())
-    loss_x, real_part_x, fake_part_x = discriminator_loss(preds["real_x"], preds["fake_x"], cfg.gan_mode)
-    loss_y, real_part_y, fake_part_y = discriminator_loss(preds["real_y"], preds["fake_y"], cfg.gan_mode)
-    loss = loss_x + loss_y
-    stats = {
-        "loss/d_x": loss_x,
-        "loss/d_x_real": real_part_x,
-        "loss/d_x_fake": fake_part_x,
-        "loss/d_y": loss_y,
-        "loss/d_y_real": real_part_y,
-        "loss/d_y_fake": fake_part_y,
-        "loss/d_total": loss,
-    }
-    return loss, {key: value.detach() for key, value in stats.items()}
+    stats: Tensors = {}
+    for domain in ("x", "y"):
+        loss, real_part, fake_part = discriminator_loss(preds[f"real_{domain}"], preds[f"fake_{domain}"], cfg.gan_mode)
+        stats[f"loss/d_{domain}_real"], stats[f"loss/d_{domain}_fake"] = real_part, fake_part
+        if f"gp_{domain}" in preds:
+            stats[f"loss/gp_{domain}"] = preds[f"gp_{domain}"]
+            loss = loss + cfg.lambda_gp * preds[f"gp_{domain}"]
+        stats[f"loss/d_{domain}"] = loss
+    stats["loss/d_total"] = stats["loss/d_x"] + stats["loss/d_y"]
+    return stats["loss/d_total"], {key: value.detach() for key, value in stats.items()}

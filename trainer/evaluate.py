@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     evaluator = Evaluator(test, cfg, gens.model.input_nc, device, world_size, inception)
     bf16 = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else None
-    metrics = evaluator(gens.g_xy.to(device), gens.g_yx.to(device), bf16)
+    metrics = evaluator(gens.g_xy.to(device), None if gens.g_yx is None else gens.g_yx.to(device), bf16)
     if rank == 0:
         print(format_table(metrics))
         if not test.paired:

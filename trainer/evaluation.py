@@ -107,43 +107,57 @@ class Evaluator:
     ) -> None:
         self.test, self.cfg, self.input_nc, self.device, self.world_size = test, cfg, input_nc, device, world_size
         self.inception = inception
-        self.metrics: dict[str, MeanMetric] = {
-            "cycle_l1_x": MeanAbsoluteError(device),
-            "cycle_l1_y": MeanAbsoluteError(device),
-        }
-        if test.paired:
-            for name in ("identity", "g_xy", "g_yx"):  # images in [-1, 1]: a data range of 2
-                self.metrics[f"psnr_{name}"] = PSNR(2.0, device)
-                self.metrics[f"ssim_{name}"] = SSIM(2.0, device)
+        self.metrics: dict[str, MeanMetric] = {}
         self.inception_metrics: dict[str, Metric] = {}
-        if inception is not None:
-            from trainer.inception_metrics import build_inception_metrics  # imports torchmetrics (~1.7 s)
-
-            subset = min(cfg.kid_subset_size, test.total_x, test.total_y)
-            self.inception_metrics = build_inception_metrics(inception, subset, device)
+        self.two_way: bool | None = None  # whether the metrics were built for F too (at the first call)
         self.real_done = False
 
+    def _build_metrics(self, two_way: bool) -> None:
+        """The metrics of G alone, or of G and F (`two_way`): cycle L1 needs both, FID of domain X needs F."""
+        device, test = self.device, self.test
+        domains = ("x", "y") if two_way else ("y",)  # the domains fakes are made in
+        self.metrics = {f"cycle_l1_{d}": MeanAbsoluteError(device) for d in ("x", "y") if two_way}
+        if test.paired:
+            for name in ("identity", "g_xy", "g_yx")[: 3 if two_way else 2]:  # images in [-1, 1]: a data range of 2
+                self.metrics[f"psnr_{name}"] = PSNR(2.0, device)
+                self.metrics[f"ssim_{name}"] = SSIM(2.0, device)
+        if self.inception is not None:
+            from trainer.inception_metrics import build_inception_metrics  # imports torchmetrics (~1.7 s)
+
+            subset = min(self.cfg.kid_subset_size, test.total_x, test.total_y)
+            self.inception_metrics = build_inception_metrics(self.inception, subset, self.device, domains)
+        self.two_way = two_way
+
     def __call__(
-        self, g_xy: nn.Module, g_yx: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+        self,
+        g_xy: nn.Module,
+        g_yx: nn.Module | None,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> dict[str, float]:
-        """eval/ metrics of G = g_xy and F = g_yx (in eval mode: see `eval_mode`), equal on every rank."""
+        """eval/ metrics of G = g_xy and F = g_yx (in eval mode: see `eval_mode`), equal on every rank. Without F
+        (CUT/FastCUT): G's translation of the X test images only - PSNR/SSIM of G, FID/KID of domain Y."""
+        if self.two_way is None:
+            self._build_metrics(g_yx is not None)
+        elif self.two_way != (g_yx is not None):
+            raise ValueError("an Evaluator measures either a generator pair or one generator, not both")
         autocast = autocast or contextlib.nullcontext
         for metric in [*self.metrics.values(), *self.inception_metrics.values()]:
             metric.reset()  # FID/KID keep their real features (reset_real_features=False)
         test = self.test
-        directions = (
-            ("x", test.x, test.extra_x, test.total_x, g_xy, g_yx, test.y),
-            ("y", test.y, test.extra_y, test.total_y, g_yx, g_xy, test.x),
-        )
+        directions = [("x", test.x, test.extra_x, test.total_x, g_xy, g_yx, test.y)]
+        if g_yx is not None:
+            directions.append(("y", test.y, test.extra_y, test.total_y, g_yx, g_xy, test.x))
         with torch.no_grad():
             for domain, images, extra, total, forward, backward, partner in directions:
                 for start, rows, batch, batch_extra in self._batches(images, extra, total):
                     with autocast():
                         fake = forward(with_extra(batch, batch_extra))
-                        rec = backward(with_extra(fake, batch_extra))
+                        rec = None if backward is None else backward(with_extra(fake, batch_extra)).float()[:rows]
                     if rows:
                         target = partner[start : start + rows].to(self.device) if test.paired else None
-                        self._update(domain, batch[:rows], fake[:rows].float(), rec[:rows].float(), target)
+                        self._update(domain, batch[:rows], fake[:rows].float(), rec, target)
+            if g_yx is None and "fid_y" in self.inception_metrics and not self.real_done:
+                self._real_features("y", test.y, test.extra_y, test.total_y)
         self.real_done = True
         values = reduce_means(self.metrics)  # one all_reduce, then FID/KID's syncs in a fixed order
         if self.inception_metrics:
@@ -154,8 +168,18 @@ class Evaluator:
         out.update({f"eval/{name}": value for name, value in values.items()})
         if test.paired:
             out["eval/psnr_gain_xy"] = out["eval/psnr_g_xy"] - out["eval/psnr_identity"]
-            out["eval/psnr_gain_yx"] = out["eval/psnr_g_yx"] - out["eval/psnr_identity"]
+            if g_yx is not None:
+                out["eval/psnr_gain_yx"] = out["eval/psnr_g_yx"] - out["eval/psnr_identity"]
         return out
+
+    def _real_features(self, domain: str, images: torch.Tensor, extra: torch.Tensor | None, total: int) -> None:
+        """Feed the real images of `domain` to its FID/KID (once: they keep them), where no generator of this
+        evaluation translates that domain's images."""
+        for _, rows, batch, _ in self._batches(images, extra, total):
+            if rows:
+                for kind in ("fid", "kid"):
+                    if f"{kind}_{domain}" in self.inception_metrics:
+                        self.inception_metrics[f"{kind}_{domain}"].update(batch[:rows], real=True)
 
     def _batches(
         self, images: torch.Tensor, extra: torch.Tensor | None, total: int
@@ -173,12 +197,18 @@ class Evaluator:
             yield start, len(chunk), chunk.to(self.device), chunk_extra
 
     def _update(
-        self, domain: str, real: torch.Tensor, fake: torch.Tensor, rec: torch.Tensor, target: torch.Tensor | None
+        self,
+        domain: str,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        rec: torch.Tensor | None,
+        target: torch.Tensor | None,
     ) -> None:
-        """Update with real images of `domain`, their translation, reconstruction and (paired data) the known
-        answer of the translation."""
+        """Update with real images of `domain`, their translation, reconstruction (None without F) and (paired
+        data) the known answer of the translation."""
         m = self.metrics
-        m[f"cycle_l1_{domain}"].update(rec, real)
+        if rec is not None:
+            m[f"cycle_l1_{domain}"].update(rec, real)
         if target is not None:
             direction = "g_xy" if domain == "x" else "g_yx"
             m[f"psnr_{direction}"].update(fake, target)
@@ -202,11 +232,11 @@ def selection_score(metrics: dict[str, float], select: str) -> float:
         ConfigError: the evaluation lacks the metrics (psnr without a known answer, fid without Inception).
     """
     keys, sign = SELECT_KEYS[select]
-    missing = [k for k in keys if k not in metrics]
-    if missing:
+    present = [k for k in keys if k in metrics]  # one direction only for CUT/FastCUT (G: psnr_g_xy, fid_y)
+    if not present:
         why = "a test split with a known answer (synthetic data)" if select == "psnr" else "eval.inception_weights"
-        raise ConfigError(f"eval.select={select} needs {missing[0]}, which needs {why}")
-    return sign * sum(metrics[k] for k in keys) / len(keys)
+        raise ConfigError(f"eval.select={select} needs {keys[0]}, which needs {why}")
+    return sign * sum(metrics[k] for k in present) / len(present)
 
 
 def format_table(metrics: dict[str, float]) -> str:

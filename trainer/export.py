@@ -5,8 +5,9 @@ exports the generators of a checkpoint as safetensors, whatever backend and worl
 
 Reads RUN/config.yaml and the checkpoint's backend-independent units.safetensors (the newest intact checkpoint,
 step N, or the best one by eval.select) and writes DIR (default RUN/export-step_N) with g_xy.safetensors
-(G: X->Y), g_yx.safetensors (F: Y->X) and model.json. A run with ema.enabled exports the generators' moving
-average there (what its evaluation measured) and the raw generators in DIR/raw. Nothing is unpickled.
+(G: X->Y), g_yx.safetensors (F: Y->X; CUT/FastCUT have no F) and model.json. A run with ema.enabled exports
+the generators' moving average there (what its evaluation measured) and the raw generators in DIR/raw. Nothing
+is unpickled.
 """
 
 from __future__ import annotations
@@ -34,9 +35,15 @@ from trainer.checkpoint import (
     verify_checkpoint,
     write_atomic,
 )
-from trainer.config import Config, ConfigError, DataConfig, ModelConfig, from_dict, load_config
+from trainer.config import CONTRASTIVE_FAMILIES, Config, ConfigError, DataConfig, ModelConfig, from_dict, load_config
 from trainer.engine import EMA_UNIT
 from trainer.models import build_generator
+
+
+def generator_names(model_cfg: ModelConfig) -> tuple[str, ...]:
+    """The generators of model.family: g_xy and g_yx for CycleGAN, g_xy alone for CUT/FastCUT (whose PatchNCE
+    head is for training only and not exported)."""
+    return ("g_xy",) if model_cfg.family in CONTRASTIVE_FAMILIES else ("g_xy", "g_yx")
 
 
 def save_generators(
@@ -46,11 +53,11 @@ def save_generators(
     data_cfg: DataConfig,
     weights: str = "raw",
 ) -> None:
-    """Write g_xy.safetensors and g_yx.safetensors from the generator pair's full state dict (keys `g_xy.*`,
-    `g_yx.*`), plus model.json (architecture, training resolution, the extra input channels' kind, and which
-    `weights` these are: "raw" or "ema")."""
+    """Write g_xy.safetensors and g_yx.safetensors (see `generator_names`) from the generator unit's full state
+    dict (keys `g_xy.*`, `g_yx.*`), plus model.json (architecture, training resolution, the extra input channels'
+    kind, and which `weights` these are: "raw" or "ema")."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("g_xy", "g_yx"):
+    for name in generator_names(model_cfg):
         prefix = f"{name}."
         tensors = {k[len(prefix) :]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
         write_atomic(out_dir / f"{name}.safetensors", save(tensors))
@@ -79,7 +86,7 @@ def save_export(
 @dataclass
 class ExportedGenerators:
     g_xy: nn.Module  # the paper's G: X -> Y, in eval mode
-    g_yx: nn.Module  # the paper's F: Y -> X
+    g_yx: nn.Module | None  # the paper's F: Y -> X (None for CUT/FastCUT)
     model: ModelConfig
     image_size: int  # the training resolution
     extra: str  # data.extra of the training run
@@ -88,13 +95,13 @@ class ExportedGenerators:
 def generators_from_weights(
     weights: dict[str, torch.Tensor], model_cfg: ModelConfig, image_size: int, extra: str, source: str
 ) -> ExportedGenerators:
-    """Build G and F from full weights (keys `g_xy.*`, `g_yx.*`) in eval mode.
+    """Build G and F (G alone for CUT/FastCUT) from full weights (keys `g_xy.*`, `g_yx.*`) in eval mode.
 
     Raises:
         ConfigError: the weights do not fit the architecture (one line naming `source` and the first mismatch).
     """
-    nets = []
-    for name in ("g_xy", "g_yx"):
+    nets: list[nn.Module | None] = [None, None]
+    for index, name in enumerate(generator_names(model_cfg)):
         net = build_generator(model_cfg)
         prefix = f"{name}."
         state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -113,7 +120,7 @@ def generators_from_weights(
                 f"{len(unexpected)} unexpected, {len(reshaped)} of another shape; {example})"
             )
         net.load_state_dict(state)
-        nets.append(net.eval())
+        nets[index] = net.eval()
     return ExportedGenerators(nets[0], nets[1], model_cfg, image_size, extra)
 
 
@@ -130,7 +137,7 @@ def load_generators(path: str | Path) -> ExportedGenerators:
     meta = json.loads(meta_path.read_text())
     model_cfg = from_dict(ModelConfig, meta["model"], "model.")
     weights = {}
-    for name in ("g_xy", "g_yx"):
+    for name in generator_names(model_cfg):
         file = path / f"{name}.safetensors"
         if not file.is_file():
             raise ConfigError(f"{file} not found; the export is incomplete")

@@ -54,18 +54,23 @@ class SplitFreeKID(KernelInceptionDistance):
 
 
 def build_inception_metrics(
-    inception: InceptionFeatures, kid_subset_size: int, device: torch.device
+    inception: InceptionFeatures,
+    kid_subset_size: int,
+    device: torch.device,
+    domains: tuple[str, ...] = ("x", "y"),
 ) -> dict[str, FrechetInceptionDistance | SplitFreeKID]:
-    """fid_x, kid_x, fid_y, kid_y on `device`, in that order (the order every rank computes them in); KID only
-    when `kid_subset_size` >= 2. Real features are kept over resets (reset_real_features=False).
+    """fid_x, kid_x, fid_y, kid_y on `device` for the `domains` fakes are made in, in that order (the order every
+    rank computes them in); KID only when `kid_subset_size` >= 2. Real features are kept over resets
+    (reset_real_features=False).
 
     Args:
         inception: the feature network (`load_inception`).
         kid_subset_size: KID's subset size, at most the smaller test set's image count.
         device: where the metric states live.
+        domains: ("x", "y") for a generator pair; ("y",) for CUT's one generator X -> Y.
     """
     metrics: dict[str, FrechetInceptionDistance | SplitFreeKID] = {}
-    for domain in ("x", "y"):
+    for domain in domains:
         metrics[f"fid_{domain}"] = FrechetInceptionDistance(inception, reset_real_features=False)
         if kid_subset_size >= 2:
             with warnings.catch_warnings():  # "saves all features": intended, test sets are small

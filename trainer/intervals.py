@@ -30,8 +30,9 @@ def is_due(step: int, every: int, total: int) -> bool:
 
 
 class SampleGrids:
-    """x | G(x) | F(G(x)) and y | F(y) | G(F(y)) rows of the fixed sample images (chosen at startup), every
-    `every_steps` updates and at the last; never without sample images."""
+    """Rows of the fixed sample images (chosen at startup) through the generators - x | G(x) | F(G(x)) and
+    y | F(y) | G(F(y)) for CycleGAN, x | G(x) and y | G(y) for CUT/FastCUT - every `every_steps` updates and at the
+    last; never without sample images."""
 
     def __init__(self, engine: Engine, samples: TestSet | None, every_steps: int, total_steps: int):
         self.engine, self.samples = engine, samples
@@ -41,14 +42,12 @@ class SampleGrids:
         return self.samples is not None and is_due(step, self.every_steps, self.total_steps)
 
     def __call__(self, gens: torch.nn.Module) -> dict[str, np.ndarray]:
-        """The grids {"x_to_y", "y_to_x"} of the generator pair `gens` (its plain module)."""
+        """The grids of the generator unit `gens` (its plain module), by name: {"x_to_y", "y_to_x"} for CycleGAN,
+        {"x_to_y", "y_identity"} for CUT/FastCUT (see their `sample_columns`)."""
         samples = self.samples
         with self.engine.autocast(), eval_mode(gens):
-            out = gens(samples.x, samples.y, samples.extra_x, samples.extra_y)
-            return {
-                "x_to_y": image_grid([list(row) for row in zip(samples.x, out["fake_y"], out["rec_x"])]),
-                "y_to_x": image_grid([list(row) for row in zip(samples.y, out["fake_x"], out["rec_y"])]),
-            }
+            columns = gens.sample_columns(samples.x, samples.y, samples.extra_x, samples.extra_y)
+            return {name: image_grid([list(row) for row in zip(*images)]) for name, images in columns.items()}
 
 
 class PeriodicEval:

@@ -10,9 +10,11 @@ import math
 import os
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
+from trainer import cut, cyclegan
 from trainer.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -22,9 +24,17 @@ from trainer.checkpoint import (
     load_checkpoint,
     read_best,
 )
-from trainer.config import Config, ConfigError, LossConfig, OptimizerConfig, ScheduleConfig, save_config, to_dict
+from trainer.config import (
+    CONTRASTIVE_FAMILIES,
+    Config,
+    ConfigError,
+    LossConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    save_config,
+    to_dict,
+)
 from trainer.console import Console
-from trainer.cyclegan import build_units, discriminator_step, generator_step
 from trainer.data import TestSet, UnpairedLoader, load_test_images
 from trainer.engine import EMA_UNIT, Engine
 from trainer.evaluation import NO_INCEPTION, Evaluator, load_inception
@@ -40,7 +50,8 @@ from trainer.schedule import build_scheduler
 from trainer.tracking import Tracker
 from trainer.train_state import TrainState, comparable_best
 
-RECORDED_OUTPUTS = ("fake_x", "fake_y", "rec_x", "rec_y")
+RECORDED_OUTPUTS = ("fake_x", "fake_y", "rec_x", "rec_y")  # those the family's generators produce
+FAKES = ("fake_x", "fake_y")  # the generator outputs the discriminators see, through the pools of TrainState.pools
 Batch = dict[str, torch.Tensor]  # "x", "y": [N, 3, H, W] in [-1, 1]; optional "extra_x", "extra_y": [N, C, H, W]
 
 
@@ -66,19 +77,28 @@ def warmup(cfg: Config, global_batch: int) -> ScheduleConfig:
     return dataclasses.replace(cfg.schedule, warmup_steps=math.ceil(AUTO_WARMUP_IMAGES / global_batch))
 
 
+def algorithm(family: str) -> ModuleType:
+    """The module of model.family's units and step functions: trainer.cyclegan, or trainer.cut for CUT/FastCUT
+    (the same functions: build_units, generator_step, discriminator_step)."""
+    return cut if family in CONTRASTIVE_FAMILIES else cyclegan
+
+
 def generator_update(
     engine: Engine,
     units: dict,
     pools: tuple[ImagePool, ImagePool],
     micro_batches: list[Batch],
     loss_cfg: LossConfig,
-) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    family: ModuleType = cyclegan,
+) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor | None, torch.Tensor]], dict[str, torch.Tensor]]:
     """The generators' optimizer update over `micro_batches` (the first half of train_step), with the
-    discriminators frozen; their fakes go through the image pools for discriminator_update.
+    discriminators frozen; their fakes go through the image pools for discriminator_update. `family` is
+    model.family's module (see `algorithm`).
 
     Returns:
         (stats, fakes, outputs): each loss term averaged over the micro-batches and grad_norm/g (detached device
-        tensors); the pooled (fake_x, fake_y) of each micro-batch; the last micro-batch's generator outputs.
+        tensors); the pooled (fake_x, fake_y) of each micro-batch (fake_x None for CUT/FastCUT, which have no
+        generator Y -> X); the last micro-batch's generator outputs.
     """
     if engine.compile_mode is not None:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graph trees: a new iteration, earlier outputs are done
@@ -89,7 +109,7 @@ def generator_update(
         for i, batch in enumerate(micro_batches):
             with engine.accumulate("g", is_last=i == last):
                 with engine.autocast():
-                    g_loss, stats, out = generator_step(
+                    g_loss, stats, out = family.generator_step(
                         units["g"],
                         plain_discs,
                         batch["x"],
@@ -99,9 +119,8 @@ def generator_update(
                         batch.get("extra_y"),
                     )
                 engine.backward(g_loss, "g")
-            fakes.append(
-                (pools[0].query(out["fake_x"].detach().float()), pools[1].query(out["fake_y"].detach().float()))
-            )
+            pooled = [pool.query(out[key].detach().float()) if key in out else None for pool, key in zip(pools, FAKES)]
+            fakes.append((pooled[0], pooled[1]))
             accumulate(sums, stats)
     norm = engine.step("g")
     return {**{key: value / len(micro_batches) for key, value in sums.items()}, "grad_norm/g": norm}, fakes, out
@@ -111,11 +130,12 @@ def discriminator_update(
     engine: Engine,
     units: dict,
     micro_batches: list[Batch],
-    fakes: list[tuple[torch.Tensor, torch.Tensor]],
+    fakes: list[tuple[torch.Tensor | None, torch.Tensor]],
     loss_cfg: LossConfig,
+    family: ModuleType = cyclegan,
 ) -> dict[str, torch.Tensor]:
     """The discriminators' optimizer update over `micro_batches` and their pooled `fakes` (the second half of
-    train_step).
+    train_step; `family` as in generator_update).
 
     Returns:
         Each loss term averaged over the micro-batches and grad_norm/d (detached device tensors).
@@ -125,7 +145,7 @@ def discriminator_update(
     for i, (batch, (fake_x, fake_y)) in enumerate(zip(micro_batches, fakes)):
         with engine.accumulate("d", is_last=i == last):
             with engine.autocast():
-                d_loss, stats = discriminator_step(units["d"], batch["x"], batch["y"], fake_x, fake_y, loss_cfg)
+                d_loss, stats = family.discriminator_step(units["d"], batch["x"], batch["y"], fake_x, fake_y, loss_cfg)
             engine.backward(d_loss, "d")
         accumulate(sums, stats)
     norm = engine.step("d")
@@ -138,18 +158,20 @@ def train_step(
     pools: tuple[ImagePool, ImagePool],
     micro_batches: list[Batch],
     loss_cfg: LossConfig,
+    family: ModuleType = cyclegan,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One optimizer update of each unit over `micro_batches` (gradient accumulation when there are several):
-    generator_update, then discriminator_update.
+    generator_update, then discriminator_update, with the step functions of the module `family`.
 
     Returns:
         (stats, images): detached device tensors - each loss term averaged over the micro-batches and each unit's
         grad norm; the last micro-batch's real images and generator outputs (for loss-spike capture).
     """
-    g_stats, fakes, out = generator_update(engine, units, pools, micro_batches, loss_cfg)
-    d_stats = discriminator_update(engine, units, micro_batches, fakes, loss_cfg)
+    g_stats, fakes, out = generator_update(engine, units, pools, micro_batches, loss_cfg, family)
+    d_stats = discriminator_update(engine, units, micro_batches, fakes, loss_cfg, family)
     batch = micro_batches[-1]
-    images = {"real_x": batch["x"], "real_y": batch["y"], **{k: out[k].detach() for k in RECORDED_OUTPUTS}}
+    recorded = {key: out[key].detach() for key in RECORDED_OUTPUTS if key in out}
+    images = {"real_x": batch["x"], "real_y": batch["y"], **recorded}
     return {**g_stats, **d_stats}, images
 
 
@@ -161,16 +183,17 @@ def optimizer_kernel(implementation: str, device: torch.device) -> dict[str, boo
 
 
 def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
-    """Seeded units, AdamW optimizers with the scaled LRs and schedules, prepared by the engine.
+    """Seeded units of model.family, AdamW optimizers with the scaled LRs and schedules, prepared by the engine.
 
     Returns:
         (the prepared units {"g", "d"}, the global batch, the LR scale factor applied).
     """
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    gens, discs = build_units(cfg.model, cfg.loss, cfg.train.fuse_generator_passes)
+    gens, discs = algorithm(cfg.model.family).build_units(cfg.model, cfg.loss, cfg.train.fuse_generator_passes)
     if cfg.train.activation_checkpointing:  # before compile (in engine.prepare), which guards on the flag
         for gen in (gens.g_xy, gens.g_yx):
-            set_activation_checkpointing(gen, True)
+            if gen is not None:
+                set_activation_checkpointing(gen, True)
     if cfg.train.channels_last:
         gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
     kernel = optimizer_kernel(cfg.optimizer.implementation, engine.device)
@@ -234,6 +257,7 @@ def _train(
 ) -> TrainResult:
     run_dir, total, accum = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.grad_accum_steps
     units, global_batch, scale = build_training(cfg, engine)
+    family = algorithm(cfg.model.family)
     if cfg.ema.enabled:
         engine.attach_ema(cfg.ema)
     pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
@@ -267,7 +291,7 @@ def _train(
     for step in range(start + 1, total + 1):
         with window.waiting_for_data():
             micro_batches = [next(loader) for _ in range(accum)]
-        stats, images = train_step(engine, units, pools, micro_batches, cfg.loss)
+        stats, images = train_step(engine, units, pools, micro_batches, cfg.loss, family)
         window.add(stats)  # on the device: no host sync per step
         state.step = preemption.step = step
         engine.update_ema(state.images_seen, global_batch)

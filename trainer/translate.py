@@ -99,7 +99,13 @@ def translate_batches(
     to (None: the training resolution; 0: each image's own size, centre-cropped to a multiple the generator takes).
     Consecutive images of one size go through the generator together, up to `batch_size`."""
     device = torch.device(device)
-    net = (gens.g_xy if direction == "x2y" else gens.g_yx).to(device).eval()
+    net = gens.g_xy if direction == "x2y" else gens.g_yx
+    if net is None:
+        raise ConfigError(
+            f"--direction {direction}: model.family={gens.model.family} trains one generator, X -> Y; use "
+            "--direction x2y (translating Y -> X needs a CycleGAN, or a second run with X and Y swapped)"
+        )
+    net = net.to(device).eval()
     size = gens.image_size if size is None else size
     multiple = gens.model.min_image_multiple()
     batch: list[Item] = []

@@ -62,6 +62,25 @@ class ResnetGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, output_nc, H, W]
         return self.net(x)
 
+    def features(self, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """The outputs of the stack's layers `layers` (indices into self.net) for input x, in that order; runs the
+        stack only as far as the deepest of them (CUT's PatchNCE reads the encoder this way)."""
+        wanted, found = set(layers), {}
+        for index, layer in enumerate(self.net[: max(layers) + 1]):
+            x = layer(x)
+            if index in wanted:
+                found[index] = x
+        return [found[index] for index in layers]
+
+    def feature_widths(self, layers: list[int]) -> list[int]:
+        """The channels of each layer's output in `features`, read from the layers' shapes (no forward)."""
+        widths, channels = [], self.net[1].in_channels
+        for layer in self.net:
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                channels = layer.out_channels
+            widths.append(channels)
+        return [widths[index] for index in layers]
+
     def set_activation_checkpointing(self, enabled: bool) -> int:
         """Recompute each residual block in the backward pass (or stop); returns the number of blocks. The blocks
         (1/4 resolution, ngf*4 channels) hold about half of the activations; the full-resolution stem and head keep
