@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from trainer.config import LossConfig, ModelConfig
 from trainer.cyclegan import Tensors, with_extra
@@ -42,7 +41,8 @@ class PatchHead(nn.Module):
         out = []
         for mlp, feature, where in zip(self.mlps, features, locations):
             rows = feature.flatten(2).transpose(1, 2)[:, where].flatten(0, 1)  # [N * P, C]
-            out.append(F.normalize(mlp(rows).float(), dim=1))
+            projected = mlp(rows).float()
+            out.append(projected / (projected.norm(dim=1, keepdim=True) + 1e-7))  # as the reference normalizes
         return out
 
 

@@ -58,10 +58,11 @@ class SpikeCapture:
     def _save(self, step: int, losses: dict, spiking: dict, images: dict[str, torch.Tensor]) -> dict:
         out = self.root / f"step_{step:08d}"
         out.mkdir(parents=True, exist_ok=True)
-        rows_x = [list(row) for row in zip(images["real_x"], images["fake_y"], images["rec_x"])]
-        rows_y = [list(row) for row in zip(images["real_y"], images["fake_x"], images["rec_y"])]
-        Image.fromarray(image_grid(rows_x)).save(out / "x_to_y.png")
-        Image.fromarray(image_grid(rows_y)).save(out / "y_to_x.png")
+        grids = {"x_to_y": ("real_x", "fake_y", "rec_x"), "y_to_x": ("real_y", "fake_x", "rec_y")}
+        for name, keys in grids.items():  # the images the family's generators made (CUT: x | G(x))
+            columns = [images[key] for key in keys if key in images]
+            if len(columns) > 1:
+                Image.fromarray(image_grid([list(row) for row in zip(*columns)])).save(out / f"{name}.png")
         torch.save({k: v.detach().cpu() for k, v in images.items()}, out / "tensors.pt")
         (out / "losses.json").write_text(json.dumps({"step": step, "losses": losses, "spiking": spiking}, indent=2))
         return {"step": step, "dir": str(out), "terms": sorted(spiking)}

@@ -188,6 +188,12 @@ def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
     Returns:
         (the prepared units {"g", "d"}, the global batch, the LR scale factor applied).
     """
+    if cfg.loss.gan_mode == "wgangp" and not engine.backend.double_backward:
+        raise ConfigError(
+            f"loss.gan_mode=wgangp under {engine.backend_name}: the gradient penalty differentiates the "
+            "discriminators twice, and this backend frees their gathered weights after the first backward; use DDP "
+            "or DeepSpeed ZeRO-1/2 (launch/zero2.yaml), or another gan_mode"
+        )
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     gens, discs = algorithm(cfg.model.family).build_units(cfg.model, cfg.loss, cfg.train.fuse_generator_passes)
     if cfg.train.activation_checkpointing:  # before compile (in engine.prepare), which guards on the flag

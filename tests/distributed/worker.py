@@ -1,6 +1,6 @@
-"""Test harness, run directly or under `accelerate launch`: trains a tiny CycleGAN on fixed random tensors with
-the real Engine, build_training and train_step, then saves each rank's consolidated weights (before and after),
-the bytes of parameters and optimizer state it holds, and loss scales to OUT/rank<R>.pt.
+"""Test harness, run directly or under `accelerate launch`: trains a tiny CycleGAN (or CUT: model.family) on fixed
+random tensors with the real Engine, build_training and train_step, then saves each rank's consolidated weights
+(before and after), the bytes of parameters and optimizer state it holds, and loss scales to OUT/rank<R>.pt.
 
 Rank r's micro-batch j of a step is images [(j * world + r) * b, (j * world + r + 1) * b) of that step's global
 batch, so any (world, batch, accumulation) split of the same global batch sees the same images.
@@ -19,7 +19,7 @@ from trainer.config import load_config
 from trainer.engine import Engine
 from trainer.pool import ImagePool
 from trainer.process_exit import exit_process
-from trainer.train import build_training, train_step
+from trainer.train import algorithm, build_training, train_step
 
 TINY = [
     "model.generator=resnet",
@@ -76,7 +76,7 @@ def main() -> None:
         ys = torch.rand(global_batch, 3, SIZE, SIZE, generator=data) * 2 - 1
         starts = [(j * world + rank) * b for j in range(k)]
         micro = [{"x": xs[s : s + b].to(engine.device), "y": ys[s : s + b].to(engine.device)} for s in starts]
-        train_step(engine, units, pools, micro, cfg.loss)  # (stats, images) unused here
+        train_step(engine, units, pools, micro, cfg.loss, algorithm(cfg.model.family))  # (stats, images) unused
     result = {
         "init": init,
         "final": {unit: engine.full_state_dict(unit) for unit in ("g", "d")},

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 
@@ -29,3 +30,15 @@ def test_no_spike_before_enough_history(tmp_path):
     values = [1.0] * (MIN_HISTORY - 1) + [100.0]
     events = [e for step, v in enumerate(values, 1) for e in capture.add(step, {"loss/x": torch.tensor(v)}, images())]
     assert events == []
+
+
+def test_one_way_generators_save_the_grid_they_have(tmp_path):
+    """CUT/FastCUT record x, G(x) and y only: the spike keeps x | G(x) and no Y -> X grid."""
+    capture = SpikeCapture(tmp_path, factor=5.0, check_steps=1)
+    one_way = {k: torch.zeros(2, 3, 8, 8) for k in ("real_x", "real_y", "fake_y")}
+    values = [1.0] * MIN_HISTORY + [50.0]
+    events = [
+        event for step, v in enumerate(values, 1) for event in capture.add(step, {"loss/nce": torch.tensor(v)}, one_way)
+    ]
+    saved = Path(events[0]["dir"])
+    assert (saved / "x_to_y.png").is_file() and not (saved / "y_to_x.png").exists()

@@ -34,6 +34,9 @@ class Backend(Protocol):
     """Every rank holds the whole of each unit's weights (so a cross-rank fingerprint must agree)."""
     always_distributed: bool
     """Needs a process group even for one process (then gloo on CPU)."""
+    double_backward: bool
+    """A unit's weights stay usable through a backward whose graph was built with create_graph (a gradient
+    penalty): false where the backend frees gathered weights after the first backward (FSDP2, ZeRO-3)."""
 
     def accelerator_kwargs(self) -> dict:
         """Keyword arguments of the Accelerator this backend needs (cpu, mixed_precision, plugins, and

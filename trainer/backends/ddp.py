@@ -34,6 +34,7 @@ class DDPBackend:
     name = "ddp"
     replicas_comparable = True
     always_distributed = False
+    double_backward = True
 
     def __init__(self, cfg: DistributedConfig, train: TrainConfig, clips: dict[str, float], on_cuda: bool):
         self.cfg, self.clips, self.on_cuda = cfg, clips, on_cuda

@@ -87,6 +87,7 @@ class DeepSpeedBackend:
         offload = "-offload" if cfg.offload_optimizer or cfg.offload_params else ""
         self.name = f"zero{cfg.zero_stage}{offload}"
         self.replicas_comparable = cfg.zero_stage < 3  # ZeRO-3 ranks hold different slices
+        self.double_backward = cfg.zero_stage < 3  # ZeRO-3 releases gathered weights after the inner backward
         self.units: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")

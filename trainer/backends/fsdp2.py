@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.backends import (
@@ -38,6 +38,9 @@ from trainer.backends import (
 from trainer.config import ConfigError, DistributedConfig, TrainConfig
 
 LAUNCHER_FSDP_VARIABLES = ("ACCELERATE_USE_FSDP", "FSDP_VERSION")
+FORWARD_METHODS = ("features",)
+"""Methods besides `forward` that the algorithm calls on a root network (the ResNet's `features`, for CUT's
+PatchNCE): FSDP2 gathers a root's weights only around the methods it was told of."""
 
 
 def shard_roots(unit: nn.Module) -> list[nn.Module]:
@@ -86,6 +89,7 @@ class FSDP2Backend:
     name = "fsdp2"
     replicas_comparable = False  # ranks hold different slices
     always_distributed = True
+    double_backward = False  # the reshard after the inner backward frees what the outer one needs
 
     def __init__(self, cfg: DistributedConfig, train: TrainConfig, clips: dict[str, float], on_cuda: bool):
         if train.precision == "fp16":
@@ -133,6 +137,9 @@ class FSDP2Backend:
                 for block in shard_blocks(root, self.cfg.fsdp_min_block_params):
                     fully_shard(block, **options)
                 fully_shard(root, **options)
+                for method in FORWARD_METHODS:
+                    if hasattr(root, method):
+                        register_fsdp_forward_method(root, method)
                 _settle_root(root)
             self.units[name] = unit
             self.optimizers[name] = _swap_parameters(optimizers[name], before, dict(unit.named_parameters()))
