@@ -72,7 +72,7 @@ def ladder(compile_rows: bool, cuda: bool, batches: list[int]) -> list[tuple[str
 def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.getdevice_name(device)
+    name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
@@ -165,7 +165,7 @@ def _row(images_per_s: float, step_s: float, phases: dict, steps: int, flops: fl
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU and its thread count, for the figures' records."""
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
