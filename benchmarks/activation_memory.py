@@ -76,10 +76,11 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
     """One row: a counted step, then `warmup` and `steps` timed steps on fixed random images."""
     from trainer.engine import Engine
     from trainer.pool import ImagePool
-    from trainer.train import build_training, discriminator_update, generator_update, train_step
+    from trainer.train import algorithm, build_training, discriminator_update, generator_update, train_step
 
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     units, _, _ = build_training(cfg, engine)
+    family = algorithm(cfg.model.family)
     device, size = engine.device, cfg.data.crop_size
     pools = (ImagePool(0, seed=0), ImagePool(0, seed=1))  # no history: every step holds the same tensors
     data = torch.Generator().manual_seed(0)
@@ -93,14 +94,14 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
     else:
         start_bytes = rss_bytes()
     with counter:
-        _, fakes, _ = generator_update(engine, units, pools, [batch], cfg.loss)
+        _, fakes, _ = generator_update(engine, units, pools, [batch], cfg.loss, family)
         saved_g = counter.total  # after the generators' update, before the discriminators' step
-        discriminator_update(engine, units, [batch], fakes, cfg.loss)
+        discriminator_update(engine, units, [batch], fakes, cfg.loss, family)
     times, cpu_times = [], []
     for _ in range(warmup + steps):
         synchronize(device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        train_step(engine, units, pools, [batch], cfg.loss)
+        train_step(engine, units, pools, [batch], cfg.loss, family)
         synchronize(device)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - start_cpu)

@@ -1,11 +1,14 @@
-"""Translation quality after a fixed wall-clock budget: ResNet-6 vs the article's U-Net vs ResNet-6 with the
-H/H' discriminator and feature-level cycle loss, on a synthetic task with a known answer.
+"""Translation quality after a fixed wall-clock budget, on a synthetic task with a known answer: ResNet-6 vs the
+article's U-Net vs ResNet-6 with the H/H' discriminator and feature-level cycle loss; or the model families,
+CycleGAN vs CUT vs FastCUT, each with its demo config (configs/demo-cpu.yaml, cut-demo.yaml, fastcut-demo.yaml).
 
     python benchmarks/quality_budget.py [--task stripes] [--seconds 900] [--models resnet6 unet_article hnet]
+    python benchmarks/quality_budget.py --task colour --models cyclegan cut fastcut --out FILE
 
-Each model trains with the demo config (32 px, batch 4, bf16, constant LR) until the budget is spent; then it is
-preempted with SIGUSR1 (so it saves a checkpoint, as on a cluster), and `trainer.evaluate` measures PSNR/SSIM of
-G(x) against T(x) and of F(y) against x on 64 test pairs, beside the identity baseline. Writes JSON.
+Each model trains with its config (the demo's: 32 px, batch 4, bf16; constant LR) until the budget is spent; then
+it is preempted with SIGUSR1 (so it saves a checkpoint, as on a cluster), and `trainer.evaluate` measures PSNR/SSIM
+of G(x) against T(x) and (CycleGAN) of F(y) against x on 64 test pairs, beside the identity baseline. Also per
+model: the median time per update and the largest host RSS the run logged. Writes JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,23 +31,27 @@ if str(REPO) not in sys.path:
 
 from shards.synthetic import write_synthetic  # noqa: E402
 
-MODELS = {
-    "resnet6": ["model.generator=resnet", "model.n_blocks=6"],
-    "unet_article": [  # the article's model (configs/unet-article.yaml) at the demo's width
+MODELS = {  # name -> (config, overrides)
+    "resnet6": ("demo-cpu", ["model.generator=resnet", "model.n_blocks=6"]),
+    "unet_article": ("demo-cpu", [  # the article's model (configs/unet-article.yaml) at the demo's width
         "model.generator=unet_article", "model.n_skip=2", "model.norm_g=batch", "model.norm_d=batch",
         "loss.lambda_identity=0", "loss.lambda_preserve=0.5",
-    ],
-    "hnet": [  # the article's improved variant (configs/cyclegan-hnet.yaml) on the ResNet-6 generator
+    ]),
+    "hnet": ("demo-cpu", [  # the article's improved variant (configs/cyclegan-hnet.yaml) on the ResNet-6 generator
         "model.generator=resnet", "model.n_blocks=6", "model.discriminator=hnet", "loss.lambda_feature=1.0",
-    ],
+    ]),
+    "cyclegan": ("demo-cpu", []),
+    "cut": ("cut-demo", []),
+    "fastcut": ("fastcut-demo", []),
 }  # fmt: skip
-BUDGET_RUN = ["train.steps=100000000", "schedule.kind=constant", "checkpoint.every_steps=0", "logging.every_steps=50"]
+BUDGET_RUN = ["train.steps=100000000", "schedule.kind=constant", "checkpoint.every_steps=0", "logging.every_steps=10"]
 
 
 def run_model(name: str, data: Path, run_dir: Path, seconds: float, test_images: int) -> dict:
     """Train `name` for `seconds` of wall clock, preempt it, evaluate the checkpoint it saved."""
-    cmd = [sys.executable, "trainer/main.py", "--config", "configs/demo-cpu.yaml", f"data.root={data}",
-           f"train.run_dir={run_dir}", *BUDGET_RUN, *MODELS[name]]  # fmt: skip
+    config, overrides = MODELS[name]
+    cmd = [sys.executable, "trainer/main.py", "--config", f"configs/{config}.yaml", f"data.root={data}",
+           f"train.run_dir={run_dir}", *BUDGET_RUN, *overrides]  # fmt: skip
     env = {**os.environ, "WANDB_SILENT": "true"}
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -59,12 +67,19 @@ def run_model(name: str, data: Path, run_dir: Path, seconds: float, test_images:
                 "--images", str(test_images), "--json", str(out)]  # fmt: skip
     subprocess.run(evaluate, cwd=REPO, check=True, capture_output=True, text=True)
     metrics = json.loads(out.read_text())
-    return {"model": name, "overrides": MODELS[name], "steps": steps, "wall_s": round(wall, 1), **metrics}
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step_times = [r["perf/step_time_s"] for r in logged if "perf/step_time_s" in r]
+    costs = {
+        "step_time_s": statistics.median(step_times[1:] or step_times),  # the first interval holds start-up
+        "host_rss_gb_max": max(r["mem/host_rss_gb"] for r in logged if "mem/host_rss_gb" in r),
+    }
+    return {"model": name, "config": config, "overrides": overrides, "steps": steps, "wall_s": round(wall, 1),
+            **costs, **metrics}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="stripes", choices=["stripes", "colour"])
+    parser.add_argument("--task", default="stripes", choices=["stripes", "colour", "photos"])
     parser.add_argument("--seconds", type=float, default=900.0, help="wall-clock budget per model")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--train", type=int, default=2048, help="training images per domain")
@@ -85,9 +100,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     for r in results:
+        gain_f = f", F {r['eval/psnr_gain_yx']:+.2f} dB" if "eval/psnr_gain_yx" in r else ""
         print(
-            f"{r['model']:>13}: {r['steps']:>6} steps in {r['wall_s']:.0f} s; PSNR gain "
-            f"G {r['eval/psnr_gain_xy']:+.2f} dB, F {r['eval/psnr_gain_yx']:+.2f} dB; "
+            f"{r['model']:>13}: {r['steps']:>6} steps in {r['wall_s']:.0f} s ({1000 * r['step_time_s']:.0f} ms per "
+            f"step, RSS {r['host_rss_gb_max']:.2f} GB); PSNR gain G {r['eval/psnr_gain_xy']:+.2f} dB{gain_f}; "
             f"SSIM G {r['eval/ssim_g_xy']:.3f} (identity {r['eval/ssim_identity']:.3f})"
         )
 

@@ -56,14 +56,16 @@ def state_probe(config: str, out: Path) -> None:
     from trainer.config import load_config
     from trainer.engine import Engine
     from trainer.pool import ImagePool
-    from trainer.train import build_training, train_step
+    from trainer.train import algorithm, build_training, train_step
 
     cfg = load_config(config, ["train.batch_size=2", "data.root=", "train.precision=fp32"])  # fp32: no master copy
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     units, _, _ = build_training(cfg, engine)
     size = cfg.data.crop_size
     batch = {d: torch.rand(2, 3, size, size, device=engine.device) * 2 - 1 for d in ("x", "y")}
-    train_step(engine, units, (ImagePool(0, seed=0), ImagePool(0, seed=1)), [batch], cfg.loss)
+    train_step(
+        engine, units, (ImagePool(0, seed=0), ImagePool(0, seed=1)), [batch], cfg.loss, algorithm(cfg.model.family)
+    )
     held = [engine.state_bytes(unit) for unit in ("g", "d")]
     row = {
         "rank": engine.rank,

@@ -87,7 +87,7 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
     from trainer.data import UnpairedLoader
     from trainer.engine import Engine
     from trainer.pool import ImagePool
-    from trainer.train import build_training, discriminator_update, generator_update, train_step
+    from trainer.train import algorithm, build_training, discriminator_update, generator_update, train_step
 
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     units, _, _ = build_training(cfg, engine)
@@ -109,7 +109,7 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
 
         counter = FlopCounterMode(display=False)
         with counter:
-            train_step(engine, units, pools, [next(loader)], cfg.loss)
+            train_step(engine, units, pools, [next(loader)], cfg.loss, algorithm(cfg.model.family))
         flops = counter.get_total_flops() / batch
     for step in range(warmup + steps):
         if step == warmup:
@@ -120,9 +120,9 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
         mark[0] = time.perf_counter()
         micro = next(loader)
         clock("data_wait")
-        _, fakes, _ = generator_update(engine, units, pools, [micro], cfg.loss)
+        _, fakes, _ = generator_update(engine, units, pools, [micro], cfg.loss, algorithm(cfg.model.family))
         clock("generator")
-        discriminator_update(engine, units, [micro], fakes, cfg.loss)
+        discriminator_update(engine, units, [micro], fakes, cfg.loss, algorithm(cfg.model.family))
         clock("discriminator")
     elapsed = time.perf_counter() - start
     row = _row(steps * batch / elapsed, elapsed / steps, phases, steps, flops, device)

@@ -89,7 +89,7 @@ def generator_update(
     pools: tuple[ImagePool, ImagePool],
     micro_batches: list[Batch],
     loss_cfg: LossConfig,
-    family: ModuleType = cyclegan,
+    family: ModuleType,
 ) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor | None, torch.Tensor]], dict[str, torch.Tensor]]:
     """The generators' optimizer update over `micro_batches` (the first half of train_step), with the
     discriminators frozen; their fakes go through the image pools for discriminator_update. `family` is
@@ -132,7 +132,7 @@ def discriminator_update(
     micro_batches: list[Batch],
     fakes: list[tuple[torch.Tensor | None, torch.Tensor]],
     loss_cfg: LossConfig,
-    family: ModuleType = cyclegan,
+    family: ModuleType,
 ) -> dict[str, torch.Tensor]:
     """The discriminators' optimizer update over `micro_batches` and their pooled `fakes` (the second half of
     train_step; `family` as in generator_update).
@@ -158,7 +158,7 @@ def train_step(
     pools: tuple[ImagePool, ImagePool],
     micro_batches: list[Batch],
     loss_cfg: LossConfig,
-    family: ModuleType = cyclegan,
+    family: ModuleType,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One optimizer update of each unit over `micro_batches` (gradient accumulation when there are several):
     generator_update, then discriminator_update, with the step functions of the module `family`.

@@ -21,7 +21,7 @@ from trainer.engine import EMA_UNIT, Engine  # noqa: E402
 from trainer.models import build_generator  # noqa: E402
 from trainer.pool import ImagePool  # noqa: E402
 from trainer.process_exit import exit_process  # noqa: E402
-from trainer.train import build_training, train_step  # noqa: E402
+from trainer.train import algorithm, build_training, train_step  # noqa: E402
 
 EMA = ["ema.enabled=true", "ema.half_life_images=2", "ema.rampup=0", "train.batch_size=2"]
 
@@ -35,7 +35,14 @@ def main(out: Path, overrides: list[str]) -> None:
     data = torch.Generator().manual_seed(0)
     for step in range(1, 4):
         xs = torch.rand(2, 3, SIZE, SIZE, generator=data) * 2 - 1
-        train_step(engine, units, pools, [{"x": xs.to(engine.device), "y": xs.flip(0).to(engine.device)}], cfg.loss)
+        train_step(
+            engine,
+            units,
+            pools,
+            [{"x": xs.to(engine.device), "y": xs.flip(0).to(engine.device)}],
+            cfg.loss,
+            algorithm(cfg.model.family),
+        )
         engine.update_ema(step * global_batch, global_batch)
     probe = (torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 2 - 1).to(engine.device)
     gens = engine.unwrap("g")

@@ -27,12 +27,12 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import tests.* from the repo root
 from tests.distributed.worker import SIZE, TINY  # noqa: E402
 from trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import Config, load_config  # noqa: E402
 from trainer.ema import ema_beta  # noqa: E402
 from trainer.engine import EMA_UNIT, UNITS, Engine  # noqa: E402
 from trainer.pool import ImagePool  # noqa: E402
 from trainer.process_exit import exit_process  # noqa: E402
-from trainer.train import build_training, train_step  # noqa: E402
+from trainer.train import algorithm, build_training, train_step  # noqa: E402
 
 STEPS = 2
 GLOBAL = 4
@@ -49,10 +49,10 @@ def batch(step: int, engine: Engine) -> list[dict[str, torch.Tensor]]:
     return [{"x": xs[rows].to(engine.device), "y": ys[rows].to(engine.device)}]
 
 
-def step_losses(engine: Engine, units: dict, pools: tuple, step: int, loss_cfg) -> dict[str, float]:
+def step_losses(engine: Engine, units: dict, pools: tuple, step: int, cfg: Config) -> dict[str, float]:
     """Take update `step` (and the moving average's update); its losses averaged over the ranks (equal shares:
     the global batch's mean)."""
-    stats, _ = train_step(engine, units, pools, batch(step, engine), loss_cfg)
+    stats, _ = train_step(engine, units, pools, batch(step, engine), cfg.loss, algorithm(cfg.model.family))
     engine.update_ema(step * GLOBAL, GLOBAL)
     return engine.reduce({k: stats[k] for k in ("loss/g_total", "loss/d_total")})
 
@@ -75,7 +75,7 @@ def main(mode: str, target: str, args: list[str]) -> None:
     if mode == "save":
         reference = engine.full_state_dict("g")  # the average of the full weights, computed here by hand
         for step in range(1, STEPS + 1):
-            step_losses(engine, units, pools, step, cfg.loss)
+            step_losses(engine, units, pools, step, cfg)
             weight = 1 - ema_beta(cfg.ema, step * GLOBAL, GLOBAL)
             for name, value in engine.full_state_dict("g").items():
                 reference[name] = reference[name].lerp(value, weight)
@@ -85,7 +85,7 @@ def main(mode: str, target: str, args: list[str]) -> None:
         rank_sums = engine.accelerator.gather(local[None]).tolist()
         local_share = sum(p.numel() for p in engine.ema.average) / sum(v.numel() for v in reference.values())
         save_checkpoint(engine, Path(target) / "run", STEPS, {"data": {}}, {"model": None}, keep=1)
-        losses = step_losses(engine, units, pools, STEPS + 1, cfg.loss)
+        losses = step_losses(engine, units, pools, STEPS + 1, cfg)
         after = saved_units(engine)
         if engine.is_main:
             facts = {"backend": engine.backend_name, "ema_error": ema_error, "ema_rank_sums": rank_sums,
@@ -98,7 +98,7 @@ def main(mode: str, target: str, args: list[str]) -> None:
             train_state, _ = load_checkpoint(engine, Path(checkpoint))
             loaded = saved_units(engine)
             positions = {u: engine.schedulers[u].last_epoch for u in UNITS}
-            losses = step_losses(engine, units, pools, train_state["step"] + 1, cfg.loss)
+            losses = step_losses(engine, units, pools, train_state["step"] + 1, cfg)
             after = saved_units(engine)
             results.append(
                 {"source": checkpoint, "step": train_state["step"], "schedulers": positions, "loaded": loaded,

@@ -92,6 +92,23 @@ def test_resume_is_bitwise_exact(saving, colour_shards, tmp_path):
         assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
+def test_cut_resume_is_bitwise_exact(colour_shards, tmp_path):
+    """FastCUT with the identity term: the flip coins and patch locations come from each rank's RNG, which the
+    checkpoint holds, so the resumed run draws what the straight one drew."""
+    cut = ("model.family=fastcut", "model.nce_identity=true", "model.nce_mlp_channels=8", "model.nce_patches=8",
+           "train.steps=8", "checkpoint.every_steps=4", "checkpoint.keep=5")  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train("cpu-ddp-2", colour_shards, straight, *cut)
+    train("cpu-ddp-2", colour_shards, resumed, *cut, f"train.resume={straight / 'checkpoints' / 'step_00000004'}")
+    final = "checkpoints/step_00000008"
+    saved = units(straight / final)
+    assert any(key.startswith("g/head.") for key in saved)
+    assert_identical(saved, units(resumed / final))
+    straight_losses = losses(straight)
+    assert {s: v for s, v in straight_losses.items() if s > 4} == losses(resumed)
+    assert "loss/nce_y" in straight_losses[8] and "loss/cycle_x" not in straight_losses[8]
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_finish_equals_an_uninterrupted_run(colour_shards, tmp_path):
     steps = ["train.steps=200", "checkpoint.every_steps=4", "checkpoint.keep=2", "logging.every_steps=4"]

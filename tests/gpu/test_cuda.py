@@ -130,19 +130,19 @@ def test_fast_step_makes_no_host_sync():
     """bf16, fused AdamW, channels_last and fused passes: after a warm-up step, a training step (and the loop's
     per-step bookkeeping) never waits for the GPU; torch raises on any synchronizing call in this mode."""
     from trainer.nonfinite import NonfiniteGuard
-    from trainer.train import train_step
+    from trainer.train import algorithm, train_step
 
     levers = ["train.precision=bf16", "optimizer.implementation=fused", "train.channels_last=true",
               "train.fuse_generator_passes=true"]  # fmt: skip
     engine, units, pools, cfg = _cuda_training(*levers)
     guard = NonfiniteGuard(20, fp16=False)
     batches = _batches(engine, 4)
-    train_step(engine, units, pools, batches[:1], cfg.loss)
+    train_step(engine, units, pools, batches[:1], cfg.loss, algorithm(cfg.model.family))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for batch in batches[1:]:
-            stats, _ = train_step(engine, units, pools, [batch], cfg.loss)
+            stats, _ = train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
             guard.add(stats)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -154,7 +154,7 @@ def test_fast_step_makes_no_host_sync():
 def test_compiled_step_on_cuda_matches_eager_and_stops_compiling(mode):
     """torch.compile, with CUDA graphs in reduce-overhead mode: the first step's losses equal eager's (bf16
     tolerance), and nothing recompiles once the first steps have compiled every shape."""
-    from trainer.train import train_step
+    from trainer.train import algorithm, train_step
 
     levers = ["train.precision=bf16", "train.fuse_generator_passes=true", "train.pool_size=0"]
     results = []
@@ -165,7 +165,7 @@ def test_compiled_step_on_cuda_matches_eager_and_stops_compiling(mode):
         history = []
         for i, batch in enumerate(_batches(engine, 6)):
             with torch._dynamo.config.patch(error_on_recompile=compiled and i >= 2):
-                stats, _ = train_step(engine, units, pools, [batch], cfg.loss)
+                stats, _ = train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
             history.append({k: v.item() for k, v in stats.items()})
         results.append(history)
         engine.end()
@@ -179,7 +179,7 @@ def test_compiled_step_on_cuda_matches_eager_and_stops_compiling(mode):
 def test_activation_checkpointing_on_cuda_same_gradients_less_memory():
     """One generator update at 256 px: the same gradient norm with checkpointing, and a lower peak of allocated
     GPU memory."""
-    from trainer.train import train_step
+    from trainer.train import algorithm, train_step
 
     figures = []
     for enabled in ("false", "true"):
@@ -194,7 +194,7 @@ def test_activation_checkpointing_on_cuda_same_gradients_less_memory():
         batch = {d: (torch.rand(2, 3, 256, 256, generator=data) * 2 - 1).to(engine.device) for d in ("x", "y")}
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        stats, _ = train_step(engine, units, pools, [batch], cfg.loss)
+        stats, _ = train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
         figures.append((stats["grad_norm/g"].item(), torch.cuda.max_memory_allocated()))
         engine.end()
     (norm_off, peak_off), (norm_on, peak_on) = figures

@@ -16,7 +16,7 @@ from trainer.config import ConfigError, load_config
 from trainer.cyclegan import GeneratorPair, build_units
 from trainer.engine import Engine
 from trainer.pool import ImagePool
-from trainer.train import build_training, optimizer_kernel, train_step
+from trainer.train import algorithm, build_training, optimizer_kernel, train_step
 
 TINY = ["model.generator=resnet", "model.n_blocks=1", "model.ngf=8", "model.ndf=8", "model.n_layers_d=2",
         "data.load_size=16", "data.crop_size=16", "train.batch_size=2", "optimizer.eps=1e-4"]  # fmt: skip
@@ -37,7 +37,7 @@ def train_tiny(
         batch = {d: torch.rand(2, 3, 16, 16, generator=data) * 2 - 1 for d in ("x", "y")}
         strict = warmup is not None and step >= warmup
         with torch._dynamo.config.patch(error_on_recompile=strict):
-            stats, _ = train_step(engine, units, pools, [batch], cfg.loss)
+            stats, _ = train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
         history.append({k: v.item() for k, v in stats.items()})
     weights = {f"{u}.{k}": v.detach().clone() for u in ("g", "d") for k, v in engine.unwrap(u).state_dict().items()}
     engine.end()

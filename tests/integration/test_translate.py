@@ -20,7 +20,7 @@ from trainer.engine import Engine
 from trainer.evaluation import eval_mode
 from trainer.export import load_inference_generators, save_generators
 from trainer.pool import ImagePool
-from trainer.train import build_training, train_step
+from trainer.train import algorithm, build_training, train_step
 from trainer.translate import translate_batches
 
 SMALL = ["model.ngf=8", "model.n_blocks=1", "train.precision=fp32"]
@@ -40,7 +40,7 @@ def test_exported_weights_give_the_in_training_outputs(colour_shards, tmp_path):
     data = torch.Generator().manual_seed(0)
     for _ in range(3):  # a few real updates, so the weights are not the initial ones
         batch = {d: torch.rand(2, 3, 32, 32, generator=data) * 2 - 1 for d in ("x", "y")}
-        train_step(engine, units, pools, [batch], cfg.loss)
+        train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
     gens = engine.unwrap("g")
     x = torch.rand(5, 3, 32, 32, generator=data) * 2 - 1
     with eval_mode(gens):

@@ -28,14 +28,16 @@ def test_data_throughput_writes_json(tmp_path):
 
 def test_quality_budget_writes_json(tmp_path):
     out = tmp_path / "quality.json"
-    cmd = [sys.executable, "benchmarks/quality_budget.py", "--seconds", "6", "--models", "resnet6", "--train", "16",
-           "--test", "4", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, "benchmarks/quality_budget.py", "--seconds", "6", "--models", "resnet6", "cut", "--train",
+           "16", "--test", "4", "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == "quality_budget" and figures["task"] == "stripes"
-    (run,) = figures["results"]
-    assert run["model"] == "resnet6" and run["steps"] >= 1 and "eval/psnr_gain_xy" in run
+    cyclegan, cut = figures["results"]
+    assert cyclegan["model"] == "resnet6" and cyclegan["steps"] >= 1 and "eval/psnr_gain_yx" in cyclegan
+    assert cut["config"] == "cut-demo" and "eval/psnr_gain_xy" in cut and "eval/psnr_gain_yx" not in cut
+    assert all(run["step_time_s"] > 0 and run["host_rss_gb_max"] > 0 for run in (cyclegan, cut))
 
 
 def test_train_throughput_records_failed_rows_with_keep_going(tmp_path):
