@@ -189,7 +189,10 @@ def check_architecture(path: Path, model_cfg: ModelConfig) -> None:
     if saved is None:
         return  # an earlier version's checkpoint: the tensor names and shapes are checked when loading
     current = dataclasses.asdict(model_cfg)
-    diffs = [f"model.{k}={saved.get(k)!r:.40}, config says {v!r:.40}" for k, v in current.items() if saved.get(k) != v]
+    # A field added after the checkpoint was written holds its default there (e.g. model.family: cyclegan)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    saved = {k: saved.get(k, defaults[k]) for k in current}
+    diffs = [f"model.{k}={saved[k]!r:.40}, config says {v!r:.40}" for k, v in current.items() if saved[k] != v]
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} has {'; '.join(diffs)}: another architecture; change the config back, or train "

@@ -2,6 +2,8 @@
 penalty and its double backward, the generator objective with its patch sampling and flip, the eagerly built head;
 and the configurations they refuse."""
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -9,11 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from trainer import cut
+from trainer.checkpoint import TRAIN_STATE, CheckpointError, check_architecture
 from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig, load_config
 from trainer.engine import Engine
 from trainer.losses import discriminator_loss, generator_adv_loss, gradient_penalty, patch_nce_loss
 from trainer.train import build_training
 
+NEW_MODEL_FIELDS = ("family", "nce_layers", "nce_patches", "nce_mlp_channels", "nce_identity", "flip_equivariance")
 SMALL = ["model.generator=resnet", "model.n_blocks=5", "model.ngf=4", "model.ndf=4", "model.n_layers_d=2",
          "model.nce_mlp_channels=8", "model.nce_patches=6"]  # fmt: skip
 
@@ -200,3 +204,13 @@ def test_wgangp_is_refused_where_the_backend_frees_weights_between_the_backwards
         build_training(cfg, engine)
     engine.end()
     assert Engine(DistributedConfig(cpu=True), TrainConfig(), OptimizerConfig()).backend.double_backward
+
+
+def test_a_checkpoint_from_before_the_families_resumes_as_cyclegan(tmp_path):
+    """Checkpoints written before model.family existed lack its fields: they read as their defaults."""
+    cfg = load_config(None, [])
+    old = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in NEW_MODEL_FIELDS}
+    (tmp_path / TRAIN_STATE).write_text(json.dumps({"step": 4, "world_size": 1, "backend": "ddp", "model": old}))
+    check_architecture(tmp_path, cfg.model)
+    with pytest.raises(CheckpointError, match="model.family='cyclegan', config says 'cut'"):
+        check_architecture(tmp_path, load_config(None, ["model.family=cut"]).model)
