@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save
 
 from shards.manifest import sha256_file
 from shards.urls import check_relative_name
-from trainer.config import ModelConfig
+from trainer.config import TRAINING_MODEL_FIELDS, ModelConfig
 from trainer.engine import EMA_UNIT, Engine
 from trainer.state_file import load_state_file, state_bytes
 
@@ -192,7 +192,11 @@ def check_architecture(path: Path, model_cfg: ModelConfig) -> None:
     # A field added after the checkpoint was written holds its default there (e.g. model.family: cyclegan)
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     saved = {k: saved.get(k, defaults[k]) for k in current}
-    diffs = [f"model.{k}={saved[k]!r:.40}, config says {v!r:.40}" for k, v in current.items() if saved[k] != v]
+    diffs = [
+        f"model.{k}={saved[k]!r:.40}, config says {v!r:.40}"
+        for k, v in current.items()
+        if saved[k] != v and k not in TRAINING_MODEL_FIELDS
+    ]
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} has {'; '.join(diffs)}: another architecture; change the config back, or train "

@@ -31,6 +31,10 @@ CONTRASTIVE_FAMILIES = ("cut", "fastcut")
 """Families trained with PatchNCE (trainer/cut.py): one generator X -> Y and one discriminator."""
 NCE_GENERATORS = ("resnet_9blocks", "resnet_6blocks", "resnet")
 """Generators whose encoder layers PatchNCE reads (a flat stack of layers, like the paper's)."""
+NCE_MODEL_FIELDS = ("nce_layers", "nce_patches", "nce_mlp_channels", "nce_identity", "flip_equivariance")
+"""The model fields only CUT/FastCUT use."""
+TRAINING_MODEL_FIELDS = ("nce_patches", "nce_identity", "flip_equivariance")
+"""Model fields that change how the units train, not their weights: a resumed run may change them."""
 RESNET_STEM_LAYERS = 10
 """Layers of the ResNet generator before its first residual block (stem conv and two downsamplings)."""
 CHECKPOINTED_GENERATORS = ("resnet_9blocks", "resnet_6blocks", "resnet", "unet_article", "unet_128", "unet_256")
@@ -48,7 +52,7 @@ class ModelConfig:
     one generator X -> Y, one discriminator and a PatchNCE head (Park et al., 2020); fastcut is CUT without the
     identity NCE term, with lambda_nce 10 and flip-equivariance augmentation."""
     generator: GeneratorName = "resnet_9blocks"
-    """Generator family for both g_xy (the paper's G) and g_yx (the paper's F)."""
+    """Generator architecture of g_xy (the paper's G) and, for CycleGAN, g_yx (the paper's F)."""
     discriminator: DiscriminatorName = "patchgan"
     """patchgan (70x70 PatchGAN), pixel (1x1 PatchGAN) or hnet (shared trunk H with heads H'_X, H'_Y)."""
     ngf: int = 64
@@ -113,6 +117,14 @@ class ModelConfig:
         )
         if self.family in CONTRASTIVE_FAMILIES:
             self._resolve_nce()
+            return
+        for name in NCE_MODEL_FIELDS:
+            default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+            if getattr(self, name) != default:
+                raise ConfigError(
+                    f"model.{name}={_show(getattr(self, name))} is a CUT/FastCUT setting; model.family={self.family} "
+                    "does not use it"
+                )
 
     def _resolve_nce(self) -> None:
         """Check the CUT/FastCUT fields and fill in the family's defaults."""
@@ -164,7 +176,9 @@ class LossConfig:
     """Adversarial objective: least squares (the paper and the article), BCE-with-logits, hinge, or wgangp (WGAN:
     critic scores, with a gradient penalty on random interpolates of real and fake images, weight lambda_gp)."""
     lambda_gp: float = 10.0
-    """gan_mode=wgangp: weight of the gradient penalty (||grad D(interpolate)||_2 - 1)^2 of each discriminator."""
+    """gan_mode=wgangp: weight of the gradient penalty (||grad D(interpolate)||_2 - 1)^2 of each discriminator,
+    relative to its critic loss mean D(fake) - mean D(real) (Gulrajani et al.'s 10); the whole discriminator loss
+    is halved, as every discriminator loss here is."""
     lambda_adv: float = 1.0
     """Weight of each generator's adversarial term."""
     lambda_cycle: float = 10.0
@@ -591,6 +605,11 @@ class Config:
         if self.train.pool_size is None:
             self.train.pool_size = 0 if contrastive else 50
         if not contrastive:
+            if self.loss.lambda_nce is not None:
+                raise ConfigError(
+                    f"loss.lambda_nce={self.loss.lambda_nce} is a CUT/FastCUT setting; model.family="
+                    f"{self.model.family} does not use it"
+                )
             return
         if self.loss.lambda_nce is None:
             self.loss.lambda_nce = 10.0 if self.model.family == "fastcut" else 1.0
@@ -611,6 +630,11 @@ class Config:
             raise ConfigError(
                 "loss.gan_mode=wgangp with train.compile=true: torch.compile cannot differentiate twice (the "
                 "gradient penalty); set train.compile=false or use another gan_mode"
+            )
+        if self.model.norm_d == "batch":
+            raise ConfigError(
+                "loss.gan_mode=wgangp with model.norm_d=batch: batch norm mixes the interpolates of a batch, so the "
+                "penalty is not per image; use model.norm_d=instance or none"
             )
         if self.train.precision == "fp16":
             raise ConfigError(

@@ -78,25 +78,28 @@ class ContrastiveGenerator(nn.Module):
         extra_y: torch.Tensor | None = None,
     ) -> dict:  # images [N, 3, H, W]; extras [N, C, H, W] or None
         in_x, in_y = with_extra(real_x, extra_x), with_extra(real_y, extra_y)
-        # FastCUT's flip-equivariance: G translates the mirrored batch; its features, mirrored back, must match
-        # those of the input as it is.
+        # FastCUT's flip-equivariance: G translates the mirrored batch (extras included); its features of that
+        # translation, mirrored back, must match those of the input as it is.
         flipped = self.training and self.flip_equivariance and bool(torch.rand(()) < 0.5)
         g_in_x, g_in_y = (in_x.flip(3), in_y.flip(3)) if flipped else (in_x, in_y)
-        out: dict = {}
         if self.fuse_passes:
-            out["fake_y"], out["idt_y"] = self.g_xy(torch.cat([g_in_x, g_in_y])).split([len(in_x), len(in_y)])
+            fake_y, idt_y = self.g_xy(torch.cat([g_in_x, g_in_y])).split([len(in_x), len(in_y)])
         else:
-            out["fake_y"] = self.g_xy(g_in_x)
-            if self.use_identity:
-                out["idt_y"] = self.g_xy(g_in_y)
-        out["nce_x"] = self._pairs(in_x, with_extra(out["fake_y"], extra_x), flipped)
+            fake_y = self.g_xy(g_in_x)
+            idt_y = self.g_xy(g_in_y) if self.use_identity else None
+        out: dict = {"nce_x": self._pairs(in_x, torch.cat([fake_y, g_in_x[:, 3:]], dim=1), flipped)}
         if self.use_identity:
-            out["nce_y"] = self._pairs(in_y, with_extra(out["idt_y"], extra_y), flipped)
+            out["nce_y"] = self._pairs(in_y, torch.cat([idt_y, g_in_y[:, 3:]], dim=1), flipped)
+        # The outputs in the inputs' orientation (for the discriminator, the grids and spike captures)
+        out["fake_y"] = fake_y.flip(3) if flipped else fake_y
+        if self.use_identity:
+            out["idt_y"] = idt_y.flip(3) if flipped else idt_y
         return out
 
     def _pairs(self, source: torch.Tensor, output: torch.Tensor, flipped: bool) -> Pairs:
         """(query, key) projections per NCE layer: keys from G's features of `source`, queries from those of
-        `output` (mirrored back when the batch was flipped) at the same random locations."""
+        `output` (G's translation with the extras, both mirrored when the batch was flipped; its features are
+        mirrored back) at the same random locations."""
         with torch.no_grad():  # PatchNCE detaches the keys: no graph for them
             key_features = self.g_xy.features(source, self.layers)
         locations = [torch.randperm(f.shape[2] * f.shape[3])[: self.patches].to(f.device) for f in key_features]
@@ -199,13 +202,13 @@ def discriminator_step(
     """d_y's objective on real y vs (detached) G(x); real_x and fake_x are CycleGAN's and unused.
 
     Returns:
-        (loss, stats): loss = loss_d_y (+ lambda_gp * gp_y under wgangp) and detached per-term values.
+        (loss, stats): loss = loss_d_y (+ 0.5 * lambda_gp * gp_y under wgangp) and detached per-term values.
     """
     preds = discs(real_y, fake_y.detach())
     loss, real_part, fake_part = discriminator_loss(preds["real_y"], preds["fake_y"], cfg.gan_mode)
     stats = {"loss/d_y_real": real_part, "loss/d_y_fake": fake_part}
     if "gp_y" in preds:
         stats["loss/gp_y"] = preds["gp_y"]
-        loss = loss + cfg.lambda_gp * preds["gp_y"]
+        loss = loss + 0.5 * cfg.lambda_gp * preds["gp_y"]  # halved with the rest (see LossConfig.lambda_gp)
     stats["loss/d_y"] = stats["loss/d_total"] = loss
     return loss, {key: value.detach() for key, value in stats.items()}

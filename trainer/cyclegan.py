@@ -181,7 +181,7 @@ def discriminator_step(
     """The discriminators' objective on real images vs (pooled, detached) fakes.
 
     Returns:
-        (loss, stats): loss = loss_d_x + loss_d_y, each with lambda_gp times its gradient penalty under wgangp,
+        (loss, stats): loss = loss_d_x + loss_d_y, each with 0.5 * lambda_gp times its penalty under wgangp,
         and detached per-term values keyed `loss/...`.
     """
     preds = discs(real_x, fake_x.detach(), real_y, fake_y.detach())
@@ -191,7 +191,7 @@ def discriminator_step(
         stats[f"loss/d_{domain}_real"], stats[f"loss/d_{domain}_fake"] = real_part, fake_part
         if f"gp_{domain}" in preds:
             stats[f"loss/gp_{domain}"] = preds[f"gp_{domain}"]
-            loss = loss + cfg.lambda_gp * preds[f"gp_{domain}"]
+            loss = loss + 0.5 * cfg.lambda_gp * preds[f"gp_{domain}"]  # halved with the rest (see LossConfig)
         stats[f"loss/d_{domain}"] = loss
     stats["loss/d_total"] = stats["loss/d_x"] + stats["loss/d_y"]
     return stats["loss/d_total"], {key: value.detach() for key, value in stats.items()}

@@ -89,7 +89,8 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 class Evaluator:
-    """Evaluates generator pairs on one rank's share of a fixed test set; call it after each training interval.
+    """Evaluates a generator pair (or CUT's one generator) on one rank's share of a fixed test set; call it after
+    each training interval.
 
     Every rank runs the same number of generator forwards (shorter shares run a padding batch whose outputs are
     ignored), because under ZeRO-3 each forward is a collective. The real images' Inception features are computed

@@ -62,12 +62,13 @@ class PeriodicEval:
         return self.evaluator is not None and is_due(step, self.every_steps, self.total_steps)
 
     def measure(self, gens: torch.nn.Module) -> dict[str, float]:
-        """The eval/ metrics of the generator pair `gens` (its plain module; a collective), without selection."""
+        """The eval/ metrics of the generator unit `gens` (its plain module; a collective), without selection: both
+        directions of a CycleGAN pair, X -> Y of CUT's generator (g_yx None)."""
         with eval_mode(gens):
             return self.evaluator(gens.g_xy, gens.g_yx, self.engine.autocast)
 
     def __call__(self, gens: torch.nn.Module, best: dict[str, Any] | None) -> tuple[dict[str, float], dict | None]:
-        """Evaluate the generator pair `gens` (its plain module; a collective).
+        """Evaluate the generator unit `gens` (its plain module; a collective).
 
         Args:
             best: the best record so far ({select, score, metrics}) or None.

@@ -46,12 +46,14 @@ def test_cut_trains_like_ddp_under(launch_config, cut_ddp, tmp_path):
 
 def test_the_gradient_penalty_is_synchronized_under_ddp_and_zero2(tmp_path):
     """Each rank penalizes its own interpolates; the second-order gradients are averaged like the others (the
-    ranks stay equal), ZeRO-2 computes what DDP does, and the penalty changes what the discriminators learn."""
+    ranks stay equal), ZeRO-2 computes what DDP does, the penalty changes what the discriminators learn, and CUT's
+    one discriminator is penalized the same way."""
     gp = ("loss.gan_mode=wgangp", "train.batch_size=2", "train.steps=2")
     ddp = launch(tmp_path / "ddp", 2, *gp)
     zero2 = launch(tmp_path / "zero2", 2, *gp, launch_config="zero2")
     without = launch(tmp_path / "without", 2, *gp, "loss.lambda_gp=0")
-    assert [r["replica_spread"] for r in ddp + zero2] == [0.0] * 4
+    cut = launch(tmp_path / "cut", 2, *gp, *CUT[:3])
+    assert [r["replica_spread"] for r in ddp + zero2 + cut] == [0.0] * 6
     assert_weights(zero2[0], ddp[0], atol=1e-5)
     moved = [
         k for k in ddp[0]["final"]["d"] if not torch.allclose(ddp[0]["final"]["d"][k], without[0]["final"]["d"][k])

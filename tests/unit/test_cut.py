@@ -18,8 +18,8 @@ from trainer.losses import discriminator_loss, generator_adv_loss, gradient_pena
 from trainer.train import build_training
 
 NEW_MODEL_FIELDS = ("family", "nce_layers", "nce_patches", "nce_mlp_channels", "nce_identity", "flip_equivariance")
-SMALL = ["model.generator=resnet", "model.n_blocks=5", "model.ngf=4", "model.ndf=4", "model.n_layers_d=2",
-         "model.nce_mlp_channels=8", "model.nce_patches=6"]  # fmt: skip
+NETWORKS = ["model.generator=resnet", "model.n_blocks=5", "model.ngf=4", "model.ndf=4", "model.n_layers_d=2"]
+SMALL = [*NETWORKS, "model.nce_mlp_channels=8", "model.nce_patches=6"]
 
 
 def direct_patch_nce(query, key, images, tau):
@@ -117,7 +117,8 @@ def expected_generator_loss(gens, disc, x, y, cfg, flip):
     nce_value = nce(x, fake_y, flipped)
     if idt_y is not None:
         nce_value = 0.5 * (nce_value + nce(y, idt_y, flipped))
-    adversarial = ((disc.d_y(fake_y) - 1) ** 2).mean().item()
+    # D scores the translation in x's orientation (the reference scores the mirrored one; D is trained on both)
+    adversarial = ((disc.d_y(fake_y.flip(3) if flipped else fake_y) - 1) ** 2).mean().item()
     return cfg.lambda_adv * adversarial + cfg.lambda_nce * nce_value, flipped
 
 
@@ -165,7 +166,7 @@ def test_the_discriminator_unit_penalizes_under_wgangp_only():
         y = torch.rand(2, 3, 16, 16)
         assert set(disc(y, y.flip(3))) == keys
         loss, stats = cut.discriminator_step(disc, y, y, None, y.flip(3), cfg.loss)
-        extra = cfg.loss.lambda_gp * stats["loss/gp_y"] if mode == "wgangp" else 0.0
+        extra = 0.5 * cfg.loss.lambda_gp * stats["loss/gp_y"] if mode == "wgangp" else 0.0
         assert loss.item() == pytest.approx((0.5 * (stats["loss/d_y_real"] + stats["loss/d_y_fake"]) + extra).item())
 
 
@@ -182,6 +183,9 @@ def test_the_discriminator_unit_penalizes_under_wgangp_only():
         (["model.family=cut", "eval.select=cycle"], "eval.select=cycle needs reconstructions"),
         (["loss.gan_mode=wgangp", "train.compile=true"], "torch.compile cannot differentiate twice"),
         (["loss.gan_mode=wgangp", "train.precision=fp16"], "use bf16 or fp32"),
+        (["loss.gan_mode=wgangp", "model.norm_d=batch"], "the penalty is not per image"),
+        (["model.nce_patches=64"], "model.nce_patches=64 is a CUT/FastCUT setting"),
+        (["loss.lambda_nce=2"], "loss.lambda_nce=2.0 is a CUT/FastCUT setting"),
         (["loss.lambda_gp=-1"], "loss.lambda_gp=-1.0 is not allowed"),
     ],
 )  # fmt: skip
@@ -198,7 +202,7 @@ def test_the_pool_follows_the_family_unless_set():
 
 
 def test_wgangp_is_refused_where_the_backend_frees_weights_between_the_backwards():
-    cfg = load_config(None, [*SMALL, "loss.gan_mode=wgangp", "distributed.backend=fsdp2", "distributed.cpu=true"])
+    cfg = load_config(None, [*NETWORKS, "loss.gan_mode=wgangp", "distributed.backend=fsdp2", "distributed.cpu=true"])
     engine = Engine(cfg.distributed, TrainConfig(), OptimizerConfig())
     with pytest.raises(ConfigError, match="loss.gan_mode=wgangp under fsdp2: the gradient penalty differentiates"):
         build_training(cfg, engine)
@@ -214,3 +218,35 @@ def test_a_checkpoint_from_before_the_families_resumes_as_cyclegan(tmp_path):
     check_architecture(tmp_path, cfg.model)
     with pytest.raises(CheckpointError, match="model.family='cyclegan', config says 'cut'"):
         check_architecture(tmp_path, load_config(None, ["model.family=cut"]).model)
+    # How CUT trains (patches, identity term, flip) may change on resume; its layers and head may not.
+    cut_cfg = load_config(None, ["model.family=cut"])
+    saved = dataclasses.asdict(cut_cfg.model)
+    (tmp_path / TRAIN_STATE).write_text(json.dumps({"step": 4, "world_size": 1, "backend": "ddp", "model": saved}))
+    check_architecture(tmp_path, load_config(None, ["model.family=cut", "model.nce_patches=64"]).model)
+    with pytest.raises(CheckpointError, match="model.nce_mlp_channels=256, config says 64"):
+        check_architecture(tmp_path, load_config(None, ["model.family=cut", "model.nce_mlp_channels=64"]).model)
+
+
+def test_a_flipped_batch_mirrors_the_extra_channels_with_the_translation():
+    """With data.extra (here a label map, not mirror-symmetric) G's features of its mirrored translation are read
+    with the mirrored map, and the keys with the map as it is; the outputs come back in x's orientation."""
+    cfg = load_config(None, ["model.family=fastcut", *SMALL, "data.extra=label"])
+    torch.manual_seed(0)
+    gens, _ = cut.build_units(cfg.model, cfg.loss)
+    seen = []
+    features = gens.g_xy.features
+    gens.g_xy.features = lambda x, layers: seen.append(x.detach().clone()) or features(x, layers)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    label = torch.zeros(2, 1, 16, 16)
+    label[..., :5] = 1.0  # the left third
+    for seed in range(8):
+        torch.manual_seed(seed)
+        flipped = torch.rand(()).item() < 0.5
+        torch.manual_seed(seed)
+        seen.clear()
+        out = gens(x, x, label, label)
+        key_input, query_input = seen
+        assert torch.equal(key_input[:, 3:], label)
+        assert torch.equal(query_input[:, 3:], label.flip(3) if flipped else label)
+        mirrored = gens.g_xy(torch.cat([x, label], 1).flip(3))
+        assert torch.allclose(out["fake_y"], mirrored.flip(3) if flipped else gens.g_xy(torch.cat([x, label], 1)))

@@ -140,6 +140,27 @@ def test_fid_and_kid_with_a_local_torchscript_network(inception_file):
     assert evaluator(Scale(1.0), Scale(1.0))["eval/fid_y"] != first["eval/fid_y"]
 
 
+def test_one_generator_is_measured_in_its_direction_only(inception_file):
+    """CUT's evaluation (no F): G's PSNR/SSIM and domain Y's FID/KID, equal to those of the two-way evaluation,
+    with the real Y features fed once although no generator translates Y."""
+    test = hand_made(8)
+    inception = load_inception(str(inception_file))
+    g_xy = Scale(0.7)
+    one_way = Evaluator(test, EvalConfig(images=8, batch_size=3), 3, torch.device("cpu"), 1, inception)
+    got = one_way(g_xy, None)
+    both = Evaluator(test, EvalConfig(images=8, batch_size=3), 3, torch.device("cpu"), 1, inception)(g_xy, Scale(0.3))
+    assert set(got) == {
+        "eval/images_x", "eval/images_y", "eval/psnr_identity", "eval/ssim_identity", "eval/psnr_g_xy",
+        "eval/ssim_g_xy", "eval/psnr_gain_xy", "eval/fid_y", "eval/kid_y", "eval/kid_y_std",
+    }  # fmt: skip
+    for key in got:
+        assert got[key] == pytest.approx(both[key], rel=1e-5, abs=1e-6), key  # KID: a difference of large terms
+    assert one_way(g_xy, None) == got  # the real features are not fed twice
+    with pytest.raises(ValueError, match="either a generator pair or one generator"):
+        one_way(g_xy, Scale(0.3))
+    assert selection_score(got, "psnr") == got["eval/psnr_g_xy"] and selection_score(got, "fid") == -got["eval/fid_y"]
+
+
 def test_inception_loader_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"eval.inception_weights=.*nope.pt does not exist"):
         load_inception(str(tmp_path / "nope.pt"))
