@@ -81,19 +81,19 @@ class ContrastiveGenerator(nn.Module):
         # FastCUT's flip-equivariance: G translates the mirrored batch (extras included); its features of that
         # translation, mirrored back, must match those of the input as it is.
         flipped = self.training and self.flip_equivariance and bool(torch.rand(()) < 0.5)
-        g_in_x, g_in_y = (in_x.flip(3), in_y.flip(3)) if flipped else (in_x, in_y)
+        g_in_x, g_in_y, g_extra_x, g_extra_y = (mirrored(t, flipped) for t in (in_x, in_y, extra_x, extra_y))
         if self.fuse_passes:
             fake_y, idt_y = self.g_xy(torch.cat([g_in_x, g_in_y])).split([len(in_x), len(in_y)])
         else:
             fake_y = self.g_xy(g_in_x)
             idt_y = self.g_xy(g_in_y) if self.use_identity else None
-        out: dict = {"nce_x": self._pairs(in_x, torch.cat([fake_y, g_in_x[:, 3:]], dim=1), flipped)}
+        out: dict = {"nce_x": self._pairs(in_x, with_extra(fake_y, g_extra_x), flipped)}
         if self.use_identity:
-            out["nce_y"] = self._pairs(in_y, torch.cat([idt_y, g_in_y[:, 3:]], dim=1), flipped)
+            out["nce_y"] = self._pairs(in_y, with_extra(idt_y, g_extra_y), flipped)
         # The outputs in the inputs' orientation (for the discriminator, the grids and spike captures)
-        out["fake_y"] = fake_y.flip(3) if flipped else fake_y
+        out["fake_y"] = mirrored(fake_y, flipped)
         if self.use_identity:
-            out["idt_y"] = idt_y.flip(3) if flipped else idt_y
+            out["idt_y"] = mirrored(idt_y, flipped)
         return out
 
     def _pairs(self, source: torch.Tensor, output: torch.Tensor, flipped: bool) -> Pairs:
@@ -118,6 +118,11 @@ class ContrastiveGenerator(nn.Module):
             "x_to_y": [x, self.g_xy(with_extra(x, extra_x))],
             "y_identity": [y, self.g_xy(with_extra(y, extra_y))],
         }
+
+
+def mirrored(images: torch.Tensor | None, flipped: bool) -> torch.Tensor | None:
+    """`images` mirrored left-right when `flipped` (None stays None)."""
+    return images.flip(3) if flipped and images is not None else images
 
 
 class SingleDiscriminator(nn.Module):
