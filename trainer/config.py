@@ -605,11 +605,12 @@ class Config:
         if self.train.pool_size is None:
             self.train.pool_size = 0 if contrastive else 50
         if not contrastive:
-            if self.loss.lambda_nce is not None:
-                raise ConfigError(
-                    f"loss.lambda_nce={self.loss.lambda_nce} is a CUT/FastCUT setting; model.family="
-                    f"{self.model.family} does not use it"
-                )
+            for f in dataclasses.fields(LossConfig):
+                if f.name in ("lambda_nce", "nce_temperature") and getattr(self.loss, f.name) != f.default:
+                    raise ConfigError(
+                        f"loss.{f.name}={getattr(self.loss, f.name)} is a CUT/FastCUT setting; model.family="
+                        f"{self.model.family} does not use it"
+                    )
             return
         if self.loss.lambda_nce is None:
             self.loss.lambda_nce = 10.0 if self.model.family == "fastcut" else 1.0

@@ -186,6 +186,7 @@ def test_the_discriminator_unit_penalizes_under_wgangp_only():
         (["loss.gan_mode=wgangp", "model.norm_d=batch"], "the penalty is not per image"),
         (["model.nce_patches=64"], "model.nce_patches=64 is a CUT/FastCUT setting"),
         (["loss.lambda_nce=2"], "loss.lambda_nce=2.0 is a CUT/FastCUT setting"),
+        (["loss.nce_temperature=0.1"], "loss.nce_temperature=0.1 is a CUT/FastCUT setting"),
         (["loss.lambda_gp=-1"], "loss.lambda_gp=-1.0 is not allowed"),
     ],
 )  # fmt: skip
