@@ -250,3 +250,16 @@ def test_a_flipped_batch_mirrors_the_extra_channels_with_the_translation():
         assert torch.equal(query_input[:, 3:], label.flip(3) if flipped else label)
         g_input = torch.cat([x, label], 1)
         assert torch.allclose(out["fake_y"], gens.g_xy(g_input.flip(3) if flipped else g_input))
+
+
+def test_features_are_the_layers_outputs_even_before_an_in_place_relu():
+    """Layer 2 (the stem's norm) is followed by ReLU(inplace=True): the feature must stay the norm's output."""
+    cfg = load_config(None, ["model.family=cut", *SMALL, "model.nce_layers=[2, 3]"])
+    torch.manual_seed(0)
+    gens, _ = cut.build_units(cfg.model, cfg.loss)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    norm_out, relu_out = gens.g_xy.features(x, [2, 3])
+    want = gens.g_xy.net[:3](x)
+    torch.testing.assert_close(norm_out, want)
+    torch.testing.assert_close(relu_out, want.clamp_min(0))
+    assert (norm_out < 0).any()

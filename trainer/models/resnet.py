@@ -68,8 +68,9 @@ class ResnetGenerator(nn.Module):
         wanted, found = set(layers), {}
         for index, layer in enumerate(self.net[: max(layers) + 1]):
             x = layer(x)
-            if index in wanted:
-                found[index] = x
+            if index in wanted:  # a copy where the next layer works in place (ReLU(inplace) after a norm)
+                following = self.net[index + 1] if index + 1 < len(self.net) else None
+                found[index] = x.clone() if getattr(following, "inplace", False) else x
         return [found[index] for index in layers]
 
     def feature_widths(self, layers: list[int]) -> list[int]:
