@@ -91,6 +91,7 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
 
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     units, _, _ = build_training(cfg, engine)
+    family = algorithm(cfg.model.family)
     device, batch = engine.device, cfg.train.batch_size
     pools = tuple(ImagePool(cfg.train.pool_size, seed=i) for i in (0, 1))
     loader = UnpairedLoader(cfg.data, batch, cfg.train.seed, engine.rank, engine.world_size, device)
@@ -109,7 +110,7 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
 
         counter = FlopCounterMode(display=False)
         with counter:
-            train_step(engine, units, pools, [next(loader)], cfg.loss, algorithm(cfg.model.family))
+            train_step(engine, units, pools, [next(loader)], cfg.loss, family)
         flops = counter.get_total_flops() / batch
     for step in range(warmup + steps):
         if step == warmup:
@@ -120,9 +121,9 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
         mark[0] = time.perf_counter()
         micro = next(loader)
         clock("data_wait")
-        _, fakes, _ = generator_update(engine, units, pools, [micro], cfg.loss, algorithm(cfg.model.family))
+        _, fakes, _ = generator_update(engine, units, pools, [micro], cfg.loss, family)
         clock("generator")
-        discriminator_update(engine, units, [micro], fakes, cfg.loss, algorithm(cfg.model.family))
+        discriminator_update(engine, units, [micro], fakes, cfg.loss, family)
         clock("discriminator")
     elapsed = time.perf_counter() - start
     row = _row(steps * batch / elapsed, elapsed / steps, phases, steps, flops, device)

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save
 
 from shards.manifest import sha256_file
 from shards.urls import check_relative_name
-from trainer.config import TRAINING_MODEL_FIELDS, ModelConfig
+from trainer.config import TRAINING_MODEL_FIELDS, ModelConfig, field_defaults
 from trainer.engine import EMA_UNIT, Engine
 from trainer.state_file import load_state_file, state_bytes
 
@@ -190,7 +190,7 @@ def check_architecture(path: Path, model_cfg: ModelConfig) -> None:
         return  # an earlier version's checkpoint: the tensor names and shapes are checked when loading
     current = dataclasses.asdict(model_cfg)
     # A field added after the checkpoint was written holds its default there (e.g. model.family: cyclegan)
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    defaults = field_defaults(ModelConfig)
     saved = {k: saved.get(k, defaults[k]) for k in current}
     diffs = [
         f"model.{k}={saved[k]!r:.40}, config says {v!r:.40}"

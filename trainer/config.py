@@ -117,14 +117,8 @@ class ModelConfig:
         )
         if self.family in CONTRASTIVE_FAMILIES:
             self._resolve_nce()
-            return
-        for name in NCE_MODEL_FIELDS:
-            default = next(f.default for f in dataclasses.fields(self) if f.name == name)
-            if getattr(self, name) != default:
-                raise ConfigError(
-                    f"model.{name}={_show(getattr(self, name))} is a CUT/FastCUT setting; model.family={self.family} "
-                    "does not use it"
-                )
+        else:
+            _refuse_unused(self, "model.", NCE_MODEL_FIELDS, self.family)
 
     def _resolve_nce(self) -> None:
         """Check the CUT/FastCUT fields and fill in the family's defaults."""
@@ -605,12 +599,7 @@ class Config:
         if self.train.pool_size is None:
             self.train.pool_size = 0 if contrastive else 50
         if not contrastive:
-            for f in dataclasses.fields(LossConfig):
-                if f.name in ("lambda_nce", "nce_temperature") and getattr(self.loss, f.name) != f.default:
-                    raise ConfigError(
-                        f"loss.{f.name}={getattr(self.loss, f.name)} is a CUT/FastCUT setting; model.family="
-                        f"{self.model.family} does not use it"
-                    )
+            _refuse_unused(self.loss, "loss.", ("lambda_nce", "nce_temperature"), self.model.family)
             return
         if self.loss.lambda_nce is None:
             self.loss.lambda_nce = 10.0 if self.model.family == "fastcut" else 1.0
@@ -653,6 +642,22 @@ MAX_YAML_VALUES = 100_000
 def _show(value: Any) -> str:
     """repr of a value for an error message, bounded in size whatever the value (aliases share structure)."""
     return _SHORT.repr(value)
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The default of each field of dataclass `cls` that has a plain one, by name."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _refuse_unused(section: Any, prefix: str, names: tuple[str, ...], family: str) -> None:
+    """Refuse a CUT/FastCUT field among `names` of `section` set away from its default under `family`."""
+    defaults = field_defaults(type(section))
+    for name in names:
+        if getattr(section, name) != defaults[name]:
+            raise ConfigError(
+                f"{prefix}{name}={_show(getattr(section, name))} is a CUT/FastCUT setting; model.family={family} "
+                "does not use it"
+            )
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

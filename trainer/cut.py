@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from trainer.config import LossConfig, ModelConfig
-from trainer.cyclegan import Tensors, with_extra
-from trainer.losses import discriminator_loss, generator_adv_loss, gradient_penalty, patch_nce_loss
+from trainer.cyclegan import Tensors, discriminator_terms, one_call, with_extra
+from trainer.losses import generator_adv_loss, gradient_penalty, patch_nce_loss
 from trainer.models import build_discriminator, build_generator
 from trainer.models.layers import init_weights
 
@@ -83,7 +83,7 @@ class ContrastiveGenerator(nn.Module):
         flipped = self.training and self.flip_equivariance and bool(torch.rand(()) < 0.5)
         g_in_x, g_in_y, g_extra_x, g_extra_y = (mirrored(t, flipped) for t in (in_x, in_y, extra_x, extra_y))
         if self.fuse_passes:
-            fake_y, idt_y = self.g_xy(torch.cat([g_in_x, g_in_y])).split([len(in_x), len(in_y)])
+            fake_y, idt_y = one_call(self.g_xy, g_in_x, g_in_y)
         else:
             fake_y = self.g_xy(g_in_x)
             idt_y = self.g_xy(g_in_y) if self.use_identity else None
@@ -210,11 +210,6 @@ def discriminator_step(
     Returns:
         (loss, stats): loss = loss_d_y (+ 0.5 * lambda_gp * gp_y under wgangp) and detached per-term values.
     """
-    preds = discs(real_y, fake_y.detach())
-    loss, real_part, fake_part = discriminator_loss(preds["real_y"], preds["fake_y"], cfg.gan_mode)
-    stats = {"loss/d_y_real": real_part, "loss/d_y_fake": fake_part}
-    if "gp_y" in preds:
-        stats["loss/gp_y"] = preds["gp_y"]
-        loss = loss + 0.5 * cfg.lambda_gp * preds["gp_y"]  # halved with the rest (see LossConfig.lambda_gp)
-    stats["loss/d_y"] = stats["loss/d_total"] = loss
+    stats = discriminator_terms(discs(real_y, fake_y.detach()), "y", cfg)  # CycleGAN's d_y, without a pool
+    stats["loss/d_total"] = loss = stats["loss/d_y"]
     return loss, {key: value.detach() for key, value in stats.items()}

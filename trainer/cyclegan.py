@@ -48,9 +48,8 @@ class GeneratorPair(nn.Module):
         in_x, in_y = with_extra(real_x, extra_x), with_extra(real_y, extra_y)
         out = {}
         if self.fuse_passes:
-            sizes = [len(in_x), len(in_y)]
-            out["fake_y"], out["idt_y"] = self.g_xy(torch.cat([in_x, in_y])).split(sizes)
-            out["idt_x"], out["fake_x"] = self.g_yx(torch.cat([in_x, in_y])).split(sizes)
+            out["fake_y"], out["idt_y"] = one_call(self.g_xy, in_x, in_y)
+            out["idt_x"], out["fake_x"] = one_call(self.g_yx, in_x, in_y)
         else:
             out["fake_y"], out["fake_x"] = self.g_xy(in_x), self.g_yx(in_y)
             if self.use_identity:
@@ -66,6 +65,13 @@ class GeneratorPair(nn.Module):
         """The sample grids' columns: x | G(x) | F(G(x)) and y | F(y) | G(F(y))."""
         out = self(x, y, extra_x, extra_y)
         return {"x_to_y": [x, out["fake_y"], out["rec_x"]], "y_to_x": [y, out["fake_x"], out["rec_y"]]}
+
+
+def one_call(net: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(net(a), net(b)) from one call on the two batches concatenated (train.fuse_generator_passes; the same math
+    with per-sample normalization)."""
+    first, second = net(torch.cat([a, b])).split([len(a), len(b)])
+    return first, second
 
 
 def with_extra(images: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
@@ -187,11 +193,18 @@ def discriminator_step(
     preds = discs(real_x, fake_x.detach(), real_y, fake_y.detach())
     stats: Tensors = {}
     for domain in ("x", "y"):
-        loss, real_part, fake_part = discriminator_loss(preds[f"real_{domain}"], preds[f"fake_{domain}"], cfg.gan_mode)
-        stats[f"loss/d_{domain}_real"], stats[f"loss/d_{domain}_fake"] = real_part, fake_part
-        if f"gp_{domain}" in preds:
-            stats[f"loss/gp_{domain}"] = preds[f"gp_{domain}"]
-            loss = loss + 0.5 * cfg.lambda_gp * preds[f"gp_{domain}"]  # halved with the rest (see LossConfig)
-        stats[f"loss/d_{domain}"] = loss
+        stats.update(discriminator_terms(preds, domain, cfg))
     stats["loss/d_total"] = stats["loss/d_x"] + stats["loss/d_y"]
     return stats["loss/d_total"], {key: value.detach() for key, value in stats.items()}
+
+
+def discriminator_terms(preds: Tensors, domain: str, cfg: LossConfig) -> Tensors:
+    """The loss of the discriminator of `domain` (x or y) from its scores in `preds` (real_D, fake_D and, under
+    wgangp, its penalty gp_D), keyed `loss/d_D`, with its parts: d_D_real, d_D_fake, gp_D."""
+    loss, real_part, fake_part = discriminator_loss(preds[f"real_{domain}"], preds[f"fake_{domain}"], cfg.gan_mode)
+    terms = {f"loss/d_{domain}_real": real_part, f"loss/d_{domain}_fake": fake_part}
+    if f"gp_{domain}" in preds:
+        terms[f"loss/gp_{domain}"] = preds[f"gp_{domain}"]
+        loss = loss + 0.5 * cfg.lambda_gp * preds[f"gp_{domain}"]  # halved with the rest (see LossConfig)
+    terms[f"loss/d_{domain}"] = loss
+    return terms

@@ -178,9 +178,13 @@ class Evaluator:
         evaluation translates that domain's images."""
         for _, rows, batch, _ in self._batches(images, extra, total):
             if rows:
-                for kind in ("fid", "kid"):
-                    if f"{kind}_{domain}" in self.inception_metrics:
-                        self.inception_metrics[f"{kind}_{domain}"].update(batch[:rows], real=True)
+                self._add_real(domain, batch[:rows])
+
+    def _add_real(self, domain: str, real: torch.Tensor) -> None:
+        """Real images of `domain` for its FID/KID (where there are such metrics)."""
+        for kind in ("fid", "kid"):
+            if f"{kind}_{domain}" in self.inception_metrics:
+                self.inception_metrics[f"{kind}_{domain}"].update(real, real=True)
 
     def _batches(
         self, images: torch.Tensor, extra: torch.Tensor | None, total: int
@@ -222,8 +226,8 @@ class Evaluator:
         for kind in ("fid", "kid"):
             if f"{kind}_{other}" in inception:
                 inception[f"{kind}_{other}"].update(fake, real=False)
-            if f"{kind}_{domain}" in inception and not self.real_done:
-                inception[f"{kind}_{domain}"].update(real, real=True)
+        if not self.real_done:
+            self._add_real(domain, real)
 
 
 def selection_score(metrics: dict[str, float], select: str) -> float:
