@@ -10,9 +10,11 @@ someone else wrote cannot run code (nothing is unpickled, not even by DeepSpeed 
 It is written as `step_XXXXXXXX.tmp`; once every rank has written its part, COMPLETE (the sha256 of every file) is
 written and the directory renamed, then `latest` is replaced atomically and old checkpoints are rotated out
 (renamed to `*.old`, then deleted). A save is a capture into host memory (collectives) followed by writing, which
-`save_checkpoint` does before it returns and `AsyncCheckpointWriter` in a background thread. Only directories
-named exactly step_XXXXXXXX that hold COMPLETE are ever resumed from; the debris of an interrupted save or
-rotation is removed by the next save.
+`save_checkpoint` does before it returns and `AsyncCheckpointWriter` in a background thread. Only real
+directories (never symlinks) named exactly step_XXXXXXXX that hold COMPLETE are ever resumed from; the debris of an
+interrupted save or rotation (`.tmp`, `.old`) is removed by the next save, and damaged checkpoints a resume skipped
+are kept as `.damaged`. Every JSON file is read with shards.bounded_read's bounds; every file is written through
+trainer.run_files, which never follows a link.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save
 
+from shards.bounded_read import BoundedReadError, read_json
 from shards.manifest import sha256_file
 from shards.urls import check_relative_name
 from trainer.config import TRAINING_MODEL_FIELDS, ModelConfig, field_defaults
 from trainer.engine import EMA_UNIT, Engine
+from trainer.run_files import fsync_dir, inside, write_atomic, write_file
 from trainer.state_file import load_state_file, state_bytes
 
 CHECKPOINTS = "checkpoints"
@@ -47,6 +51,13 @@ TRAIN_STATE = "train_state.json"
 STATE_FORMAT = 1
 """train_state.json's format: 1 adds format, images_seen and config_hash (earlier checkpoints have none: 0)."""
 STEP_DIR = re.compile(r"step_(\d{8})")
+DAMAGED = ".damaged"
+"""Suffix of checkpoints set aside because they were damaged (never resumed from, never deleted)."""
+DEBRIS = (".tmp", ".old")
+"""Suffixes of the directories an interrupted save or rotation leaves, which the next save removes."""
+MAX_STEP = 10**8 - 1
+"""Steps a checkpoint name can hold (step_XXXXXXXX)."""
+MAX_WORLD_SIZE = 1 << 20
 MOMENTS = (".exp_avg", ".exp_avg_sq")
 
 
@@ -59,59 +70,43 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: Path, data: bytes | str) -> None:
-    """Write and fsync `path` (a plain write: callers make it visible atomically by renaming it or its directory)."""
-    with open(path, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Replace `path` atomically: a crash leaves the old or the new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    write_file(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def checkpoint_step(path: Path) -> int | None:
     """The step of a checkpoint directory's name (step_XXXXXXXX exactly), else None."""
     match = STEP_DIR.fullmatch(path.name)
     return int(match.group(1)) if match else None
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories of a run that are named step_XXXXXXXX and carry a COMPLETE marker, oldest first."""
+def step_dirs(run_dir: Path) -> list[Path]:
+    """The real directories (no symlinks) of a run named exactly step_XXXXXXXX, oldest first."""
     root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
+    if not root.is_dir() or root.is_symlink():
         return []
-    return sorted(
-        p for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir() and (p / COMPLETE).is_file()
-    )
+    return sorted(p for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir() and not p.is_symlink())
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories of a run (`step_dirs`) that carry a COMPLETE marker, oldest first."""
+    return [p for p in step_dirs(run_dir) if (p / COMPLETE).is_file()]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return read_json(path, "checkpoint file")
+    except BoundedReadError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
-    """A checkpoint's train_state.json, with the fields resuming relies on checked.
+    """A checkpoint's train_state.json, with the fields resuming relies on checked; a checkpoint named
+    step_XXXXXXXX must hold that step.
 
     Raises:
         CheckpointError: the file is missing, not JSON, or a field has the wrong kind of value.
     """
-    try:
-        state = json.loads((path / TRAIN_STATE).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} is unreadable ({err!s:.120})") from None
+    state = _read_json(path / TRAIN_STATE)
     checks = {
-        "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "world_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_STEP,
+        "world_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_WORLD_SIZE,
         "backend": lambda v: isinstance(v, str),
         "model": lambda v: v is None or isinstance(v, dict),
         "format": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= STATE_FORMAT,
@@ -125,34 +120,34 @@ def read_train_state(path: Path) -> dict[str, Any]:
     for key, ok in checks.items():
         if not ok(state.get(key)):
             raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} has {key}={state.get(key)!r:.60}")
+    named = checkpoint_step(path)
+    if named is not None and state["step"] != named:
+        raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} has step={state['step']}, its name says {named}")
     return state
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check a checkpoint against its COMPLETE marker; returns its train_state.json.
+    """Check a checkpoint against its COMPLETE marker (every file listed, a regular file, its hash matching);
+    returns its train_state.json.
 
     Raises:
         CheckpointError: one line naming the checkpoint and what is wrong.
     """
-    marker = path / COMPLETE
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if not marker.is_file():
+    if not (path / COMPLETE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker)")
-    try:
-        hashes = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"checkpoint {path}: {COMPLETE} is not valid JSON") from None
+    hashes = _read_json(path / COMPLETE)
     if not isinstance(hashes, dict) or TRAIN_STATE not in hashes or UNIVERSAL not in hashes:
         raise CheckpointError(f"checkpoint {path}: {COMPLETE} does not list {TRAIN_STATE} and {UNIVERSAL}")
     for name, digest in hashes.items():
         try:
-            check_relative_name(name, str(marker), "file name")
+            check_relative_name(name, str(path / COMPLETE), "file name")
         except ValueError as err:
             raise CheckpointError(str(err)) from None
         file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+        if file.is_symlink() or not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing or not a regular file")
         if sha256_file(file) != digest:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match its sha256")
     return read_train_state(path)
@@ -160,23 +155,46 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 
 def find_resume(run_dir: Path, resume: str, report: Callable[[str], None] = print) -> Path | None:
     """The checkpoint to continue from: for `auto` the newest intact one in run_dir (damaged ones are reported
-    through `report` and skipped), for a path that checkpoint, for `none` nothing.
+    through `report` and skipped), for a path that checkpoint, for `none` nothing. `auto` is no looser than
+    `none`: a run directory whose checkpoints are all damaged is refused, never silently started over.
 
     Raises:
-        CheckpointError: a given path that is not an intact checkpoint.
+        CheckpointError: a given path that is not an intact checkpoint; under `auto`, checkpoints none of which
+            is intact.
     """
     if resume == "none":
         return None
     if resume != "auto":
         verify_checkpoint(Path(resume))
         return Path(resume)
-    for candidate in reversed(complete_checkpoints(run_dir)):
+    candidates = step_dirs(run_dir)
+    for candidate in reversed(candidates):
         try:
             verify_checkpoint(candidate)
             return candidate
         except CheckpointError as err:
             report(f"skipping {err}; trying the previous checkpoint")
+    if candidates:
+        raise CheckpointError(
+            f"train.run_dir={run_dir} has {len(candidates)} checkpoint(s) and none is intact (see above); "
+            "repair or move them away to keep them, or train.resume=none train.overwrite=true to delete them "
+            "and start over"
+        )
     return None
+
+
+def set_aside_damaged(run_dir: Path, resumed: Path | None) -> list[Path]:
+    """Rename the checkpoints newer than `resumed` (damaged ones, which find_resume skipped) to
+    step_XXXXXXXX.damaged: kept for inspection, out of the way of rotation, which would otherwise count them
+    among the newest and delete the checkpoints this run saves. Returns their new paths."""
+    after = checkpoint_step(resumed) if resumed is not None else -1
+    moved = []
+    for path in step_dirs(run_dir):
+        if checkpoint_step(path) > after:
+            target = path.with_name(path.name + DAMAGED)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def check_architecture(path: Path, model_cfg: ModelConfig) -> None:
@@ -276,10 +294,11 @@ def capture_checkpoint(
     error = None
     if engine.is_main:
         try:
+            inside(Path(run_dir), _tmp_dir(final))  # no link on the way: writes and deletions stay in the run
             root.mkdir(parents=True, exist_ok=True)
             for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
-                if debris.is_dir() and checkpoint_step(debris) is None:
-                    shutil.rmtree(debris, ignore_errors=True)
+                if debris.suffix in DEBRIS and checkpoint_step(debris.with_suffix("")) is not None:
+                    _remove(debris)
             _tmp_dir(final).mkdir()
         except OSError as err:
             error = err
@@ -316,11 +335,11 @@ def publish_checkpoint(saving: CapturedCheckpoint) -> Path:
     write_file(tmp / TRAIN_STATE, json.dumps(saving.train_state))
     hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     write_file(tmp / COMPLETE, json.dumps(hashes))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a damaged checkpoint of this step, or one a resume from an earlier step replaces
         os.replace(final, final.with_name(final.name + ".old"))
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_atomic(root / LATEST, final.name + "\n")
     if saving.best is not None:
         write_atomic(root / BEST, json.dumps({"step": int(final.name[5:]), **saving.best}, indent=2))
@@ -452,7 +471,15 @@ def _rotate(run_dir: Path, keep: int, keep_every_steps: int) -> None:
         if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step != best_step:
             trash = old.with_name(old.name + ".old")
             os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)  # what stays (NFS .nfs* files) is removed as debris later
+            _remove(trash)  # what stays (NFS .nfs* files) is removed as debris later
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory of the run's checkpoints, or the link planted in its place (never what it points to)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _units_state(path: Path, engine: Engine) -> dict[str, dict[str, torch.Tensor]]:
@@ -548,10 +575,7 @@ def read_best(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / CHECKPOINTS / BEST
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err!s:.120})") from None
+    record = _read_json(path)
     fields = {"step": int, "select": str, "score": (int, float), "metrics": dict}
     if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in fields.items()):
         raise CheckpointError(f"{path} is not a best-checkpoint record (step, select, score, metrics)")

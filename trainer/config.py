@@ -798,9 +798,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML that `load_config` reads back to an equal Config."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML that `load_config` reads back to an equal Config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> int:

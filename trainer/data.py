@@ -17,7 +17,9 @@ Shards are local files, `pipe:` commands or store URLs (http(s), s3, gs), all op
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import random
 import tarfile
@@ -511,9 +513,17 @@ class UnpairedLoader:
         self.retries = 0
         self._iterator: Iterator | None = None
 
+    def plan_id(self) -> str:
+        """What the data plan is made of - each domain's shard names and sample counts, in order - as a digest: a
+        position in one plan means nothing in another. Names, not URLs, so the same shards moved elsewhere (a
+        node-local copy, a bucket) keep their positions."""
+        listing = {d: [(shard.url.rsplit("/", 1)[-1], shard.samples) for shard in self.shards[d]] for d in DOMAINS}
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly after the last batch returned."""
         return {
+            "plan": self.plan_id(),
             "world_size": self.world_size,
             "num_workers": max(1, self.cfg.num_workers),
             "consumed": self.consumed,
@@ -523,19 +533,30 @@ class UnpairedLoader:
             "retries": self.retries,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`: exactly on the same world size and worker count; otherwise from the start of
-        the oldest epoch any slot was in (the plan of another size cannot continue mid-epoch)."""
+    def load_state_dict(self, state: dict[str, Any]) -> str | None:
+        """Continue from `state`: exactly on the same world size, worker count and shards; otherwise from the
+        start of the oldest epoch any slot was in (the plan of another size cannot continue mid-epoch), or, when
+        the training shards changed (another data.root, shards added or rewritten), from the start of epoch 0.
+        Returns what was not continued, in words, or None."""
         slots = {int(k): v for k, v in state["slots"].items()}
-        if state["world_size"] == self.world_size and state["num_workers"] == max(1, self.cfg.num_workers):
+        same_data = state.get("plan", self.plan_id()) == self.plan_id()  # checkpoints before plan ids: unknown
+        note, workers = None, max(1, self.cfg.num_workers)
+        if same_data and state["world_size"] == self.world_size and state["num_workers"] == workers:
             self.consumed, self.slot_states = state["consumed"], slots
         else:
             epochs = {d: min((s[d][0] for s in slots.values()), default=0) for d in DOMAINS}
+            if not same_data:
+                epochs = dict.fromkeys(DOMAINS, 0)
+                note = (
+                    "the training shards differ from those the checkpoint's data position refers to (another "
+                    "data.root, or shards added, removed or rewritten): the data order starts afresh at epoch 0"
+                )
             self.consumed = 0
-            self.slot_states = {w: {d: [epochs[d], 0] for d in DOMAINS} for w in range(max(1, self.cfg.num_workers))}
+            self.slot_states = {w: {d: [epochs[d], 0] for d in DOMAINS} for w in range(workers)}
         self.bad, self.read = Counter(state.get("bad", {})), state.get("read", 0)
         self.retries = state.get("retries", 0)
         self._iterator = None
+        return note
 
     def _start(self) -> Iterator:
         workers = self.cfg.num_workers

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from trainer.process_exit import exit_process
+from trainer.run_files import write_atomic
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" - the SLURM scripts requeue on it
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
@@ -66,7 +67,7 @@ class PreemptionFlag:
 
 def mark_preempted(run_dir: Path, step: int) -> None:
     """Leave RUN/PREEMPTED naming the step that was saved (removed again when the run resumes)."""
-    (run_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+    write_atomic(run_dir / PREEMPTED_MARKER, f"{step}\n")
 
 
 def ignore_in_worker(worker_id: int) -> None:

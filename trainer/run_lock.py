@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from trainer.run_files import UnsafeRunDir, link_message
+
 LOCK = ".lock"
 UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
@@ -39,9 +41,15 @@ class RunLock:
 
         Raises:
             RunDirLocked: another live process holds it (one line naming it).
+            UnsafeRunDir: RUN/.lock is a symlink.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link planted at RUN/.lock: that would truncate what it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise UnsafeRunDir(link_message(self.path.parent, self.path)) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -83,6 +91,7 @@ def hold_run_dir(run_dir: Path, is_main: bool, any_rank: Callable[[bool], bool])
 
     Raises:
         RunDirLocked: another training holds the run directory.
+        UnsafeRunDir: RUN/.lock is a symlink.
     """
     lock, error = RunLock(run_dir), None
     if is_main:
@@ -90,10 +99,10 @@ def hold_run_dir(run_dir: Path, is_main: bool, any_rank: Callable[[bool], bool])
             previous = lock.acquire()
             if previous:
                 print(f"{run_dir}: the last training there ({previous}) ended without releasing it; taking over")
-        except RunDirLocked as err:
+        except (RunDirLocked, UnsafeRunDir) as err:
             error = err
     if any_rank(error is not None):
-        raise error or RunDirLocked(f"train.run_dir={run_dir} is in use by another training (see rank 0)")
+        raise error or RunDirLocked(f"train.run_dir={run_dir} cannot be taken (see rank 0's message)")
     try:
         yield
     finally:

@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from shards.bounded_read import parse_json
+
 TREE = "tree"
 TENSOR = "__tensor__"
 
@@ -46,7 +48,7 @@ def load_state_file(path: str | Path) -> Any:
     """
     try:
         with safe_open(str(path), framework="pt") as handle:
-            tree = json.loads((handle.metadata() or {})[TREE])
+            tree = parse_json((handle.metadata() or {})[TREE], f"{path}'s metadata")
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except Exception as err:  # safetensors' own error type, KeyError, JSONDecodeError: one message
         raise ValueError(f"{path} is not a readable state file ({type(err).__name__}: {err!s:.120})") from None

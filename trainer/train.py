@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -19,10 +20,11 @@ from trainer.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
     check_architecture,
-    complete_checkpoints,
     find_resume,
     load_checkpoint,
     read_best,
+    set_aside_damaged,
+    step_dirs,
 )
 from trainer.config import (
     CONTRASTIVE_FAMILIES,
@@ -31,7 +33,7 @@ from trainer.config import (
     LossConfig,
     OptimizerConfig,
     ScheduleConfig,
-    save_config,
+    config_yaml,
     to_dict,
 )
 from trainer.console import Console
@@ -45,6 +47,7 @@ from trainer.models import set_activation_checkpointing
 from trainer.nonfinite import NonfiniteGuard
 from trainer.pool import ImagePool
 from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
+from trainer.run_files import check_run_dir, write_atomic
 from trainer.run_lock import hold_run_dir
 from trainer.schedule import build_scheduler
 from trainer.tracking import Tracker
@@ -271,7 +274,7 @@ def _train(
     if resume_from is not None:
         _resume(state, cfg, engine, resume_from, console)
     start = state.step
-    _claim_run_dir(cfg, engine)  # only now: a resume point that does not load leaves the run directory as it was
+    _claim_run_dir(cfg, engine, resume_from, console)  # only now: a failed resume leaves the run directory as it was
     tracker = Tracker(
         engine.accelerator, run_dir, cfg.logging, to_dict(cfg), resume_step=start, wandb_run_id=state.wandb_run_id
     )
@@ -339,7 +342,9 @@ def _resume(state: TrainState, cfg: Config, engine: Engine, resume_from: Path, c
     saved, rank_state = load_checkpoint(engine, resume_from, console.message)
     if saved.get("config_hash") not in (None, config_hash(cfg)):
         console.message(f"note: the config differs from the one that wrote {resume_from}")
-    state.load(saved, rank_state, engine.device)
+    note = state.load(saved, rank_state, engine.device)
+    if note:
+        console.message(f"note: {note}")
 
 
 def _log_run_facts(tracker: Tracker, console: Console, engine: Engine, state: TrainState, scale: float) -> None:
@@ -361,12 +366,16 @@ def _log_run_facts(tracker: Tracker, console: Console, engine: Engine, state: Tr
         console.message(f"{tracker.steps_redone} update(s) after step {state.step} are done again")
 
 
-def _claim_run_dir(cfg: Config, engine: Engine) -> None:
-    """On the main rank: the run's resolved config.yaml, and no PREEMPTED marker of an earlier attempt."""
+def _claim_run_dir(cfg: Config, engine: Engine, resume_from: Path | None, console: Console) -> None:
+    """On the main rank: the run's resolved config.yaml, no PREEMPTED marker of an earlier attempt, and the
+    damaged checkpoints an automatic resume skipped set aside (see checkpoint.set_aside_damaged)."""
     if engine.is_main:
         run_dir = Path(cfg.train.run_dir)
-        save_config(cfg, run_dir / "config.yaml")
+        write_atomic(run_dir / "config.yaml", config_yaml(cfg))
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        if cfg.train.resume == "auto":
+            for damaged in set_aside_damaged(run_dir, resume_from):
+                console.message(f"set aside {damaged}: it is damaged (see above); delete it once inspected")
 
 
 def _start_line(
@@ -408,9 +417,26 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
+def _on_main(engine: Engine, work: Callable[[], str | None]) -> str | None:
+    """`work`'s result, computed by the main rank alone (N ranks must not read a run directory N times from shared
+    storage) and shared with every rank; its ConfigError (a CheckpointError included) is raised on every rank."""
+    verdict: dict[str, str | None] = {"value": None, "error": None}
+    if engine.is_main:
+        try:
+            verdict["value"] = work()
+        except ConfigError as err:
+            verdict["error"] = str(err)
+    verdict = engine.broadcast_json(verdict)
+    if verdict["error"] is not None:
+        raise CheckpointError(verdict["error"])
+    return verdict["value"]
+
+
 def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) -> Path | None:
-    """The checkpoint to continue from, after refusing to start over on top of an existing run unless told."""
-    if cfg.train.resume == "none" and complete_checkpoints(run_dir):
+    """The checkpoint to continue from, after refusing a run directory holding symlinks and refusing to start over
+    on top of an existing run unless told."""
+    _on_main(engine, lambda: check_run_dir(run_dir))
+    if cfg.train.resume == "none" and step_dirs(run_dir):
         if not cfg.train.overwrite:
             raise ConfigError(
                 f"train.run_dir={run_dir} already has checkpoints; use train.resume=auto to continue, or "
@@ -420,19 +446,13 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) 
         if engine.is_main:
             shutil.rmtree(run_dir / CHECKPOINTS)
         engine.barrier()
-    # The main rank reads and hashes the checkpoints (N ranks must not read them N times from shared storage)
-    # and tells the others its verdict: the checkpoint to load, or the error every rank then raises.
-    verdict: dict[str, str | None] = {"path": None, "error": None}
-    if engine.is_main:
-        try:
-            found = find_resume(run_dir, cfg.train.resume, console.message)
-            verdict["path"] = None if found is None else str(found)
-        except CheckpointError as err:
-            verdict["error"] = str(err)
-    verdict = engine.broadcast_json(verdict)
-    if verdict["error"] is not None:
-        raise CheckpointError(verdict["error"])
-    resume_from = None if verdict["path"] is None else Path(verdict["path"])
+
+    def newest() -> str | None:
+        found = find_resume(run_dir, cfg.train.resume, console.message)
+        return None if found is None else str(found)
+
+    found = _on_main(engine, newest)
+    resume_from = None if found is None else Path(found)
     if resume_from is not None:
         check_architecture(resume_from, cfg.model)
     return resume_from

@@ -54,8 +54,8 @@ class TrainState:
         """Images per domain seen by the end of update `step`, across resumes."""
         return self.images_before + (self.step - self.start_step) * self.global_batch
 
-    def load(self, saved: dict[str, Any], rank_state: dict[str, Any], device: torch.device) -> None:
-        """Continue after a loaded checkpoint.
+    def load(self, saved: dict[str, Any], rank_state: dict[str, Any], device: torch.device) -> str | None:
+        """Continue after a loaded checkpoint; returns what of the data position was not continued, in words.
 
         Args:
             saved: its train_state.json.
@@ -67,10 +67,11 @@ class TrainState:
         self.images_before = saved.get("images_seen") or self.step * self.global_batch
         self.wandb_run_id = saved.get("wandb_run_id")
         self.saved_world_size = saved.get("world_size")
-        self.loader.load_state_dict(rank_state["data"])
+        note = self.loader.load_state_dict(rank_state["data"])
         for pool, key in zip(self.pools, POOL_KEYS):
             if key in rank_state:
                 pool.load_state_dict(rank_state[key], device)
+        return note
 
     def meta(self, model: ModelConfig, config_hash: str) -> dict[str, Any]:
         """The facts for train_state.json (beside the step, world size and backend that save_checkpoint adds)."""
