@@ -419,12 +419,12 @@ def config_hash(cfg: Config) -> str:
 
 def _on_main(engine: Engine, work: Callable[[], str | None]) -> str | None:
     """`work`'s result, computed by the main rank alone (N ranks must not read a run directory N times from shared
-    storage) and shared with every rank; its ConfigError (a CheckpointError included) is raised on every rank."""
+    storage) and shared with every rank; its ConfigError or CheckpointError is raised on every rank."""
     verdict: dict[str, str | None] = {"value": None, "error": None}
     if engine.is_main:
         try:
             verdict["value"] = work()
-        except ConfigError as err:
+        except (ConfigError, CheckpointError) as err:
             verdict["error"] = str(err)
     verdict = engine.broadcast_json(verdict)
     if verdict["error"] is not None:

@@ -39,9 +39,9 @@ def test_other_ranks_never_hash_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.checkpoint, "sha256_file", no_hashing)
     monkeypatch.setattr("trainer.train.check_architecture", lambda path, model: None)
     cfg = load_config(None, [f"train.run_dir={tmp_path}"])
-    rank = Rank(is_main=False, verdict={"path": str(checkpoint), "error": None})
+    rank = Rank(is_main=False, verdict={"value": str(checkpoint), "error": None})
     assert _resume_point(cfg, tmp_path, rank, console()) == checkpoint
-    rank.verdict = {"path": None, "error": "checkpoint X is damaged: units.safetensors does not match its sha256"}
+    rank.verdict = {"value": None, "error": "checkpoint X is damaged: units.safetensors does not match its sha256"}
     with pytest.raises(CheckpointError, match="^checkpoint X is damaged"):
         _resume_point(cfg, tmp_path, rank, console())
 
@@ -51,4 +51,4 @@ def test_the_main_rank_sends_its_verdict(tmp_path):
     main = Rank(is_main=True)
     with pytest.raises(CheckpointError, match="does not exist"):
         _resume_point(cfg, Path(tmp_path), main, console())
-    assert main.sent["path"] is None and "does not exist" in main.sent["error"]
+    assert main.sent["value"] is None and "does not exist" in main.sent["error"]
