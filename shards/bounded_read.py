@@ -46,12 +46,12 @@ def open_regular(path: str | Path, what: str = "file") -> BinaryIO:
     Raises:
         OSError: it cannot be opened, or is not a regular file (the message names it and says what it is).
     """
-    handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
-    mode = os.fstat(handle.fileno()).st_mode
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
-        handle.close()
+        os.close(fd)
         raise OSError(f"{what} {path} is {file_kind(mode)}, not a regular file")
-    return handle
+    return os.fdopen(fd, "rb")
 
 
 def read_stream(stream: BinaryIO, source: str, limit: int = MAX_SMALL_FILE) -> bytes:

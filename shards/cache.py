@@ -4,8 +4,10 @@ Entries are named by the sha256 the manifest lists for the shard (content addres
 share the entry). A shard is downloaded whole into a temporary file of its own, hashed on the way, and renamed into
 place only when the hash matches; any number of ranks and loader workers may fill one cache at once (two that fetch
 the same shard both download it, and the second rename replaces an identical file). An entry found in the cache is
-hashed again the first time each process uses it. The total size is kept under `max_bytes` by deleting the entries
-used least recently (a use touches the file's mtime); a reader that still has a deleted entry open keeps reading it.
+hashed again the first time each process uses it, and one that is not a regular file is replaced. The total size
+is kept under `max_bytes` by deleting the entries used least recently (a use touches the file's mtime); a reader
+that still has a deleted entry open keeps reading it. The directory is created and checked for writing when a cache
+is made, so that a data.cache_dir that cannot be used is one error at start, not a failure per shard.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from shards.bounded_read import open_regular
 from shards.manifest import sha256_file
 from shards.remote import ShardUnavailable
 
@@ -32,8 +35,16 @@ class ShardCache:
     """Verified local copies of remote shards under `root`, at most `max_bytes` in all."""
 
     def __init__(self, root: str | os.PathLike, max_bytes: int) -> None:
+        """Creates `root` if needed and writes (and removes) a probe file in it.
+
+        Raises:
+            OSError: `root` cannot be created or written.
+        """
         self.root, self.max_bytes = Path(root), max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe.", suffix=".part")  # .part: evicted if left
+        os.close(fd)
+        os.unlink(probe)
         self._verified: set[str] = set()
 
     def get(self, url: str, sha256: str, fetch: Callable[[], BinaryIO]) -> str:
@@ -60,10 +71,10 @@ class ShardCache:
         fetched again (an open file stays readable whatever eviction does afterwards)."""
         for _ in range(2):
             try:
-                return open(self.get(url, sha256, fetch), "rb")
+                return open_regular(self.get(url, sha256, fetch), "cache entry")
             except FileNotFoundError:
                 self._verified.discard(sha256)
-        return open(self.get(url, sha256, fetch), "rb")
+        return open_regular(self.get(url, sha256, fetch), "cache entry")
 
     def _usable(self, path: Path, sha256: str) -> bool:
         try:
@@ -76,6 +87,8 @@ class ShardCache:
             good = sha256_file(path) == sha256
         except FileNotFoundError:  # evicted by another process meanwhile
             return False
+        except OSError:  # not a regular file (a FIFO would have blocked): replaced like a corrupt entry
+            good = False
         if not good:
             path.unlink(missing_ok=True)
             return False

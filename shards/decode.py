@@ -29,6 +29,16 @@ class BadSample(ValueError):
         self.kind = kind
 
 
+def convert(image: Image.Image, mode: str) -> Image.Image:
+    """`image` converted to `mode` ("RGB" or "L"; always a new, loaded image). For RGB, 16-bit grey ("I;16*") is
+    scaled to 8 bits first (value >> 8), and so is 32-bit integer grey ("I", how some PIL versions and formats
+    hold 16-bit grey; values clipped to 0..65535): PIL's own conversion clips both at 255, a white image. Label
+    maps ("L") keep their values, which are class ids, not intensities."""
+    if mode == "RGB" and (image.mode == "I" or image.mode.startswith("I;16")):
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8))
+    return image.convert(mode)
+
+
 def _open_pixels(data: bytes, mode: str, max_pixels: int, part: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
@@ -38,7 +48,7 @@ def _open_pixels(data: bytes, mode: str, max_pixels: int, part: str) -> np.ndarr
                 if width * height > max_pixels:
                     limit = f"over the limit of {max_pixels} (max_image_pixels)"
                     raise BadSample("corrupt", f"{part} is {width}x{height} pixels, {limit}")
-                return np.asarray(image if image.mode == mode else image.convert(mode))
+                return np.asarray(image if image.mode == mode else convert(image, mode))
     except BadSample:
         raise
     except UnidentifiedImageError:
@@ -48,7 +58,8 @@ def _open_pixels(data: bytes, mode: str, max_pixels: int, part: str) -> np.ndarr
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, part: str = "image") -> np.ndarray:
-    """An encoded image as uint8 [H, W, 3] (grey, RGBA and palette images converted to RGB)."""
+    """An encoded image as uint8 [H, W, 3] (grey, 16-bit grey, RGBA and palette images converted to RGB: see
+    `convert`)."""
     pixels = _open_pixels(data, "RGB", max_pixels, part)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
         raise BadSample("corrupt", f"{part} decodes to an array of shape {pixels.shape}")

@@ -32,12 +32,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 
 from shards.decode import EXTRA_PARTS, BadSample, decode_rgb, image_extension
 from shards.remote import ShardUnavailable
-from shards.streams import Reading, local_copy
+from shards.streams import Reading, file_samples, local_copy
 from shards.urls import ShardsError
 from shards.verify import ShardGroup, positive_int, resolve_targets, shown, usage_error
 
@@ -106,7 +105,7 @@ def _read_shard(path: str, info: GroupInfo, thumbnails: int) -> None:
         return
     info.bytes += status.st_size
     errors: list[Exception] = []
-    for sample in wds.tariterators.tarfile_samples([{"url": path}], handler=functools.partial(_record, errors)):
+    for sample in file_samples(path, handler=functools.partial(_record, errors)):
         info.samples += 1
         info.extras.update(part for part in EXTRA_PARTS.values() if part in sample)
         try:

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from shards.bounded_read import MAX_SMALL_FILE, BoundedReadError, open_regular, parse_json, read_limited
 from shards.remote import RemoteOptions, ShardUnavailable, is_remote, join, read_bytes
 from shards.urls import ShardsError, check_relative_name, manifest_shard_url
 
@@ -21,9 +22,13 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a regular file, read in chunks.
+
+    Raises:
+        OSError: it cannot be opened or is not a regular file (a FIFO never blocks).
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
@@ -58,37 +63,39 @@ def manifest_location(root: str | Path) -> str:
     return join(str(root), MANIFEST) if is_remote(str(root)) else str(Path(root) / MANIFEST)
 
 
-def _manifest_text(root: str | Path, remote: RemoteOptions) -> str:
+def _manifest_bytes(root: str | Path, remote: RemoteOptions) -> bytes:
+    """The manifest's bytes, at most MAX_SMALL_FILE (a local one: a regular file, not a symlink).
+
+    Raises:
+        BoundedReadError: too large, or not a regular file.
+        ShardsError: missing or unreadable.
+    """
     path = manifest_location(root)
     if is_remote(str(root)):
         try:
-            data = read_bytes(path, remote)
+            return read_bytes(path, remote, MAX_SMALL_FILE)
         except ShardUnavailable as err:
             raise ShardsError(f"{path} cannot be read ({err})") from None
-        try:
-            return data.decode()
-        except UnicodeDecodeError:
-            raise ShardsError(f"{path} is not valid JSON: not UTF-8 text") from None
-    if not Path(path).is_file():
+    if not os.path.lexists(path):
         raise ShardsError(
             f"{path} not found; write shards with `python -m shards.write` or `python -m shards.synthetic`"
         )
-    return Path(path).read_text()
+    return read_limited(path, MAX_SMALL_FILE, "manifest")
 
 
 def read_manifest(root: str | Path, remote: RemoteOptions | None = None) -> dict[str, Any]:
     """Load and check the manifest.json of `root` (a directory, or a remote URL read with `remote`'s retries).
-    It is data (untrusted): its structure, sample counts, sha256 digests and shard names (see shards.urls) are
-    checked before anything uses them.
+    It is data (untrusted): read and parsed within bounds (shards.bounded_read), then its structure, sample
+    counts, sha256 digests and shard names (see shards.urls) are checked before anything uses them.
 
     Raises:
         ShardsError: one line naming the file and what is wrong with it.
     """
     path = manifest_location(root)
     try:
-        body = json.loads(_manifest_text(root, remote or RemoteOptions()))
-    except json.JSONDecodeError as err:
-        raise ShardsError(f"{path} is not valid JSON: {err}") from None
+        body = parse_json(_manifest_bytes(root, remote or RemoteOptions()), path)
+    except BoundedReadError as err:
+        raise ShardsError(str(err)) from None
     if not isinstance(body, dict) or body.get("version") != VERSION or not isinstance(body.get("splits"), dict):
         raise ShardsError(f"{path} is not a version-{VERSION} manifest with a 'splits' mapping")
     for split, entry in body["splits"].items():

@@ -2,7 +2,9 @@
 
 Any web server that answers `Range: bytes=N-` works for training (nginx, a bucket's HTTP endpoint); this one needs
 nothing but Python, for a node that holds the shards or a quick test. Only regular files under DIR are served,
-never a directory listing; the standard library's http.server has no ranges, hence this handler.
+reached without a symlink: each path component below DIR is opened relative to its parent without following one
+(O_NOFOLLOW), so a link in DIR can never serve a file from elsewhere; anything else, a directory listing included,
+is 404. The standard library's http.server has no ranges, hence this handler.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import os
 import re
 import shutil
+import stat
 import sys
 import threading
 from functools import partial
@@ -35,11 +38,16 @@ class ShardRequestHandler(SimpleHTTPRequestHandler):
         self.send_error(HTTPStatus.NOT_FOUND, "directory listings are not served")
 
     def _serve(self, body: bool) -> None:
-        path = self.translate_path(self.path)  # confined to the directory (.. and absolute parts dropped)
-        if not os.path.isfile(path):
+        path = self.translate_path(self.path)  # .. and absolute parts dropped
+        handle = open_below(self.directory, os.path.relpath(path, self.directory))
+        if handle is None:
             self.send_error(HTTPStatus.NOT_FOUND, "no such shard")
             return
-        size = os.path.getsize(path)
+        with handle:
+            self._send(handle, path, body)
+
+    def _send(self, handle: BinaryIO, path: str, body: bool) -> None:
+        size = os.fstat(handle.fileno()).st_size
         start, end = 0, size - 1
         match = RANGE.fullmatch(self.headers.get("Range", "").strip())
         if match:
@@ -59,9 +67,8 @@ class ShardRequestHandler(SimpleHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         if body:
-            with open(path, "rb") as handle:
-                handle.seek(start)
-                self.send_body(handle, end - start + 1)
+            handle.seek(start)
+            self.send_body(handle, end - start + 1)
 
     def send_body(self, handle: BinaryIO, length: int) -> None:
         """Write `length` bytes of `handle` to the client."""
@@ -70,6 +77,34 @@ class ShardRequestHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         if self.server.verbose:
             super().log_message(format, *args)
+
+
+def open_below(directory: str, relative: str) -> BinaryIO | None:
+    """The regular file `relative` (a normalized relative path) under `directory`, opened one component at a time,
+    each relative to its parent and without following a symlink, and without blocking on a FIFO; None for anything
+    else (missing, a symlink anywhere below `directory`, a directory, a special file)."""
+    parts = relative.split(os.sep)
+    if relative in ("", os.curdir) or os.pardir in parts:
+        return None
+    flags = os.O_RDONLY | os.O_NOFOLLOW
+    try:
+        parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            child = os.open(part, flags | os.O_DIRECTORY, dir_fd=parent)
+            os.close(parent)
+            parent = child
+        fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=parent)
+    except OSError:  # ELOOP for a symlink, ENOTDIR for a symlinked or non-directory component
+        return None
+    finally:
+        os.close(parent)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
 
 
 class _limited:

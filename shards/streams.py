@@ -1,5 +1,6 @@
-"""Any shard URL as a byte stream: a local file, a `pipe:` command (webdataset's gopen), or a remote object
-(shards.remote), through the node-local cache (shards.cache) when one is configured and the shard's sha256 known."""
+"""Any shard URL as a byte stream: a local file (a regular file only: a FIFO or device named like a shard is an
+error, never a wait), a `pipe:` command (webdataset's gopen), or a remote object (shards.remote), through the
+node-local cache (shards.cache) when one is configured and the shard's sha256 known."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import webdataset as wds
 
+from shards.bounded_read import open_regular
 from shards.cache import ShardCache
 from shards.remote import RemoteOptions, is_remote, open_stream
 from shards.urls import PIPE
@@ -43,12 +45,13 @@ def open_shard(
     go through the cache when reading.cache_dir is set. `on_retry` counts the retries of remote reads.
 
     Raises:
-        OSError: the shard cannot be opened (shards.remote.ShardUnavailable for remote ones).
+        OSError: the shard cannot be opened or is not a regular file (shards.remote.ShardUnavailable for remote
+            ones).
     """
     if url.startswith(PIPE):
         return wds.gopen(url)
     if not is_remote(url):
-        return open(url, "rb")
+        return open_regular(url, "shard")
     if reading.cache_dir and sha256:
         return cache_for(reading).open(url, sha256, lambda: open_stream(url, reading.remote, on_retry))
     return open_stream(url, reading.remote, on_retry)
@@ -70,3 +73,16 @@ def local_copy(url: str, reading: Reading) -> Iterator[str]:
         with open_stream(url, reading.remote) as stream, open(path, "wb") as out:
             shutil.copyfileobj(stream, out, 1 << 20)
         yield path
+
+
+def file_samples(path: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """The samples of the local shard file `path`, as webdataset's tarfile_samples gives them, but opened as
+    open_shard opens it: a file that cannot be opened or is not a regular file goes to `handler`."""
+    try:
+        stream = open_regular(path, "shard")
+    except OSError as err:
+        handler(err)
+        return
+    with stream:
+        files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}], handler=handler)
+        yield from wds.tariterators.group_by_keys(files, handler=handler)

@@ -32,12 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import webdataset as wds
-
 from shards.decode import DEFAULT_MAX_PIXELS, EXTRA_PARTS, BadSample, decode_extra, decode_rgb, image_extension
 from shards.manifest import MANIFEST, read_manifest, sha256_file, split_urls
 from shards.remote import ShardUnavailable, is_remote
-from shards.streams import Reading, local_copy
+from shards.streams import Reading, file_samples, local_copy
 from shards.urls import PIPE, ShardsError, check_url, expand_shard_spec
 
 
@@ -172,7 +170,7 @@ def check_shard(url: str, label: str, max_pixels: int, tally: Tally) -> tuple[in
     """
     errors: list[str] = []
     count, bad, problems = 0, 0, []
-    samples = wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(tar_error(e)) or True)
+    samples = file_samples(url, handler=lambda e: errors.append(tar_error(e)) or True)
     for sample in samples:
         count += 1
         problem = check_sample(sample, max_pixels)

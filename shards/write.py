@@ -5,8 +5,11 @@
 
 `--root` accepts the reference layout (trainA/ trainB/ testA/ testB/). Images are optionally resized to
 load_size x load_size (so training decodes small JPEGs and never resizes), re-encoded as JPEG or PNG, and written
-`--maxcount` per shard as `<split>-%06d.tar`. `--extra hist` stores each image's colour histogram (hist.npy);
-`--labels-x/--labels-y` store label maps (label.png) found under those folders with the image's relative stem.
+`--maxcount` per shard as `<split>-%06d.tar`. A sample's key is its relative path without the suffix, dots made
+underscores; two files of a split that would share a key (`s.png` and `s.jpg`, `d.b.png` and `d_b.png`) stop the
+run before anything is written, naming both (rename one). 16-bit grey images are scaled to 8 bits (see
+shards.decode.convert). `--extra hist` stores each image's colour histogram (hist.npy); `--labels-x/--labels-y`
+store label maps (label.png) found under those folders with the image's relative stem.
 
 Unreadable inputs. Only regular files (or symlinks to them) are opened, so a FIFO, socket, device, directory or
 dangling symlink with an image suffix never blocks the run. It is skipped like a zero-byte, non-image, corrupt or
@@ -43,14 +46,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from shards.bounded_read import file_kind
+from shards.decode import convert
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
 from shards.manifest import sha256_file, split_entry, write_manifest
 from shards.writer import write_tar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 PROGRESS = ".progress.json"
-SPECIAL_FILES = {"d": "a directory", "p": "a FIFO", "s": "a socket", "c": "a character device", "b": "a block device"}
-"""Names of the file types that are never opened, by their `stat.filemode` letter."""
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 """What PIL raises for corrupt or truncated image data."""
 
@@ -111,6 +114,24 @@ def sample_key(relative: str) -> str:
     return stem.replace(".", "_")
 
 
+def check_unique_keys(folder: Path, files: list[str]) -> None:
+    """Stop when two of `folder`'s files (relative paths) would get the same sample key: one of them would be
+    lost, and the manifest would count both.
+
+    Raises:
+        ValueError: one line naming both files.
+    """
+    seen: dict[str, str] = {}
+    for relative in files:
+        key = sample_key(relative)
+        first = seen.setdefault(key, relative)
+        if first != relative:
+            raise ValueError(
+                f"{folder}: {first} and {relative} would both be sample {key!r} (keys drop the suffix and turn dots "
+                "into underscores); rename one of them"
+            )
+
+
 def encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     buffer = io.BytesIO()
     if fmt == "jpg":
@@ -130,7 +151,7 @@ def file_problem(path: Path) -> str | None:
     except OSError as err:
         return f"cannot stat: {err.strerror}"
     if not stat.S_ISREG(info.st_mode):
-        return f"{SPECIAL_FILES.get(stat.filemode(info.st_mode)[0], 'a special file')}, not a regular file"
+        return f"{file_kind(info.st_mode)}, not a regular file"
     if info.st_size == 0:
         return "zero bytes"
     return None
@@ -158,7 +179,7 @@ def read_image(path: Path, mode: str) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(handle) as image:
-                return image.convert(mode)  # convert() loads all pixels, so truncated data shows here
+                return convert(image, mode)  # loads all pixels, so truncated data shows here
         except UnidentifiedImageError:
             raise Unreadable("not an image PIL can identify") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -231,6 +252,7 @@ def plan_jobs(splits: dict[str, tuple[Path, Path | None]], maxcount: int) -> lis
     jobs = []
     for split, (folder, labels) in splits.items():
         files = list_images(folder)
+        check_unique_keys(folder, files)
         for index, start in enumerate(range(0, len(files), maxcount)):
             jobs.append(
                 ShardJob(
@@ -333,13 +355,13 @@ def write_dataset(
         The manifest's path and the skipped inputs as (split, relative path, reason), in plan order.
 
     Raises:
-        ValueError: a folder is missing or holds no images, a split has no readable input, or (with `strict`) the
-            first unreadable input.
+        ValueError: a folder is missing or holds no images, two of its files would share a sample key, a split
+            has no readable input, or (with `strict`) the first unreadable input.
     """
+    jobs = plan_jobs(splits, maxcount)  # before anything is written: it checks every folder
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / PROGRESS
     done: dict[str, dict] = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-    jobs = plan_jobs(splits, maxcount)
     todo = [job for job in jobs if not finished(done.get(job.key), out)]
     remove_temporaries(out, splits)  # a killed run's
     try:

@@ -37,7 +37,7 @@ import webdataset as wds
 from shards.decode import BadSample, decode_extra, decode_rgb, image_extension
 from shards.manifest import MANIFEST, read_manifest, split_urls
 from shards.remote import RemoteOptions, ShardUnavailable, is_remote
-from shards.streams import Reading, open_shard
+from shards.streams import Reading, cache_for, open_shard
 from shards.synthetic import BUILTIN_PREFIX, builtin_root
 from shards.urls import PIPE, ShardsError, expand_shard_spec
 from trainer.config import ConfigError, DataConfig
@@ -71,7 +71,9 @@ class Shard:
 
 def reading(cfg: DataConfig) -> Reading:
     """How `cfg` reads shards: remote retries and endpoint, and the local cache."""
-    remote = RemoteOptions(cfg.retries, cfg.retry_backoff_s, cfg.io_timeout_s, cfg.s3_endpoint_url)
+    remote = RemoteOptions(
+        cfg.retries, cfg.retry_backoff_s, cfg.io_timeout_s, cfg.s3_endpoint_url, cfg.io_min_rate_kib_s * 1024
+    )
     return Reading(remote, cfg.cache_dir, int(cfg.cache_max_gb * 2**30))
 
 
@@ -82,18 +84,29 @@ def count_samples(url: str, how: Reading) -> int:
         ShardsError: the shard cannot be read (one line naming it).
     """
     keys = set()
+    mode = "r|*" if url.startswith(PIPE) or is_remote(url) else "r:*"  # a local file seeks past member data
     try:
-        if url.startswith(PIPE) or is_remote(url):
-            with open_shard(url, how) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                members = [m.name for m in tar if m.isfile()]
-        else:
-            with tarfile.open(url) as tar:
-                members = [m.name for m in tar if m.isfile()]
+        with open_shard(url, how) as stream, tarfile.open(fileobj=stream, mode=mode) as tar:
+            members = [m.name for m in tar if m.isfile()]
     except (OSError, tarfile.TarError) as err:
         raise ShardsError(f"shard {url} cannot be read ({type(err).__name__}: {err!s:.200})") from None
     for name in members:
         keys.add(wds.tariterators.base_plus_ext(name)[0])
     return len(keys)
+
+
+def check_cache_dir(cfg: DataConfig) -> None:
+    """Create data.cache_dir (when set) and check that it takes files, once at start: a cache that cannot be used
+    must not turn into a bad shard per read.
+
+    Raises:
+        ConfigError: one line naming data.cache_dir and the system's reason.
+    """
+    if cfg.cache_dir:
+        try:
+            cache_for(reading(cfg))
+        except OSError as err:
+            raise ConfigError(f"data.cache_dir={cfg.cache_dir} cannot be used ({err.strerror or err})") from None
 
 
 def data_root(root: str, load_size: int = 286) -> str:
@@ -497,13 +510,14 @@ class UnpairedLoader:
     generator channels when data.extra is set. Tracks the data position (`state_dict`) and bad-sample counts."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int, device: torch.device):
-        """Resolves and checks the training shards of both domains now (a wrong data.root fails here, before a
-        run writes anything); the stream starts on the first batch.
+        """Resolves and checks the training shards of both domains and the cache directory now (a wrong data.root
+        fails here, before a run writes anything); the stream starts on the first batch.
 
         Raises:
-            ConfigError: data.root or the shard URLs cannot be used (one line).
+            ConfigError: data.root, the shard URLs or data.cache_dir cannot be used (one line).
         """
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        check_cache_dir(cfg)
         self.shards = {d: train_shards(cfg, d) for d in DOMAINS}
         self.rank, self.world_size, self.device = rank, world_size, device
         self.consumed = 0
