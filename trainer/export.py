@@ -8,14 +8,22 @@ step N, or the best one by eval.select) and writes DIR (default RUN/export-step_
 (G: X->Y), g_yx.safetensors (F: Y->X; CUT/FastCUT have no F) and model.json. A run with ema.enabled exports
 the generators' moving average there (what its evaluation measured) and the raw generators in DIR/raw. Nothing
 is unpickled.
+
+An export is written whole or not at all: into DIR.tmp, made fresh, with COMPLETE (the sha256 of each file) in
+it and in DIR/raw, then renamed to DIR (an existing DIR is renamed to DIR.old first and deleted after; debris of
+an interrupted export is removed by the next). Loading checks model.json's bounds, each file against COMPLETE
+(an export of an earlier version has none: loaded with a warning) and that every weight is finite.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +31,39 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 
+from shards.bounded_read import BoundedReadError, parse_json, read_json, read_limited
 from trainer.checkpoint import (
     CHECKPOINTS,
+    COMPLETE,
+    TRAIN_STATE,
     UNIVERSAL,
     CheckpointError,
     find_resume,
     read_best,
     read_train_state,
     verify_checkpoint,
-    write_atomic,
 )
-from trainer.config import CONTRASTIVE_FAMILIES, Config, ConfigError, DataConfig, ModelConfig, from_dict, load_config
+from trainer.config import (
+    CONTRASTIVE_FAMILIES,
+    EXTRA_CHANNELS,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    load_config,
+)
 from trainer.engine import EMA_UNIT
+from trainer.model_bounds import check_model_bounds, unit_parameters
 from trainer.models import build_generator
+from trainer.run_files import fsync_dir, write_file
+
+MODEL_JSON = "model.json"
+MAX_SMALL_JSON = 1 << 20
+"""Bytes read at most from an export's model.json or COMPLETE."""
+HEADER_BYTES = 16 << 20
+"""Allowance for a safetensors file's header: a generator file may hold 8 bytes per parameter of the model plus this."""
 
 
 def generator_names(model_cfg: ModelConfig) -> tuple[str, ...]:
@@ -46,24 +72,18 @@ def generator_names(model_cfg: ModelConfig) -> tuple[str, ...]:
     return ("g_xy",) if model_cfg.family in CONTRASTIVE_FAMILIES else ("g_xy", "g_yx")
 
 
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raises ConfigError naming `source` and the first tensor holding NaN or infinite values."""
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor.float()).all():
+            raise ConfigError(f"{source}: {key} holds NaN or infinite values; refusing weights that are not finite")
+
+
 def save_generators(
-    out_dir: Path,
-    gens_state: dict[str, torch.Tensor],
-    model_cfg: ModelConfig,
-    data_cfg: DataConfig,
-    weights: str = "raw",
+    out_dir: Path, gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig
 ) -> None:
-    """Write g_xy.safetensors and g_yx.safetensors (see `generator_names`) from the generator unit's full state
-    dict (keys `g_xy.*`, `g_yx.*`), plus model.json (architecture, training resolution, the extra input channels'
-    kind, and which `weights` these are: "raw" or "ema")."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in generator_names(model_cfg):
-        prefix = f"{name}."
-        tensors = {k[len(prefix) :]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
-        write_atomic(out_dir / f"{name}.safetensors", save(tensors))
-    meta = {"model": dataclasses.asdict(model_cfg), "image_size": data_cfg.crop_size, "extra": data_cfg.extra,
-            "weights": weights}  # fmt: skip
-    write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))
+    """An export directory of these generators alone (see `save_export`)."""
+    save_export(out_dir, gens_state, None, model_cfg, data_cfg)
 
 
 def save_export(
@@ -73,14 +93,95 @@ def save_export(
     model_cfg: ModelConfig,
     data_cfg: DataConfig,
 ) -> None:
-    """An export directory (see `save_generators`) of the generators evaluation used: the moving average when
-    there is one, with the raw generators as an export of their own in out_dir/raw; else the raw ones."""
+    """Publish an export directory of the generators evaluation used (see `_export_files`): the moving average when
+    there is one, with the raw generators as an export of their own in out_dir/raw; else the raw ones.
+
+    Raises:
+        ConfigError: a weight is not finite, or out_dir is something other than an export, a link or empty.
+    """
+    out_dir = Path(out_dir)
     if ema is None:
-        save_generators(out_dir, raw, model_cfg, data_cfg)
-        shutil.rmtree(out_dir / "raw", ignore_errors=True)  # of an earlier export with an average
+        tree = {".": _export_files(raw, model_cfg, data_cfg, "raw", out_dir)}
+    else:
+        ema_files = _export_files(ema, model_cfg, data_cfg, "ema", out_dir)
+        tree = {".": ema_files, "raw": _export_files(raw, model_cfg, data_cfg, "raw", out_dir / "raw")}
+    _publish(out_dir, tree)
+
+
+def _export_files(
+    gens_state: dict[str, torch.Tensor], model_cfg: ModelConfig, data_cfg: DataConfig, weights: str, out_dir: Path
+) -> dict[str, bytes]:
+    """The files of one export directory from the generator unit's full state dict (keys `g_xy.*`, `g_yx.*`):
+    g_xy.safetensors and g_yx.safetensors (see `generator_names`) and model.json (architecture, training
+    resolution, the extra input channels' kind, and which `weights` these are: "raw" or "ema").
+
+    Raises:
+        ConfigError: a weight is NaN or infinite (naming out_dir and the tensor).
+    """
+    files = {}
+    for name in generator_names(model_cfg):
+        prefix = f"{name}."
+        tensors = {k[len(prefix) :]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
+        check_finite(tensors, f"export {out_dir}: {name}")
+        files[f"{name}.safetensors"] = save(tensors)
+    meta = {"model": dataclasses.asdict(model_cfg), "image_size": data_cfg.crop_size, "extra": data_cfg.extra,
+            "weights": weights}  # fmt: skip
+    files[MODEL_JSON] = json.dumps(meta, indent=2).encode()
+    return files
+
+
+def _publish(out_dir: Path, tree: dict[str, dict[str, bytes]]) -> None:
+    """Write each directory of `tree` (relative to out_dir) with its COMPLETE into a fresh out_dir.tmp, then rename
+    it to out_dir. Files are created with O_EXCL | O_NOFOLLOW and links are replaced, never followed."""
+    staging, aside = (out_dir.with_name(out_dir.name + suffix) for suffix in (".tmp", ".old"))
+    if not os.path.lexists(out_dir) and stat.S_ISDIR(_lstat_mode(aside)):
+        os.rename(aside, out_dir)  # the previous export, left aside by a save that died between its two renames
+    _check_replaceable(out_dir)
+    _remove(staging)
+    _remove(aside)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(staging)
+    for sub, files in tree.items():
+        directory = staging / sub
+        directory.mkdir(exist_ok=sub == ".")
+        for name, data in files.items():
+            write_file(directory / name, data)
+        hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        write_file(directory / COMPLETE, json.dumps(hashes, indent=2))
+        fsync_dir(directory)
+    if os.path.lexists(out_dir):
+        os.rename(out_dir, aside)
+    os.rename(staging, out_dir)
+    fsync_dir(out_dir.parent)
+    _remove(aside)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Raises ConfigError unless out_dir is missing, a link (replaced, never followed), empty or an export."""
+    mode = _lstat_mode(out_dir)
+    if not mode:
         return
-    save_generators(out_dir, ema, model_cfg, data_cfg, weights="ema")
-    save_generators(out_dir / "raw", raw, model_cfg, data_cfg)
+    export_or_empty = stat.S_ISDIR(mode) and (os.path.lexists(out_dir / MODEL_JSON) or not os.listdir(out_dir))
+    if stat.S_ISLNK(mode) or export_or_empty:
+        return
+    raise ConfigError(f"{out_dir} exists and is neither an export ({MODEL_JSON}) nor empty; refusing to replace it")
+
+
+def _remove(path: Path) -> None:
+    """Delete whatever is at `path`: a directory tree, a file, or a link (the link itself, never its target)."""
+    mode = _lstat_mode(path)
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    elif mode:
+        os.unlink(path)
+
+
+def _lstat_mode(path: Path) -> int:
+    """The st_mode of `path` itself (a link is not followed); 0 when nothing is there."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 @dataclass
@@ -125,24 +226,70 @@ def generators_from_weights(
 
 
 def load_generators(path: str | Path) -> ExportedGenerators:
-    """Load exported generators (safetensors: nothing is unpickled) in eval mode.
+    """Load exported generators (safetensors: nothing is unpickled) in eval mode, after checking model.json's bounds
+    (`check_model_bounds`), each file against COMPLETE and every weight for NaN and infinities. An export without
+    COMPLETE (written by an earlier version) is loaded unchecked against hashes, with a warning on stderr.
 
     Raises:
-        ConfigError: a missing or unreadable export, or weights that do not fit its model.json.
+        ConfigError: one line naming the export and the file that is missing, damaged, out of bounds or not finite.
     """
     path = Path(path)
-    meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise ConfigError(f"{meta_path} not found; expected a directory written by training's export")
-    meta = json.loads(meta_path.read_text())
-    model_cfg = from_dict(ModelConfig, meta["model"], "model.")
+    source = f"export {path}"
+    hashes = _read_marker(path)
+    meta_source = f"{source}: {MODEL_JSON}"
+    try:
+        meta = parse_json(_read_export_file(path, MODEL_JSON, hashes, MAX_SMALL_JSON), meta_source)
+    except BoundedReadError as err:
+        raise ConfigError(str(err)) from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("model"), dict) and type(meta.get("image_size")) is int):
+        raise ConfigError(f"{meta_source}: expected a JSON object with model (a mapping) and image_size (an integer)")
+    extra = meta.get("extra", "none")
+    if not isinstance(extra, str) or extra not in EXTRA_CHANNELS:
+        raise ConfigError(f"{meta_source}: extra={extra!r:.40} is not one of {', '.join(EXTRA_CHANNELS)}")
+    model_cfg = check_model_bounds(meta["model"], meta_source, meta["image_size"])
+    if model_cfg.in_channels != 3 + EXTRA_CHANNELS[extra]:
+        raise ConfigError(f"{meta_source}: model.input_nc={model_cfg.input_nc} does not fit extra={extra}")
+    limit = 8 * unit_parameters(model_cfg) + HEADER_BYTES
     weights = {}
     for name in generator_names(model_cfg):
-        file = path / f"{name}.safetensors"
-        if not file.is_file():
-            raise ConfigError(f"{file} not found; the export is incomplete")
-        weights.update({f"{name}.{k}": v for k, v in load_file(str(file)).items()})
-    return generators_from_weights(weights, model_cfg, int(meta["image_size"]), meta.get("extra", "none"), str(path))
+        file = f"{name}.safetensors"
+        try:
+            tensors = load(_read_export_file(path, file, hashes, limit))
+        except (SafetensorError, KeyError) as err:  # KeyError: a dtype torch does not have
+            raise ConfigError(f"{source}: {file} is not a valid safetensors file ({err!s:.120})") from None
+        check_finite(tensors, f"{source}: {file}")
+        weights.update({f"{name}.{k}": v for k, v in tensors.items()})
+    return generators_from_weights(weights, model_cfg, meta["image_size"], extra, source)
+
+
+def _read_marker(path: Path) -> dict[str, str] | None:
+    """The sha256 of each file of the export `path` from its COMPLETE; None (with a warning) when it has none."""
+    marker = path / COMPLETE
+    if not os.path.lexists(marker):
+        print(f"warning: export {path} has no {COMPLETE} (an export of an earlier version): its files are not "
+              "checked against their sha256", file=sys.stderr)  # fmt: skip
+        return None
+    try:
+        hashes = read_json(marker, "export marker", MAX_SMALL_JSON)
+    except BoundedReadError as err:
+        raise ConfigError(str(err)) from None
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+        raise ConfigError(f"export {path}: {COMPLETE} is not a mapping of file names to sha256 digests")
+    return hashes
+
+
+def _read_export_file(path: Path, name: str, hashes: dict[str, str] | None, limit: int) -> bytes:
+    """The bytes of the export's regular file `name` (at most `limit`), checked against `hashes` when given."""
+    try:
+        data = read_limited(path / name, limit, "export file")
+    except BoundedReadError as err:
+        raise ConfigError(str(err)) from None
+    if hashes is not None:
+        if name not in hashes:
+            raise ConfigError(f"export {path}: {COMPLETE} does not list {name}")
+        if hashlib.sha256(data).hexdigest() != hashes[name]:
+            raise ConfigError(f"export {path} is damaged: {name} does not match its sha256 in {COMPLETE}")
+    return data
 
 
 def checkpoint_weights(
@@ -168,9 +315,10 @@ def checkpoint_weights(
     else:
         checkpoint = run_dir / CHECKPOINTS / f"step_{step:08d}"
         verify_checkpoint(checkpoint)
-    saved_model = read_train_state(checkpoint)["model"]
-    if saved_model is not None:  # the architecture stored with the weights, whatever config.yaml says now
-        cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, saved_model, "model."))
+    saved_model = read_train_state(checkpoint)["model"]  # the architecture stored with the weights, if any
+    source = f"checkpoint {checkpoint}: {TRAIN_STATE}" if saved_model is not None else str(run_dir / "config.yaml")
+    model = check_model_bounds(cfg.model if saved_model is None else saved_model, source, cfg.data.crop_size)
+    cfg = dataclasses.replace(cfg, model=model)
     try:
         units = load_file(str(checkpoint / UNIVERSAL))
     except Exception as err:  # safetensors' own error type for a malformed file
@@ -215,15 +363,11 @@ def load_inference_generators(path: str | Path, step: int | None = None, best: b
     if (path / "model.json").is_file():
         if step is not None or best:
             raise ConfigError(f"{path} is an export directory; --step and --best choose among a run's checkpoints")
-        try:
-            return load_generators(path)
-        except ConfigError:
-            raise
-        except (KeyError, TypeError, ValueError, SafetensorError) as err:  # malformed model.json or safetensors
-            raise ConfigError(f"--weights {path}: unreadable export ({type(err).__name__}: {err!s:.120})") from None
+        return load_generators(path)
     if (path / "config.yaml").is_file():
         cfg, checkpoint, raw, ema = checkpoint_weights(path, step, best)
         weights = raw if ema is None else ema  # what the run's evaluation measured
+        check_finite(weights, f"checkpoint {checkpoint}: {UNIVERSAL}")
         return generators_from_weights(weights, cfg.model, cfg.data.crop_size, cfg.data.extra, str(checkpoint))
     raise ConfigError(f"--weights {path}: neither an export directory (model.json) nor a run directory (config.yaml)")
 

@@ -94,10 +94,12 @@ def translate_batches(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     bf16: bool = False,
+    skipped: list[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, input, output) for each item, uint8 [3, H, W] on the CPU. `size`: square side the inputs are resized
     to (None: the training resolution; 0: each image's own size, centre-cropped to a multiple the generator takes).
-    Consecutive images of one size go through the generator together, up to `batch_size`."""
+    Consecutive images of one size go through the generator together, up to `batch_size`. An image smaller than
+    that multiple is skipped and appended to `skipped` as "NAME: reason" (None: printed to stderr)."""
     device = torch.device(device)
     net = gens.g_xy if direction == "x2y" else gens.g_yx
     if net is None:
@@ -122,7 +124,14 @@ def translate_batches(
             yield name, image, result
 
     for name, image, extra in items:
-        image, extra = _fit(image, extra, size, multiple, gens.extra)
+        fitted = _fit(image, extra, size, multiple, gens.extra)
+        if isinstance(fitted, str):
+            if skipped is None:
+                print(f"skipped {name}: {fitted}", file=sys.stderr)
+            else:
+                skipped.append(f"{name}: {fitted}")
+            continue
+        image, extra = fitted
         if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape):
             yield from run(batch)
             batch = []
@@ -133,14 +142,16 @@ def translate_batches(
 
 def _fit(
     image: torch.Tensor, extra: torch.Tensor | None, size: int, multiple: int, kind: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Resize to size x size, or (size 0) centre-crop to the largest multiple of `multiple`; a label map alike."""
+) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    """Resize to size x size, or (size 0) centre-crop to the largest multiple of `multiple`; a label map alike.
+    Returns why not for an image smaller than `multiple`."""
     if size:
         label = resize(extra, size, nearest=True) if kind == "label" else extra
         return resize(image, size), label
     h, w = (d // multiple * multiple for d in image.shape[-2:])
     if h == 0 or w == 0:
-        raise ConfigError(f"an image of {tuple(image.shape[-2:])} px is smaller than the generator's {multiple} px")
+        height, width = image.shape[-2:]
+        return f"{width}x{height} px is smaller than the generator's multiple of {multiple} px (--size 0 keeps sizes)"
     top, left = (image.shape[-2] - h) // 2, (image.shape[-1] - w) // 2
     crop = (slice(None), slice(top, top + h), slice(left, left + w))
     return image[crop], (extra[crop] if kind == "label" else extra)
@@ -185,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out {args.out} exists and is not a directory")
         gens = load_inference_generators(args.weights, args.step, args.best)
         items = read_inputs(args.input, args.direction, args.split, gens.extra, skipped)
-        results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16)
+        results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16, skipped)
         for name, image, output in tqdm(results, desc=f"translate {args.direction}", unit="img", disable=None):
             save_image(output, args.out, name)
             if args.side_by_side:

@@ -38,7 +38,7 @@ def test_a_cut_run_logs_its_terms_and_one_direction(cut_run):
 
 def test_the_export_holds_g_alone_and_evaluates_as_logged(cut_run, colour_shards):
     export = cut_run / "export"
-    assert sorted(p.name for p in export.iterdir()) == ["g_xy.safetensors", "model.json", "raw"]
+    assert sorted(p.name for p in export.iterdir()) == ["COMPLETE", "g_xy.safetensors", "model.json", "raw"]
     assert json.loads((export / "model.json").read_text())["model"]["family"] == "cut"
     assert not any(key.startswith("head.") for key in load_file(str(export / "g_xy.safetensors")))
     result, metrics = evaluate_cli(export, colour_shards, 8)

@@ -21,6 +21,7 @@ from tests.conftest import (
     accelerate_launch,
     evaluate_cli,
     read_metrics,
+    rewrite_listed,
     run_bounded,
     train_command,
     untrained_export,
@@ -182,10 +183,11 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_through_rotation(colour_s
 
     # Make step 2 the unbeatable best, then train on: rotation deletes every other old checkpoint, never step 2.
     record = json.loads((run_dir / "checkpoints" / "best.json").read_text())
-    if record["step"] != 2:
-        shutil.copytree(
-            run_dir / "checkpoints" / f"step_{record['step']:08d}", run_dir / "checkpoints" / "step_00000002"
-        )
+    if record["step"] != 2:  # a copy of the best as step 2, its train_state.json saying so
+        forged = run_dir / "checkpoints" / "step_00000002"
+        shutil.copytree(run_dir / "checkpoints" / f"step_{record['step']:08d}", forged)
+        state = json.loads((forged / "train_state.json").read_text())
+        rewrite_listed(forged, "train_state.json", json.dumps({**state, "step": 2}).encode())
     record.update(step=2, score=1e9)
     (run_dir / "checkpoints" / "best.json").write_text(json.dumps(record))
     second = run_bounded(train_command(colour_shards, run_dir, *common, "train.steps=10"), 300)

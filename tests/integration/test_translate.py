@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from shards.decode import decode_rgb
-from tests.conftest import REPO, run_bounded, train_command, untrained_export
+from tests.conftest import REPO, rewrite_listed, run_bounded, train_command, untrained_export
 from trainer.config import load_config
 from trainer.engine import Engine
 from trainer.evaluation import eval_mode
@@ -174,7 +174,7 @@ def test_cli_errors_are_one_line(export_dir, tmp_path):
 def test_weights_of_another_architecture_are_refused_in_one_line(export_dir):
     meta = json.loads((export_dir / "model.json").read_text())
     meta["model"]["generator"] = "unet_article"
-    (export_dir / "model.json").write_text(json.dumps(meta))
+    rewrite_listed(export_dir, "model.json", json.dumps(meta).encode())
     result = translate_cli("--weights", export_dir, "--input", export_dir, "--direction", "x2y", "--out", export_dir)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
