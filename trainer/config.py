@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from shards.bounded_read import MAX_DEPTH, BoundedReadError, check_depth, read_limited
 from shards.decode import DEFAULT_MAX_PIXELS
 
 GeneratorName = Literal[
@@ -304,6 +305,9 @@ class DataConfig:
     """The first retry's wait; each further one in a row waits twice as long."""
     io_timeout_s: float = 60.0
     """A remote read that waits this long for data fails (and is retried)."""
+    io_min_rate_kib_s: float = 16.0
+    """Each io_timeout_s of time spent reading one connection to a remote object must bring at least this many
+    KiB/s: a store that trickles is dropped like a timeout and retried (0: no such check)."""
     s3_endpoint_url: str = ""
     """An S3-compatible store's endpoint (MinIO, Ceph, ...); empty: AWS_ENDPOINT_URL or AWS itself. Credentials
     come from the standard AWS variables and files, never from this config."""
@@ -334,6 +338,7 @@ class DataConfig:
         _require(self.retries >= 0, "data.retries", self.retries, "an integer >= 0")
         _require(self.retry_backoff_s >= 0, "data.retry_backoff_s", self.retry_backoff_s, "a number >= 0")
         _require(self.io_timeout_s > 0, "data.io_timeout_s", self.io_timeout_s, "a number > 0")
+        _require(self.io_min_rate_kib_s >= 0, "data.io_min_rate_kib_s", self.io_min_rate_kib_s, "a number >= 0")
         _require(self.cache_max_gb > 0, "data.cache_max_gb", self.cache_max_gb, "a number > 0")
 
 
@@ -436,6 +441,12 @@ class DistributedConfig:
 class LoggingConfig:
     wandb: Literal["online", "offline", "disabled"] = "disabled"
     """Weights & Biases mode; offline writes the run under run_dir/wandb for a later `wandb sync`."""
+    wandb_fallback: Literal["offline", "stop"] = "offline"
+    """When W&B cannot start online (no API key, an unreachable or silent server) or fails during the run: offline
+    goes on, saying so in one line (logging to W&B offline, or after a failure during the run only to metrics.jsonl);
+    stop ends the run with a one-line error (exit code 2)."""
+    wandb_init_timeout_s: float = 60.0
+    """Seconds W&B may take to start a run (its init_timeout) before wandb_fallback applies."""
     project: str = ""
     """W&B project; empty: $WANDB_PROJECT, else cyclegan-dist."""
     entity: str = ""
@@ -459,6 +470,9 @@ class LoggingConfig:
     """The capture keeps the last N steps on the device and checks them together (one host sync per N steps)."""
 
     def __post_init__(self) -> None:
+        _require(
+            self.wandb_init_timeout_s > 0, "logging.wandb_init_timeout_s", self.wandb_init_timeout_s, "a number > 0"
+        )
         _require(self.every_steps >= 1, "logging.every_steps", self.every_steps, "an integer >= 1")
         _require(self.image_every_steps >= 0, "logging.image_every_steps", self.image_every_steps, "an integer >= 0")
         _require(self.sample_images >= 1, "logging.sample_images", self.sample_images, "an integer >= 1")
@@ -637,6 +651,8 @@ _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 80, 80
 MAX_YAML_VALUES = 100_000
 """A config's values counted with YAML aliases expanded: more is refused (an alias bomb under a known key)."""
+MAX_CONFIG_BYTES = 1 << 20
+"""Bytes of a config file read at most (ours are a few KiB): a larger file is refused before it is parsed."""
 
 
 def _show(value: Any) -> str:
@@ -677,17 +693,38 @@ def _expanded_size(value: Any, memo: dict[int, int]) -> int:
 
 
 def _safe_yaml(text: str, source: str) -> Any:
-    """yaml.safe_load with one-line errors (line and column) and a bound on alias expansion."""
+    """yaml.safe_load with one-line errors (line and column) and bounds on alias expansion and nesting."""
     try:
         value = yaml.safe_load(text)
+        size = _expanded_size(value, {})
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{source} is not valid YAML{where}: {problem}") from None
-    if _expanded_size(value, {}) > MAX_YAML_VALUES:
+    except RecursionError:  # the parser and _expanded_size recurse once per level
+        raise ConfigError(f"{source} nests deeper than {MAX_DEPTH} levels") from None
+    if size > MAX_YAML_VALUES:
         raise ConfigError(f"{source} expands to more than {MAX_YAML_VALUES} values through YAML aliases")
-    return value
+    try:
+        return check_depth(value, source)  # after the size bound: it walks every aliased path
+    except BoundedReadError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _read_config(path: Path) -> str:
+    """The text of config file `path` (a symlink is followed: the user named it), at most MAX_CONFIG_BYTES."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file such as configs/demo-cpu.yaml")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = read_limited(path.resolve() if path.is_symlink() else path, MAX_CONFIG_BYTES, "config file")
+        return data.decode()
+    except BoundedReadError as err:
+        raise ConfigError(str(err)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -699,11 +736,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a directory; give a YAML file such as configs/demo-cpu.yaml")
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = _safe_yaml(path.read_text(), f"config file {path}")
+        loaded = _safe_yaml(_read_config(path), f"config file {path}")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}

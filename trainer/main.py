@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -12,8 +10,15 @@ if __package__ in (None, ""):
     # trainer/data.py or trainer/config.py would shadow same-named top-level modules. Use the repo root instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from trainer.process_exit import exit_process, peer_failure, record_early_signals  # noqa: E402
+
+if __name__ == "__main__":
+    record_early_signals()  # first: a preemption during the seconds of imports ends the run with its exit code
+
+import argparse  # noqa: E402
+import traceback  # noqa: E402
+
 from trainer.config import ConfigError, load_config  # noqa: E402
-from trainer.process_exit import exit_process  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.nonfinite import TrainingDiverged
     from trainer.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
     from trainer.run_lock import RunDirLocked
+    from trainer.tracking import TrackingError
     from trainer.train import train
 
     try:
         result = train(cfg)
-    except (ConfigError, CheckpointError, RunDirLocked) as err:
+    except (ConfigError, CheckpointError, RunDirLocked, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (TrainingDiverged, DataError) as err:
@@ -55,7 +61,11 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C before training installed its handler: nothing to save yet
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         status = 130
-    except Exception:  # e.g. a collective whose peer died: report it and leave now, so a launcher can restart us
-        traceback.print_exc()
+    except Exception as err:  # leave now, so that a launcher can restart us
+        line = peer_failure(err)
+        if line is None:  # a bug: its traceback
+            traceback.print_exc()
+        else:  # a collective whose peer died
+            print(line, file=sys.stderr)
         status = 1
     exit_process(status)

@@ -3,7 +3,9 @@
 saves a checkpoint and exits, with PREEMPTED_EXIT_CODE (the SLURM scripts requeue) or INTERRUPTED_EXIT_CODE.
 
 The handler only sets a flag, so a second SIGUSR1/SIGTERM during the save changes nothing: the save finishes. A
-second SIGINT is the user insisting: the process exits at once, saying what is lost.
+second SIGINT is the user insisting: the process exits at once, saying what is lost. A SIGUSR1/SIGTERM that arrives
+during start-up, before the flag exists, was recorded (trainer.process_exit.record_early_signals) and is taken over
+by the flag, so the run stops as if signalled in the loop instead of dying of the signal's default action.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from trainer.process_exit import exit_process
+from trainer.process_exit import early_signal, exit_process
 from trainer.run_files import write_atomic
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" - the SLURM scripts requeue on it
@@ -23,9 +25,10 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionFlag:
-    """Installs the handlers on creation (main thread only); `raised` tells whether a signal arrived. The training
-    loop keeps `step` and `saved_step` current, for the message of a second Ctrl-C. Loader workers ignore the
-    signals (`ignore_in_worker`): their parent handles them."""
+    """Installs the handlers on creation (main thread only) and takes over a signal recorded before
+    (`early_signal`); `raised` tells whether a signal arrived. The training loop keeps `step` and
+    `saved_step` current, for the message of a second Ctrl-C. Loader workers ignore the signals
+    (`ignore_in_worker`): their parent handles them."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -33,6 +36,7 @@ class PreemptionFlag:
         self.pid = os.getpid()
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
+        self.signal = self.signal or early_signal()  # after installing: no signal falls between the two
 
     def _handle(self, signum: int, frame: object) -> None:
         if os.getpid() != self.pid:

@@ -1,7 +1,8 @@
 """The one way files inside a run directory are created and replaced. A run directory may come from elsewhere (a
 colleague's copy, a directory shared on a cluster) and may hold planted symlinks, so:
-  - `check_run_dir` refuses, before anything is written, a run directory holding a symlink anywhere below it
-    (W&B's own folder excepted: it links its latest run itself, and the project never writes there);
+  - `check_run_dir` refuses, before anything is written, a run directory holding a symlink, FIFO, socket or device
+    anywhere below it (W&B's own folder excepted: it links its latest run itself, and the project never writes
+    there);
   - every file is created with O_NOFOLLOW | O_EXCL after removing what was at its name (a link is removed, never
     written through), and replaced by rename, which replaces a link rather than following it;
   - `inside` checks a path against the run directory before it is written or deleted: under it lexically, with no
@@ -28,10 +29,10 @@ class UnsafeRunDir(ConfigError):
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """Refuse a run directory with a symlink below it (iteratively, without following any).
+    """Refuse a run directory with a symlink or a special file below it (iteratively, without following any).
 
     Raises:
-        UnsafeRunDir: one line naming the first link found and where it points.
+        UnsafeRunDir: one line naming the first such entry (and where a link points).
     """
     if not run_dir.is_dir():
         return
@@ -44,8 +45,14 @@ def check_run_dir(run_dir: Path) -> None:
                     raise UnsafeRunDir(f"train.run_dir={run_dir} holds more than {MAX_ENTRIES} entries")
                 if entry.is_symlink():
                     raise UnsafeRunDir(link_message(run_dir, Path(entry.path)))
-                if entry.is_dir(follow_symlinks=False) and Path(entry.path) != run_dir / WANDB_DIR:
-                    pending.append(Path(entry.path))
+                if entry.is_dir(follow_symlinks=False):
+                    if Path(entry.path) != run_dir / WANDB_DIR:
+                        pending.append(Path(entry.path))
+                elif not entry.is_file(follow_symlinks=False):
+                    raise UnsafeRunDir(
+                        f"{entry.path} is neither a file nor a directory (a FIFO, socket or device, on which reading "
+                        f"could wait forever); train.run_dir={run_dir} must hold files and directories only"
+                    )
 
 
 def inside(run_dir: Path, path: Path) -> Path:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from trainer.config import ConfigError
 from trainer.run_files import UnsafeRunDir, link_message
 
 LOCK = ".lock"
@@ -42,8 +43,17 @@ class RunLock:
         Raises:
             RunDirLocked: another live process holds it (one line naming it).
             UnsafeRunDir: RUN/.lock is a symlink.
+            ConfigError: the run directory cannot be created (it is a file, under one, or in a read-only place).
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        run_dir = self.path.parent
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            blocker = next((part for part in (run_dir, *run_dir.parents) if part.exists() and not part.is_dir()), None)
+            reason = f"{blocker} is not a directory" if blocker else f"{err.strerror}: {err.filename}"
+            raise ConfigError(
+                f"train.run_dir={run_dir} cannot be created ({reason}); choose another train.run_dir"
+            ) from None
         try:  # never through a link planted at RUN/.lock: that would truncate what it points to
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as err:
@@ -91,7 +101,7 @@ def hold_run_dir(run_dir: Path, is_main: bool, any_rank: Callable[[bool], bool])
 
     Raises:
         RunDirLocked: another training holds the run directory.
-        UnsafeRunDir: RUN/.lock is a symlink.
+        ConfigError: the run directory cannot be created, or RUN/.lock is a symlink (UnsafeRunDir).
     """
     lock, error = RunLock(run_dir), None
     if is_main:
@@ -99,7 +109,7 @@ def hold_run_dir(run_dir: Path, is_main: bool, any_rank: Callable[[bool], bool])
             previous = lock.acquire()
             if previous:
                 print(f"{run_dir}: the last training there ({previous}) ended without releasing it; taking over")
-        except (RunDirLocked, UnsafeRunDir) as err:
+        except (RunDirLocked, ConfigError) as err:  # UnsafeRunDir is a ConfigError
             error = err
     if any_rank(error is not None):
         raise error or RunDirLocked(f"train.run_dir={run_dir} cannot be taken (see rank 0's message)")

@@ -7,14 +7,16 @@ one host sync per `check_steps` steps, not one per step.
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from collections import deque
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from shards.encoding import png_bytes
+from trainer.run_files import write_file
 from trainer.tracking import image_grid
 
 MIN_HISTORY = 10  # values of a term seen before it can spike
@@ -62,7 +64,9 @@ class SpikeCapture:
         for name, keys in grids.items():  # the images the family's generators made (CUT: x | G(x))
             columns = [images[key] for key in keys if key in images]
             if len(columns) > 1:
-                Image.fromarray(image_grid([list(row) for row in zip(*columns)])).save(out / f"{name}.png")
-        torch.save({k: v.detach().cpu() for k, v in images.items()}, out / "tensors.pt")
-        (out / "losses.json").write_text(json.dumps({"step": step, "losses": losses, "spiking": spiking}, indent=2))
+                write_file(out / f"{name}.png", png_bytes(image_grid([list(row) for row in zip(*columns)])))
+        tensors = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in images.items()}, tensors)
+        write_file(out / "tensors.pt", tensors.getvalue())
+        write_file(out / "losses.json", json.dumps({"step": step, "losses": losses, "spiking": spiking}, indent=2))
         return {"step": step, "dir": str(out), "terms": sorted(spiking)}

@@ -4,6 +4,11 @@ nothing here knows about models.
 
 Resuming continues the same W&B run (its id is kept in the checkpoints) and never logs a step at or below the
 last one W&B already has, so its step axis only goes forward.
+
+W&B failing never ends a run with a traceback: an online run that cannot start within logging.wandb_init_timeout_s
+(no API key, a server that refuses or never answers) goes on offline, and a failure during the run (its service
+process gone) goes on without W&B, each said in one line; with logging.wandb_fallback=stop either is a one-line
+TrackingError instead.
 """
 
 from __future__ import annotations
@@ -16,11 +21,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from shards.encoding import png_bytes
 from trainer.config import ConfigError, LoggingConfig
+from trainer.run_files import open_append, write_atomic, write_file
 
 WANDB_LAST_STEP = ".wandb_last_step"
+
+
+class TrackingError(RuntimeError):
+    """W&B failed and logging.wandb_fallback=stop (or an offline run could not start): one line saying why."""
+
+
+def _gist(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def image_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
@@ -82,6 +98,7 @@ class Tracker:
         self.is_main = accelerator.is_main_process
         self.accelerator = accelerator
         self.use_wandb = cfg.wandb != "disabled"
+        self.wandb_mode, self.wandb_fallback = cfg.wandb, cfg.wandb_fallback
         self.run_dir = run_dir
         self.jsonl = None
         self.wandb_run_id: str | None = None
@@ -98,23 +115,84 @@ class Tracker:
 
             self.spikes = SpikeCapture(run_dir, cfg.spike_factor, cfg.spike_check_steps)
         if self.use_wandb:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    f"logging.wandb={cfg.wandb} needs the wandb package; install it or set logging.wandb=disabled"
-                ) from None
-            project = cfg.project or os.environ.get("WANDB_PROJECT") or "cyclegan-dist"
-            accelerator.init_trackers(
-                project,
-                config={**config, "git_commit": git_commit()},
-                init_kwargs={"wandb": wandb_init_kwargs(cfg, run_dir, wandb_run_id)},
-            )
-            self.wandb_run_id = accelerator.get_tracker("wandb", unwrap=True).id
+            self._start_wandb(cfg, {**config, "git_commit": git_commit()}, wandb_run_id)
             floor_file = run_dir / WANDB_LAST_STEP
             if wandb_run_id and floor_file.is_file():
                 text = floor_file.read_text(errors="replace").strip()
                 self.wandb_floor = int(text) if text.isdigit() else -1
+
+    def _start_wandb(self, cfg: LoggingConfig, config: dict[str, Any], run_id: str | None) -> None:
+        """Start the W&B run through accelerate's tracker, offline when online fails and the fallback allows it.
+
+        Raises:
+            ConfigError: the wandb package is missing.
+            TrackingError: W&B did not start and may not fall back (one line).
+        """
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(
+                f"logging.wandb={cfg.wandb} needs the wandb package; install it or set logging.wandb=disabled"
+            ) from None
+        project = cfg.project or os.environ.get("WANDB_PROJECT") or "cyclegan-dist"
+        kwargs = {
+            **wandb_init_kwargs(cfg, self.run_dir, run_id),
+            "settings": wandb.Settings(init_timeout=cfg.wandb_init_timeout_s),
+        }
+        failed = self._init_wandb(project, config, kwargs)
+        if failed and cfg.wandb == "online" and cfg.wandb_fallback == "offline":
+            offline = self.run_dir / "wandb"
+            print(
+                f"warning: W&B did not start online ({failed}); logging offline to {offline} instead: upload it with "
+                f"`wandb sync {offline}/offline-run-*` once W&B is reachable (logging.wandb_fallback=stop makes "
+                "this an error)",
+                flush=True,
+            )
+            self.wandb_mode = "offline"
+            failed = self._init_wandb(project, config, {**kwargs, "mode": "offline"})
+        if failed:
+            instead = "logging.wandb_fallback=offline to go on offline, or " if self.wandb_mode == "online" else ""
+            raise TrackingError(
+                f"logging.wandb={self.wandb_mode}: W&B did not start ({failed}); set {instead}logging.wandb=disabled "
+                "to train without it"
+            )
+        self.wandb_run_id = self.accelerator.get_tracker("wandb", unwrap=True).id
+
+    def _init_wandb(self, project: str, config: dict[str, Any], kwargs: dict[str, Any]) -> str | None:
+        """accelerator.init_trackers for W&B. Returns None, or why it failed (the tracker is then removed)."""
+        try:
+            self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": kwargs})
+        except Exception as err:  # no API key, a refused or silent server, init_timeout: W&B's errors or OSErrors
+            self._forget_wandb()
+            return _gist(err)
+        return None
+
+    def _forget_wandb(self) -> None:
+        """Drop accelerate's W&B tracker, so that neither logging nor end_training reaches W&B again."""
+        self.accelerator.trackers = [t for t in self.accelerator.trackers if t.name != "wandb"]
+
+    def _wandb_failed(self, what: str, err: Exception) -> None:
+        """A W&B call during the run failed: go on without W&B, saying so, or stop (logging.wandb_fallback).
+
+        Raises:
+            TrackingError: with logging.wandb_fallback=stop.
+        """
+        self.use_wandb = False
+        self._forget_wandb()
+        try:  # stop W&B's service connection now, or its exit hook prints a traceback for the same failure
+            import wandb
+
+            wandb.teardown()
+        except Exception:
+            pass  # it failed the same way: nothing more to say
+        reason = f"W&B failed {what} ({_gist(err)})"
+        if self.wandb_fallback == "stop":
+            raise TrackingError(f"logging.wandb={self.wandb_mode}: {reason}; logging.wandb_fallback=stop") from None
+        print(
+            f"warning: {reason}; going on without W&B ({self.run_dir}/metrics.jsonl has every step; "
+            "logging.wandb_fallback=stop makes this an error)",
+            flush=True,
+        )
 
     @staticmethod
     def _open_jsonl(path: Path, resume_step: int) -> tuple[Any, int]:
@@ -133,8 +211,8 @@ class Tracker:
                     kept.append(line)
         if torn:
             print(f"{path}: dropped {torn} torn line(s) that an interrupted write left")
-        path.write_text("".join(line + "\n" for line in kept))
-        return open(path, "a"), last
+        write_atomic(path, "".join(line + "\n" for line in kept))
+        return os.fdopen(open_append(path), "a"), last
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write scalars for `step` (number of updates done) to metrics.jsonl and W&B."""
@@ -150,15 +228,19 @@ class Tracker:
     def _to_wandb(self, step: int, values: dict[str, Any]) -> None:
         if not self.use_wandb or step <= self.wandb_floor:
             return  # W&B already has this step from the run before the resume
-        self.accelerator.log(values, step=step)
-        (self.run_dir / WANDB_LAST_STEP).write_text(str(step))
+        try:
+            self.accelerator.log(values, step=step)
+        except Exception as err:  # e.g. its service process ended: ConnectionResetError
+            self._wandb_failed(f"at step {step}", err)
+            return
+        write_atomic(self.run_dir / WANDB_LAST_STEP, str(step))
 
     def log_images(self, step: int, grids: dict[str, np.ndarray]) -> None:
         """Save each grid as run_dir/images/<name>_<step>.png and log it to W&B."""
         if not self.is_main:
             return
         for name, grid in grids.items():
-            Image.fromarray(grid).save(self.run_dir / "images" / f"{name}_{step:08d}.png")
+            write_file(self.run_dir / "images" / f"{name}_{step:08d}.png", png_bytes(grid))
         if self.use_wandb:
             import wandb
 
@@ -181,5 +263,13 @@ class Tracker:
         return events
 
     def close(self) -> None:
-        if self.is_main:
-            self.jsonl.close()
+        """Close metrics.jsonl and finish the W&B run (before the engine ends: a failure here follows the fallback)."""
+        if not self.is_main:
+            return
+        self.jsonl.close()
+        if self.use_wandb:
+            try:
+                self.accelerator.get_tracker("wandb").finish()
+            except Exception as err:
+                self._wandb_failed("to finish the run", err)
+            self._forget_wandb()

@@ -91,6 +91,13 @@ def test_a_symlink_planted_in_a_run_directory_is_refused_before_anything_is_writ
         check_run_dir(run_copy)
 
 
+def test_a_fifo_planted_in_a_run_directory_is_refused_before_anything_waits_on_it(run_copy):
+    (run_copy / "metrics.jsonl").unlink()
+    os.mkfifo(run_copy / "metrics.jsonl")  # a resume reads metrics.jsonl: it would wait for a writer forever
+    with pytest.raises(UnsafeRunDir, match="metrics.jsonl is neither a file nor a directory"):
+        check_run_dir(run_copy)
+
+
 def test_checkpoints_linked_to_another_runs_are_refused_and_never_rotated(run_copy, trained):
     other = run_copy.parent / "other-run"
     shutil.copytree(trained, other)
