@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save
 
-from tests.conftest import evaluate_cli, run_bounded, untrained_export
-from tests.unit.test_hardening_export import TINY, rewrite
+from tests.conftest import evaluate_cli, rewrite_listed, run_bounded, untrained_export
+from tests.unit.test_hardening_export import TINY
 from trainer.config import load_config
 from trainer.export import load_generators
 from trainer.translate import translate_batches
@@ -66,14 +66,14 @@ def hostile(export_dir: Path, kind: str) -> Path:
     """The export made hostile: a model.json out of bounds, a flipped byte, or all-NaN weights."""
     if kind == "image_size":
         meta = json.loads((export_dir / "model.json").read_text())
-        rewrite(export_dir, "model.json", json.dumps({**meta, "image_size": 100000}).encode())
+        rewrite_listed(export_dir, "model.json", json.dumps({**meta, "image_size": 100000}).encode())
     elif kind == "flipped":
         data = bytearray((export_dir / "g_xy.safetensors").read_bytes())
         data[-1] ^= 0x01
         (export_dir / "g_xy.safetensors").write_bytes(bytes(data))
     else:
         nan = {k: torch.full_like(v, float("nan")) for k, v in load_file(str(export_dir / "g_xy.safetensors")).items()}
-        rewrite(export_dir, "g_xy.safetensors", save(nan))
+        rewrite_listed(export_dir, "g_xy.safetensors", save(nan))
     return export_dir
 
 
