@@ -352,8 +352,9 @@ class TrainConfig:
     """Where the resolved config, metrics.jsonl, image grids, checkpoints and exported weights go."""
     seed: int = 0
     """Seeds weights, data order, augmentation and the image pools."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """bf16/fp16 autocast the networks' forward passes (losses stay fp32); fp16 adds a loss scaler per unit."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    """bf16/fp16 autocast the networks' forward passes (losses stay fp32); fp16 adds a loss scaler per unit; auto
+    is bf16 where the GPU or CPU computes it natively, else fp32 (trainer.precision)."""
     grad_accum_steps: int = 1
     """Micro-batches of batch_size accumulated into one optimizer update of each unit."""
     compile: bool = False

@@ -8,6 +8,7 @@ is delegated to the backend (trainer/backends/); the engine never branches on it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from datetime import timedelta
@@ -21,6 +22,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from trainer.backends import UNITS, Backend, build_backend, resolve_backend
 from trainer.config import ConfigError, DistributedConfig, EMAConfig, OptimizerConfig, TrainConfig
 from trainer.ema import GeneratorEMA
+from trainer.precision import resolve_precision
 
 EMA_UNIT = "g_ema"
 """The generators' moving average in a checkpoint (trainer.ema)."""
@@ -34,10 +36,12 @@ class Engine:
     def __init__(self, cfg: DistributedConfig, train: TrainConfig, optim: OptimizerConfig, log_with: str | None = None):
         cfg = resolve_backend(cfg)
         self.cfg = cfg
-        self.precision = train.precision
+        on_cuda = torch.cuda.is_available() and not cfg.cpu
+        precision, self.precision_reason = resolve_precision(train.precision, on_cuda)
+        train = self.train_cfg = dataclasses.replace(train, precision=precision)
+        self.precision = precision
         self.accum_steps = train.grad_accum_steps
         self.compile_mode = train.compile_mode if train.compile else None
-        on_cuda = torch.cuda.is_available() and not cfg.cpu
         self.backend: Backend = build_backend(cfg, train, optim, on_cuda)
         group_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))
         if not on_cuda and (self.backend.always_distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1):

@@ -242,7 +242,7 @@ def train(cfg: Config) -> TrainResult:
     engine = Engine(
         cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb"
     )
-    cfg = dataclasses.replace(cfg, distributed=engine.cfg)  # backend=auto resolved from the launcher
+    cfg = dataclasses.replace(cfg, distributed=engine.cfg, train=engine.train_cfg)  # backend=auto, precision=auto
     console = Console(engine.is_main)
     loader = UnpairedLoader(
         cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device
@@ -386,7 +386,8 @@ def _start_line(
         f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
         f"global batch {global_batch} = {cfg.train.batch_size} per rank x {engine.world_size} ranks x "
         f"{cfg.train.grad_accum_steps} micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr "
-        f"{cfg.optimizer.lr * scale:.4g}" + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
+        f"{cfg.optimizer.lr * scale:.4g}; precision {engine.precision} ({engine.precision_reason})"
+        + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
     )
 
 
