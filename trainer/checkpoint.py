@@ -191,7 +191,10 @@ def set_aside_damaged(run_dir: Path, resumed: Path | None) -> list[Path]:
     moved = []
     for path in step_dirs(run_dir):
         if checkpoint_step(path) > after:
-            target = path.with_name(path.name + DAMAGED)
+            target, n = path.with_name(path.name + DAMAGED), 1
+            while os.path.lexists(target):  # set aside before, by an earlier resume
+                n += 1
+                target = path.with_name(f"{path.name}{DAMAGED}-{n}")
             os.replace(path, target)
             moved.append(target)
     return moved

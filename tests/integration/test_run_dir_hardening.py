@@ -164,6 +164,8 @@ def test_a_damaged_newer_checkpoint_is_set_aside_so_rotation_keeps_the_new_ones(
     moved = set_aside_damaged(run_copy, resumed)
     assert [p.name for p in moved] == ["step_00000004.damaged"]
     assert [p.name for p in complete_checkpoints(run_copy)] == ["step_00000002"]
+    shutil.copytree(moved[0], checkpoint(run_copy, 4))  # damaged again, after a first one was set aside
+    assert [p.name for p in set_aside_damaged(run_copy, resumed)] == ["step_00000004.damaged-2"]
 
 
 def test_a_step_that_disagrees_with_the_checkpoint_name_is_refused(run_copy):
