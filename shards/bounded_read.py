@@ -81,10 +81,7 @@ def read_limited(path: str | Path, limit: int = MAX_SMALL_FILE, what: str = "fil
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BoundedReadError(f"{what} {path} is not a regular file")
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise BoundedReadError(f"{what} {path} is larger than {limit} bytes")
-    return data
+        return read_stream(handle, f"{what} {path}", limit)
 
 
 def check_depth(value: Any, source: str, max_depth: int = MAX_DEPTH) -> Any:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from shards.manifest import sha256_file
 from shards.urls import check_relative_name
 from trainer.config import TRAINING_MODEL_FIELDS, ModelConfig, field_defaults
 from trainer.engine import EMA_UNIT, Engine
-from trainer.run_files import fsync_dir, inside, write_atomic, write_file
+from trainer.run_files import fsync_dir, inside, remove, write_atomic, write_file
 from trainer.state_file import load_state_file, state_bytes
 
 CHECKPOINTS = "checkpoints"
@@ -301,7 +300,7 @@ def capture_checkpoint(
             root.mkdir(parents=True, exist_ok=True)
             for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
                 if debris.suffix in DEBRIS and checkpoint_step(debris.with_suffix("")) is not None:
-                    _remove(debris)
+                    remove(debris, ignore_errors=True)
             _tmp_dir(final).mkdir()
         except OSError as err:
             error = err
@@ -474,15 +473,7 @@ def _rotate(run_dir: Path, keep: int, keep_every_steps: int) -> None:
         if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step != best_step:
             trash = old.with_name(old.name + ".old")
             os.replace(old, trash)
-            _remove(trash)  # what stays (NFS .nfs* files) is removed as debris later
-
-
-def _remove(path: Path) -> None:
-    """Delete a directory of the run's checkpoints, or the link planted in its place (never what it points to)."""
-    if path.is_symlink():
-        path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+            remove(trash, ignore_errors=True)  # what stays (NFS .nfs* files) is removed as debris later
 
 
 def _units_state(path: Path, engine: Engine) -> dict[str, dict[str, torch.Tensor]]:

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import stat
 import sys
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from trainer.config import (
 from trainer.engine import EMA_UNIT
 from trainer.model_bounds import check_model_bounds, unit_parameters
 from trainer.models import build_generator
-from trainer.run_files import fsync_dir, write_file
+from trainer.run_files import fsync_dir, remove, write_file
 
 MODEL_JSON = "model.json"
 MAX_SMALL_JSON = 1 << 20
@@ -137,8 +136,8 @@ def _publish(out_dir: Path, tree: dict[str, dict[str, bytes]]) -> None:
     if not os.path.lexists(out_dir) and stat.S_ISDIR(_lstat_mode(aside)):
         os.rename(aside, out_dir)  # the previous export, left aside by a save that died between its two renames
     _check_replaceable(out_dir)
-    _remove(staging)
-    _remove(aside)
+    remove(staging)
+    remove(aside)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.mkdir(staging)
     for sub, files in tree.items():
@@ -153,7 +152,7 @@ def _publish(out_dir: Path, tree: dict[str, dict[str, bytes]]) -> None:
         os.rename(out_dir, aside)
     os.rename(staging, out_dir)
     fsync_dir(out_dir.parent)
-    _remove(aside)
+    remove(aside)
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -165,15 +164,6 @@ def _check_replaceable(out_dir: Path) -> None:
     if stat.S_ISLNK(mode) or export_or_empty:
         return
     raise ConfigError(f"{out_dir} exists and is neither an export ({MODEL_JSON}) nor empty; refusing to replace it")
-
-
-def _remove(path: Path) -> None:
-    """Delete whatever is at `path`: a directory tree, a file, or a link (the link itself, never its target)."""
-    mode = _lstat_mode(path)
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(path)
-    elif mode:
-        os.unlink(path)
 
 
 def _lstat_mode(path: Path) -> int:

@@ -14,6 +14,7 @@ checked.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -134,3 +135,15 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def open_append(path: Path) -> int:
     """`path` opened for appending, created if missing; a symlink at `path` is refused (ELOOP)."""
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+
+
+def remove(path: Path, ignore_errors: bool = False) -> None:
+    """Delete whatever is at `path`: a directory tree, a file, or a link (the link itself, never its target)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        os.unlink(path)
