@@ -15,6 +15,7 @@ process, so that its peak starts clean. Writes JSON (benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -32,7 +33,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.train_throughput import device_name, synchronize  # noqa: E402
-from trainer.config import Config, load_config  # noqa: E402
+from trainer.config.load import load_config  # noqa: E402
+from trainer.config.schema import Config  # noqa: E402
 
 MODES = ("off", "on")
 DRY = ["model.ngf=8", "model.ndf=8"]
@@ -74,15 +76,14 @@ def rss_bytes() -> int:
 
 def measure(cfg: Config, steps: int, warmup: int) -> dict:
     """One row: a counted step, then `warmup` and `steps` timed steps on fixed random images."""
-    from trainer.engine import Engine
-    from trainer.pool import ImagePool
-    from trainer.train import algorithm, build_training, discriminator_update, generator_update, train_step
+    from trainer.build import build_engine, build_training
+    from trainer.train import discriminator_update, generator_update, train_step
 
-    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
-    units, _, _ = build_training(cfg, engine)
-    family = algorithm(cfg.model.family)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pool_size=0))  # every step holds the same
+    engine, cfg = build_engine(cfg)
+    run = build_training(cfg, engine)
+    units = run.units
     device, size = engine.device, cfg.data.crop_size
-    pools = (ImagePool(0, seed=0), ImagePool(0, seed=1))  # no history: every step holds the same tensors
     data = torch.Generator().manual_seed(0)
     batch = {d: (torch.rand(1, 3, size, size, generator=data) * 2 - 1).to(device) for d in ("x", "y")}
     counter = SavedTensorBytes(t for unit in units.values() for t in (*unit.parameters(), *unit.buffers()))
@@ -94,14 +95,14 @@ def measure(cfg: Config, steps: int, warmup: int) -> dict:
     else:
         start_bytes = rss_bytes()
     with counter:
-        _, fakes, _ = generator_update(engine, units, pools, [batch], cfg.loss, family)
+        _, fakes, _ = generator_update(run, [batch])
         saved_g = counter.total  # after the generators' update, before the discriminators' step
-        discriminator_update(engine, units, [batch], fakes, cfg.loss, family)
+        discriminator_update(run, [batch], fakes)
     times, cpu_times = [], []
     for _ in range(warmup + steps):
         synchronize(device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        train_step(engine, units, pools, [batch], cfg.loss, family)
+        train_step(run, [batch])
         synchronize(device)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - start_cpu)

@@ -37,8 +37,8 @@ from benchmarks.process_group import free_port  # noqa: E402
 from shards.manifest import split_entry, write_manifest  # noqa: E402
 from shards.synthetic import render_scene  # noqa: E402
 from shards.writer import write_shards  # noqa: E402
-from trainer.config import DataConfig  # noqa: E402
-from trainer.data import UnpairedShards  # noqa: E402
+from trainer.config.sections import DataConfig  # noqa: E402
+from trainer.data.loader import UnpairedShards  # noqa: E402
 
 
 def write_jpeg_shards(root: Path, load_size: int, count: int) -> None:

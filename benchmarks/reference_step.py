@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.config import LossConfig, ModelConfig
+from trainer.algorithms.pool import ImagePool
+from trainer.config.model import LossConfig, ModelConfig
 from trainer.models import build_discriminator, build_generator
-from trainer.pool import ImagePool
 
 
 def _lsgan(prediction: torch.Tensor, real: bool) -> torch.Tensor:

@@ -53,19 +53,17 @@ def state_probe(config: str, out: Path) -> None:
     out/rank_N.json."""
     import torch
 
-    from trainer.config import load_config
-    from trainer.engine import Engine
-    from trainer.pool import ImagePool
-    from trainer.train import algorithm, build_training, train_step
+    from trainer.build import build_engine, build_training
+    from trainer.config.load import load_config
+    from trainer.train import train_step
 
-    cfg = load_config(config, ["train.batch_size=2", "data.root=", "train.precision=fp32"])  # fp32: no master copy
-    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
-    units, _, _ = build_training(cfg, engine)
+    overrides = ["train.batch_size=2", "data.root=", "train.precision=fp32", "train.pool_size=0"]
+    cfg = load_config(config, overrides)  # fp32: no master copy
+    engine, cfg = build_engine(cfg)
+    run = build_training(cfg, engine)
     size = cfg.data.crop_size
     batch = {d: torch.rand(2, 3, size, size, device=engine.device) * 2 - 1 for d in ("x", "y")}
-    train_step(
-        engine, units, (ImagePool(0, seed=0), ImagePool(0, seed=1)), [batch], cfg.loss, algorithm(cfg.model.family)
-    )
+    train_step(run, [batch])
     held = [engine.state_bytes(unit) for unit in ("g", "d")]
     row = {
         "rank": engine.rank,
@@ -95,13 +93,13 @@ def main() -> None:
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        from trainer.process_exit import exit_process
+        from trainer.runtime.process_exit import exit_process
 
         state_probe(args.config, args.probe)
         exit_process(0)
 
     from shards.synthetic import write_synthetic
-    from trainer.config import load_config
+    from trainer.config.load import load_config
 
     size = load_config(args.config).data.load_size
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -29,7 +30,12 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.process_group import run_group  # noqa: E402
-from trainer.config import Config, load_config  # noqa: E402
+from trainer.config.load import load_config  # noqa: E402
+from trainer.config.schema import Config  # noqa: E402
+
+if TYPE_CHECKING:
+    from trainer.build import Training
+    from trainer.data.loader import UnpairedLoader
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),
@@ -81,20 +87,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def setup(cfg: Config) -> tuple[Training, UnpairedLoader]:
+    """The training of `cfg` and its loader, built as the training loop builds them (trainer.build)."""
+    from trainer.build import build_engine, build_loader, build_training
+
+    engine, cfg = build_engine(cfg)
+    return build_training(cfg, engine), build_loader(cfg, engine)
+
+
 def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dict:
     """Time our train_step through the real loader, its generator and discriminator updates apart; returns the
     row's figures."""
-    from trainer.data import UnpairedLoader
-    from trainer.engine import Engine
-    from trainer.pool import ImagePool
-    from trainer.train import algorithm, build_training, discriminator_update, generator_update, train_step
+    from trainer.train import discriminator_update, generator_update, train_step
 
-    engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
-    units, _, _ = build_training(cfg, engine)
-    family = algorithm(cfg.model.family)
-    device, batch = engine.device, cfg.train.batch_size
-    pools = tuple(ImagePool(cfg.train.pool_size, seed=i) for i in (0, 1))
-    loader = UnpairedLoader(cfg.data, batch, cfg.train.seed, engine.rank, engine.world_size, device)
+    run, loader = setup(cfg)
+    engine, device, batch = run.engine, run.engine.device, cfg.train.batch_size
     phases = {"generator": 0.0, "discriminator": 0.0, "data_wait": 0.0}
     mark = [0.0]
 
@@ -110,7 +117,7 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
 
         counter = FlopCounterMode(display=False)
         with counter:
-            train_step(engine, units, pools, [next(loader)], cfg.loss, family)
+            train_step(run, [next(loader)])
         flops = counter.get_total_flops() / batch
     for step in range(warmup + steps):
         if step == warmup:
@@ -121,9 +128,9 @@ def measure_ours(cfg: Config, steps: int, warmup: int, count_flops: bool) -> dic
         mark[0] = time.perf_counter()
         micro = next(loader)
         clock("data_wait")
-        _, fakes, _ = generator_update(engine, units, pools, [micro], cfg.loss, family)
+        _, fakes, _ = generator_update(run, [micro])
         clock("generator")
-        discriminator_update(engine, units, [micro], fakes, cfg.loss, family)
+        discriminator_update(run, [micro], fakes)
         clock("discriminator")
     elapsed = time.perf_counter() - start
     row = _row(steps * batch / elapsed, elapsed / steps, phases, steps, flops, device)

@@ -124,7 +124,7 @@ def untrained_export(cfg, out: Path) -> Path:
     """Freshly initialized generators of `cfg` (a Config), exported to `out` like a training run's export."""
     import torch
 
-    from trainer.export import save_generators
+    from trainer.checkpoint.export import save_generators
     from trainer.models import build_generator
 
     torch.manual_seed(cfg.train.seed)

@@ -1,10 +1,10 @@
-"""Evaluate exported or checkpointed generators on a test set (the library is trainer/evaluation.py).
+"""Evaluate exported or checkpointed generators on a test set (the library is trainer/eval/evaluator.py).
 
     python -m trainer.evaluate --weights RUN_or_EXPORT --data DATA_DIR [--images 64] [--inception-weights PATH]
     accelerate launch --config_file launch/cpu-ddp-2.yaml -m trainer.evaluate --weights ... --data ...
 
 DATA_DIR is a shard directory with x-test and y-test splits, or image folders in the reference layout,
-DATA_DIR/testA (X) and DATA_DIR/testB (Y): unpaired, so without PSNR/SSIM (trainer.image_folders).
+DATA_DIR/testA (X) and DATA_DIR/testB (Y): unpaired, so without PSNR/SSIM (trainer.data.image_folders).
 """
 
 from __future__ import annotations
@@ -18,17 +18,12 @@ from pathlib import Path
 import torch
 
 from shards.synthetic import BUILTIN_PREFIX
-from trainer.config import ConfigError, DataConfig, EvalConfig
-from trainer.data import TestSet, load_test_images
-from trainer.evaluation import (
-    NO_INCEPTION,
-    NO_KNOWN_ANSWER,
-    Evaluator,
-    format_table,
-    load_inception,
-)
-from trainer.image_folders import TEST_FOLDERS, has_test_folders, load_test_folders
-from trainer.process_exit import exit_process
+from trainer.config.checks import ConfigError
+from trainer.config.sections import DataConfig, EvalConfig
+from trainer.data.image_folders import TEST_FOLDERS, has_test_folders, load_test_folders
+from trainer.data.test_sets import TestSet, load_test_images
+from trainer.eval.evaluator import NO_INCEPTION, NO_KNOWN_ANSWER, Evaluator, format_table, load_inception
+from trainer.runtime.process_exit import exit_process
 
 
 def load_test_data(root: str, image_size: int, extra: str, count: int, rank: int = 0, world_size: int = 1) -> TestSet:
@@ -83,7 +78,8 @@ def check_readable(test: TestSet, data: str, device: torch.device, world_size: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.export import add_inference_arguments, inference_device, load_inference_generators
+    from trainer.checkpoint.export import load_inference_generators
+    from trainer.export import add_inference_arguments, inference_device
 
     parser = argparse.ArgumentParser(
         description="Evaluate generators on a shard directory's test splits or on testA/ and testB/ image folders."

@@ -10,7 +10,7 @@ if __package__ in (None, ""):
     # trainer/data.py or trainer/config.py would shadow same-named top-level modules. Use the repo root instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from trainer.process_exit import exit_process, peer_failure, record_early_signals  # noqa: E402
+from trainer.runtime.process_exit import exit_process, peer_failure, record_early_signals  # noqa: E402
 
 if __name__ == "__main__":
     record_early_signals()  # first: a preemption during the seconds of imports ends the run with its exit code
@@ -18,7 +18,8 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import traceback  # noqa: E402
 
-from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.config.checks import ConfigError
+from trainer.config.load import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
-    from trainer.nonfinite import TrainingDiverged
-    from trainer.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
-    from trainer.run_lock import RunDirLocked
-    from trainer.tracking import TrackingError
+    from trainer.checkpoint.format import CheckpointError
+    from trainer.data.plan import DataError
+    from trainer.observe.nonfinite import TrainingDiverged
+    from trainer.observe.tracking import TrackingError
+    from trainer.runtime.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+    from trainer.runtime.run_lock import RunDirLocked
     from trainer.train import train
 
     try:

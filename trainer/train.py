@@ -6,103 +6,51 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 from pathlib import Path
-from types import ModuleType
 from typing import Callable
 
 import torch
 
-from trainer import cut, cyclegan
-from trainer.checkpoint import (
-    CHECKPOINTS,
-    CheckpointError,
-    check_architecture,
-    find_resume,
-    load_checkpoint,
-    read_best,
-    set_aside_damaged,
-    step_dirs,
-)
-from trainer.config import (
-    CONTRASTIVE_FAMILIES,
-    Config,
-    ConfigError,
-    LossConfig,
-    OptimizerConfig,
-    ScheduleConfig,
-    config_yaml,
-    to_dict,
-)
-from trainer.console import Console
-from trainer.data import TestSet, UnpairedLoader, load_test_images
-from trainer.engine import EMA_UNIT, Engine
-from trainer.evaluation import NO_INCEPTION, Evaluator, load_inception
-from trainer.export import save_export
-from trainer.intervals import Checkpointer, PeriodicEval, SampleGrids
-from trainer.metric_window import MetricWindow, accumulate
-from trainer.models import set_activation_checkpointing
-from trainer.nonfinite import NonfiniteGuard
-from trainer.pool import ImagePool
-from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
-from trainer.run_files import check_run_dir, write_atomic
-from trainer.run_lock import hold_run_dir
-from trainer.schedule import build_scheduler
-from trainer.tracking import Tracker
-from trainer.train_state import TrainState, comparable_best
+from trainer.build import Training, build_engine, build_evaluator, build_loader, build_training
+from trainer.checkpoint.export import save_export
+from trainer.checkpoint.format import CHECKPOINTS, CheckpointError, read_best, step_dirs
+from trainer.checkpoint.load import load_checkpoint
+from trainer.checkpoint.resume import check_architecture, find_resume, set_aside_damaged
+from trainer.checkpoint.train_state import TrainState, comparable_best
+from trainer.config.checks import ConfigError
+from trainer.config.load import config_yaml, to_dict
+from trainer.config.schema import Config
+from trainer.data.loader import UnpairedLoader
+from trainer.data.test_sets import TestSet, load_test_images
+from trainer.eval.evaluator import Evaluator
+from trainer.observe.console import Console
+from trainer.observe.nonfinite import NonfiniteGuard
+from trainer.observe.tracking import Tracker
+from trainer.periodic import Checkpointer, MetricWindow, PeriodicEval, SampleGrids, accumulate
+from trainer.runtime.engine import EMA_UNIT, Engine
+from trainer.runtime.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
+from trainer.runtime.run_files import check_run_dir, write_atomic
+from trainer.runtime.run_lock import hold_run_dir
 
 RECORDED_OUTPUTS = ("fake_x", "fake_y", "rec_x", "rec_y")  # those the family's generators produce
 FAKES = ("fake_x", "fake_y")  # the generator outputs the discriminators see, through the pools of TrainState.pools
 Batch = dict[str, torch.Tensor]  # "x", "y": [N, 3, H, W] in [-1, 1]; optional "extra_x", "extra_y": [N, C, H, W]
 
 
-AUTO_SCALE_CAP = 8.0
-"""lr_scaling=auto scales linearly up to this factor: linear won at global batch 4 and 16 in
-benchmarks/time_to_quality.py, and at 64 linear (x64) diverged where sqrt (x8) won."""
-AUTO_WARMUP_IMAGES = 512
-"""lr_scaling=auto warms the learning rates up over this many images when it scales them up."""
-
-
-def lr_scale(cfg: OptimizerConfig, global_batch: int) -> float:
-    """Multiplier of the configured learning rates for `global_batch` under cfg.lr_scaling."""
-    ratio = global_batch / cfg.base_batch
-    rules = {"auto": min(ratio, AUTO_SCALE_CAP), "none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}
-    return rules[cfg.lr_scaling]
-
-
-def warmup(cfg: Config, global_batch: int) -> ScheduleConfig:
-    """cfg.schedule, with lr_scaling=auto's warm-up (AUTO_WARMUP_IMAGES) when it scales the learning rates up and
-    the schedule has none of its own."""
-    if cfg.optimizer.lr_scaling != "auto" or cfg.schedule.warmup_steps or global_batch <= cfg.optimizer.base_batch:
-        return cfg.schedule
-    return dataclasses.replace(cfg.schedule, warmup_steps=math.ceil(AUTO_WARMUP_IMAGES / global_batch))
-
-
-def algorithm(family: str) -> ModuleType:
-    """The module of model.family's units and step functions: trainer.cyclegan, or trainer.cut for CUT/FastCUT
-    (the same functions: build_units, generator_step, discriminator_step)."""
-    return cut if family in CONTRASTIVE_FAMILIES else cyclegan
-
-
 def generator_update(
-    engine: Engine,
-    units: dict,
-    pools: tuple[ImagePool, ImagePool],
-    micro_batches: list[Batch],
-    loss_cfg: LossConfig,
-    family: ModuleType,
+    run: Training, micro_batches: list[Batch]
 ) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor | None, torch.Tensor]], dict[str, torch.Tensor]]:
     """The generators' optimizer update over `micro_batches` (the first half of train_step), with the
-    discriminators frozen; their fakes go through the image pools for discriminator_update. `family` is
-    model.family's module (see `algorithm`).
+    discriminators frozen; their fakes go through the image pools for discriminator_update.
 
     Returns:
         (stats, fakes, outputs): each loss term averaged over the micro-batches and grad_norm/g (detached device
         tensors); the pooled (fake_x, fake_y) of each micro-batch (fake_x None for CUT/FastCUT, which have no
         generator Y -> X); the last micro-batch's generator outputs.
     """
+    engine, pools = run.engine, run.pools
     if engine.compile_mode is not None:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graph trees: a new iteration, earlier outputs are done
     last = len(micro_batches) - 1
@@ -112,12 +60,12 @@ def generator_update(
         for i, batch in enumerate(micro_batches):
             with engine.accumulate("g", is_last=i == last):
                 with engine.autocast():
-                    g_loss, stats, out = family.generator_step(
-                        units["g"],
+                    g_loss, stats, out = run.family.generator_step(
+                        run.units["g"],
                         plain_discs,
                         batch["x"],
                         batch["y"],
-                        loss_cfg,
+                        run.loss,
                         batch.get("extra_x"),
                         batch.get("extra_y"),
                     )
@@ -130,96 +78,42 @@ def generator_update(
 
 
 def discriminator_update(
-    engine: Engine,
-    units: dict,
-    micro_batches: list[Batch],
-    fakes: list[tuple[torch.Tensor | None, torch.Tensor]],
-    loss_cfg: LossConfig,
-    family: ModuleType,
+    run: Training, micro_batches: list[Batch], fakes: list[tuple[torch.Tensor | None, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
     """The discriminators' optimizer update over `micro_batches` and their pooled `fakes` (the second half of
-    train_step; `family` as in generator_update).
+    train_step).
 
     Returns:
         Each loss term averaged over the micro-batches and grad_norm/d (detached device tensors).
     """
-    last = len(micro_batches) - 1
+    engine, last = run.engine, len(micro_batches) - 1
     sums: dict[str, torch.Tensor] = {}
     for i, (batch, (fake_x, fake_y)) in enumerate(zip(micro_batches, fakes)):
         with engine.accumulate("d", is_last=i == last):
             with engine.autocast():
-                d_loss, stats = family.discriminator_step(units["d"], batch["x"], batch["y"], fake_x, fake_y, loss_cfg)
+                d_loss, stats = run.family.discriminator_step(
+                    run.units["d"], batch["x"], batch["y"], fake_x, fake_y, run.loss
+                )
             engine.backward(d_loss, "d")
         accumulate(sums, stats)
     norm = engine.step("d")
     return {**{key: value / len(micro_batches) for key, value in sums.items()}, "grad_norm/d": norm}
 
 
-def train_step(
-    engine: Engine,
-    units: dict,
-    pools: tuple[ImagePool, ImagePool],
-    micro_batches: list[Batch],
-    loss_cfg: LossConfig,
-    family: ModuleType,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def train_step(run: Training, micro_batches: list[Batch]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One optimizer update of each unit over `micro_batches` (gradient accumulation when there are several):
-    generator_update, then discriminator_update, with the step functions of the module `family`.
+    generator_update, then discriminator_update, with the step functions of model.family (run.family).
 
     Returns:
         (stats, images): detached device tensors - each loss term averaged over the micro-batches and each unit's
         grad norm; the last micro-batch's real images and generator outputs (for loss-spike capture).
     """
-    g_stats, fakes, out = generator_update(engine, units, pools, micro_batches, loss_cfg, family)
-    d_stats = discriminator_update(engine, units, micro_batches, fakes, loss_cfg, family)
+    g_stats, fakes, out = generator_update(run, micro_batches)
+    d_stats = discriminator_update(run, micro_batches, fakes)
     batch = micro_batches[-1]
     recorded = {key: out[key].detach() for key in RECORDED_OUTPUTS if key in out}
     images = {"real_x": batch["x"], "real_y": batch["y"], **recorded}
     return {**g_stats, **d_stats}, images
-
-
-def optimizer_kernel(implementation: str, device: torch.device) -> dict[str, bool]:
-    """torch.optim keyword arguments for optimizer.implementation on `device`."""
-    if implementation == "auto":
-        implementation = "fused" if device.type == "cuda" else "foreach"
-    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[implementation]
-
-
-def build_training(cfg: Config, engine: Engine) -> tuple[dict, int, float]:
-    """Seeded units of model.family, AdamW optimizers with the scaled LRs and schedules, prepared by the engine.
-
-    Returns:
-        (the prepared units {"g", "d"}, the global batch, the LR scale factor applied).
-    """
-    if cfg.loss.gan_mode == "wgangp" and not engine.backend.double_backward:
-        raise ConfigError(
-            f"loss.gan_mode=wgangp under {engine.backend_name}: the gradient penalty differentiates the "
-            "discriminators twice, and this backend frees their gathered weights after the first backward; use DDP "
-            "or DeepSpeed ZeRO-1/2 (launch/zero2.yaml), or another gan_mode"
-        )
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    gens, discs = algorithm(cfg.model.family).build_units(cfg.model, cfg.loss, cfg.train.fuse_generator_passes)
-    if cfg.train.activation_checkpointing:  # before compile (in engine.prepare), which guards on the flag
-        for gen in (gens.g_xy, gens.g_yx):
-            if gen is not None:
-                set_activation_checkpointing(gen, True)
-    if cfg.train.channels_last:
-        gens, discs = gens.to(memory_format=torch.channels_last), discs.to(memory_format=torch.channels_last)
-    kernel = optimizer_kernel(cfg.optimizer.implementation, engine.device)
-    global_batch = engine.global_batch(cfg.train.batch_size)
-    scale = lr_scale(cfg.optimizer, global_batch)
-    optimizers, schedulers = {}, {}
-    for name, unit, lr in (("g", gens, cfg.optimizer.lr), ("d", discs, cfg.optimizer.lr_d or cfg.optimizer.lr)):
-        optimizers[name] = torch.optim.AdamW(
-            unit.parameters(),
-            lr=lr * scale,
-            betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-            eps=cfg.optimizer.eps,
-            weight_decay=cfg.optimizer.weight_decay,
-            **kernel,
-        )
-        schedulers[name] = build_scheduler(optimizers[name], warmup(cfg, global_batch), cfg.train.steps)
-    return engine.prepare({"g": gens, "d": discs}, optimizers, schedulers), global_batch, scale
 
 
 @dataclasses.dataclass
@@ -239,15 +133,10 @@ def train(cfg: Config) -> TrainResult:
         ConfigError, CheckpointError, RunDirLocked, TrainingDiverged: one-line reasons to stop.
     """
     preemption = PreemptionFlag()  # before the loader forks its workers, so they inherit the harmless handler
-    engine = Engine(
-        cfg.distributed, cfg.train, cfg.optimizer, log_with=None if cfg.logging.wandb == "disabled" else "wandb"
-    )
-    cfg = dataclasses.replace(cfg, distributed=engine.cfg, train=engine.train_cfg)  # backend=auto, precision=auto
+    engine, cfg = build_engine(cfg)  # cfg: with backend=auto and precision=auto resolved
     console = Console(engine.is_main)
-    loader = UnpairedLoader(
-        cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device
-    )
-    evaluator = _build_evaluator(cfg, engine, console)
+    loader = build_loader(cfg, engine)
+    evaluator = build_evaluator(cfg, engine, console)
     samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
     with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
         resume_from = _resume_point(cfg, Path(cfg.train.run_dir), engine, console)
@@ -265,12 +154,9 @@ def _train(
     resume_from: Path | None,
 ) -> TrainResult:
     run_dir, total, accum = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.grad_accum_steps
-    units, global_batch, scale = build_training(cfg, engine)
-    family = algorithm(cfg.model.family)
-    if cfg.ema.enabled:
-        engine.attach_ema(cfg.ema)
-    pools = tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * engine.rank + i) for i in (0, 1))
-    state = TrainState(loader=loader, pools=pools, global_batch=global_batch)
+    run = build_training(cfg, engine)
+    global_batch, scale = run.global_batch, run.lr_scale
+    state = TrainState(loader=loader, pools=run.pools, global_batch=global_batch)
     if resume_from is not None:
         _resume(state, cfg, engine, resume_from, console)
     start = state.step
@@ -300,7 +186,7 @@ def _train(
     for step in range(start + 1, total + 1):
         with window.waiting_for_data():
             micro_batches = [next(loader) for _ in range(accum)]
-        stats, images = train_step(engine, units, pools, micro_batches, cfg.loss, family)
+        stats, images = train_step(run, micro_batches)
         window.add(stats)  # on the device: no host sync per step
         state.step = preemption.step = step
         engine.update_ema(state.images_seen, global_batch)
@@ -457,18 +343,3 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) 
     if resume_from is not None:
         check_architecture(resume_from, cfg.model)
     return resume_from
-
-
-def _build_evaluator(cfg: Config, engine: Engine, console: Console) -> Evaluator | None:
-    """The evaluator of this rank's share of the test split (None without one), after checking eval.select."""
-    test = load_test_images(cfg.data, cfg.eval.images, "cpu", engine.rank, engine.world_size)
-    if test is None:
-        if cfg.eval.select != "none":
-            raise ConfigError(f"eval.select={cfg.eval.select} needs x-test/y-test splits in data.root={cfg.data.root}")
-        return None
-    if cfg.eval.select == "psnr" and not test.paired:
-        raise ConfigError("eval.select=psnr needs a test split with a known answer (synthetic data); use cycle or fid")
-    inception = load_inception(cfg.eval.inception_weights, engine.device) if cfg.eval.inception_weights else None
-    if inception is None:
-        console.message(NO_INCEPTION)
-    return Evaluator(test, cfg.eval, cfg.model.input_nc, engine.device, engine.world_size, inception)

@@ -15,7 +15,7 @@ import pytest
 from tests.cluster.conftest import NODE0_IP
 from tests.cluster.test_multinode import node_env
 from tests.conftest import REPO, kill_tree, read_metrics, train_command
-from trainer.preemption import PREEMPTED_MARKER
+from trainer.runtime.preemption import PREEMPTED_MARKER
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
 STEPS = 400

@@ -16,12 +16,12 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import tests.* from the repo root
 from tests.distributed.worker import SIZE, TINY  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.engine import EMA_UNIT, Engine  # noqa: E402
+from trainer.build import build_training  # noqa: E402
+from trainer.config.load import load_config  # noqa: E402
 from trainer.models import build_generator  # noqa: E402
-from trainer.pool import ImagePool  # noqa: E402
-from trainer.process_exit import exit_process  # noqa: E402
-from trainer.train import algorithm, build_training, train_step  # noqa: E402
+from trainer.runtime.engine import EMA_UNIT, Engine  # noqa: E402
+from trainer.runtime.process_exit import exit_process  # noqa: E402
+from trainer.train import train_step  # noqa: E402
 
 EMA = ["ema.enabled=true", "ema.half_life_images=2", "ema.rampup=0", "train.batch_size=2"]
 
@@ -29,20 +29,12 @@ EMA = ["ema.enabled=true", "ema.half_life_images=2", "ema.rampup=0", "train.batc
 def main(out: Path, overrides: list[str]) -> None:
     cfg = load_config(None, [*TINY, *EMA, *overrides])
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
-    units, global_batch, _ = build_training(cfg, engine)
-    engine.attach_ema(cfg.ema)
-    pools = (ImagePool(0, seed=0), ImagePool(0, seed=0))
+    run = build_training(cfg, engine)  # with the EMA (ema.enabled)
+    global_batch = run.global_batch
     data = torch.Generator().manual_seed(0)
     for step in range(1, 4):
         xs = torch.rand(2, 3, SIZE, SIZE, generator=data) * 2 - 1
-        train_step(
-            engine,
-            units,
-            pools,
-            [{"x": xs.to(engine.device), "y": xs.flip(0).to(engine.device)}],
-            cfg.loss,
-            algorithm(cfg.model.family),
-        )
+        train_step(run, [{"x": xs.to(engine.device), "y": xs.flip(0).to(engine.device)}])
         engine.update_ema(step * global_batch, global_batch)
     probe = (torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9)) * 2 - 1).to(engine.device)
     gens = engine.unwrap("g")

@@ -3,7 +3,7 @@ collective, and while the interpreter's teardown is slow, so the worker needs th
 
     python tests/distributed/gloo_exit.py RANK PORT sys-exit|exit-process
 
-In training the Python work is freeing the last tensors of a finished collective (see trainer/process_exit.py);
+In training the Python work is freeing the last tensors of a finished collective (see trainer/runtime/process_exit.py);
 here it is a done-callback on the collective's future, which makes the timing certain: rank 1 joins the group and
 never joins the all-gather, so rank 0's all-gather times out after 1 s, inside the 5 s that rank 0 spends
 finalizing its __main__ module. Rank 1 is meant to be killed by the caller.
@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from trainer.process_exit import exit_process
+from trainer.runtime.process_exit import exit_process
 
 
 class SlowTeardown:

@@ -11,7 +11,7 @@
 
 Update k trains on a fixed global batch of GLOBAL images per domain; rank r of W takes images [r * GLOBAL / W,
 (r + 1) * GLOBAL / W), so every topology sees the same images at every step. The generators' moving average
-(trainer.ema, a short half-life) is on: it is saved, loaded and compared like the units. In save mode the worker
+(trainer.runtime.ema, a short half-life) is on: it is saved, loaded and compared like the units. In save mode the worker
 also keeps a reference average of the full weights and writes how far the backend's average (kept on whatever part
 of the weights each rank holds) is from it, and each rank's sum of its average.
 """
@@ -26,13 +26,14 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import tests.* from the repo root
 from tests.distributed.worker import SIZE, TINY  # noqa: E402
-from trainer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from trainer.config import Config, load_config  # noqa: E402
-from trainer.ema import ema_beta  # noqa: E402
-from trainer.engine import EMA_UNIT, UNITS, Engine  # noqa: E402
-from trainer.pool import ImagePool  # noqa: E402
-from trainer.process_exit import exit_process  # noqa: E402
-from trainer.train import algorithm, build_training, train_step  # noqa: E402
+from trainer.build import Training, build_training  # noqa: E402
+from trainer.checkpoint.load import load_checkpoint  # noqa: E402
+from trainer.checkpoint.save import save_checkpoint  # noqa: E402
+from trainer.config.load import load_config  # noqa: E402
+from trainer.runtime.ema import ema_beta  # noqa: E402
+from trainer.runtime.engine import EMA_UNIT, UNITS, Engine  # noqa: E402
+from trainer.runtime.process_exit import exit_process  # noqa: E402
+from trainer.train import train_step  # noqa: E402
 
 STEPS = 2
 GLOBAL = 4
@@ -49,10 +50,11 @@ def batch(step: int, engine: Engine) -> list[dict[str, torch.Tensor]]:
     return [{"x": xs[rows].to(engine.device), "y": ys[rows].to(engine.device)}]
 
 
-def step_losses(engine: Engine, units: dict, pools: tuple, step: int, cfg: Config) -> dict[str, float]:
+def step_losses(run: Training, step: int) -> dict[str, float]:
     """Take update `step` (and the moving average's update); its losses averaged over the ranks (equal shares:
     the global batch's mean)."""
-    stats, _ = train_step(engine, units, pools, batch(step, engine), cfg.loss, algorithm(cfg.model.family))
+    engine = run.engine
+    stats, _ = train_step(run, batch(step, engine))
     engine.update_ema(step * GLOBAL, GLOBAL)
     return engine.reduce({k: stats[k] for k in ("loss/g_total", "loss/d_total")})
 
@@ -69,13 +71,11 @@ def main(mode: str, target: str, args: list[str]) -> None:
     cfg = load_config(None, overrides)
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
     assert GLOBAL % engine.world_size == 0
-    units, _, _ = build_training(cfg, engine)
-    engine.attach_ema(cfg.ema)
-    pools = (ImagePool(0, seed=0), ImagePool(0, seed=0))
+    run = build_training(cfg, engine)  # with the EMA (ema.enabled)
     if mode == "save":
         reference = engine.full_state_dict("g")  # the average of the full weights, computed here by hand
         for step in range(1, STEPS + 1):
-            step_losses(engine, units, pools, step, cfg)
+            step_losses(run, step)
             weight = 1 - ema_beta(cfg.ema, step * GLOBAL, GLOBAL)
             for name, value in engine.full_state_dict("g").items():
                 reference[name] = reference[name].lerp(value, weight)
@@ -85,7 +85,7 @@ def main(mode: str, target: str, args: list[str]) -> None:
         rank_sums = engine.accelerator.gather(local[None]).tolist()
         local_share = sum(p.numel() for p in engine.ema.average) / sum(v.numel() for v in reference.values())
         save_checkpoint(engine, Path(target) / "run", STEPS, {"data": {}}, {"model": None}, keep=1)
-        losses = step_losses(engine, units, pools, STEPS + 1, cfg)
+        losses = step_losses(run, STEPS + 1)
         after = saved_units(engine)
         if engine.is_main:
             facts = {"backend": engine.backend_name, "ema_error": ema_error, "ema_rank_sums": rank_sums,
@@ -98,7 +98,7 @@ def main(mode: str, target: str, args: list[str]) -> None:
             train_state, _ = load_checkpoint(engine, Path(checkpoint))
             loaded = saved_units(engine)
             positions = {u: engine.schedulers[u].last_epoch for u in UNITS}
-            losses = step_losses(engine, units, pools, train_state["step"] + 1, cfg)
+            losses = step_losses(run, train_state["step"] + 1)
             after = saved_units(engine)
             results.append(
                 {"source": checkpoint, "step": train_state["step"], "schedulers": positions, "loaded": loaded,

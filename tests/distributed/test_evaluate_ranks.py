@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import accelerate_launch, evaluate_cli, untrained_export, write_tiny_inception
-from trainer.config import load_config
+from trainer.config.load import load_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tests.conftest import accelerate_launch, read_metrics, run_bounded, train_command
-from trainer.config import load_config
-from trainer.export import load_generators
+from trainer.checkpoint.export import load_generators
+from trainer.config.load import load_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 

@@ -1,5 +1,5 @@
-"""trainer.process_exit against the way a gloo worker thread can abort a finished process, and the one line a rank
-prints when its peer dies."""
+"""trainer.runtime.process_exit against the way a gloo worker thread can abort a finished process, and the one
+line a rank prints when its peer dies."""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, accelerate_launch, kill_tree, read_metrics, run_bounded, train_command
-from trainer.checkpoint import COMPLETE, UNIVERSAL, rank_file
-from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
-from trainer.state_file import load_state_file
+from trainer.checkpoint.format import COMPLETE, UNIVERSAL, rank_file
+from trainer.checkpoint.state_file import load_state_file
+from trainer.runtime.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 

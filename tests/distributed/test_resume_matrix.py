@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import accelerate_launch, run_bounded
-from trainer.checkpoint import UNIVERSAL
+from trainer.checkpoint.format import UNIVERSAL
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 WORKER = "tests/distributed/resume_worker.py"

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import load_config
-from trainer.engine import Engine
-from trainer.pool import ImagePool
-from trainer.process_exit import exit_process
-from trainer.train import algorithm, build_training, train_step
+from trainer.build import build_training
+from trainer.config.load import load_config
+from trainer.runtime.engine import Engine
+from trainer.runtime.process_exit import exit_process
+from trainer.train import train_step
 
 TINY = [
     "model.generator=resnet",
@@ -61,14 +61,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(None, TINY + args.overrides)
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
-    units, global_batch, _ = build_training(cfg, engine)
+    run = build_training(cfg, engine)
+    global_batch = run.global_batch
     init = {unit: engine.full_state_dict(unit) for unit in ("g", "d")}
     if args.overflow_d:
         # Only the pair's forward (the D step) is hooked; the G step calls d_x/d_y directly.
         engine.unwrap("d").register_forward_hook(
             lambda module, inputs, out: {k: v * float("inf") for k, v in out.items()}
         )
-    pools = (ImagePool(0, seed=0), ImagePool(0, seed=0))
     b, k, world, rank = cfg.train.batch_size, cfg.train.grad_accum_steps, engine.world_size, engine.rank
     data = torch.Generator().manual_seed(1234)
     for _ in range(cfg.train.steps):
@@ -76,7 +76,7 @@ def main() -> None:
         ys = torch.rand(global_batch, 3, SIZE, SIZE, generator=data) * 2 - 1
         starts = [(j * world + rank) * b for j in range(k)]
         micro = [{"x": xs[s : s + b].to(engine.device), "y": ys[s : s + b].to(engine.device)} for s in starts]
-        train_step(engine, units, pools, micro, cfg.loss, algorithm(cfg.model.family))  # (stats, images) unused
+        train_step(run, micro)  # (stats, images) unused
     result = {
         "init": init,
         "final": {unit: engine.full_state_dict(unit) for unit in ("g", "d")},

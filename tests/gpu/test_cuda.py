@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.conftest import accelerate_launch, read_metrics, run_bounded, train_command
-from trainer.config import DistributedConfig, OptimizerConfig, TrainConfig
-from trainer.engine import Engine
+from trainer.config.sections import DistributedConfig, OptimizerConfig, TrainConfig
+from trainer.runtime.engine import Engine
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -104,17 +104,15 @@ def test_throughput_benchmark_reports_mfu_on_cuda(tmp_path):
 
 
 def _cuda_training(*overrides: str):
-    """(engine, units, pools, cfg) of a small ResNet training on CUDA with the given levers."""
-    from trainer.config import load_config
-    from trainer.pool import ImagePool
-    from trainer.train import build_training
+    """(engine, the built training, cfg) of a small ResNet training on CUDA with the given levers (pools of 4)."""
+    from trainer.build import build_training
+    from trainer.config.load import load_config
 
     small = ["model.generator=resnet", "model.n_blocks=2", "model.ngf=16", "model.ndf=16", "data.load_size=64",
              "data.crop_size=64", "train.batch_size=2"]  # fmt: skip
-    cfg = load_config(None, [*small, *overrides])
+    cfg = load_config(None, [*small, "train.pool_size=4", *overrides])
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
-    units, _, _ = build_training(cfg, engine)
-    return engine, units, (ImagePool(4, seed=0), ImagePool(4, seed=1)), cfg
+    return engine, build_training(cfg, engine), cfg
 
 
 def _batches(engine: Engine, count: int) -> list[dict[str, torch.Tensor]]:
@@ -129,20 +127,20 @@ def _batches(engine: Engine, count: int) -> list[dict[str, torch.Tensor]]:
 def test_fast_step_makes_no_host_sync():
     """bf16, fused AdamW, channels_last and fused passes: after a warm-up step, a training step (and the loop's
     per-step bookkeeping) never waits for the GPU; torch raises on any synchronizing call in this mode."""
-    from trainer.nonfinite import NonfiniteGuard
-    from trainer.train import algorithm, train_step
+    from trainer.observe.nonfinite import NonfiniteGuard
+    from trainer.train import train_step
 
     levers = ["train.precision=bf16", "optimizer.implementation=fused", "train.channels_last=true",
               "train.fuse_generator_passes=true"]  # fmt: skip
-    engine, units, pools, cfg = _cuda_training(*levers)
+    engine, run, cfg = _cuda_training(*levers)
     guard = NonfiniteGuard(20, fp16=False)
     batches = _batches(engine, 4)
-    train_step(engine, units, pools, batches[:1], cfg.loss, algorithm(cfg.model.family))
+    train_step(run, batches[:1])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for batch in batches[1:]:
-            stats, _ = train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
+            stats, _ = train_step(run, [batch])
             guard.add(stats)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -154,18 +152,18 @@ def test_fast_step_makes_no_host_sync():
 def test_compiled_step_on_cuda_matches_eager_and_stops_compiling(mode):
     """torch.compile, with CUDA graphs in reduce-overhead mode: the first step's losses equal eager's (bf16
     tolerance), and nothing recompiles once the first steps have compiled every shape."""
-    from trainer.train import algorithm, train_step
+    from trainer.train import train_step
 
     levers = ["train.precision=bf16", "train.fuse_generator_passes=true", "train.pool_size=0"]
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         extra = ["train.compile=true", f"train.compile_mode={mode}"] if compiled else []
-        engine, units, pools, cfg = _cuda_training(*levers, *extra)
+        engine, run, cfg = _cuda_training(*levers, *extra)
         history = []
         for i, batch in enumerate(_batches(engine, 6)):
             with torch._dynamo.config.patch(error_on_recompile=compiled and i >= 2):
-                stats, _ = train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
+                stats, _ = train_step(run, [batch])
             history.append({k: v.item() for k, v in stats.items()})
         results.append(history)
         engine.end()
@@ -179,11 +177,11 @@ def test_compiled_step_on_cuda_matches_eager_and_stops_compiling(mode):
 def test_activation_checkpointing_on_cuda_same_gradients_less_memory():
     """One generator update at 256 px: the same gradient norm with checkpointing, and a lower peak of allocated
     GPU memory."""
-    from trainer.train import algorithm, train_step
+    from trainer.train import train_step
 
     figures = []
     for enabled in ("false", "true"):
-        engine, units, pools, cfg = _cuda_training(
+        engine, run, cfg = _cuda_training(
             f"train.activation_checkpointing={enabled}",
             "model.n_blocks=6",
             "data.load_size=256",
@@ -194,7 +192,7 @@ def test_activation_checkpointing_on_cuda_same_gradients_less_memory():
         batch = {d: (torch.rand(2, 3, 256, 256, generator=data) * 2 - 1).to(engine.device) for d in ("x", "y")}
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        stats, _ = train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
+        stats, _ = train_step(run, [batch])
         figures.append((stats["grad_norm/g"].item(), torch.cuda.max_memory_allocated()))
         engine.end()
     (norm_off, peak_off), (norm_on, peak_on) = figures

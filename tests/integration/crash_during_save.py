@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: import from the repo root
 
-import trainer.checkpoint as checkpoint  # noqa: E402
+import trainer.checkpoint.save as checkpoint  # noqa: E402
 from trainer.main import main  # noqa: E402
 
 PHASES = ("rank-state", "mid-units", "before-rename", "before-latest", "mid-rotation")

@@ -12,7 +12,7 @@ import pytest
 
 from shards.synthetic import write_synthetic
 from tests.conftest import evaluate_cli, read_metrics, run_bounded, train_command, untrained_export
-from trainer.config import load_config
+from trainer.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

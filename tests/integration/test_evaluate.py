@@ -27,9 +27,9 @@ from tests.conftest import (
     untrained_export,
     write_tiny_inception,
 )
-from trainer.checkpoint import complete_checkpoints, read_best
-from trainer.config import load_config
-from trainer.image_folders import load_test_folders
+from trainer.checkpoint.format import complete_checkpoints, read_best
+from trainer.config.load import load_config
+from trainer.data.image_folders import load_test_folders
 
 SMALL = ["model.ngf=8", "model.n_blocks=1", "train.precision=fp32", "logging.every_steps=2"]
 UNDECODABLE = b"not an image at all"

@@ -5,9 +5,10 @@ import torch
 
 from shards.synthetic import write_synthetic
 from tests.conftest import evaluate_cli, read_metrics, run_bounded, train_command
-from trainer.config import DataConfig, load_config
-from trainer.data import UnpairedLoader
-from trainer.export import load_generators
+from trainer.checkpoint.export import load_generators
+from trainer.config.load import load_config
+from trainer.config.sections import DataConfig
+from trainer.data.loader import UnpairedLoader
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, free_port, kill_tree, read_metrics, run_bounded, train_command
-from trainer.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from trainer.runtime.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 
 TINY = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "train.batch_size=2", "data.num_workers=1",
         "train.pool_size=4", "eval.images=4", "logging.image_every_steps=0", "logging.every_steps=2"]  # fmt: skip

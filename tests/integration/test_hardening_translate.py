@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save
 
 from tests.conftest import evaluate_cli, rewrite_listed, run_bounded, untrained_export
 from tests.unit.test_hardening_export import TINY
-from trainer.config import load_config
-from trainer.export import load_generators
+from trainer.checkpoint.export import load_generators
+from trainer.config.load import load_config
 from trainer.translate import translate_batches
 
 

@@ -12,11 +12,13 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from tests.conftest import run_bounded, train_command
-from trainer.config import ConfigError, load_config
-from trainer.cyclegan import GeneratorPair, build_units
-from trainer.engine import Engine
-from trainer.pool import ImagePool
-from trainer.train import algorithm, build_training, optimizer_kernel, train_step
+from trainer.algorithms.cyclegan import GeneratorPair, build_units
+from trainer.build import build_training
+from trainer.config.checks import ConfigError
+from trainer.config.load import load_config
+from trainer.runtime.engine import Engine
+from trainer.runtime.schedule import optimizer_kernel
+from trainer.train import train_step
 
 TINY = ["model.generator=resnet", "model.n_blocks=1", "model.ngf=8", "model.ndf=8", "model.n_layers_d=2",
         "data.load_size=16", "data.crop_size=16", "train.batch_size=2", "optimizer.eps=1e-4"]  # fmt: skip
@@ -27,21 +29,20 @@ def train_tiny(
 ) -> tuple[list[dict[str, float]], dict[str, torch.Tensor], dict]:
     """(per-step stats, final weights, the units) of a tiny training on fixed random images. After `warmup` steps
     (if given), a torch.compile recompilation raises."""
-    cfg = load_config(None, [*TINY, *overrides])
+    cfg = load_config(None, [*TINY, "train.pool_size=0", *overrides])
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
-    units, _, _ = build_training(cfg, engine)
+    run = build_training(cfg, engine)
     data = torch.Generator().manual_seed(5)
-    pools = (ImagePool(0, seed=0), ImagePool(0, seed=1))
     history = []
     for step in range(steps):
         batch = {d: torch.rand(2, 3, 16, 16, generator=data) * 2 - 1 for d in ("x", "y")}
         strict = warmup is not None and step >= warmup
         with torch._dynamo.config.patch(error_on_recompile=strict):
-            stats, _ = train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
+            stats, _ = train_step(run, [batch])
         history.append({k: v.item() for k, v in stats.items()})
     weights = {f"{u}.{k}": v.detach().clone() for u in ("g", "d") for k, v in engine.unwrap(u).state_dict().items()}
     engine.end()
-    return history, weights, units
+    return history, weights, run.units
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -15,8 +15,8 @@ import yaml
 
 from shards.synthetic import builtin_root
 from tests.conftest import REPO, accelerate_launch, kill_tree, read_metrics, run_bounded, train_command
-from trainer.export import load_generators
-from trainer.preemption import INTERRUPTED_EXIT_CODE
+from trainer.checkpoint.export import load_generators
+from trainer.runtime.preemption import INTERRUPTED_EXIT_CODE
 
 TINY = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "train.batch_size=2", "data.num_workers=1",
         "eval.images=4", "logging.image_every_steps=0", "logging.every_steps=2"]  # fmt: skip

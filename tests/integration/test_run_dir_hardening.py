@@ -16,22 +16,21 @@ import torch
 from shards.manifest import sha256_file
 from shards.synthetic import write_synthetic
 from tests.conftest import run_bounded, train_command
-from trainer.checkpoint import (
+from trainer.checkpoint.format import (
     COMPLETE,
     TRAIN_STATE,
     UNIVERSAL,
     CheckpointError,
     complete_checkpoints,
-    find_resume,
     read_best,
     read_train_state,
-    set_aside_damaged,
     verify_checkpoint,
 )
-from trainer.config import DataConfig
-from trainer.data import UnpairedLoader
-from trainer.run_files import UnsafeRunDir, check_run_dir, inside, open_append, write_atomic
-from trainer.run_lock import RunLock
+from trainer.checkpoint.resume import find_resume, set_aside_damaged
+from trainer.config.sections import DataConfig
+from trainer.data.loader import UnpairedLoader
+from trainer.runtime.run_files import UnsafeRunDir, check_run_dir, inside, open_append, write_atomic
+from trainer.runtime.run_lock import RunLock
 
 TINY = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "train.batch_size=2", "data.num_workers=0",
         "train.pool_size=4", "eval.every_steps=0", "logging.image_every_steps=0", "logging.every_steps=2",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from shards.manifest import sha256_file
 from tests.conftest import REPO, accelerate_launch, kill_tree, read_metrics, run_bounded, train_command
-from trainer.checkpoint import COMPLETE, UNIVERSAL, verify_checkpoint
+from trainer.checkpoint.format import COMPLETE, UNIVERSAL, verify_checkpoint
 
 TINY = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "train.batch_size=2", "data.num_workers=1",
         "train.pool_size=4", "eval.images=4", "logging.image_every_steps=0", "logging.every_steps=2"]  # fmt: skip

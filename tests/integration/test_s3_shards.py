@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, free_port, read_metrics, run_bounded, train_command
-from trainer.config import DataConfig
-from trainer.data import UnpairedLoader
+from trainer.config.sections import DataConfig
+from trainer.data.loader import UnpairedLoader
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 EXACT = dict(load_size=32, crop_size=32, flip=False)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import read_metrics, run_bounded, train_command
 from tests.integration.crash_during_save import PHASES
-from trainer.checkpoint import UNIVERSAL
+from trainer.checkpoint.format import UNIVERSAL
 
 TINY = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "train.batch_size=2", "train.precision=fp32",
         "data.num_workers=1", "train.pool_size=4", "eval.images=4", "logging.image_every_steps=0",

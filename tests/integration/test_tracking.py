@@ -140,7 +140,7 @@ def test_training_works_without_wandb_installed(colour_shards, tmp_path):
 
 
 def test_a_resume_drops_and_counts_the_updates_an_interrupted_attempt_logged_after_its_checkpoint(tmp_path):
-    from trainer.tracking import Tracker
+    from trainer.observe.tracking import Tracker
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": step, "loss/g_total": 1.0}) + "\n" for step in range(1, 10)))

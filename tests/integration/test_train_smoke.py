@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import evaluate_cli, read_metrics, run_bounded, train_command
-from trainer.checkpoint import COMPLETE
-from trainer.config import load_config
-from trainer.export import load_generators
+from trainer.checkpoint.export import load_generators
+from trainer.checkpoint.format import COMPLETE
+from trainer.config.load import load_config
 
 TINY = ["model.ngf=8", "model.ndf=8", "model.n_blocks=1", "train.batch_size=2", "logging.every_steps=2"]
 
@@ -184,7 +184,7 @@ def test_train_state_counts_images_across_a_resume_with_another_batch(tmp_path, 
 
 
 def test_a_train_state_of_a_newer_format_is_refused(tmp_path):
-    from trainer.checkpoint import CheckpointError, read_train_state
+    from trainer.checkpoint.format import CheckpointError, read_train_state
 
     (tmp_path / "train_state.json").write_text(json.dumps({"format": 99, "step": 4, "world_size": 1, "backend": "ddp"}))
     with pytest.raises(CheckpointError, match="has format=99"):

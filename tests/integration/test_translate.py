@@ -15,12 +15,12 @@ from PIL import Image
 
 from shards.decode import decode_rgb
 from tests.conftest import REPO, rewrite_listed, run_bounded, train_command, untrained_export
-from trainer.config import load_config
-from trainer.engine import Engine
-from trainer.evaluation import eval_mode
-from trainer.export import load_inference_generators, save_generators
-from trainer.pool import ImagePool
-from trainer.train import algorithm, build_training, train_step
+from trainer.build import build_training
+from trainer.checkpoint.export import load_inference_generators, save_generators
+from trainer.config.load import load_config
+from trainer.eval.evaluator import eval_mode
+from trainer.runtime.engine import Engine
+from trainer.train import train_step
 from trainer.translate import translate_batches
 
 SMALL = ["model.ngf=8", "model.n_blocks=1", "train.precision=fp32"]
@@ -33,14 +33,13 @@ def demo_config(data: Path, run_dir: Path, *overrides: str):
 
 
 def test_exported_weights_give_the_in_training_outputs(colour_shards, tmp_path):
-    cfg = demo_config(colour_shards, tmp_path / "run", "train.batch_size=2")
+    cfg = demo_config(colour_shards, tmp_path / "run", "train.batch_size=2", "train.pool_size=0")
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
-    units, _, _ = build_training(cfg, engine)
-    pools = (ImagePool(0, seed=0), ImagePool(0, seed=1))
+    run = build_training(cfg, engine)
     data = torch.Generator().manual_seed(0)
     for _ in range(3):  # a few real updates, so the weights are not the initial ones
         batch = {d: torch.rand(2, 3, 32, 32, generator=data) * 2 - 1 for d in ("x", "y")}
-        train_step(engine, units, pools, [batch], cfg.loss, algorithm(cfg.model.family))
+        train_step(run, [batch])
     gens = engine.unwrap("g")
     x = torch.rand(5, 3, 32, 32, generator=data) * 2 - 1
     with eval_mode(gens):

@@ -12,7 +12,9 @@ import torch
 
 from benchmarks.activation_memory import SavedTensorBytes
 from tests.integration.test_levers import train_tiny
-from trainer.config import CHECKPOINTED_GENERATORS, ConfigError, ModelConfig, load_config
+from trainer.config.checks import ConfigError
+from trainer.config.load import load_config
+from trainer.config.model import CHECKPOINTED_GENERATORS, ModelConfig
 from trainer.models import GENERATORS, build_generator, layers, set_activation_checkpointing
 from trainer.models.resnet import ResnetBlock
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from trainer.backends import Backend, build_backend
-from trainer.backends.fsdp2 import shard_blocks, shard_roots
-from trainer.config import load_config
-from trainer.cyclegan import build_units
-from trainer.engine import Engine
-from trainer.train import build_training
+from trainer.algorithms.cyclegan import build_units
+from trainer.build import build_training
+from trainer.config.load import load_config
+from trainer.runtime.backends import Backend, build_backend
+from trainer.runtime.backends.fsdp2 import shard_blocks, shard_roots
+from trainer.runtime.engine import Engine
 
 TINY = ["model.generator=resnet", "model.n_blocks=1", "model.ngf=4", "model.ndf=4", "model.n_layers_d=1",
         "data.load_size=16", "data.crop_size=16"]  # fmt: skip
@@ -30,7 +30,7 @@ def test_backend_has_every_protocol_member_with_its_signature(backend, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "1")  # as under a launcher: no rendezvous of its own
     cfg = load_config(None, [*TINY, f"distributed.backend={backend}"])
     instance = build_backend(cfg.distributed, cfg.train, cfg.optimizer, on_cuda=False)
-    assert type(instance).__module__ == f"trainer.backends.{backend}"
+    assert type(instance).__module__ == f"trainer.runtime.backends.{backend}"
     for name in protocol_members():
         assert hasattr(instance, name), name
         if callable(getattr(Backend, name, None)):
@@ -40,7 +40,7 @@ def test_backend_has_every_protocol_member_with_its_signature(backend, monkeypat
 
 
 def test_the_engine_never_branches_on_a_backend():
-    source = (REPO / "trainer" / "engine.py").read_text()
+    source = (REPO / "trainer" / "runtime" / "engine.py").read_text()
     for word in ("deepspeed", "DistributedDataParallel", "is_deepspeed", "zero_stage", "GradScaler", "fully_shard"):
         assert word not in source.replace("DeepSpeed ZeRO", ""), word
 
@@ -48,9 +48,9 @@ def test_the_engine_never_branches_on_a_backend():
 def test_a_ddp_run_never_imports_deepspeed():
     code = f"""
 import sys
-from trainer.config import load_config
-from trainer.engine import Engine
-from trainer.train import build_training
+from trainer.config.load import load_config
+from trainer.runtime.engine import Engine
+from trainer.build import build_training
 cfg = load_config(None, {TINY!r})
 engine = Engine(cfg.distributed, cfg.train, cfg.optimizer)
 build_training(cfg, engine)

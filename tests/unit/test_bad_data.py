@@ -12,8 +12,11 @@ from PIL import Image
 from shards.manifest import shard_entry, split_entry, write_manifest
 from shards.writer import write_shards
 from tests.conftest import read_metrics, run_bounded, train_command
-from trainer.config import DataConfig
-from trainer.data import LOST, BadSampleCounter, DomainStream, UnpairedLoader, train_shards
+from trainer.config.sections import DataConfig
+from trainer.data.health import LOST, BadSampleCounter
+from trainer.data.loader import UnpairedLoader
+from trainer.data.plan import train_shards
+from trainer.data.stream import DomainStream
 
 CORRUPT, MISSING = "0000005", "0000009"
 

@@ -2,7 +2,10 @@ import typing
 
 import pytest
 
-from trainer.config import Config, ConfigError, ModelConfig, config_yaml, load_config
+from trainer.config.checks import ConfigError
+from trainer.config.load import config_yaml, load_config
+from trainer.config.model import ModelConfig
+from trainer.config.schema import Config
 from trainer.models import GENERATORS
 
 BAD_OVERRIDES = [
@@ -99,7 +102,7 @@ def test_shipped_configs_load():
 
 def test_config_cli_prints_one_resolved_value_or_a_clear_error(capsys):
     from tests.conftest import REPO
-    from trainer.config import main
+    from trainer.config.__main__ import main
 
     demo = str(REPO / "configs/demo-cpu.yaml")
     assert main(["--config", demo, "train.run_dir=/tmp/x", "--get", "train.run_dir"]) == 0

@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import cut
-from trainer.backends import build_backend
-from trainer.checkpoint import TRAIN_STATE, CheckpointError, check_architecture
-from trainer.config import ConfigError, load_config
-from trainer.losses import discriminator_loss, generator_adv_loss, gradient_penalty, patch_nce_loss
-from trainer.train import build_training
+from trainer.algorithms import cut
+from trainer.algorithms.losses import discriminator_loss, generator_adv_loss, gradient_penalty, patch_nce_loss
+from trainer.build import build_training
+from trainer.checkpoint.format import TRAIN_STATE, CheckpointError
+from trainer.checkpoint.resume import check_architecture
+from trainer.config.checks import ConfigError
+from trainer.config.load import load_config
+from trainer.runtime.backends import build_backend
 
 NEW_MODEL_FIELDS = ("family", "nce_layers", "nce_patches", "nce_mlp_channels", "nce_identity", "flip_equivariance")
 NETWORKS = ["model.generator=resnet", "model.n_blocks=5", "model.ngf=4", "model.ndf=4", "model.n_layers_d=2"]

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from shards.synthetic import write_synthetic
-from trainer.config import ConfigError, DataConfig
-from trainer.data import BadSampleCounter, DomainStream, UnpairedLoader, augment, load_test_images, train_shards
+from trainer.config.checks import ConfigError
+from trainer.config.sections import DataConfig
+from trainer.data.augment import augment
+from trainer.data.health import BadSampleCounter
+from trainer.data.loader import UnpairedLoader
+from trainer.data.plan import train_shards
+from trainer.data.stream import DomainStream
+from trainer.data.test_sets import load_test_images
 
 EXACT = dict(load_size=32, crop_size=32, flip=False)  # no augmentation: images identify samples
 

@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import evaluate_cli, read_metrics, run_bounded, train_command
-from trainer.config import ConfigError, EMAConfig, load_config
-from trainer.ema import GeneratorEMA, ema_beta
+from trainer.config.checks import ConfigError
+from trainer.config.load import load_config
+from trainer.config.sections import EMAConfig
+from trainer.runtime.ema import GeneratorEMA, ema_beta
 
 
 def test_beta_follows_the_half_life_and_the_ramp_up():

@@ -5,10 +5,13 @@ import json
 import pytest
 import torch
 
-from trainer.backends import resolve_backend
-from trainer.config import ConfigError, DistributedConfig, OptimizerConfig, TrainConfig, load_config
-from trainer.engine import Engine
-from trainer.train import build_training, lr_scale, warmup
+from trainer.build import build_training
+from trainer.config.checks import ConfigError
+from trainer.config.load import load_config
+from trainer.config.sections import DistributedConfig, OptimizerConfig, TrainConfig
+from trainer.runtime.backends import resolve_backend
+from trainer.runtime.engine import Engine
+from trainer.runtime.schedule import lr_scale, warmup
 
 
 def test_auto_backend_follows_the_launcher():
@@ -101,7 +104,7 @@ def test_deepspeed_fp16_loss_scale_round_trips_through_plain_numbers():
 
     from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
 
-    from trainer.backends.deepspeed import scaler_state, set_scaler_state
+    from trainer.runtime.backends.deepspeed import scaler_state, set_scaler_state
 
     def optimizer() -> types.SimpleNamespace:  # the dynamic scaler as DeepSpeed's "fp16": {"loss_scale": 0} makes it
         args = {"init_scale": 2.0**16, "scale_window": 1000, "delayed_shift": 2, "consecutive_hysteresis": False,

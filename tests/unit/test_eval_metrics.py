@@ -17,10 +17,12 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from tests.conftest import REPO, write_tiny_inception
-from trainer import data
-from trainer.config import ConfigError, EvalConfig, load_config
-from trainer.evaluation import Evaluator, format_table, load_inception, selection_score
-from trainer.image_metrics import PSNR, SSIM, MeanAbsoluteError, reduce_means
+from trainer.config.checks import ConfigError
+from trainer.config.load import load_config
+from trainer.config.sections import EvalConfig
+from trainer.data import test_sets as data
+from trainer.eval.evaluator import Evaluator, format_table, load_inception, selection_score
+from trainer.eval.image_metrics import PSNR, SSIM, MeanAbsoluteError, reduce_means
 
 
 class Scale(nn.Module):

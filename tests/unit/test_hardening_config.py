@@ -9,8 +9,9 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from trainer.config import MAX_CONFIG_BYTES, ConfigError, load_config
-from trainer.run_lock import RunLock
+from trainer.config.checks import ConfigError
+from trainer.config.load import MAX_CONFIG_BYTES, load_config
+from trainer.runtime.run_lock import RunLock
 
 
 def deep_yaml(levels: int) -> str:

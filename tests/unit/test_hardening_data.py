@@ -32,8 +32,10 @@ from shards.write import main as write_main
 from shards.write import write_dataset
 from tests.conftest import run_bounded, train_command
 from tests.unit.test_remote_shards import EXACT, batches
-from trainer.config import ConfigError, DataConfig
-from trainer.data import UnpairedLoader, count_samples
+from trainer.config.checks import ConfigError
+from trainer.config.sections import DataConfig
+from trainer.data.loader import UnpairedLoader
+from trainer.data.plan import count_samples
 
 HOSTILE_S = 10.0
 """How long a hostile server keeps trickling or streaming at most (a test that works is done long before)."""

@@ -17,11 +17,13 @@ import torch
 from safetensors.torch import save
 
 from tests.conftest import REPO, rewrite_listed, run_bounded
-from trainer import cut, cyclegan
-from trainer.checkpoint import COMPLETE, CheckpointError
-from trainer.config import ConfigError, LossConfig, ModelConfig, config_yaml, load_config
-from trainer.export import export, load_generators, load_inference_generators, save_export
-from trainer.model_bounds import MAX_PARAMETERS, unit_parameters
+from trainer.algorithms import cut, cyclegan
+from trainer.algorithms.bounds import MAX_PARAMETERS, unit_parameters
+from trainer.checkpoint.export import export, load_generators, load_inference_generators, save_export
+from trainer.checkpoint.format import COMPLETE, CheckpointError
+from trainer.config.checks import ConfigError
+from trainer.config.load import config_yaml, load_config
+from trainer.config.model import LossConfig, ModelConfig
 from trainer.models import build_generator
 
 TINY = ["model.generator=resnet", "model.ngf=4", "model.n_blocks=1", "data.load_size=8", "data.crop_size=8"]
@@ -51,8 +53,8 @@ HOSTILE_MODELS = {
 BOUNDED_LOAD = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # any big allocation fails instead of swapping
-from trainer.config import ConfigError
-from trainer.export import load_generators
+from trainer.config.checks import ConfigError
+from trainer.checkpoint.export import load_generators
 for path in sys.argv[1:]:
     try:
         load_generators(path)
@@ -185,8 +187,8 @@ KILLED_SAVE = """
 import os, signal, sys
 from pathlib import Path
 import torch
-from trainer.config import load_config
-from trainer.export import save_export
+from trainer.config.load import load_config
+from trainer.checkpoint.export import save_export
 from trainer.models import build_generator
 
 synced = []

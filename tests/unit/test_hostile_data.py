@@ -21,8 +21,11 @@ from shards.manifest import shard_entry, split_entry, write_manifest
 from shards.urls import ShardsError, check_url, expand_shard_spec
 from shards.writer import write_shards
 from tests.conftest import REPO, run_bounded, untrained_export
-from trainer.config import ConfigError, DataConfig, load_config
-from trainer.data import UnpairedLoader, UnpairedShards, train_shards
+from trainer.config.checks import ConfigError
+from trainer.config.load import load_config
+from trainer.config.sections import DataConfig
+from trainer.data.loader import UnpairedLoader, UnpairedShards
+from trainer.data.plan import train_shards
 
 TINY_MODEL = ["model.generator=resnet", "model.ngf=4", "model.n_blocks=1"]
 NOISE_PNG = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.intervals as intervals
-from trainer.config import CheckpointConfig, ModelConfig
-from trainer.console import Console
-from trainer.intervals import Checkpointer, PeriodicEval, SampleGrids, is_due
-from trainer.pool import ImagePool
-from trainer.train_state import TrainState
+import trainer.periodic as intervals
+from trainer.algorithms.pool import ImagePool
+from trainer.checkpoint.train_state import TrainState
+from trainer.config.model import ModelConfig
+from trainer.config.sections import CheckpointConfig
+from trainer.observe.console import Console
+from trainer.periodic import Checkpointer, PeriodicEval, SampleGrids, is_due
 
 
 def due_steps(due, total: int = 10) -> list[int]:

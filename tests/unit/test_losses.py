@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import DistributedConfig, LossConfig, ModelConfig, OptimizerConfig, TrainConfig
-from trainer.cyclegan import build_units, discriminator_step, generator_step
-from trainer.engine import Engine
-from trainer.losses import discriminator_loss, generator_adv_loss
+from trainer.algorithms.cyclegan import build_units, discriminator_step, generator_step
+from trainer.algorithms.losses import discriminator_loss, generator_adv_loss
+from trainer.config.model import LossConfig, ModelConfig
+from trainer.config.sections import DistributedConfig, OptimizerConfig, TrainConfig
+from trainer.runtime.engine import Engine
 
 SMALL = dict(generator="resnet", n_blocks=1, ngf=4, ndf=4, n_layers_d=2)
 

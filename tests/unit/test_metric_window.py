@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import trainer.metric_window as metric_window
-from trainer.metric_window import MetricWindow
-from trainer.nonfinite import NonfiniteGuard
+import trainer.periodic as metric_window
+from trainer.observe.nonfinite import NonfiniteGuard
+from trainer.periodic import MetricWindow
 
 
 class FakeEngine:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from trainer.config import LossConfig, ModelConfig
-from trainer.cyclegan import build_units
+from trainer.algorithms.cyclegan import build_units
+from trainer.config.model import LossConfig, ModelConfig
 from trainer.models import GENERATORS, build_discriminator, build_generator, build_hnet
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from trainer.pool import ImagePool
+from trainer.algorithms.pool import ImagePool
 
 
 def images(n, start=0):

@@ -1,12 +1,12 @@
-"""train.precision=auto: bf16 only where the hardware computes it natively (trainer.precision)."""
+"""train.precision=auto: bf16 only where the hardware computes it natively (trainer.runtime.precision)."""
 
 from __future__ import annotations
 
 import torch
 
-from trainer.config import DistributedConfig, OptimizerConfig, TrainConfig
-from trainer.engine import Engine
-from trainer.precision import cpu_flags, resolve_precision
+from trainer.config.sections import DistributedConfig, OptimizerConfig, TrainConfig
+from trainer.runtime.engine import Engine
+from trainer.runtime.precision import cpu_flags, resolve_precision
 
 CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbugs\t\t: none\n\nprocessor\t: 1\nflags\t: x\n"
 

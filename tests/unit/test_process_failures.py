@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch.distributed as dist
 
-from trainer.config import LoggingConfig
-from trainer.preemption import SIGNALS, PreemptionFlag
-from trainer.process_exit import early_signal, peer_failure, record_early_signals
-from trainer.tracking import Tracker, TrackingError
+from trainer.config.sections import LoggingConfig
+from trainer.observe.tracking import Tracker, TrackingError
+from trainer.runtime.preemption import SIGNALS, PreemptionFlag
+from trainer.runtime.process_exit import early_signal, peer_failure, record_early_signals
 
 GLOO_CLOSED = (
     "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:39607. This "

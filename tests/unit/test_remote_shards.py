@@ -27,16 +27,12 @@ from shards.serve import ShardRequestHandler, ShardServer
 from shards.streams import Reading
 from shards.urls import ShardsError
 from tests.conftest import REPO, run_bounded, train_command
-from trainer.config import ConfigError, DataConfig
-from trainer.data import (
-    LOST,
-    BadSampleCounter,
-    DataError,
-    DomainStream,
-    UnpairedLoader,
-    shard_samples,
-    train_shards,
-)
+from trainer.config.checks import ConfigError
+from trainer.config.sections import DataConfig
+from trainer.data.health import LOST, BadSampleCounter
+from trainer.data.loader import UnpairedLoader
+from trainer.data.plan import DataError, train_shards
+from trainer.data.stream import DomainStream, shard_samples
 
 EXACT = dict(load_size=32, crop_size=32, flip=False)
 FAST = dict(retries=3, retry_backoff_s=0.01, io_timeout_s=10.0)

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import trainer.checkpoint
-from trainer.checkpoint import CheckpointError
-from trainer.config import load_config
+import trainer.checkpoint.format
+from trainer.checkpoint.format import CheckpointError
+from trainer.config.load import load_config
 from trainer.train import _resume_point
 
 
@@ -36,7 +36,7 @@ def test_other_ranks_never_hash_a_checkpoint(tmp_path, monkeypatch):
     for name in ("train_state.json", "units.safetensors"):
         (checkpoint / name).write_text("{}")
     (checkpoint / "COMPLETE").write_text('{"train_state.json": "0", "units.safetensors": "0"}')
-    monkeypatch.setattr(trainer.checkpoint, "sha256_file", no_hashing)
+    monkeypatch.setattr(trainer.checkpoint.format, "sha256_file", no_hashing)
     monkeypatch.setattr("trainer.train.check_architecture", lambda path, model: None)
     cfg = load_config(None, [f"train.run_dir={tmp_path}"])
     rank = Rank(is_main=False, verdict={"value": str(checkpoint), "error": None})

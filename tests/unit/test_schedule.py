@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from trainer.config import ScheduleConfig
-from trainer.schedule import build_scheduler, lr_factor
+from trainer.config.sections import ScheduleConfig
+from trainer.runtime.schedule import build_scheduler, lr_factor
 
 
 @pytest.mark.parametrize("step,factor", [(0, 1.0), (99, 1.0), (100, 1.0), (150, 0.5), (199, 0.01)])

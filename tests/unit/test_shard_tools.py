@@ -14,8 +14,8 @@ from shards.manifest import read_manifest
 from shards.verify import verify
 from shards.write import main as write_main
 from tests.conftest import REPO
-from trainer.config import DataConfig
-from trainer.data import UnpairedLoader
+from trainer.config.sections import DataConfig
+from trainer.data.loader import UnpairedLoader
 
 
 def make_folder(path, count, size=(48, 40), mode="RGB"):

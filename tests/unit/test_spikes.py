@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.spikes import MIN_HISTORY, SpikeCapture
+from trainer.observe.spikes import MIN_HISTORY, SpikeCapture
 
 
 def images():

@@ -7,9 +7,9 @@ import json
 
 import torch
 
-from trainer.config import ModelConfig
-from trainer.pool import ImagePool
-from trainer.train_state import TrainState, comparable_best
+from trainer.algorithms.pool import ImagePool
+from trainer.checkpoint.train_state import TrainState, comparable_best
+from trainer.config.model import ModelConfig
 
 
 class FakeLoader:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from trainer.config import ModelConfig
+from trainer.config.model import ModelConfig
 from trainer.models.densenet import DenseNetGenerator
 from trainer.models.encoder_decoder import EncoderDecoderGenerator
 from trainer.models.layers import init_weights

@@ -1,0 +1,97 @@
+"""From a sample to training pixels: decoding (bounded, counting bad samples), the optional extra channels, and
+the seeded augmentation (resize, crop, flip, warp)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from shards.decode import BadSample, decode_extra, decode_rgb, image_extension
+from trainer.config.sections import DataConfig
+from trainer.data.health import LOST, BadSampleCounter
+
+
+def decode(sample: dict[str, Any], extra: str, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sample's image as uint8 [3, H, W] (grey/RGBA/palette converted to RGB) and its extra, if configured:
+    hist -> float [24] (8-bin histograms of R, G, B), label -> uint8 [1, H, W].
+
+    Raises:
+        BadSample: a part is missing or does not decode (images over `max_pixels` included).
+    """
+    rgb = decode_rgb(sample[image_extension(sample)], max_pixels)  # [H, W, 3]
+    with warnings.catch_warnings():
+        # A read-only view: augment() copies only the crop it keeps, never writes into this.
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(rgb).permute(2, 0, 1)
+    if extra == "none":
+        return tensor, None
+    value = torch.from_numpy(decode_extra(sample, extra, max_pixels).copy())
+    return tensor, value if extra == "hist" else value[None]
+
+
+def decode_or_count(
+    sample: dict[str, Any], extra: str, bad: BadSampleCounter, max_pixels: int
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`decode`, but a bad sample (a part missing or not decoding, or a placeholder for a lost one) is counted in
+    `bad` and gives None."""
+    if LOST in sample:
+        bad.counts[sample[LOST]] += 1  # its shard's line in the log says why
+        return None
+    try:
+        return decode(sample, extra, max_pixels)
+    except BadSample as err:
+        bad.add(err.kind, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')} ({err})")
+    return None
+
+
+def augment(
+    image: torch.Tensor, label: torch.Tensor | None, cfg: DataConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize to load_size (times a random zoom), rotate, random-crop crop_size and flip; uint8 in and out.
+    A label map gets the same geometry with nearest-neighbour sampling."""
+    size = cfg.load_size
+    if cfg.scale_min < 1:
+        zoom = cfg.scale_min + (1 - cfg.scale_min) * torch.rand((), generator=generator).item()
+        size = max(cfg.crop_size, round(cfg.load_size * zoom))
+    image = resize(image, size)
+    label = None if label is None else resize(label, size, nearest=True)
+    if cfg.rotation_deg > 0:
+        angle = math.radians((torch.rand((), generator=generator).item() * 2 - 1) * cfg.rotation_deg)
+        theta = torch.tensor([[[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0]]])
+        image = _warp(image, theta, "bilinear")
+        label = None if label is None else _warp(label, theta, "nearest")
+    top = int(torch.randint(size - cfg.crop_size + 1, (), generator=generator))
+    left = int(torch.randint(size - cfg.crop_size + 1, (), generator=generator))
+    crop = (slice(None), slice(top, top + cfg.crop_size), slice(left, left + cfg.crop_size))
+    image, label = image[crop], None if label is None else label[crop]
+    if cfg.flip and torch.rand((), generator=generator) < 0.5:
+        image, label = image.flip(-1), None if label is None else label.flip(-1)
+    return image.contiguous(), None if label is None else label.contiguous()
+
+
+def _warp(image: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+    out = F.grid_sample(image[None].float(), grid, mode=mode, padding_mode="reflection", align_corners=False)[0]
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def resize(image: torch.Tensor, size: int, nearest: bool = False) -> torch.Tensor:
+    """Resize uint8 [C, H, W] to [C, size, size] (antialiased bilinear, or nearest for label maps)."""
+    if image.shape[-2:] == (size, size):
+        return image
+    if nearest:
+        return F.interpolate(image[None].float(), size=(size, size), mode="nearest")[0].to(torch.uint8)
+    out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def extra_channels(extra: torch.Tensor, kind: str, size: int) -> torch.Tensor:
+    """Generator extra-input channels from a batch's extras: hist [B, 24] -> [B, 24, H, W] maps; label uint8
+    [B, 1, H, W] -> [-1, 1]."""
+    if kind == "hist":
+        return extra.float()[:, :, None, None].expand(-1, -1, size, size)
+    return extra.float().div(127.5).sub(1.0)

@@ -1,0 +1,132 @@
+"""Plain image folders as inputs: `translate --input DIR` and `evaluate --data DIR` with testA/ and testB/ (the
+reference layout that `shards.write --root` packs).
+
+A folder a user points at is data (untrusted), read exactly like a shard sample: only regular files are opened
+(`shards.write.file_problem`, so a FIFO or device never blocks), and the bytes are decoded by
+`shards.decode.decode_rgb` (the same pixel limit; grey, RGBA and palette images converted to RGB). A file that
+cannot be used is skipped and reported as "PATH: reason", never fatal. The resolution policy of evaluation is
+training's test path (`trainer.data.resize` to data.crop_size), so a folder and the same images packed as shards
+give the same test set. Writing shards is shards.write's job; shard test splits are trainer.data's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from shards.decode import DEFAULT_MAX_PIXELS, BadSample, decode_rgb
+from shards.encoding import colour_histogram
+from shards.write import IMAGE_SUFFIXES, file_problem, open_nonblocking
+from trainer.config.checks import ConfigError
+from trainer.data.augment import resize
+from trainer.data.plan import DOMAINS
+from trainer.data.test_sets import TestSet, stack_test_images
+
+Item = tuple[str, torch.Tensor, torch.Tensor | None]
+"""(name relative to the folder, uint8 [3, H, W], colour histogram float [24] or None)."""
+TEST_FOLDERS = {"x": "testA", "y": "testB"}
+"""The reference layout's test folders of X and Y."""
+
+
+def image_files(root: Path, key: str) -> list[Path]:
+    """The entries under `root` (recursively, sorted) whose suffix is an image's (IMAGE_SUFFIXES), directories
+    excepted; whether each is a readable image is decided when it is read.
+
+    Raises:
+        ConfigError: `root` holds none; the message starts with `key` (the option that named it).
+    """
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    if not files:
+        raise ConfigError(f"{key} {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The image file at `path` as uint8 [H, W, 3], decoded as a shard sample's image is.
+
+    Raises:
+        BadSample: not a non-empty regular file ("missing"), or an image that does not decode or is over
+            `max_pixels` ("corrupt").
+    """
+    problem = file_problem(path)  # os.stat + S_ISREG: nothing else is opened
+    if problem:
+        raise BadSample("missing", problem)
+    try:
+        # A file swapped for a FIFO after the check reads as empty (and fails to decode) instead of blocking.
+        with open(path, "rb", opener=open_nonblocking) as handle:
+            data = handle.read()
+    except OSError as err:
+        raise BadSample("missing", f"cannot read: {err.strerror}") from None
+    return decode_rgb(data, max_pixels)
+
+
+def read_image_dir(
+    root: Path,
+    files: list[Path],
+    extra: str,
+    key: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    skipped: list[str] | None = None,
+) -> Iterator[Item]:
+    """The readable ones of `files` (under `root`, e.g. from `image_files`), in order, named by their path relative
+    to root; a colour histogram with them when the generators take one (extra=hist).
+
+    Args:
+        skipped: each unreadable file is appended as "PATH: reason"; None prints that line to stderr instead.
+
+    Raises:
+        ConfigError: the generators take label maps (extra=label), which a folder of images lacks.
+    """
+    if extra == "label":
+        raise ConfigError(f"{key} {root}: the model takes label maps (data.extra=label); give shards with label.png")
+    for path in files:
+        try:
+            pixels = read_image(path, max_pixels)
+        except BadSample as err:
+            if skipped is None:
+                print(f"skipped {path}: {err}", file=sys.stderr)
+            else:
+                skipped.append(f"{path}: {err}")
+            continue
+        hist = torch.from_numpy(colour_histogram(pixels)).float() if extra == "hist" else None
+        yield str(path.relative_to(root)), torch.from_numpy(pixels.copy()).permute(2, 0, 1), hist
+
+
+def has_test_folders(root: Path) -> bool:
+    """Whether `root` has the reference layout's testA/ and testB/."""
+    return all((root / name).is_dir() for name in TEST_FOLDERS.values())
+
+
+def load_test_folders(
+    root: Path,
+    crop_size: int,
+    extra: str,
+    count: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TestSet:
+    """This rank's share (every world_size-th, from `rank`) of the first `count` images of root/testA (X) and
+    root/testB (Y), sorted, resized to crop_size as training's test splits are. Unpaired: there is no known answer.
+    Unreadable files are skipped with one line saying how many and the first.
+
+    Raises:
+        ConfigError: a folder without images, or generators that take label maps.
+    """
+    skipped: list[str] = []
+    stacked, totals = [], []
+    for domain in DOMAINS:
+        folder = root / TEST_FOLDERS[domain]
+        files = image_files(folder, "--data")[:count]
+        share = read_image_dir(folder, files[rank::world_size], extra, "--data", max_pixels, skipped)
+        items = [(resize(image, crop_size), hist) for _, image, hist in share]  # full-size decodes are not kept
+        stacked.append(stack_test_images(items, extra, crop_size))
+        totals.append(len(files))
+    if skipped:
+        print(f"test folders: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
+    (x, extra_x), (y, extra_y) = stacked
+    return TestSet(x, y, extra_x, extra_y, False, *totals)

@@ -1,0 +1,262 @@
+"""The training loop's work on intervals, each part deciding itself when it is due (`due(step)`) and doing it:
+the metric window (logging.every_steps), sample grids (logging.image_every_steps), evaluation with best-checkpoint
+selection (eval.every_steps, eval.select) and checkpoints (checkpoint.every_steps, a new best, a preemption stop).
+What a checkpoint holds is trainer.checkpoint.train_state's; how it is written, trainer.checkpoint.save's.
+
+The metric window: per-step stats are summed on the device (no host sync per step); at the interval's end one
+collective (Engine.reduce) averages them over ranks together with this rank's values (data epochs, memory, images/s
+per rank, non-finite update counts) and sums the data counters; the window adds the LRs, the timing (images/s, step
+time, data-wait fraction) and, under fp16, the loss scales, hands the record to its sinks (tracker, console) and
+starts over. It logs nothing itself and decides nothing about stopping (trainer.observe.nonfinite's guard does,
+from the counts it is fed here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from trainer.checkpoint.save import AsyncCheckpointWriter, save_checkpoint
+from trainer.checkpoint.train_state import TrainState
+from trainer.config.model import ModelConfig
+from trainer.config.sections import CheckpointConfig
+from trainer.data.loader import UnpairedLoader
+from trainer.data.test_sets import TestSet
+from trainer.eval.evaluator import Evaluator, eval_mode, selection_score
+from trainer.observe.console import Console
+from trainer.observe.nonfinite import NonfiniteGuard
+from trainer.observe.tracking import Tracker, image_grid
+from trainer.runtime.engine import Engine
+from trainer.runtime.preemption import PreemptionFlag
+
+
+def is_due(step: int, every: int, total: int) -> bool:
+    """True after update `step` (1-based) when it is a multiple of `every` (0: never) or the last one, `total`."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+class SampleGrids:
+    """Rows of the fixed sample images (chosen at startup) through the generators - x | G(x) | F(G(x)) and
+    y | F(y) | G(F(y)) for CycleGAN, x | G(x) and y | G(y) for CUT/FastCUT - every `every_steps` updates and at the
+    last; never without sample images."""
+
+    def __init__(self, engine: Engine, samples: TestSet | None, every_steps: int, total_steps: int):
+        self.engine, self.samples = engine, samples
+        self.every_steps, self.total_steps = every_steps, total_steps
+
+    def due(self, step: int) -> bool:
+        return self.samples is not None and is_due(step, self.every_steps, self.total_steps)
+
+    def __call__(self, gens: torch.nn.Module) -> dict[str, np.ndarray]:
+        """The grids of the generator unit `gens` (its plain module), by name: {"x_to_y", "y_to_x"} for CycleGAN,
+        {"x_to_y", "y_identity"} for CUT/FastCUT (see their `sample_columns`)."""
+        samples = self.samples
+        with self.engine.autocast(), eval_mode(gens):
+            columns = gens.sample_columns(samples.x, samples.y, samples.extra_x, samples.extra_y)
+            return {name: image_grid([list(row) for row in zip(*images)]) for name, images in columns.items()}
+
+
+class PeriodicEval:
+    """The test-split evaluation every `every_steps` updates and at the last (never without a test split), and
+    under eval.select the decision whether it is the best so far (the same on every rank)."""
+
+    def __init__(self, engine: Engine, evaluator: Evaluator | None, every_steps: int, total_steps: int, select: str):
+        self.engine, self.evaluator, self.select = engine, evaluator, select
+        self.every_steps, self.total_steps = every_steps, total_steps
+
+    def due(self, step: int) -> bool:
+        return self.evaluator is not None and is_due(step, self.every_steps, self.total_steps)
+
+    def measure(self, gens: torch.nn.Module) -> dict[str, float]:
+        """The eval/ metrics of the generator unit `gens` (its plain module; a collective), without selection: both
+        directions of a CycleGAN pair, X -> Y of CUT's generator (g_yx None)."""
+        with eval_mode(gens):
+            return self.evaluator(gens.g_xy, gens.g_yx, self.engine.autocast)
+
+    def __call__(self, gens: torch.nn.Module, best: dict[str, Any] | None) -> tuple[dict[str, float], dict | None]:
+        """Evaluate the generator unit `gens` (its plain module; a collective).
+
+        Args:
+            best: the best record so far ({select, score, metrics}) or None.
+
+        Returns:
+            (the metrics, with eval/select_score under eval.select; the new best record when these metrics beat
+            `best` on any rank, else None).
+        """
+        metrics = self.measure(gens)
+        if self.select == "none":
+            return metrics, None
+        metrics["eval/select_score"] = score = selection_score(metrics, self.select)
+        if not self.engine.any_rank(best is None or score > best["score"]):
+            return metrics, None
+        return metrics, {"select": self.select, "score": score, "metrics": metrics}
+
+
+class Checkpointer:
+    """Saves the training state every checkpoint.every_steps updates, at the last, for a new best and when the run
+    stops on a signal (checked every checkpoint.preempt_check_steps updates), and logs each save."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        run_dir: Path,
+        cfg: CheckpointConfig,
+        total_steps: int,
+        model: ModelConfig,
+        config_hash: str,
+        tracker: Tracker,
+        console: Console,
+        preemption: PreemptionFlag,
+    ):
+        """`model` and `config_hash`: the run's facts for train_state.json (see TrainState.meta)."""
+        self.engine, self.run_dir, self.cfg, self.total_steps = engine, run_dir, cfg, total_steps
+        self.model, self.config_hash = model, config_hash
+        self.tracker, self.console, self.preemption = tracker, console, preemption
+        self.last_saved: Path | None = None
+        self.writer = AsyncCheckpointWriter(engine, engine.cfg.timeout_s) if cfg.async_save else None
+
+    def stop_requested(self, step: int) -> bool:
+        """Whether a signal asks the run to stop after update `step` (a collective on the check steps)."""
+        return step % self.cfg.preempt_check_steps == 0 and self.engine.any_rank(self.preemption.raised)
+
+    def due(self, step: int, new_best: bool, stopping: bool) -> bool:
+        return stopping or new_best or is_due(step, self.cfg.every_steps, self.total_steps)
+
+    def save(self, state: TrainState, best: dict[str, Any] | None = None) -> Path:
+        """Save `state` after its update state.step (a collective), as the new best when `best` is given. Under
+        checkpoint.async_save the files are written in the background (`finish` waits for them)."""
+        step, started = state.step, time.perf_counter()
+        if best is not None:
+            state.best = best
+        meta = state.meta(self.model, self.config_hash)
+        rank_state, keep, keep_every = state.rank_state(), self.cfg.keep, self.cfg.keep_every_steps
+        if self.writer is None:
+            path = save_checkpoint(self.engine, self.run_dir, step, rank_state, meta, keep, keep_every, best)
+        else:
+            path = self.writer.save(self.run_dir, step, rank_state, meta, keep, keep_every, best)
+        stall = time.perf_counter() - started
+        self.preemption.saved_step = step
+        logged = {"checkpoint/saved_step": step, "checkpoint/stall_s": stall, **self._replica_check(step)}
+        self.tracker.log(step, {**logged, **({"eval/best_step": step} if best is not None else {})})
+        self.last_saved = path
+        return path
+
+    def finish(self) -> None:
+        """Wait for a checkpoint still being written (a collective; raises CheckpointError if it failed)."""
+        if self.writer is not None:
+            self.writer.wait()
+
+    def _replica_check(self, step: int) -> dict[str, float]:
+        """run/replica_spread (see Engine.replica_spread), with a warning when ranks differ."""
+        spread = self.engine.replica_spread()
+        if spread is None:
+            return {}
+        if spread > 0:
+            self.console.message(f"warning: ranks hold different weights at step {step} (relative spread {spread:.3g})")
+        return {"run/replica_spread": spread}
+
+
+Sink = Callable[[int, dict[str, float]], None]  # (step, logged): Tracker.log, Console.interval
+
+
+def accumulate(sums: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+    """Add `stats` into `sums` key by key (on the device: no host sync)."""
+    for key, value in stats.items():
+        sums[key] = sums[key] + value if key in sums else value
+
+
+class MetricWindow:
+    """Accumulates per-step stats; `flush` reduces, times and publishes them when `due`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        loader: UnpairedLoader,
+        nonfinite: NonfiniteGuard,
+        every_steps: int,
+        total_steps: int,
+        rank_images_per_step: int,
+        global_batch: int,
+        fp16: bool,
+        sinks: Sequence[Sink] = (),
+    ):
+        """
+        Args:
+            nonfinite: fed every step's stats; its counts since the last flush are logged with the window.
+            rank_images_per_step: images per domain per update on this rank (batch size x micro-batches).
+            global_batch: images per domain per update on all ranks.
+            fp16: log the loss scales (loss_scale/g, loss_scale/d).
+            sinks: called with (step, logged) at each flush, in order.
+        """
+        self.engine, self.loader, self.nonfinite = engine, loader, nonfinite
+        self.every_steps, self.total_steps = every_steps, total_steps
+        self.rank_images_per_step, self.global_batch, self.fp16 = rank_images_per_step, global_batch, fp16
+        self.sinks = tuple(sinks)
+        self.restart()
+
+    def restart(self) -> None:
+        """Start an empty window now."""
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.data_wait_s = 0.0
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """Time the block as waiting for data (perf/data_wait_fraction)."""
+        start = time.perf_counter()
+        yield
+        self.data_wait_s += time.perf_counter() - start
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        """Account one update's stats (device tensors: loss terms, grad norms)."""
+        accumulate(self.sums, stats)
+        self.nonfinite.add(stats)
+        self.steps += 1
+
+    def due(self, step: int) -> bool:
+        """Whether the window closes after update `step`: every logging.every_steps and at the last update."""
+        return is_due(step, self.every_steps, self.total_steps)
+
+    def flush(self, step: int) -> dict[str, float]:
+        """Close the window after update `step`: one collective (a call on every rank), then the sinks get the
+        record, then a new window starts.
+
+        Returns:
+            The record: each stat's mean over the window's steps and the ranks, loss/nonfinite_{g,d}, data/*
+            (counters summed over ranks), mem/*, lr/*, perf/* and, under fp16, loss_scale/*.
+        """
+        elapsed = time.perf_counter() - self.started
+        rank_values = {
+            **self.loader.progress(),
+            **self.engine.memory_metrics(),
+            "perf/images_per_s_per_rank": self.steps * self.rank_images_per_step / elapsed,
+        }
+        logged = self.engine.reduce(  # one collective for everything
+            {
+                **{key: value / self.steps for key, value in self.sums.items()},
+                **self.nonfinite.take(),
+                **{key: torch.tensor(value) for key, value in rank_values.items()},
+            },
+            sums={key: torch.tensor(value) for key, value in self.loader.counters().items()},  # totals of all ranks
+        )
+        logged.update(
+            {
+                "lr/g": self.engine.lr("g"),
+                "lr/d": self.engine.lr("d"),
+                "perf/images_per_s": self.steps * self.global_batch / elapsed,
+                "perf/step_time_s": elapsed / self.steps,
+                "perf/data_wait_fraction": self.data_wait_s / elapsed,
+            }
+        )
+        if self.fp16:
+            logged.update({"loss_scale/g": self.engine.loss_scale("g"), "loss_scale/d": self.engine.loss_scale("d")})
+        for sink in self.sinks:
+            sink(step, logged)
+        self.restart()
+        return logged
