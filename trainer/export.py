@@ -1,4 +1,13 @@
-"""CLIDOC"""
+"""Export the generators of a checkpoint as safetensors, whatever backend and world size trained them:
+
+    python -m trainer.export RUN [--step N | --best] [--out DIR]
+
+Reads RUN/config.yaml and the checkpoint's backend-independent units.safetensors (the newest intact checkpoint,
+step N, or the best one by eval.select) and writes DIR (default RUN/export-step_N) with g_xy.safetensors
+(G: X->Y), g_yx.safetensors (F: Y->X; CUT/FastCUT have no F) and model.json. A run with ema.enabled exports
+the generators' moving average there (what its evaluation measured) and the raw generators in DIR/raw. Nothing
+is unpickled. The format, and how an export is written whole or not at all, are trainer.checkpoint.export's.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from trainer.checkpoint.export import export
-from trainer.checkpoint.format import (
-    CheckpointError,
-)
+from trainer.checkpoint.format import CheckpointError
 from trainer.config.checks import ConfigError
-
-
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options translate and evaluate share: --weights, --step, --best, --device, --bf16."""
-    parser.add_argument("--weights", required=True, help="export directory, or run directory (newest checkpoint)")
-    parser.add_argument("--step", type=int, help="with a run directory: this checkpoint step")
-    parser.add_argument("--best", action="store_true", help="with a run directory: the eval.select best checkpoint")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--bf16", action="store_true", help="run the generators under bf16 autocast")
-
-
-def inference_device(name: str, local_rank: int = 0) -> torch.device:
-    """--device: `auto` is this process's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def main(argv: list[str] | None = None) -> int:

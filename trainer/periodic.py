@@ -14,6 +14,7 @@ from the counts it is fed here).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -260,3 +261,50 @@ class MetricWindow:
             sink(step, logged)
         self.restart()
         return logged
+
+
+@dataclasses.dataclass
+class IntervalWork:
+    """The loop's work after each update, in order, each part when due: the metric window, the sample grids and the
+    evaluation (both on the EMA weights under ema.enabled, the evaluation also on the raw ones under ema.eval_raw)
+    and the checkpoint; the non-finite guard checks at each window's end and before every save."""
+
+    engine: Engine
+    tracker: Tracker
+    window: MetricWindow
+    nonfinite: NonfiniteGuard
+    grids: SampleGrids
+    evaluation: PeriodicEval
+    checkpointer: Checkpointer
+    run_dir: Path
+    eval_raw: bool
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last evaluation's
+
+    def after_step(self, step: int, state: TrainState) -> bool:
+        """Do what is due after update `step` (collectives); whether the run stops now on a signal, saved."""
+        engine, tracker = self.engine, self.tracker
+        if self.window.due(step):
+            self.window.flush(step)  # to the tracker and the console
+            self.nonfinite.check(engine.any_rank, step, self.run_dir)
+        if self.grids.due(step):
+            with engine.ema_weights():
+                tracker.log_images(step, self.grids(engine.unwrap("g")))
+        new_best = None
+        if self.evaluation.due(step):
+            self.metrics, new_best = self._evaluate(state.best)
+            tracker.log(step, self.metrics)
+        stopping = self.checkpointer.stop_requested(step)
+        if self.checkpointer.due(step, new_best is not None, stopping):
+            self.nonfinite.check(engine.any_rank, step, self.run_dir)  # never save weights a diverged run has spoilt
+            self.checkpointer.save(state, new_best)
+        return stopping
+
+    def _evaluate(self, best: dict[str, Any] | None) -> tuple[dict[str, float], dict | None]:
+        """PeriodicEval on the EMA weights, with the raw weights' metrics as eval_raw/* under ema.eval_raw."""
+        engine = self.engine
+        with engine.ema_weights():
+            metrics, new_best = self.evaluation(engine.unwrap("g"), best)
+        if engine.ema is not None and self.eval_raw:
+            raw = self.evaluation.measure(engine.unwrap("g"))
+            metrics = {**metrics, **{key.replace("eval/", "eval_raw/", 1): value for key, value in raw.items()}}
+        return metrics, new_best

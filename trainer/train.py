@@ -28,7 +28,7 @@ from trainer.eval.evaluator import Evaluator
 from trainer.observe.console import Console
 from trainer.observe.nonfinite import NonfiniteGuard
 from trainer.observe.tracking import Tracker
-from trainer.periodic import Checkpointer, MetricWindow, PeriodicEval, SampleGrids, accumulate
+from trainer.periodic import Checkpointer, IntervalWork, MetricWindow, PeriodicEval, SampleGrids, accumulate
 from trainer.runtime.engine import EMA_UNIT, Engine
 from trainer.runtime.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
 from trainer.runtime.run_files import check_run_dir, write_atomic
@@ -155,8 +155,7 @@ def _train(
 ) -> TrainResult:
     run_dir, total, accum = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.grad_accum_steps
     run = build_training(cfg, engine)
-    global_batch, scale = run.global_batch, run.lr_scale
-    state = TrainState(loader=loader, pools=run.pools, global_batch=global_batch)
+    state = TrainState(loader=loader, pools=run.pools, global_batch=run.global_batch)
     if resume_from is not None:
         _resume(state, cfg, engine, resume_from, console)
     start = state.step
@@ -165,62 +164,61 @@ def _train(
         engine.accelerator, run_dir, cfg.logging, to_dict(cfg), resume_step=start, wandb_run_id=state.wandb_run_id
     )
     state.wandb_run_id = tracker.wandb_run_id
-    console.message(_start_line(cfg, engine, global_batch, scale, resume_from, start))
-    _log_run_facts(tracker, console, engine, state, scale)
+    console.message(_start_line(cfg, engine, run.global_batch, run.lr_scale, resume_from, start))
+    _log_run_facts(tracker, console, engine, state, run.lr_scale)
     state.best = comparable_best(read_best(run_dir), cfg.eval.select)  # from before a resume
+    work = _interval_work(cfg, engine, loader, evaluator, samples, tracker, console, preemption, run.global_batch)
+    stopping = False
+    preemption.step = preemption.saved_step = start
+    console.start(start, total)
+    for step in range(start + 1, total + 1):
+        with work.window.waiting_for_data():
+            micro_batches = [next(loader) for _ in range(accum)]
+        stats, images = train_step(run, micro_batches)
+        work.window.add(stats)  # on the device: no host sync per step
+        state.step = preemption.step = step
+        engine.update_ema(state.images_seen, run.global_batch)
+        console.step()
+        for event in tracker.capture_spikes(step, stats, images):
+            console.spike(event)
+        stopping = work.after_step(step, state)
+        if stopping:
+            break
+    work.checkpointer.finish()  # an asynchronous save still in flight
+    interrupted = stopping and engine.any_rank(preemption.interrupted)
+    export = _end_of_run(cfg, engine, console, stopping, interrupted, state.step, work.checkpointer.last_saved)
+    images = (state.step - start) * run.global_batch
+    console.summary(state.step, images, work.metrics, None if export is None else str(export))
+    tracker.close()
+    engine.end()
+    preempted = stopping and not interrupted
+    return TrainResult(step=state.step, metrics=work.metrics, preempted=preempted, interrupted=interrupted)
 
-    nonfinite = NonfiniteGuard(cfg.train.max_nonfinite_steps, cfg.train.precision == "fp16")
+
+def _interval_work(
+    cfg: Config,
+    engine: Engine,
+    loader: UnpairedLoader,
+    evaluator: Evaluator | None,
+    samples: TestSet | None,
+    tracker: Tracker,
+    console: Console,
+    preemption: PreemptionFlag,
+    global_batch: int,
+) -> IntervalWork:
+    """The periodic parts of the loop (trainer.periodic) as the config sets them."""
+    run_dir, total, fp16 = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.precision == "fp16"
+    nonfinite = NonfiniteGuard(cfg.train.max_nonfinite_steps, fp16)
     window = MetricWindow(
-        engine, loader, nonfinite, cfg.logging.every_steps, total, cfg.train.batch_size * accum, global_batch,
-        fp16=cfg.train.precision == "fp16", sinks=(tracker.log, console.interval),
+        engine, loader, nonfinite, cfg.logging.every_steps, total, cfg.train.batch_size * cfg.train.grad_accum_steps,
+        global_batch, fp16=fp16, sinks=(tracker.log, console.interval),
     )  # fmt: skip
     grids = SampleGrids(engine, samples, cfg.logging.image_every_steps, total)
     evaluation = PeriodicEval(engine, evaluator, cfg.eval.every_steps, total, cfg.eval.select)
     checkpointer = Checkpointer(
         engine, run_dir, cfg.checkpoint, total, cfg.model, config_hash(cfg), tracker, console, preemption
     )
-    metrics: dict[str, float] = {}
-    stopping = False
-    preemption.step = preemption.saved_step = start
-    console.start(start, total)
-    for step in range(start + 1, total + 1):
-        with window.waiting_for_data():
-            micro_batches = [next(loader) for _ in range(accum)]
-        stats, images = train_step(run, micro_batches)
-        window.add(stats)  # on the device: no host sync per step
-        state.step = preemption.step = step
-        engine.update_ema(state.images_seen, global_batch)
-        console.step()
-        for event in tracker.capture_spikes(step, stats, images):
-            console.spike(event)
-        if window.due(step):
-            window.flush(step)  # to the tracker and the console
-            nonfinite.check(engine.any_rank, step, run_dir)
-        if grids.due(step):
-            with engine.ema_weights():
-                tracker.log_images(step, grids(engine.unwrap("g")))
-        new_best = None
-        if evaluation.due(step):
-            with engine.ema_weights():
-                metrics, new_best = evaluation(engine.unwrap("g"), state.best)
-            if engine.ema is not None and cfg.ema.eval_raw:
-                raw = evaluation.measure(engine.unwrap("g"))
-                metrics = {**metrics, **{key.replace("eval/", "eval_raw/", 1): value for key, value in raw.items()}}
-            tracker.log(step, metrics)
-        stopping = checkpointer.stop_requested(step)
-        if checkpointer.due(step, new_best is not None, stopping):
-            nonfinite.check(engine.any_rank, step, run_dir)  # never save weights a diverged run has spoilt
-            checkpointer.save(state, new_best)
-        if stopping:
-            break
-    checkpointer.finish()  # an asynchronous save still in flight
-    interrupted = stopping and engine.any_rank(preemption.interrupted)
-    export = _end_of_run(cfg, engine, console, stopping, interrupted, state.step, checkpointer.last_saved)
-    console.summary(state.step, (state.step - start) * global_batch, metrics, None if export is None else str(export))
-    tracker.close()
-    engine.end()
-    preempted = stopping and not interrupted
-    return TrainResult(step=state.step, metrics=metrics, preempted=preempted, interrupted=interrupted)
+    return IntervalWork(engine, tracker, window, nonfinite, grids, evaluation, checkpointer, run_dir, cfg.ema.eval_raw)
 
 
 def _resume(state: TrainState, cfg: Config, engine: Engine, resume_from: Path, console: Console) -> None:

@@ -30,14 +30,18 @@ from shards.manifest import read_manifest, split_urls
 from shards.streams import Reading
 from shards.urls import ShardsError, expand_shard_spec
 from trainer.algorithms.shared import with_extra
-from trainer.checkpoint.export import ExportedGenerators, load_inference_generators
+from trainer.checkpoint.export import (
+    ExportedGenerators,
+    add_inference_arguments,
+    inference_device,
+    load_inference_generators,
+)
 from trainer.checkpoint.format import CheckpointError
 from trainer.config.checks import ConfigError
 from trainer.data.augment import decode, extra_channels, resize
 from trainer.data.health import BadSampleCounter
 from trainer.data.image_folders import Item, image_files, read_image_dir
 from trainer.data.stream import shard_samples
-from trainer.export import add_inference_arguments, inference_device
 
 
 def output_name(key: str) -> str:

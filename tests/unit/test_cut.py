@@ -214,7 +214,9 @@ def test_wgangp_is_refused_where_the_backend_frees_weights_between_the_backwards
             kept[instance.name] = instance.double_backward
     assert kept == {"ddp": True, "fsdp2": False, "zero2": True, "zero3": False}
     cfg = load_config(None, [*NETWORKS, "loss.gan_mode=wgangp"])
-    fsdp2 = SimpleNamespace(backend=SimpleNamespace(double_backward=False), backend_name="fsdp2")
+    fsdp2 = SimpleNamespace(
+        backend=SimpleNamespace(double_backward=False, batch_norm_synced=False), backend_name="fsdp2"
+    )
     with pytest.raises(ConfigError, match="loss.gan_mode=wgangp under fsdp2: the gradient penalty differentiates"):
         build_training(cfg, fsdp2)
 

@@ -1,11 +1,12 @@
 """Engine pieces that need no second process: backend resolution, clipping, LR scaling, compile."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from trainer.build import build_training
+from trainer.build import build_training, check_backend
 from trainer.config.checks import ConfigError
 from trainer.config.load import load_config
 from trainer.config.sections import DistributedConfig, OptimizerConfig, TrainConfig
@@ -57,7 +58,6 @@ def test_an_fsdp2_launch_config_selects_fsdp2_and_its_resharding():
         (["distributed.fsdp_min_block_params=0"], "distributed.fsdp_min_block_params"),
         (["distributed.backend=fsdp2", "train.channels_last=true"], "fully_shard needs contiguous weights"),
         (["distributed.backend=fsdp2", "train.compile=true", "train.compile_mode=reduce-overhead"], "CUDA graphs"),
-        (["distributed.backend=fsdp2", "model.norm_d=batch"], "no SyncBatchNorm"),
     ],
 )
 def test_fsdp2_settings_it_cannot_honour_are_refused(overrides, message, monkeypatch):
@@ -65,6 +65,16 @@ def test_fsdp2_settings_it_cannot_honour_are_refused(overrides, message, monkeyp
     with pytest.raises(ConfigError, match=message):
         cfg = load_config(None, overrides)
         Engine(cfg.distributed, cfg.train, cfg.optimizer)
+
+
+def test_batch_norm_is_refused_where_each_rank_keeps_its_own_statistics():
+    from trainer.runtime.backends.ddp import DDPBackend
+    from trainer.runtime.backends.fsdp2 import FSDP2Backend
+
+    cfg = load_config(None, ["model.norm_d=batch"])
+    check_backend(cfg, SimpleNamespace(backend=DDPBackend, backend_name="ddp"))
+    with pytest.raises(ConfigError, match="batch under fsdp2: it keeps each rank's batch-norm statistics apart"):
+        check_backend(cfg, SimpleNamespace(backend=FSDP2Backend, backend_name="fsdp2"))
 
 
 @pytest.mark.parametrize("rule,expected", [("none", 1.0), ("linear", 8.0), ("sqrt", 8.0**0.5), ("auto", 8.0)])

@@ -1,7 +1,15 @@
-"""EXPORTDOC"""
+"""Exported generators: writing them (the end of training, `python -m trainer.export`) and loading them (translate,
+evaluate), with the command-line options those share.
+
+An export is written whole or not at all: into DIR.tmp, made fresh, with COMPLETE (the sha256 of each file) in
+it and in DIR/raw, then renamed to DIR (an existing DIR is renamed to DIR.old first and deleted after; debris of
+an interrupted export is removed by the next). Loading checks model.json's bounds, each file against COMPLETE
+(an export of an earlier version has none: loaded with a warning) and that every weight is finite.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -344,3 +352,19 @@ def load_inference_generators(path: str | Path, step: int | None = None, best: b
         check_finite(weights, f"checkpoint {checkpoint}: {UNIVERSAL}")
         return generators_from_weights(weights, cfg.model, cfg.data.crop_size, cfg.data.extra, str(checkpoint))
     raise ConfigError(f"--weights {path}: neither an export directory (model.json) nor a run directory (config.yaml)")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options translate and evaluate share: --weights, --step, --best, --device, --bf16."""
+    parser.add_argument("--weights", required=True, help="export directory, or run directory (newest checkpoint)")
+    parser.add_argument("--step", type=int, help="with a run directory: this checkpoint step")
+    parser.add_argument("--best", action="store_true", help="with a run directory: the eval.select best checkpoint")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--bf16", action="store_true", help="run the generators under bf16 autocast")
+
+
+def inference_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device: `auto` is this process's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

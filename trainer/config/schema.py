@@ -53,11 +53,6 @@ class Config:
                 "train.fuse_generator_passes=true needs model.norm_g=instance or none: batch norm would compute its "
                 "statistics over both domains at once; set it to false for model.norm_g=batch"
             )
-        if self.distributed.backend == "fsdp2" and "batch" in (self.model.norm_g, self.model.norm_d):
-            raise ConfigError(
-                "distributed.backend=fsdp2 with model.norm_g/norm_d=batch: FSDP2 keeps each rank's batch-norm "
-                "statistics apart (no SyncBatchNorm); use instance norm or DDP"
-            )
         if self.train.activation_checkpointing and self.model.generator not in CHECKPOINTED_GENERATORS:
             raise ConfigError(
                 f"train.activation_checkpointing=true is not available for model.generator={self.model.generator}; "

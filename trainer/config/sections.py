@@ -244,8 +244,6 @@ class DistributedConfig:
         )
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError(f"distributed.offload_params=true needs distributed.zero_stage=3 (got {self.zero_stage})")
-        if self.backend in ("ddp", "fsdp2") and (self.offload_optimizer or self.offload_params):
-            raise ConfigError("distributed.offload_optimizer/offload_params need distributed.backend=deepspeed or auto")
 
 
 @dataclass(kw_only=True)

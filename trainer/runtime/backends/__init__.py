@@ -38,6 +38,11 @@ class Backend(Protocol):
     double_backward: bool
     """A unit's weights stay usable through a backward whose graph was built with create_graph (a gradient
     penalty): false where the backend frees gathered weights after the first backward (FSDP2, ZeRO-3)."""
+    offloads: bool
+    """Can keep optimizer states or parameters in host memory (distributed.offload_optimizer/offload_params)."""
+    batch_norm_synced: bool
+    """Batch-norm running statistics stay the same on every rank (DDP broadcasts rank 0's buffers): false where
+    each rank keeps its own (FSDP2, no SyncBatchNorm)."""
 
     def accelerator_kwargs(self) -> dict:
         """Keyword arguments of the Accelerator this backend needs (cpu, mixed_precision, plugins, and
@@ -158,16 +163,17 @@ def build_backend(cfg: DistributedConfig, train: TrainConfig, optim: OptimizerCo
     """The backend `cfg.backend` (already resolved) names; only the DeepSpeed one imports DeepSpeed."""
     clips = {"g": optim.clip_grad_norm_g, "d": optim.clip_grad_norm_d}
     if cfg.backend == "deepspeed":
-        from trainer.runtime.backends.deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend(cfg, train, clips, on_cuda)
-    if cfg.backend == "fsdp2":
-        from trainer.runtime.backends.fsdp2 import FSDP2Backend
-
-        return FSDP2Backend(cfg, train, clips, on_cuda)
-    from trainer.runtime.backends.ddp import DDPBackend
-
-    return DDPBackend(cfg, train, clips, on_cuda)
+        from trainer.runtime.backends.deepspeed import DeepSpeedBackend as chosen
+    elif cfg.backend == "fsdp2":
+        from trainer.runtime.backends.fsdp2 import FSDP2Backend as chosen
+    else:
+        from trainer.runtime.backends.ddp import DDPBackend as chosen
+    if (cfg.offload_optimizer or cfg.offload_params) and not chosen.offloads:
+        raise ConfigError(
+            f"distributed.offload_optimizer/offload_params need distributed.backend=deepspeed or auto; {cfg.backend} "
+            "keeps everything on the device"
+        )
+    return chosen(cfg, train, clips, on_cuda)
 
 
 def single_process_rendezvous() -> None:

@@ -35,6 +35,8 @@ class DDPBackend:
     replicas_comparable = True
     always_distributed = False
     double_backward = True
+    offloads = False
+    batch_norm_synced = True
 
     def __init__(self, cfg: DistributedConfig, train: TrainConfig, clips: dict[str, float], on_cuda: bool):
         self.cfg, self.clips, self.on_cuda = cfg, clips, on_cuda

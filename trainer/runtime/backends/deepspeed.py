@@ -75,6 +75,8 @@ class DeepSpeedBackend:
     """Two DeepSpeed engines from one Accelerator, one DeepSpeed config each."""
 
     always_distributed = True
+    offloads = True
+    batch_norm_synced = True
 
     def __init__(self, cfg: DistributedConfig, train: TrainConfig, clips: dict[str, float], on_cuda: bool):
         if train.precision == "fp16" and not on_cuda:

@@ -91,6 +91,8 @@ class FSDP2Backend:
     replicas_comparable = False  # ranks hold different slices
     always_distributed = True
     double_backward = False  # the reshard after the inner backward frees what the outer one needs
+    offloads = False
+    batch_norm_synced = False  # each rank's statistics stay its own: no SyncBatchNorm under fully_shard
 
     def __init__(self, cfg: DistributedConfig, train: TrainConfig, clips: dict[str, float], on_cuda: bool):
         if train.precision == "fp16":
