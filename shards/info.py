@@ -38,7 +38,7 @@ from shards.decode import EXTRA_PARTS, BadSample, decode_rgb, image_extension
 from shards.remote import ShardUnavailable
 from shards.streams import Reading, file_samples, local_copy
 from shards.urls import ShardsError
-from shards.verify import ShardGroup, positive_int, resolve_targets, shown, usage_error
+from shards.verify import ShardGroup, add_targets, positive_int, resolve_targets, shown, usage_error
 
 THUMB = 96
 TOP_SIZES = 3
@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m shards.info",
         description="Samples, shards, sizes, extras and a contact sheet of tar shards.",
     )
-    parser.add_argument(
-        "targets", nargs="+", metavar="TARGET", help="shard directory, shard file or brace pattern (quote it)"
-    )
+    add_targets(parser)
     parser.add_argument(
         "--sheet",
         type=Path,

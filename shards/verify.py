@@ -238,14 +238,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_targets(parser: argparse.ArgumentParser) -> None:
+    """The TARGET arguments shards.verify and shards.info share (see `resolve_targets`)."""
+    parser.add_argument(
+        "targets", nargs="+", metavar="TARGET", help="shard directory, shard file or brace pattern (quote it)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shards.verify",
         description="Decode every sample of tar shards; a directory's manifest.json is checked too.",
     )
-    parser.add_argument(
-        "targets", nargs="+", metavar="TARGET", help="shard directory, shard file or brace pattern (quote it)"
-    )
+    add_targets(parser)
     parser.add_argument(
         "--max-pixels",
         type=positive_int,

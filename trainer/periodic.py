@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from trainer.checkpoint.save import AsyncCheckpointWriter, save_checkpoint
+from trainer.checkpoint.save import AsyncCheckpointWriter, SaveRequest, save_checkpoint
 from trainer.checkpoint.train_state import TrainState
 from trainer.config.model import ModelConfig
 from trainer.config.sections import CheckpointConfig
@@ -135,11 +135,10 @@ class Checkpointer:
         if best is not None:
             state.best = best
         meta = state.meta(self.model, self.config_hash)
-        rank_state, keep, keep_every = state.rank_state(), self.cfg.keep, self.cfg.keep_every_steps
-        if self.writer is None:
-            path = save_checkpoint(self.engine, self.run_dir, step, rank_state, meta, keep, keep_every, best)
-        else:
-            path = self.writer.save(self.run_dir, step, rank_state, meta, keep, keep_every, best)
+        request = SaveRequest(
+            self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best
+        )
+        path = save_checkpoint(self.engine, request) if self.writer is None else self.writer.save(request)
         stall = time.perf_counter() - started
         self.preemption.saved_step = step
         logged = {"checkpoint/saved_step": step, "checkpoint/stall_s": stall, **self._replica_check(step)}

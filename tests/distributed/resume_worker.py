@@ -28,7 +28,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[2])  # run as a script: impor
 from tests.distributed.worker import SIZE, TINY  # noqa: E402
 from trainer.build import Training, build_training  # noqa: E402
 from trainer.checkpoint.load import load_checkpoint  # noqa: E402
-from trainer.checkpoint.save import save_checkpoint  # noqa: E402
+from trainer.checkpoint.save import SaveRequest, save_checkpoint  # noqa: E402
 from trainer.config.load import load_config  # noqa: E402
 from trainer.runtime.ema import ema_beta  # noqa: E402
 from trainer.runtime.engine import EMA_UNIT, UNITS, Engine  # noqa: E402
@@ -84,7 +84,7 @@ def main(mode: str, target: str, args: list[str]) -> None:
         local = torch.stack([part.double().sum() for part in engine.ema.average]).to(engine.device)
         rank_sums = engine.accelerator.gather(local[None]).tolist()
         local_share = sum(p.numel() for p in engine.ema.average) / sum(v.numel() for v in reference.values())
-        save_checkpoint(engine, Path(target) / "run", STEPS, {"data": {}}, {"model": None}, keep=1)
+        save_checkpoint(engine, SaveRequest(Path(target) / "run", STEPS, {"data": {}}, {"model": None}, keep=1))
         losses = step_losses(run, STEPS + 1)
         after = saved_units(engine)
         if engine.is_main:

@@ -84,26 +84,35 @@ def _agree(engine: Engine, error: BaseException | None, final: Path, previous: P
     raise CheckpointError(f"cannot save checkpoint {name}: {what}; {kept}")
 
 
-def capture_checkpoint(
-    engine: Engine,
-    run_dir: Path,
-    step: int,
-    rank_state: dict[str, Any],
-    meta: dict[str, Any],
-    keep: int,
-    keep_every_steps: int = 0,
-    best: dict[str, Any] | None = None,
-) -> CapturedCheckpoint:
+@dataclasses.dataclass(frozen=True)
+class SaveRequest:
+    """What a save writes, besides the engine's units."""
+
+    run_dir: Path
+    step: int
+    rank_state: dict[str, Any]
+    """This rank's own state (pools, data position, ...): JSON-able values and tensors."""
+    meta: dict[str, Any]
+    """JSON-able facts for train_state.json (model architecture, tracker run ids, ...)."""
+    keep: int
+    """Complete checkpoints kept; older ones are deleted once the new one is published, except those whose step is
+    a multiple of `keep_every_steps` and the best one (best.json)."""
+    keep_every_steps: int = 0
+    best: dict[str, Any] | None = None
+    """{select, score, metrics} to record this checkpoint as the best in best.json before rotating."""
+
+
+def capture_checkpoint(engine: Engine, request: SaveRequest) -> CapturedCheckpoint:
     """Take the full training state into host memory (a collective: every rank must call it) and create the
-    checkpoint's temporary directory; `save_checkpoint` documents the arguments. What training changes afterwards
-    does not change the capture."""
-    root = Path(run_dir) / CHECKPOINTS
+    checkpoint's temporary directory. What training changes afterwards does not change the capture."""
+    run_dir, step, rank_state, meta = Path(request.run_dir), request.step, request.rank_state, request.meta
+    root = run_dir / CHECKPOINTS
     final = root / f"step_{step:08d}"
     previous = (complete_checkpoints(run_dir) or [None])[-1]
     error = None
     if engine.is_main:
         try:
-            inside(Path(run_dir), _tmp_dir(final))  # no link on the way: writes and deletions stay in the run
+            inside(run_dir, _tmp_dir(final))  # no link on the way: writes and deletions stay in the run
             root.mkdir(parents=True, exist_ok=True)
             for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
                 if debris.suffix in DEBRIS and checkpoint_step(debris.with_suffix("")) is not None:
@@ -123,7 +132,8 @@ def capture_checkpoint(
     return CapturedCheckpoint(
         root=root, final=final, previous=previous, rank=engine.rank, world_size=engine.world_size,
         rank_bytes=state_bytes(own), universal=universal if engine.is_main else None,
-        train_state=train_state if engine.is_main else None, best=best, keep=keep, keep_every_steps=keep_every_steps,
+        train_state=train_state if engine.is_main else None, best=request.best, keep=request.keep,
+        keep_every_steps=request.keep_every_steps,
     )  # fmt: skip
 
 
@@ -156,30 +166,15 @@ def publish_checkpoint(saving: CapturedCheckpoint) -> Path:
     return final
 
 
-def save_checkpoint(
-    engine: Engine,
-    run_dir: Path,
-    step: int,
-    rank_state: dict[str, Any],
-    meta: dict[str, Any],
-    keep: int,
-    keep_every_steps: int = 0,
-    best: dict[str, Any] | None = None,
-) -> Path:
-    """Save the full training state (a collective: every rank must call it) and return once it is published.
-
-    Args:
-        rank_state: this rank's own state (pools, data position, ...): JSON-able values and tensors.
-        meta: JSON-able facts for train_state.json (model architecture, tracker run ids, ...).
-        keep: complete checkpoints kept; older ones are deleted once the new one is published, except those whose
-            step is a multiple of `keep_every_steps` and the best one (best.json).
-        best: {select, score, metrics} to record this checkpoint as the best in best.json before rotating.
+def save_checkpoint(engine: Engine, request: SaveRequest) -> Path:
+    """Save the full training state and `request` (a collective: every rank must call it) and return once it is
+    published.
 
     Raises:
         CheckpointError: (on every rank) a rank could not write its part, e.g. a full disk; the checkpoints saved
             before are untouched.
     """
-    saving = capture_checkpoint(engine, run_dir, step, rank_state, meta, keep, keep_every_steps, best)
+    saving = capture_checkpoint(engine, request)
     error = None
     try:
         write_rank_part(saving)
@@ -211,20 +206,11 @@ class AsyncCheckpointWriter:
         self.error: BaseException | None = None
         atexit.register(self._join)
 
-    def save(
-        self,
-        run_dir: Path,
-        step: int,
-        rank_state: dict[str, Any],
-        meta: dict[str, Any],
-        keep: int,
-        keep_every_steps: int = 0,
-        best: dict[str, Any] | None = None,
-    ) -> Path:
-        """Wait for the save in flight, capture (a collective; the arguments are `save_checkpoint`'s) and start
-        writing; returns the checkpoint's final path."""
+    def save(self, request: SaveRequest) -> Path:
+        """Wait for the save in flight, capture (a collective) and start writing; returns the checkpoint's final
+        path."""
         self.wait()
-        self.saving = capture_checkpoint(self.engine, run_dir, step, rank_state, meta, keep, keep_every_steps, best)
+        self.saving = capture_checkpoint(self.engine, request)
         self.thread = threading.Thread(target=self._write, args=(self.saving,), name="checkpoint-writer", daemon=True)
         self.thread.start()
         return self.saving.final

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.models.layers import conv_bias, norm_layer
+from trainer.models.layers import conv_bias, decoder_back, encoder_front, norm_layer
 
 LAYERS_PER_BLOCK = 4
 
@@ -43,28 +43,8 @@ class DenseNetGenerator(nn.Module):
 
     def __init__(self, input_nc: int, output_nc: int, ngf: int, norm: str, n_blocks: int):
         super().__init__()
-        bias = conv_bias(norm)
-        layers: list[nn.Module] = [
-            nn.ReflectionPad2d(3),
-            nn.Conv2d(input_nc, ngf, 7, bias=bias),
-            norm_layer(norm, ngf),
-            nn.ReLU(True),
-        ]
-        for mult in (1, 2):
-            layers += [
-                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
-                norm_layer(norm, ngf * mult * 2),
-                nn.ReLU(True),
-            ]
-        layers += [DenseBlock(ngf * 4, ngf, norm) for _ in range(n_blocks)]
-        for mult in (4, 2):
-            layers += [
-                nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
-                norm_layer(norm, ngf * mult // 2),
-                nn.ReLU(True),
-            ]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        blocks = [DenseBlock(ngf * 4, ngf, norm) for _ in range(n_blocks)]
+        self.net = nn.Sequential(*encoder_front(input_nc, ngf, norm), *blocks, *decoder_back(ngf, output_nc, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, output_nc, H, W]
         return self.net(x)

@@ -1,5 +1,5 @@
-"""Shared building blocks: the normalization choice, weight initialization and activation checkpointing of a
-generator's blocks."""
+"""Shared building blocks: the normalization choice, the ResNet-style encoder front and decoder back, weight
+initialization and activation checkpointing of a generator's blocks."""
 
 from __future__ import annotations
 
@@ -25,6 +25,37 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 def conv_bias(kind: str) -> bool:
     """Convolutions followed by BatchNorm need no bias (its shift replaces it); the others keep theirs."""
     return kind != "batch"
+
+
+def encoder_front(input_nc: int, ngf: int, norm: str) -> list[nn.Module]:
+    """c7s1-ngf, then two stride-2 convolutions to 4 * ngf channels (the reference's ResNet encoder front)."""
+    bias = conv_bias(norm)
+    layers: list[nn.Module] = [
+        nn.ReflectionPad2d(3),
+        nn.Conv2d(input_nc, ngf, 7, bias=bias),
+        norm_layer(norm, ngf),
+        nn.ReLU(True),
+    ]
+    for mult in (1, 2):
+        layers += [
+            nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
+            norm_layer(norm, ngf * mult * 2),
+            nn.ReLU(True),
+        ]
+    return layers
+
+
+def decoder_back(ngf: int, output_nc: int, norm: str) -> list[nn.Module]:
+    """Two stride-2 transposed convolutions from 4 * ngf back to ngf channels, then c7s1-output_nc and tanh."""
+    bias = conv_bias(norm)
+    layers: list[nn.Module] = []
+    for mult in (4, 2):
+        layers += [
+            nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
+            norm_layer(norm, ngf * mult // 2),
+            nn.ReLU(True),
+        ]
+    return layers + [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
 
 
 def init_weights(net: nn.Module, kind: str, gain: float) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.periodic as intervals
+import trainer.periodic as periodic
 from trainer.algorithms.pool import ImagePool
 from trainer.checkpoint.train_state import TrainState
 from trainer.config.model import ModelConfig
@@ -121,14 +121,16 @@ def test_a_stop_is_checked_only_on_the_check_steps():
 
 def test_save_records_the_state_the_best_and_the_step(monkeypatch):
     calls = []
-    monkeypatch.setattr(intervals, "save_checkpoint", lambda *args: calls.append(args) or Path("run/ckpt"))
+    monkeypatch.setattr(periodic, "save_checkpoint", lambda *args: calls.append(args) or Path("run/ckpt"))
     tracker, flag, out = FakeTracker(), Flag(), io.StringIO()
     saver = checkpointer(FakeEngine(spread=0.25), tracker=tracker, flag=flag, console=Console(True, out))
     state = TrainState(loader=Loader(), pools=(ImagePool(0, seed=0), ImagePool(0, seed=1)), global_batch=2, step=6)
     best = {"select": "psnr", "score": 12.0, "metrics": {"eval/psnr_g_xy": 12.0}}
     assert saver.save(state, best) == Path("run/ckpt") == saver.last_saved
-    (engine, run_dir, step, rank_state, meta, keep, keep_every, saved_best) = calls[0]
-    assert (run_dir, step, keep, keep_every, saved_best) == (Path("run"), 6, 2, 0, best)
+    _, request = calls[0]
+    assert (request.run_dir, request.step, request.keep, request.keep_every_steps) == (Path("run"), 6, 2, 0)
+    assert request.best is best
+    rank_state, meta = request.rank_state, request.meta
     assert rank_state["data"] == {"consumed": 3} and meta["images_seen"] == 12 and meta["config_hash"] == "hash"
     assert state.best is best and flag.saved_step == 6
     assert tracker.logged[0][1].pop("checkpoint/stall_s") >= 0  # how long the loop waited for the save
@@ -138,6 +140,6 @@ def test_save_records_the_state_the_best_and_the_step(monkeypatch):
     saver.engine.spread = None
     state.step = 8
     saver.save(state)
-    assert calls[1][7] is None and state.best is best  # not a new best: best.json stays
+    assert calls[1][1].best is None and state.best is best  # not a new best: best.json stays
     assert tracker.logged[-1][1].pop("checkpoint/stall_s") >= 0
     assert tracker.logged[-1] == (8, {"checkpoint/saved_step": 8})
