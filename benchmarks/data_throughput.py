@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 from benchmarks.process_group import free_port  # noqa: E402
 from shards.manifest import split_entry, write_manifest  # noqa: E402
 from shards.synthetic import render_scene  # noqa: E402
-from shards.writer import write_shards  # noqa: E402
+from shards.tar_shards import write_shards  # noqa: E402
 from trainer.config.sections import DataConfig  # noqa: E402
 from trainer.data.loader import UnpairedShards  # noqa: E402
 

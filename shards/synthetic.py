@@ -33,8 +33,8 @@ from PIL import Image
 
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
 from shards.manifest import MANIFEST, split_entry, write_manifest
+from shards.tar_shards import write_shards
 from shards.urls import ShardsError
-from shards.writer import write_shards
 
 Scene = tuple[np.ndarray, np.ndarray]  # image [H, W, 3] uint8, object mask [H, W] bool
 

@@ -50,7 +50,7 @@ from shards.bounded_read import file_kind
 from shards.decode import convert
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
 from shards.manifest import sha256_file, split_entry, write_manifest
-from shards.writer import write_tar
+from shards.tar_shards import write_tar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 PROGRESS = ".progress.json"

@@ -20,10 +20,25 @@ import traceback  # noqa: E402
 
 from trainer.config.checks import ConfigError
 from trainer.config.load import load_config  # noqa: E402
+from trainer.config.schema import section_summaries  # noqa: E402
+
+
+def sections_epilog() -> str:
+    """The --help text after the options: the config sections, and where their fields are listed."""
+    width = max(map(len, section_summaries()))
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in section_summaries().items()]
+    return (
+        "config sections (set any field as section.key=value):\n" + "\n".join(lines) + "\n\nEvery field with its "
+        "value: python -m trainer.config --config FILE [overrides]; their documentation: trainer/config/."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train a CycleGAN (single process, DDP or DeepSpeed via accelerate).")
+    parser = argparse.ArgumentParser(
+        description="Train a CycleGAN, CUT or FastCUT (one process, or any accelerate launch: DDP, FSDP2, DeepSpeed).",
+        epilog=sections_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="YAML experiment file, e.g. configs/demo-cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=8")
     args = parser.parse_args(argv)

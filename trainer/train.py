@@ -171,6 +171,8 @@ def _train(
     stopping = False
     preemption.step = preemption.saved_step = start
     console.start(start, total)
+    if start >= total:
+        console.message(_finished_line(run_dir, start, total))
     for step in range(start + 1, total + 1):
         with work.window.waiting_for_data():
             micro_batches = [next(loader) for _ in range(accum)]
@@ -260,6 +262,14 @@ def _claim_run_dir(cfg: Config, engine: Engine, resume_from: Path | None, consol
         if cfg.train.resume == "auto":
             for damaged in set_aside_damaged(run_dir, resume_from):
                 console.message(f"set aside {damaged}: it is damaged (see above); delete it once inspected")
+
+
+def _finished_line(run_dir: Path, step: int, total: int) -> str:
+    """What a run resumed at or after its last update says instead of training nothing without a word."""
+    return (
+        f"{run_dir} is finished: its checkpoint is at step {step} and train.steps={total}, so nothing is trained; "
+        "raise train.steps to train it further, or add train.resume=none train.overwrite=true to start over"
+    )
 
 
 def _start_line(

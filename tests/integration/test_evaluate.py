@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from shards.manifest import split_entry, write_manifest
-from shards.writer import write_shards
+from shards.tar_shards import write_shards
 from tests.conftest import (
     accelerate_launch,
     evaluate_cli,

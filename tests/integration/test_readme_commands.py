@@ -1,6 +1,6 @@
 """Every fenced command of README.md that can run on a CPU runs, in README order, in a scratch directory, so the
 README cannot drift from the code. A few stand-ins make them small: the user's own data and runs (PATH/horse2zebra,
-runs/horse2zebra, data/h2z, an Inception file) become tiny ones made here, and training runs a few steps. The
+runs/horse2zebra, an Inception file) become tiny ones made here, and training runs a few steps. The
 commands that need a cluster, root or a GPU are listed with the reason; a README command matched by no rule, or a
 rule that matches no command, fails the test."""
 
@@ -37,8 +37,8 @@ NOT_HERE = {  # command prefix -> why this test does not run it
 STAND_INS = {  # what the README names -> what this test uses
     "pip install torch==2.13.0 && pip install -e . && ": "",  # installed already, exactly so, by .ci/run
     "PATH/horse2zebra": "{images}",
+    "PATH/my-images": "{images}",
     "runs/horse2zebra": "runs/demo-cpu",
-    "data/h2z": "data/colour",
     "--step 50000": "--step 4",
     "--out /tmp/g": "--out exported-g",  # inside the scratch directory
     "~/inception-2015-12-05.pt": "{inception}",
@@ -80,7 +80,6 @@ def test_every_readme_command_that_can_run_on_a_cpu_runs(tmp_path):
     for name in ("trainer", "shards", "configs", "launch"):
         (scratch / name).symlink_to(REPO / name)
     images = reference_layout(tmp_path / "horse2zebra")
-    reference_layout(scratch / "photos")  # the README's own images: translate reads them all, evaluate testA/testB
     inception = write_tiny_inception(tmp_path / "inception.pt")
     env = {"CYCLEGAN_DATA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
     with s3_bucket("my-bucket") as s3_env, ShardServer(scratch / "data" / "colour") as http:
@@ -124,8 +123,9 @@ def run_readme(scratch: Path, images: Path, inception: Path, http: str, env: dic
                 command = command.replace(old, new.format(images=images, inception=inception, http=http))
         if kind == "python":
             argv = [sys.executable, "-c", command]
-        elif command.startswith("python trainer/main.py"):
-            argv = [sys.executable, *command.split()[1:], *SHORT_TRAINING]
+        elif "trainer/main.py" in command:  # python or accelerate launch
+            words = command.split()
+            argv = [sys.executable if words[0] == "python" else words[0], *words[1:], *SHORT_TRAINING]
         elif command.startswith("python "):
             argv = [sys.executable, *command.split()[1:]]
         else:

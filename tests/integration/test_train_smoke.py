@@ -181,6 +181,11 @@ def test_train_state_counts_images_across_a_resume_with_another_batch(tmp_path, 
     assert state["step"] == 6 and state["images_seen"] == 8 + 2 * 1
     assert state["config_hash"] != first["config_hash"]
     assert "note: the config differs from the one that wrote" in result.stdout + result.stderr
+    again = train_cli(run_dir, colour_shards, "train.steps=6", "train.batch_size=1")  # asks for nothing more
+    assert (
+        f"{run_dir} is finished: its checkpoint is at step 6 and train.steps=6, so nothing is trained" in again.stdout
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000004", "step_00000006"]
 
 
 def test_a_train_state_of_a_newer_format_is_refused(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from shards.manifest import shard_entry, split_entry, write_manifest
-from shards.writer import write_shards
+from shards.tar_shards import write_shards
 from tests.conftest import read_metrics, run_bounded, train_command
 from trainer.config.sections import DataConfig
 from trainer.data.health import LOST, BadSampleCounter

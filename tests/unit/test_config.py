@@ -1,3 +1,4 @@
+import re
 import typing
 
 import pytest
@@ -140,3 +141,16 @@ def test_yaml_anchors_within_the_bound_still_work(tmp_path):
     path.write_text("optimizer:\n  lr: &lr 0.001\n  lr_d: *lr\n")
     cfg = load_config(path)
     assert cfg.optimizer.lr == cfg.optimizer.lr_d == pytest.approx(1e-3)
+
+
+def test_help_lists_every_config_section_and_where_the_fields_are(capsys):
+    from trainer.main import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    shown = capsys.readouterr().out
+    for name in ("model", "loss", "optimizer", "schedule", "data", "train", "distributed", "logging", "eval",
+                 "checkpoint", "ema"):  # fmt: skip
+        assert re.search(rf"^  {name} +\S", shown, re.M), name
+    assert "python -m trainer.config --config FILE" in shown

@@ -18,8 +18,8 @@ import torch
 from shards.decode import BadSample, decode_extra, decode_rgb
 from shards.encoding import npy_bytes, png_bytes
 from shards.manifest import shard_entry, split_entry, write_manifest
+from shards.tar_shards import write_shards
 from shards.urls import ShardsError, check_url, expand_shard_spec
-from shards.writer import write_shards
 from tests.conftest import REPO, run_bounded, untrained_export
 from trainer.config.checks import ConfigError
 from trainer.config.load import load_config

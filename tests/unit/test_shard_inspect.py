@@ -16,7 +16,7 @@ from PIL import Image
 from shards.encoding import npy_bytes, png_bytes
 from shards.info import describe_sizes
 from shards.manifest import split_entry, write_manifest
-from shards.writer import write_shards
+from shards.tar_shards import write_shards
 from tests.conftest import REPO, run_bounded
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from shards import write
 from shards.manifest import read_manifest
-from shards.writer import write_shards, write_tar
+from shards.tar_shards import write_shards, write_tar
 from tests.conftest import run_bounded
 
 

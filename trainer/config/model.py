@@ -44,6 +44,8 @@ CHECKPOINTED_GENERATORS = ("resnet_9blocks", "resnet_6blocks", "resnet", "unet_a
 
 @dataclass(kw_only=True)
 class ModelConfig:
+    """The model family and the units' architecture: generators, discriminators, norms, init, CUT's PatchNCE."""
+
     family: FamilyName = "cyclegan"
     """cyclegan: two generators and two discriminators with cycle consistency (Zhu et al., 2017). cut / fastcut:
     one generator X -> Y, one discriminator and a PatchNCE head (Park et al., 2020); fastcut is CUT without the
@@ -163,6 +165,8 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
+    """The adversarial objective and the weights of the cycle, identity, NCE and feature losses."""
+
     gan_mode: Literal["lsgan", "vanilla", "hinge", "wgangp"] = "lsgan"
     """Adversarial objective: least squares (the paper and the article), BCE-with-logits, hinge, or wgangp (WGAN:
     critic scores, with a gradient penalty on random interpolates of real and fake images, weight lambda_gp)."""

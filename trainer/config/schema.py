@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from dataclasses import dataclass, field
 
 from trainer.config.checks import ConfigError, refuse_unused
@@ -105,3 +108,9 @@ class Config:
                 "loss.gan_mode=wgangp with train.precision=fp16: the penalty's input gradient is not loss-scaled and "
                 "underflows in fp16; use bf16 or fp32"
             )
+
+
+def section_summaries() -> dict[str, str]:
+    """Each config section's name and the first line of its documentation, in order."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: inspect.getdoc(hints[f.name]).splitlines()[0] for f in dataclasses.fields(Config)}

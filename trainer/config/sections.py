@@ -11,6 +11,8 @@ from trainer.config.checks import ConfigError, require
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
+    """AdamW of each unit: learning rates, betas, clipping, the kernel, and scaling with the global batch."""
+
     lr: float = 2e-4
     """Adam learning rate of the generator pair (and of the discriminator pair unless lr_d is set)."""
     lr_d: float | None = None
@@ -53,6 +55,8 @@ class OptimizerConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
+    """The learning-rate schedule: warm-up, then constant, linear or cosine decay."""
+
     kind: Literal["linear", "cosine", "constant"] = "linear"
     """linear: constant, then linear decay to zero at train.steps (the paper); cosine: cosine decay to zero."""
     warmup_steps: int = 0
@@ -72,6 +76,8 @@ EXTRA_CHANNELS = {"none": 0, "hist": 24, "label": 1}
 
 @dataclass(kw_only=True)
 class DataConfig:
+    """Where the shards are and how samples are read, decoded, augmented and loaded."""
+
     root: str = ""
     """Tar shards with a manifest.json (written by `python -m shards.write` or `shards.synthetic`): a directory or
     the URL of one on a store, `s3://bucket/prefix`, `gs://bucket/prefix` or `http(s)://host/path`."""
@@ -154,6 +160,8 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """The run: steps, per-rank batch, run directory, seed, precision, resume and the speed levers."""
+
     steps: int = 1000
     """Optimizer updates of each unit."""
     batch_size: int = 1
@@ -207,6 +215,8 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DistributedConfig:
+    """How the units are shared across ranks (DDP, FSDP2, DeepSpeed ZeRO) and the collectives' limits."""
+
     backend: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"
     """auto follows the launcher: DeepSpeed (stage and offload from the accelerate config) when launched with a
     DeepSpeed accelerate config (launch/zero*.yaml), FSDP2 with an FSDP one (launch/fsdp2*.yaml), else DDP.
@@ -248,6 +258,8 @@ class DistributedConfig:
 
 @dataclass(kw_only=True)
 class LoggingConfig:
+    """What the run reports and how often: console, metrics.jsonl, W&B, sample grids, loss spikes."""
+
     wandb: Literal["online", "offline", "disabled"] = "disabled"
     """Weights & Biases mode; offline writes the run under run_dir/wandb for a later `wandb sync`."""
     wandb_fallback: Literal["offline", "stop"] = "offline"
@@ -296,6 +308,8 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
+    """The test-split evaluation: how often, how many images, FID/KID, best-checkpoint selection."""
+
     every_steps: int = 0
     """Evaluate on the test split every N steps (and at the end); 0 means only at the end."""
     images: int = 64
@@ -324,6 +338,8 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
+    """When checkpoints are saved and kept, and how (in the background or not)."""
+
     every_steps: int = 0
     """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
     keep: int = 3
@@ -347,6 +363,8 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class EMAConfig:
+    """The generators' exponential moving average, used for evaluation, sample grids and the export."""
+
     enabled: bool = False
     """Keep an exponential moving average of the generators' weights (StyleGAN2-ADA's rule) and use it for
     evaluation, sample grids and the export (the raw generators are exported too, under export/raw)."""
