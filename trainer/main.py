@@ -7,7 +7,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     # Run as a script (how `accelerate launch` runs it): Python put trainer/ itself first on sys.path, where
-    # trainer/data.py or trainer/config.py would shadow same-named top-level modules. Use the repo root instead.
+    # trainer/data/ or trainer/config/ would shadow same-named top-level packages. Use the repo root instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from trainer.runtime.process_exit import exit_process, peer_failure, record_early_signals  # noqa: E402

@@ -30,8 +30,9 @@ from trainer.data.loader import UnpairedLoader
 from trainer.data.test_sets import TestSet
 from trainer.eval.evaluator import Evaluator, eval_mode, selection_score
 from trainer.observe.console import Console
+from trainer.observe.grids import image_grid
 from trainer.observe.nonfinite import NonfiniteGuard
-from trainer.observe.tracking import Tracker, image_grid
+from trainer.observe.tracking import Tracker
 from trainer.runtime.engine import Engine
 from trainer.runtime.preemption import PreemptionFlag
 

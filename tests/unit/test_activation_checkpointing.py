@@ -13,10 +13,13 @@ import torch
 from benchmarks.activation_memory import SavedTensorBytes
 from tests.integration.test_levers import train_tiny
 from trainer.config.checks import ConfigError
+from trainer.config.generators import generators_where
 from trainer.config.load import load_config
-from trainer.config.model import CHECKPOINTED_GENERATORS, ModelConfig
+from trainer.config.model import ModelConfig
 from trainer.models import GENERATORS, build_generator, layers, set_activation_checkpointing
 from trainer.models.resnet import ResnetBlock
+
+CHECKPOINTED_GENERATORS = generators_where(lambda facts: facts.checkpointable)
 
 # One of each generator family, at its smallest image size.
 FAMILIES = {"resnet": 32, "unet_article": 32, "unet_128": 128, "unet_256": 256}

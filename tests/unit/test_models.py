@@ -1,9 +1,13 @@
+import typing
+
 import pytest
 import torch
 
 from trainer.algorithms.cyclegan import build_units
-from trainer.config.model import LossConfig, ModelConfig
-from trainer.models import GENERATORS, build_discriminator, build_generator, build_hnet
+from trainer.config.generators import GENERATOR_FACTS
+from trainer.config.model import GeneratorName, LossConfig, ModelConfig
+from trainer.models import CHECKPOINTABLE, GENERATORS, build_discriminator, build_generator, build_hnet
+from trainer.models.resnet import ResnetBlock
 
 
 def count(module: torch.nn.Module) -> int:
@@ -81,3 +85,23 @@ def test_init_schemes(init):
         assert conv.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.1)
     assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.02)
     assert torch.all(bn.bias == 0)
+
+
+def test_the_builders_and_the_facts_name_the_same_generators():
+    assert list(GENERATORS) == list(GENERATOR_FACTS) == list(typing.get_args(GeneratorName))
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_each_generator_is_what_its_facts_say(name):
+    """The config checks with GENERATOR_FACTS; the networks must agree: what can be checkpointed, the layers
+    PatchNCE reads, the input multiple."""
+    cfg = ModelConfig(generator=name, ngf=4, norm_g="instance")
+    facts = GENERATOR_FACTS[name]
+    net = build_generator(cfg)
+    assert isinstance(net, CHECKPOINTABLE) == facts.checkpointable
+    if facts.feature_layers is not None:
+        depth = facts.feature_layers(cfg)
+        assert isinstance(net.net[depth - 1], ResnetBlock) and isinstance(net.net[depth], torch.nn.ConvTranspose2d)
+    side = facts.multiple(cfg)
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 3, 2 * side, 2 * side)).shape[-1] == 2 * side

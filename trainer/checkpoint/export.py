@@ -49,11 +49,9 @@ from trainer.runtime.run_files import fsync_dir, remove, write_file
 MODEL_JSON = "model.json"
 
 MAX_SMALL_JSON = 1 << 20
-
 """Bytes read at most from an export's model.json or COMPLETE."""
 
 HEADER_BYTES = 16 << 20
-
 """Allowance for a safetensors file's header: a generator file may hold 8 bytes per parameter of the model plus this."""
 
 

@@ -24,21 +24,17 @@ UNIVERSAL = "units.safetensors"
 TRAIN_STATE = "train_state.json"
 
 STATE_FORMAT = 1
-
 """train_state.json's format: 1 adds format, images_seen and config_hash (earlier checkpoints have none: 0)."""
 
 STEP_DIR = re.compile(r"step_(\d{8})")
 
 DAMAGED = ".damaged"
-
 """Suffix of checkpoints set aside because they were damaged (never resumed from, never deleted)."""
 
 DEBRIS = (".tmp", ".old")
-
 """Suffixes of the directories an interrupted save or rotation leaves, which the next save removes."""
 
 MAX_STEP = 10**8 - 1
-
 """Steps a checkpoint name can hold (step_XXXXXXXX)."""
 
 MAX_WORLD_SIZE = 1 << 20

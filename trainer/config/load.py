@@ -18,11 +18,9 @@ from trainer.config.checks import ConfigError, show
 from trainer.config.schema import Config
 
 MAX_YAML_VALUES = 100_000
-
 """A config's values counted with YAML aliases expanded: more is refused (an alias bomb under a known key)."""
 
 MAX_CONFIG_BYTES = 1 << 20
-
 """Bytes of a config file read at most (ours are a few KiB): a larger file is refused before it is parsed."""
 
 

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from trainer.config.checks import ConfigError, refuse_unused, require
+from trainer.config.generators import GENERATOR_FACTS, generators_where
 
-GeneratorName = Literal[
-    "resnet_9blocks", "resnet_6blocks", "resnet", "unet_article", "unet_128", "unet_256", "encoder_decoder", "densenet"
-]
+GeneratorName = Literal[tuple(GENERATOR_FACTS)]  # type: ignore[valid-type]  # the names of the one table
 
 DiscriminatorName = Literal["patchgan", "pixel", "hnet"]
 
@@ -18,28 +17,14 @@ NormName = Literal["batch", "instance", "none"]
 FamilyName = Literal["cyclegan", "cut", "fastcut"]
 
 CONTRASTIVE_FAMILIES = ("cut", "fastcut")
-
 """Families trained with PatchNCE (trainer/algorithms/cut.py): one generator X -> Y and one discriminator."""
 
-NCE_GENERATORS = ("resnet_9blocks", "resnet_6blocks", "resnet")
-
-"""Generators whose encoder layers PatchNCE reads (a flat stack of layers, like the paper's)."""
 
 NCE_MODEL_FIELDS = ("nce_layers", "nce_patches", "nce_mlp_channels", "nce_identity", "flip_equivariance")
-
 """The model fields only CUT/FastCUT use."""
 
 TRAINING_MODEL_FIELDS = ("nce_patches", "nce_identity", "flip_equivariance")
-
 """Model fields that change how the units train, not their weights: a resumed run may change them."""
-
-RESNET_STEM_LAYERS = 10
-
-"""Layers of the ResNet generator before its first residual block (stem conv and two downsamplings)."""
-
-CHECKPOINTED_GENERATORS = ("resnet_9blocks", "resnet_6blocks", "resnet", "unet_article", "unet_128", "unet_256")
-
-"""Generators whose blocks train.activation_checkpointing can recompute."""
 
 
 @dataclass(kw_only=True)
@@ -96,14 +81,15 @@ class ModelConfig:
         require(self.ngf >= 1, "model.ngf", self.ngf, "an integer >= 1")
         require(self.ndf >= 1, "model.ndf", self.ndf, "an integer >= 1")
         require(self.n_layers_d >= 1, "model.n_layers_d", self.n_layers_d, "an integer >= 1")
-        fixed = {"resnet_6blocks": 6, "resnet_9blocks": 9}.get(self.generator)
+        facts = GENERATOR_FACTS[self.generator]
+        fixed = facts.fixed_blocks
         if fixed is not None and self.n_blocks not in (None, fixed):
             raise ConfigError(
                 f"model.n_blocks={self.n_blocks} contradicts model.generator={self.generator}; "
                 "use model.generator=resnet to choose the block count"
             )
         if self.n_blocks is None:
-            self.n_blocks = fixed or {"densenet": 3}.get(self.generator, 9)
+            self.n_blocks = facts.default_blocks
         require(self.n_blocks >= 1, "model.n_blocks", self.n_blocks, "an integer >= 1")
         require(1 <= self.n_skip <= 6, "model.n_skip", self.n_skip, "an integer in [1, 6]")
         require(self.init_gain > 0, "model.init_gain", self.init_gain, "a number > 0")
@@ -121,9 +107,11 @@ class ModelConfig:
 
     def _resolve_nce(self) -> None:
         """Check the CUT/FastCUT fields and fill in the family's defaults."""
-        if self.generator not in NCE_GENERATORS:
+        layers = GENERATOR_FACTS[self.generator].feature_layers
+        if layers is None:
+            readable = ", ".join(generators_where(lambda facts: facts.feature_layers))
             raise ConfigError(
-                f"model.family={self.family} needs a ResNet generator ({', '.join(NCE_GENERATORS)}), got "
+                f"model.family={self.family} needs a ResNet generator ({readable}), got "
                 f"model.generator={self.generator}: PatchNCE reads the features of its encoder layers"
             )
         if self.discriminator == "hnet":
@@ -131,7 +119,7 @@ class ModelConfig:
                 f"model.family={self.family} trains one discriminator; model.discriminator=hnet is CycleGAN's pair "
                 "with a shared trunk: use patchgan or pixel"
             )
-        depth = RESNET_STEM_LAYERS + self.n_blocks
+        depth = layers(self)
         if self.nce_layers is None:
             self.nce_layers = [layer for layer in (0, 4, 7, 10, 14) if layer < depth]
         require(
@@ -158,9 +146,7 @@ class ModelConfig:
 
     def min_image_multiple(self) -> int:
         """The spatial size of images must be a multiple of this for the chosen generator."""
-        return {"unet_128": 2**7, "unet_256": 2**8, "unet_article": 2**self.n_skip, "encoder_decoder": 16}.get(
-            self.generator, 4
-        )
+        return GENERATOR_FACTS[self.generator].multiple(self)
 
 
 @dataclass(kw_only=True)

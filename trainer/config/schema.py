@@ -8,7 +8,8 @@ import typing
 from dataclasses import dataclass, field
 
 from trainer.config.checks import ConfigError, refuse_unused
-from trainer.config.model import CHECKPOINTED_GENERATORS, CONTRASTIVE_FAMILIES, LossConfig, ModelConfig
+from trainer.config.generators import GENERATOR_FACTS, generators_where
+from trainer.config.model import CONTRASTIVE_FAMILIES, LossConfig, ModelConfig
 from trainer.config.sections import (
     EXTRA_CHANNELS,
     CheckpointConfig,
@@ -56,10 +57,10 @@ class Config:
                 "train.fuse_generator_passes=true needs model.norm_g=instance or none: batch norm would compute its "
                 "statistics over both domains at once; set it to false for model.norm_g=batch"
             )
-        if self.train.activation_checkpointing and self.model.generator not in CHECKPOINTED_GENERATORS:
+        if self.train.activation_checkpointing and not GENERATOR_FACTS[self.model.generator].checkpointable:
             raise ConfigError(
                 f"train.activation_checkpointing=true is not available for model.generator={self.model.generator}; "
-                f"expected one of {', '.join(CHECKPOINTED_GENERATORS)}"
+                f"expected one of {', '.join(generators_where(lambda facts: facts.checkpointable))}"
             )
         if self.loss.gan_mode == "wgangp":
             self._check_penalty()

@@ -70,7 +70,6 @@ class ScheduleConfig:
 
 
 EXTRA_CHANNELS = {"none": 0, "hist": 24, "label": 1}
-
 """Generator input channels added by each per-sample extra (hist: 8 bins x RGB; label: one map)."""
 
 

@@ -12,11 +12,9 @@ from trainer.data.plan import DataError
 BAD_KINDS = ("corrupt", "missing", "truncated", "unavailable")
 
 STORE_DOWN_SHARDS = 3
-
 """This many shards in a row unreadable within their retry budget stop training: the store is down."""
 
 MIN_SAMPLES_FOR_BAD_FRACTION = 100
-
 """The bad-sample fraction is judged once at least this many samples were read."""
 
 
@@ -68,7 +66,6 @@ class BadSampleCounter:
 
 
 LOST = "__lost__"
-
 """The key of a placeholder for a sample a short shard did not deliver; its value is the kind of bad sample."""
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from trainer.runtime.backends import Unit
 
 GROUPS = {  # the terms of each loss shown on the console, by the name it is shown under
     "g": {"adv": ("adv_g_xy", "adv_g_yx"), "cycle": ("cycle_x", "cycle_y"), "idt": ("idt_x", "idt_y"),
@@ -29,7 +32,7 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def loss_summary(logged: dict[str, float], unit: str) -> str:
+def loss_summary(logged: dict[str, float], unit: Unit) -> str:
     """`3.21 (adv 0.98, cycle 1.73, idt 0.51)`: a unit's total loss and its groups present in `logged`."""
     parts = []
     for name, terms in GROUPS[unit].items():

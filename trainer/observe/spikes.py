@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from shards.encoding import png_bytes
-from trainer.observe.tracking import image_grid
+from trainer.observe.grids import image_grid
 from trainer.runtime.run_files import write_file
 
 MIN_HISTORY = 10  # values of a term seen before it can spike

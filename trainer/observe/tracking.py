@@ -25,6 +25,7 @@ import torch
 from shards.encoding import png_bytes
 from trainer.config.checks import ConfigError
 from trainer.config.sections import LoggingConfig
+from trainer.observe.spikes import SpikeCapture
 from trainer.runtime.run_files import open_append, write_atomic, write_file
 
 WANDB_LAST_STEP = ".wandb_last_step"
@@ -38,13 +39,6 @@ def _gist(err: BaseException) -> str:
     """The first line of an exception's message, or its type's name."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
-
-
-def image_grid(rows: list[list[torch.Tensor]]) -> np.ndarray:
-    """Tile images [3, H, W] in [-1, 1] into one uint8 array [rows*H, cols*W, 3]."""
-    tiles = [torch.cat([img.detach().float().cpu() for img in row], dim=2) for row in rows]
-    grid = torch.cat(tiles, dim=1).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return grid.permute(1, 2, 0).numpy()
 
 
 def git_commit() -> str:
@@ -112,10 +106,6 @@ class Tracker:
         self.jsonl, last_logged = self._open_jsonl(run_dir / "metrics.jsonl", resume_step)
         self.steps_redone = max(0, last_logged - resume_step)
         if cfg.spike_factor > 0:
-            from trainer.observe.spikes import (
-                SpikeCapture,  # imported here: trainer.observe.spikes imports this module's image_grid
-            )
-
             self.spikes = SpikeCapture(run_dir, cfg.spike_factor, cfg.spike_check_steps)
         if self.use_wandb:
             self._start_wandb(cfg, {**config, "git_commit": git_commit()}, wandb_run_id)

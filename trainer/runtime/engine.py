@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -21,12 +21,14 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from trainer.config.checks import ConfigError
 from trainer.config.sections import DistributedConfig, EMAConfig, OptimizerConfig, TrainConfig
-from trainer.runtime.backends import UNITS, Backend, build_backend, resolve_backend
+from trainer.runtime.backends import UNITS, Backend, Unit, build_backend, resolve_backend
 from trainer.runtime.ema import GeneratorEMA
 from trainer.runtime.precision import resolve_precision
 
-EMA_UNIT = "g_ema"
+EMA_UNIT: Literal["g_ema"] = "g_ema"
 """The generators' moving average in a checkpoint (trainer.runtime.ema)."""
+CheckpointUnit = Unit | Literal["g_ema"]
+"""A unit of a checkpoint's units.safetensors: the two trainable units and the generators' average."""
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -115,13 +117,13 @@ class Engine:
         self.schedulers = schedulers
         return self.backend.prepare(self.accelerator, units, optimizers)
 
-    def unwrap(self, which: str) -> nn.Module:
+    def unwrap(self, which: Unit) -> nn.Module:
         """The plain module of unit `which`, for forwards that must bypass the DDP wrapper or DeepSpeed engine
         (the frozen discriminators in the generator step, sampling, evaluation)."""
         return self.backend.unwrap(which)
 
     @contextlib.contextmanager
-    def frozen(self, which: str) -> Iterator[nn.Module]:
+    def frozen(self, which: Unit) -> Iterator[nn.Module]:
         """Turn off requires_grad of unit `which` for the block and yield its plain module."""
         module = self.unwrap(which)
         flags = [p.requires_grad for p in module.parameters()]
@@ -138,16 +140,16 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
-    def accumulate(self, which: str, is_last: bool) -> contextlib.AbstractContextManager:
+    def accumulate(self, which: Unit, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward and backward of unit `which`: gradients are synchronized across
         ranks only on the last micro-batch."""
         return self.backend.no_sync(which, is_last)
 
-    def backward(self, loss: torch.Tensor, which: str) -> None:
+    def backward(self, loss: torch.Tensor, which: Unit) -> None:
         """Backward of one micro-batch's loss into unit `which`, averaged over the accumulation steps."""
         self.backend.backward(which, loss)
 
-    def step(self, which: str) -> torch.Tensor:
+    def step(self, which: Unit) -> torch.Tensor:
         """Finish the update of unit `which` after its last micro-batch and step its LR schedule. A NaN or
         infinite gradient norm skips the optimizer step.
 
@@ -158,20 +160,20 @@ class Engine:
         self.schedulers[which].step()
         return norm
 
-    def lr(self, which: str) -> float:
+    def lr(self, which: Unit) -> float:
         """Current learning rate of unit `which`."""
         return self.schedulers[which].get_last_lr()[0]
 
-    def loss_scale(self, which: str) -> float:
+    def loss_scale(self, which: Unit) -> float:
         """Current fp16 loss scale of unit `which` (1.0 without fp16). Syncs with the device: call at log time."""
         return self.backend.loss_scale(which)
 
-    def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, which: Unit) -> dict[str, torch.Tensor]:
         """Consolidated fp32 weights and buffers of unit `which` on CPU; a collective where ranks hold parts of
         them (every rank must call it)."""
         return self.backend.full_state_dict(which)
 
-    def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
+    def full_shapes(self, which: CheckpointUnit) -> dict[str, tuple[int, ...]]:
         """Full (unpartitioned) shape of every parameter and buffer of unit `which` (or EMA_UNIT), by name."""
         return self.backend.full_shapes("g" if which == EMA_UNIT else which)
 
@@ -199,16 +201,16 @@ class Engine:
         )
 
     @property
-    def checkpoint_units(self) -> tuple[str, ...]:
+    def checkpoint_units(self) -> tuple[CheckpointUnit, ...]:
         """The units a checkpoint holds: with an average also EMA_UNIT (its parameters and the generators'
         buffers)."""
         return (*UNITS, EMA_UNIT) if self.ema is not None else UNITS
 
-    def state_bytes(self, which: str) -> dict[str, int]:
+    def state_bytes(self, which: Unit) -> dict[str, int]:
         """Bytes this rank holds of unit `which`: `params` (whole, or its shards) and `optimizer` state."""
         return self.backend.state_bytes(which)
 
-    def universal_state(self, which: str) -> dict[str, torch.Tensor]:
+    def universal_state(self, which: CheckpointUnit) -> dict[str, torch.Tensor]:
         """Backend-independent full state of unit `which` on CPU: fp32 weights and buffers by name, Adam's
         `NAME.exp_avg` / `NAME.exp_avg_sq` and its update count `__step__` (once it has stepped); for EMA_UNIT the
         generators' moving average (weights and buffers). A collective where ranks hold parts of it."""
@@ -217,7 +219,7 @@ class Engine:
             return {**buffers, **self.backend.full_from_shards("g", self.ema.average)}
         return self.backend.universal_state(which)
 
-    def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
+    def load_universal_state(self, which: CheckpointUnit, state: dict[str, torch.Tensor]) -> None:
         """Load what `universal_state` returned, whatever backend and world size wrote it (a collective)."""
         if which == EMA_UNIT:
             self.ema.take(self.backend.shards_from_full("g", state))

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import socket
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Literal, Mapping, Protocol
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,9 @@ from torch.distributed.tensor import DTensor
 from trainer.config.checks import ConfigError
 from trainer.config.sections import DistributedConfig, OptimizerConfig, TrainConfig
 
-UNITS = ("g", "d")
+Unit = Literal["g", "d"]
+"""A trainable unit: the generator pair (g) or the discriminator pair (d)."""
+UNITS: tuple[Unit, ...] = ("g", "d")
 LAUNCHED_NAMES = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2"}
 
 
@@ -53,47 +55,47 @@ class Backend(Protocol):
     ) -> dict[str, nn.Module]:
         """Wrap the units and their optimizers; returns the wrapped units."""
 
-    def unwrap(self, which: str) -> nn.Module:
+    def unwrap(self, which: Unit) -> nn.Module:
         """The plain module of unit `which` (for forwards that bypass the wrapper)."""
 
-    def no_sync(self, which: str, is_last: bool) -> contextlib.AbstractContextManager:
+    def no_sync(self, which: Unit, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch of unit `which`: gradients are synchronized only on the last one."""
 
-    def backward(self, which: str, loss: torch.Tensor) -> None:
+    def backward(self, which: Unit, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss, averaged over the accumulation steps."""
 
-    def step(self, which: str) -> torch.Tensor:
+    def step(self, which: Unit) -> torch.Tensor:
         """Finish the update after the last micro-batch (skipping a non-finite one); returns the grad norm."""
 
-    def loss_scale(self, which: str) -> float:
+    def loss_scale(self, which: Unit) -> float:
         """The current fp16 loss scale (1.0 without one)."""
 
-    def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, which: Unit) -> dict[str, torch.Tensor]:
         """Consolidated fp32 weights and buffers on CPU (a collective where ranks hold parts)."""
 
-    def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
+    def full_shapes(self, which: Unit) -> dict[str, tuple[int, ...]]:
         """The full shape of every parameter and buffer."""
 
-    def parameter_shards(self, which: str) -> list[torch.Tensor]:
+    def parameter_shards(self, which: Unit) -> list[torch.Tensor]:
         """The tensors this rank holds of each parameter of unit `which`, in `parameters()` order, as the forward
         reads them: writing into them changes the weights (whole parameters, or this rank's shards)."""
 
-    def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
+    def write_parameter_shards(self, which: Unit, shards: list[torch.Tensor]) -> None:
         """Make the forward of unit `which` use `shards` (laid out like `parameter_shards`) as its weights (a
         collective where the forward reads gathered copies)."""
 
-    def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def full_from_shards(self, which: Unit, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Full fp32 tensors on CPU, by parameter name, from tensors laid out like `parameter_shards` (a
         collective where ranks hold parts)."""
 
-    def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def shards_from_full(self, which: Unit, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """This rank's part of each full tensor (by parameter name) laid out like `parameter_shards`, in fp32 on
         the parameters' device; no communication (every rank holds `full`)."""
 
-    def universal_state(self, which: str) -> dict[str, torch.Tensor]:
+    def universal_state(self, which: Unit) -> dict[str, torch.Tensor]:
         """Weights, buffers, Adam's moments (`NAME.exp_avg`, `NAME.exp_avg_sq`) and `__step__`, full and on CPU."""
 
-    def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
+    def load_universal_state(self, which: Unit, state: dict[str, torch.Tensor]) -> None:
         """Load what any backend's `universal_state` returned, at any world size."""
 
     def scaler_state(self) -> dict[str, dict]:
@@ -102,7 +104,7 @@ class Backend(Protocol):
     def load_scaler_state(self, state: dict[str, dict]) -> None:
         """Restore what `scaler_state` returned."""
 
-    def state_bytes(self, which: str) -> dict[str, int]:
+    def state_bytes(self, which: Unit) -> dict[str, int]:
         """Bytes this rank holds of unit `which`: `params` (its parameters or their shards) and `optimizer` (the
         optimizer's state tensors)."""
 

@@ -18,6 +18,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from trainer.config.sections import DistributedConfig, TrainConfig
 from trainer.runtime.backends import (
     UNITS,
+    Unit,
     buffers_on_cpu,
     host_copy,
     load_with_adam_moments,
@@ -70,20 +71,20 @@ class DDPBackend:
         self.optimizers = dict(zip(UNITS, prepared[2:]))
         return self.units
 
-    def unwrap(self, which: str) -> nn.Module:
+    def unwrap(self, which: Unit) -> nn.Module:
         unit = self.units[which]
         return unit.module if isinstance(unit, nn.parallel.DistributedDataParallel) else unit
 
-    def no_sync(self, which: str, is_last: bool) -> contextlib.AbstractContextManager:
+    def no_sync(self, which: Unit, is_last: bool) -> contextlib.AbstractContextManager:
         skip_sync = self.cfg.debug_skip_grad_sync or not is_last
         if self.world_size == 1 or not skip_sync:
             return contextlib.nullcontext()
         return self.units[which].no_sync()
 
-    def backward(self, which: str, loss: torch.Tensor) -> None:
+    def backward(self, which: Unit, loss: torch.Tensor) -> None:
         self.scalers[which].scale(loss / self.accum_steps).backward()
 
-    def step(self, which: str) -> torch.Tensor:
+    def step(self, which: Unit) -> torch.Tensor:
         """Unscale, clip, optimizer step, zero grads. A NaN or infinite gradient norm skips the optimizer step:
         under fp16 the unit's scaler decides (and lowers its scale); otherwise the fused AdamW skips on the device
         (no host sync), the other kernels after one host check."""
@@ -99,40 +100,40 @@ class DDPBackend:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def loss_scale(self, which: str) -> float:
+    def loss_scale(self, which: Unit) -> float:
         return float(self.scalers[which].get_scale()) if self.scalers[which].is_enabled() else 1.0
 
-    def parameter_shards(self, which: str) -> list[torch.Tensor]:
+    def parameter_shards(self, which: Unit) -> list[torch.Tensor]:
         return [param.data for param in self.unwrap(which).parameters()]
 
-    def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
+    def write_parameter_shards(self, which: Unit, shards: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for target, shard in zip(self.parameter_shards(which), shards, strict=True):
                 target.copy_(shard)
 
-    def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def full_from_shards(self, which: Unit, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         names = [name for name, _ in self.unwrap(which).named_parameters()]
         return {name: host_copy(shard.float()) for name, shard in zip(names, shards, strict=True)}
 
-    def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def shards_from_full(self, which: Unit, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [full[name].to(param.device, torch.float32) for name, param in self.unwrap(which).named_parameters()]
 
-    def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, which: Unit) -> dict[str, torch.Tensor]:
         module = self.unwrap(which)
         state = buffers_on_cpu(module)
         for name, param in module.named_parameters():
             state[name] = host_copy(param.float())
         return state
 
-    def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
+    def full_shapes(self, which: Unit) -> dict[str, tuple[int, ...]]:
         module = self.unwrap(which)
         return {name: tuple(t.shape) for name, t in [*module.named_buffers(), *module.named_parameters()]}
 
-    def universal_state(self, which: str) -> dict[str, torch.Tensor]:
+    def universal_state(self, which: Unit) -> dict[str, torch.Tensor]:
         base = self._base_optimizer(which)
         return with_adam_moments(self.full_state_dict(which), self.unwrap(which), base, lambda p, k: base.state[p][k])
 
-    def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
+    def load_universal_state(self, which: Unit, state: dict[str, torch.Tensor]) -> None:
         load_with_adam_moments(self.unwrap(which), self._base_optimizer(which), state, lambda param, full: full)
 
     def scaler_state(self) -> dict[str, dict]:
@@ -143,12 +144,12 @@ class DDPBackend:
             if scaler_state:
                 self.scalers[unit].load_state_dict(scaler_state)
 
-    def state_bytes(self, which: str) -> dict[str, int]:
+    def state_bytes(self, which: Unit) -> dict[str, int]:
         return {
             "params": local_bytes(self.unwrap(which).parameters()),
             "optimizer": local_bytes(optimizer_tensors(self._base_optimizer(which))),
         }
 
-    def _base_optimizer(self, which: str) -> torch.optim.Optimizer:
+    def _base_optimizer(self, which: Unit) -> torch.optim.Optimizer:
         """The torch optimizer under accelerate's wrapper."""
         return getattr(self.optimizers[which], "optimizer", self.optimizers[which])

@@ -22,6 +22,7 @@ from trainer.config.checks import ConfigError
 from trainer.config.sections import DistributedConfig, TrainConfig
 from trainer.runtime.backends import (
     UNITS,
+    Unit,
     buffers_on_cpu,
     host_copy,
     local_bytes,
@@ -110,32 +111,32 @@ class DeepSpeedBackend:
             self.units[name], self.optimizers[name] = accelerator.prepare(units[name], optimizers[name])
         return self.units
 
-    def unwrap(self, which: str) -> nn.Module:
+    def unwrap(self, which: Unit) -> nn.Module:
         return self.units[which].module
 
-    def no_sync(self, which: str, is_last: bool) -> contextlib.AbstractContextManager:
+    def no_sync(self, which: Unit, is_last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed manages its own accumulation boundary
 
-    def backward(self, which: str, loss: torch.Tensor) -> None:
+    def backward(self, which: Unit, loss: torch.Tensor) -> None:
         engine = self.units[which]
         engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
         engine.step()  # counts micro-batches; updates only at the accumulation boundary
 
-    def step(self, which: str) -> torch.Tensor:
+    def step(self, which: Unit) -> torch.Tensor:
         """The update happened in the last micro-batch's engine.step(); DeepSpeed skips non-finite steps itself.
         Returns its gradient norm (inf when it skipped the step)."""
         norm = self.units[which].get_global_grad_norm()
         return torch.tensor(float("inf") if norm is None else float(norm))
 
-    def loss_scale(self, which: str) -> float:
+    def loss_scale(self, which: Unit) -> float:
         return float(getattr(self.units[which].optimizer, "cur_scale", 1.0))
 
-    def parameter_shards(self, which: str) -> list[torch.Tensor]:
+    def parameter_shards(self, which: Unit) -> list[torch.Tensor]:
         """ZeRO-3: each parameter's partition (`ds_tensor`); ZeRO-1/2: the whole parameters. In the module's dtype
         (bf16 under train.precision=bf16: DeepSpeed's fp32 master copies live in its optimizer)."""
         return [getattr(param, "ds_tensor", param).data for param in self.unwrap(which).parameters()]
 
-    def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
+    def write_parameter_shards(self, which: Unit, shards: list[torch.Tensor]) -> None:
         """ZeRO-3: a collective. Its forward reads gathered copies, which small (persistent) parameters keep between
         forwards: each parameter is written whole and re-partitioned, as loading a checkpoint does."""
         with torch.no_grad():
@@ -156,7 +157,7 @@ class DeepSpeedBackend:
         torch.distributed.all_gather(parts, shard)
         return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
 
-    def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def full_from_shards(self, which: Unit, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """ZeRO-3: a collective (each partition is all-gathered and the padding dropped)."""
         full = {}
         for (name, param), shard in zip(self.unwrap(which).named_parameters(), shards, strict=True):
@@ -165,7 +166,7 @@ class DeepSpeedBackend:
             full[name] = host_copy(shard.float())
         return full
 
-    def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def shards_from_full(self, which: Unit, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for name, param in self.unwrap(which).named_parameters():
             value = full[name].to(self.device, torch.float32)
@@ -178,7 +179,7 @@ class DeepSpeedBackend:
         flat = F.pad(full.flatten().to(self.device), (0, size * self.world_size - full.numel()))
         return flat.narrow(0, size * self.rank, size)
 
-    def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, which: Unit) -> dict[str, torch.Tensor]:
         """A collective: ZeRO shards or half-precision copies hold the parameters."""
         module = self.unwrap(which)
         state = buffers_on_cpu(module)
@@ -186,14 +187,14 @@ class DeepSpeedBackend:
             state[name] = host_copy(ds_utils.safe_get_full_fp32_param(param))
         return state
 
-    def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
+    def full_shapes(self, which: Unit) -> dict[str, tuple[int, ...]]:
         module = self.unwrap(which)
         shapes = {name: tuple(buf.shape) for name, buf in module.named_buffers()}
         for name, param in module.named_parameters():
             shapes[name] = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape apart
         return shapes
 
-    def universal_state(self, which: str) -> dict[str, torch.Tensor]:
+    def universal_state(self, which: Unit) -> dict[str, torch.Tensor]:
         """A collective (every rank must call it)."""
         return with_adam_moments(
             self.full_state_dict(which),
@@ -202,7 +203,7 @@ class DeepSpeedBackend:
             ds_utils.safe_get_full_optimizer_state,
         )
 
-    def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
+    def load_universal_state(self, which: Unit, state: dict[str, torch.Tensor]) -> None:
         """A collective. Weights go into the module and DeepSpeed's fp32 master partitions, Adam's moments into
         this rank's share of the optimizer state."""
         module, base = self.unwrap(which), self._base_optimizer(which)
@@ -255,13 +256,13 @@ class DeepSpeedBackend:
             if values:
                 set_scaler_state(self.units[unit].optimizer, values)
 
-    def state_bytes(self, which: str) -> dict[str, int]:
+    def state_bytes(self, which: Unit) -> dict[str, int]:
         """The module's parameters (ZeRO-3: this rank's partitions) and the optimizer's state on its flat fp32
         partitions."""
         params = [getattr(p, "ds_tensor", p) for p in self.unwrap(which).parameters()]
         return {"params": local_bytes(params), "optimizer": local_bytes(optimizer_tensors(self._base_optimizer(which)))}
 
-    def _base_optimizer(self, which: str) -> torch.optim.Optimizer:
+    def _base_optimizer(self, which: Unit) -> torch.optim.Optimizer:
         """The torch optimizer under accelerate's wrapper and DeepSpeed's ZeRO optimizer."""
         inner = getattr(self.optimizers[which], "optimizer", self.optimizers[which])
         return getattr(inner, "optimizer", inner)

@@ -28,6 +28,7 @@ from trainer.config.checks import ConfigError
 from trainer.config.sections import DistributedConfig, TrainConfig
 from trainer.runtime.backends import (
     UNITS,
+    Unit,
     buffers_on_cpu,
     host_copy,
     load_with_adam_moments,
@@ -148,16 +149,16 @@ class FSDP2Backend:
             self.optimizers[name] = _swap_parameters(optimizers[name], before, dict(unit.named_parameters()))
         return self.units
 
-    def unwrap(self, which: str) -> nn.Module:
+    def unwrap(self, which: Unit) -> nn.Module:
         return self.units[which]  # fully_shard works in place: the unit holds its sharded networks
 
-    def no_sync(self, which: str, is_last: bool) -> contextlib.AbstractContextManager:
+    def no_sync(self, which: Unit, is_last: bool) -> contextlib.AbstractContextManager:
         return _gradient_sync(self.roots[which], is_last)
 
-    def backward(self, which: str, loss: torch.Tensor) -> None:
+    def backward(self, which: Unit, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def step(self, which: str) -> torch.Tensor:
+    def step(self, which: Unit) -> torch.Tensor:
         """Clip (the norm is all-reduced over the shards), step unless the norm is not finite, zero grads."""
         optimizer = self.optimizers[which]
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -167,25 +168,25 @@ class FSDP2Backend:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def loss_scale(self, which: str) -> float:
+    def loss_scale(self, which: Unit) -> float:
         return 1.0
 
-    def parameter_shards(self, which: str) -> list[torch.Tensor]:
+    def parameter_shards(self, which: Unit) -> list[torch.Tensor]:
         """Resharded first: with reshard_after_forward=false a no-grad forward leaves the unit unsharded."""
         self._reshard(which)
         return [param.data.to_local() for param in self.unwrap(which).parameters()]
 
-    def _reshard(self, which: str) -> None:
+    def _reshard(self, which: Unit) -> None:
         for root in self.roots[which]:
             root.reshard()
 
-    def write_parameter_shards(self, which: str, shards: list[torch.Tensor]) -> None:
+    def write_parameter_shards(self, which: Unit, shards: list[torch.Tensor]) -> None:
         """Into the local shards, which the next forward all-gathers."""
         with torch.no_grad():
             for target, shard in zip(self.parameter_shards(which), shards, strict=True):
                 target.copy_(shard)
 
-    def full_from_shards(self, which: str, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def full_from_shards(self, which: Unit, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """A collective (each tensor is all-gathered)."""
         self._reshard(which)
         full = {}
@@ -195,13 +196,13 @@ class FSDP2Backend:
             full[name] = host_copy(spread.full_tensor().float())
         return full
 
-    def shards_from_full(self, which: str, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def shards_from_full(self, which: Unit, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         self._reshard(which)
         return [
             _slice_like(param, full[name]).to_local().float() for name, param in self.units[which].named_parameters()
         ]
 
-    def full_state_dict(self, which: str) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, which: Unit) -> dict[str, torch.Tensor]:
         """A collective (each parameter is all-gathered)."""
         module = self.units[which]
         state = buffers_on_cpu(module)
@@ -209,18 +210,18 @@ class FSDP2Backend:
             state[name] = host_copy(_full(param).float())
         return state
 
-    def full_shapes(self, which: str) -> dict[str, tuple[int, ...]]:
+    def full_shapes(self, which: Unit) -> dict[str, tuple[int, ...]]:
         module = self.units[which]
         return {name: tuple(t.shape) for name, t in [*module.named_buffers(), *module.named_parameters()]}
 
-    def universal_state(self, which: str) -> dict[str, torch.Tensor]:
+    def universal_state(self, which: Unit) -> dict[str, torch.Tensor]:
         """A collective (every rank must call it)."""
         optimizer = self.optimizers[which]
         return with_adam_moments(
             self.full_state_dict(which), self.units[which], optimizer, lambda p, key: _full(optimizer.state[p][key])
         )
 
-    def load_universal_state(self, which: str, state: dict[str, torch.Tensor]) -> None:
+    def load_universal_state(self, which: Unit, state: dict[str, torch.Tensor]) -> None:
         """Each rank keeps its slice of the full tensors (no communication: every rank read the same file)."""
         load_with_adam_moments(self.units[which], self.optimizers[which], state, _slice_like)
 
@@ -230,7 +231,7 @@ class FSDP2Backend:
     def load_scaler_state(self, state: dict[str, dict]) -> None:
         pass  # no loss scaler: fp16 is refused
 
-    def state_bytes(self, which: str) -> dict[str, int]:
+    def state_bytes(self, which: Unit) -> dict[str, int]:
         return {
             "params": local_bytes(self.units[which].parameters()),
             "optimizer": local_bytes(optimizer_tensors(self.optimizers[which])),
