@@ -1,3 +1,3 @@
-"""What a run tells its user: the console lines, the tracker (metrics.jsonl and W&B), loss-spike captures and the
-non-finite guard. Nothing here decides what trains.
+"""What a run tells its user: the console lines, the tracker (metrics.jsonl and W&B), sample grids, loss-spike captures
+and the non-finite guard. Nothing here decides what trains.
 """
