@@ -47,6 +47,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from shards.bounded_read import file_kind
+from shards.cpu_budget import cpu_budget
 from shards.decode import convert
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
 from shards.manifest import sha256_file, split_entry, write_manifest
@@ -391,6 +392,16 @@ def skip_report(skipped: list[tuple[str, str, str]]) -> str:
     return "\n".join([f"skipped {len(skipped)} unreadable input(s) (--strict stops at the first):", *lines])
 
 
+def workers_arg(text: str) -> int | str:
+    """--workers: auto or a whole number."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pack unpaired image folders into tar shards + manifest.json.")
     parser.add_argument("--root", type=Path, help="folder with trainA/ trainB/ [testA/ testB/] (the reference layout)")
@@ -403,7 +414,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--load-size", type=int, help="resize every image to N x N (pre-resized shards)")
     parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--workers", type=int, default=1, help="shards written in parallel")
+    parser.add_argument(
+        "--workers", type=workers_arg, default="auto", help="shards written in parallel (auto: this process's share "
+        "of the CPUs: affinity, cgroup quota, CPUs busy elsewhere; shards.cpu_budget)"
+    )  # fmt: skip
     parser.add_argument("--format", choices=["jpg", "png"], default="jpg")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--extra", choices=["none", "hist"], default="none", help="hist: store colour histograms")
@@ -419,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give --root, or both --x and --y")
     if bool(args.test_x) != bool(args.test_y):
         parser.error("give both --test-x and --test-y, or neither")
+    args.workers = cpu_budget().per_process if args.workers == "auto" else args.workers
     if args.maxcount < 1 or args.workers < 1 or (args.load_size is not None and args.load_size < 1):
         parser.error("--maxcount, --workers and --load-size must be >= 1")
     splits = {"x-train": (args.x, args.labels_x), "y-train": (args.y, args.labels_y)}

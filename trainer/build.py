@@ -9,6 +9,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from shards.cpu_budget import cpu_budget
 from trainer.algorithms.family import Family, family
 from trainer.algorithms.pool import ImagePool
 from trainer.config.checks import ConfigError
@@ -19,6 +20,7 @@ from trainer.data.test_sets import load_test_images
 from trainer.eval.evaluator import NO_INCEPTION, Evaluator, load_inception
 from trainer.models import set_activation_checkpointing
 from trainer.observe.console import Console
+from trainer.runtime.cpu_threads import loader_workers
 from trainer.runtime.engine import Engine
 from trainer.runtime.schedule import build_optimizer, build_scheduler, lr_scale, warmup
 
@@ -39,10 +41,14 @@ class Training:
 
 def build_engine(cfg: Config) -> tuple[Engine, Config]:
     """The engine of `cfg`, and `cfg` with what the engine resolved (distributed.backend=auto,
-    train.precision=auto)."""
+    train.precision=auto, train.cpu_threads=auto, data.num_workers=auto)."""
     log_with = None if cfg.logging.wandb == "disabled" else "wandb"
     engine = Engine(cfg.distributed, cfg.train, cfg.optimizer, log_with=log_with)
-    return engine, dataclasses.replace(cfg, distributed=engine.cfg, train=engine.train_cfg)
+    budget = cpu_budget(measure_load=cfg.train.cpu_threads == "auto")
+    workers = loader_workers(cfg.data.num_workers, engine.device.type == "cuda", budget)
+    engine.use_cpu_threads(cfg.train.cpu_threads, workers, budget)
+    data = dataclasses.replace(cfg.data, num_workers=workers)
+    return engine, dataclasses.replace(cfg, distributed=engine.cfg, train=engine.train_cfg, data=data)
 
 
 def build_pools(cfg: Config, rank: int) -> tuple[ImagePool, ImagePool]:

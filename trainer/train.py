@@ -133,7 +133,7 @@ def train(cfg: Config) -> TrainResult:
         ConfigError, CheckpointError, RunDirLocked, TrainingDiverged: one-line reasons to stop.
     """
     preemption = PreemptionFlag()  # before the loader forks its workers, so they inherit the harmless handler
-    engine, cfg = build_engine(cfg)  # cfg: with backend=auto and precision=auto resolved
+    engine, cfg = build_engine(cfg)  # cfg: with backend, precision, cpu_threads and num_workers resolved
     console = Console(engine.is_main)
     loader = build_loader(cfg, engine)
     evaluator = build_evaluator(cfg, engine, console)
@@ -161,8 +161,9 @@ def _train(
     start = state.step
     _claim_run_dir(cfg, engine, resume_from, console)  # only now: a failed resume leaves the run directory as it was
     tracker = Tracker(
-        engine.accelerator, run_dir, cfg.logging, to_dict(cfg), resume_step=start, wandb_run_id=state.wandb_run_id
-    )
+        engine.accelerator, run_dir, cfg.logging, _tracked_config(cfg, engine), resume_step=start,
+        wandb_run_id=state.wandb_run_id,
+    )  # fmt: skip
     state.wandb_run_id = tracker.wandb_run_id
     console.message(_start_line(cfg, engine, run.global_batch, run.lr_scale, resume_from, start))
     _log_run_facts(tracker, console, engine, state, run.lr_scale)
@@ -233,14 +234,22 @@ def _resume(state: TrainState, cfg: Config, engine: Engine, resume_from: Path, c
         console.message(f"note: {note}")
 
 
+def _tracked_config(cfg: Config, engine: Engine) -> dict:
+    """The resolved config and why its automatic values were chosen (the W&B run's config)."""
+    budget = dataclasses.asdict(engine.cpu_budget) if engine.cpu_budget else None
+    resolved = {"precision": engine.precision_reason, "cpu_threads": engine.cpu_threads_reason, "cpu_budget": budget}
+    return {**to_dict(cfg), "resolved": resolved}
+
+
 def _log_run_facts(tracker: Tracker, console: Console, engine: Engine, state: TrainState, scale: float) -> None:
-    """run/world_size, run/global_batch and run/lr_scale at the start and whenever the world size changed or an
-    elastic agent restarted the workers (run/restarts), and the updates an interrupted attempt logged after the
-    checkpoint this one resumed, which are done again (run/steps_redone)."""
+    """run/world_size, run/global_batch, run/lr_scale and run/cpu_threads (torch's, on the main rank) at the start
+    and whenever the world size changed or an elastic agent restarted the workers (run/restarts), and the updates
+    an interrupted attempt logged after the checkpoint this one resumed, which are done again (run/steps_redone)."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     changed = state.saved_world_size not in (None, engine.world_size)
     if state.step == 0 or changed or restarts:
-        facts = {"run/global_batch": state.global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale}
+        facts = {"run/global_batch": state.global_batch, "run/world_size": engine.world_size, "run/lr_scale": scale,
+                 "run/cpu_threads": torch.get_num_threads()}  # fmt: skip
         tracker.log(state.step, {**facts, "run/restarts": restarts})
     if changed:
         console.message(
@@ -280,8 +289,9 @@ def _start_line(
         f"training with {engine.backend_name} on {engine.world_size} process(es), {engine.device}: "
         f"global batch {global_batch} = {cfg.train.batch_size} per rank x {engine.world_size} ranks x "
         f"{cfg.train.grad_accum_steps} micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr "
-        f"{cfg.optimizer.lr * scale:.4g}; precision {engine.precision} ({engine.precision_reason})"
-        + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
+        f"{cfg.optimizer.lr * scale:.4g}; precision {engine.precision} ({engine.precision_reason}); "
+        f"{cfg.train.cpu_threads} CPU thread(s) and {cfg.data.num_workers} loader worker(s) per rank "
+        f"({engine.cpu_threads_reason})" + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
     )
 
 

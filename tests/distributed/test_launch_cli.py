@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -33,9 +34,15 @@ def test_demo_command_runs_under_each_launcher(case, tmp_path, colour_shards):
     assert f"global batch {global_batch} = 4 per rank x {nproc} ranks" in result.stdout
     records = read_metrics(run_dir)
     scale = min(global_batch, 8.0)  # lr_scaling=auto
+    threads = records[0]["run/cpu_threads"]  # torch's own count, after the CPU policy
     assert records[0] == {
-        "step": 0, "run/global_batch": global_batch, "run/world_size": nproc, "run/lr_scale": scale, "run/restarts": 0
+        "step": 0, "run/global_batch": global_batch, "run/world_size": nproc, "run/lr_scale": scale, "run/restarts": 0,
+        "run/cpu_threads": threads,
     }  # fmt: skip
+    # the ranks share the CPUs this process may use (shards.cpu_budget); each has one loader worker on a CPU
+    assert 1 <= threads <= max(1, len(os.sched_getaffinity(0)) // nproc)
+    assert f"{threads} CPU thread(s) and 1 loader worker(s) per rank (auto: " in result.stdout
+    assert f"{nproc} local rank(s)" in result.stdout
     assert f"lr scaling auto x{scale:.4g} -> lr {2e-4 * scale:.4g}" in result.stdout
     assert [r["step"] for r in records if "loss/g_total" in r] == [2, 4]
     final = [r for r in records if "loss/g_total" in r][-1]

@@ -1,6 +1,7 @@
 """The benchmark scripts run on a tiny configuration and write valid JSON (the figures are not tested)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -27,17 +28,44 @@ def test_data_throughput_writes_json(tmp_path):
 
 
 def test_quality_budget_writes_json(tmp_path):
+    """A budget in updates (a test must not depend on how many fit in some seconds on this machine)."""
     out = tmp_path / "quality.json"
-    cmd = [sys.executable, "benchmarks/quality_budget.py", "--seconds", "6", "--models", "resnet6", "cut", "--train",
+    cmd = [sys.executable, "benchmarks/quality_budget.py", "--steps", "3", "--models", "resnet6", "cut", "--train",
            "16", "--test", "4", "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == "quality_budget" and figures["task"] == "stripes"
     cyclegan, cut = figures["results"]
-    assert cyclegan["model"] == "resnet6" and cyclegan["steps"] >= 1 and "eval/psnr_gain_yx" in cyclegan
+    assert cyclegan["model"] == "resnet6" and cyclegan["steps"] == 3 and "eval/psnr_gain_yx" in cyclegan
     assert cut["config"] == "cut-demo" and "eval/psnr_gain_xy" in cut and "eval/psnr_gain_yx" not in cut
     assert all(run["step_time_s"] > 0 and run["host_rss_gb_max"] > 0 for run in (cyclegan, cut))
+
+
+def test_contention_writes_json(tmp_path):
+    out = tmp_path / "contention.json"
+    cmd = [sys.executable, "benchmarks/contention.py", "--seconds", "0.5", "--busy", "1", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    rows, cpus = figures["rows"], len(os.sched_getaffinity(0))
+    assert rows["alone/before"]["threads"] == cpus and rows["busy/before"]["threads"] == cpus
+    assert rows["alone/bf16_forced"]["precision"] == "bf16"
+    assert all(row["images_per_s"] > 0 for key, row in rows.items() if "cgroup" not in key)
+    cgroup = rows["one_cpu_cgroup/after"]
+    assert cgroup.get("threads") == 1 or cgroup["error"].startswith("no one-CPU cgroup here")  # root or not
+    assert figures["ratios"]["alone_after_vs_before"] > 0 and "busy_slowdown_after" in figures["ratios"]
+
+
+def test_a_budget_that_allows_no_update_says_so(tmp_path):
+    out = tmp_path / "quality.json"
+    cmd = [sys.executable, "benchmarks/quality_budget.py", "--seconds", "0", "--models", "resnet6", "--train", "8",
+           "--test", "2", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["results"]
+    assert run["steps"] == 0 and run["error"] == "no update finished within the 0 s budget; raise --seconds"
+    assert result.stdout.strip() == "resnet6: no update finished within the 0 s budget; raise --seconds"
 
 
 def test_train_throughput_records_failed_rows_with_keep_going(tmp_path):

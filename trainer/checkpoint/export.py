@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save
 
 from shards.bounded_read import BoundedReadError, parse_json, read_json, read_limited
+from shards.cpu_budget import cpu_budget
 from trainer.algorithms.bounds import check_model_bounds, unit_parameters
 from trainer.checkpoint.format import (
     CHECKPOINTS,
@@ -43,6 +44,7 @@ from trainer.config.model import CONTRASTIVE_FAMILIES, ModelConfig
 from trainer.config.schema import Config
 from trainer.config.sections import EXTRA_CHANNELS, DataConfig
 from trainer.models import build_generator
+from trainer.runtime.cpu_threads import apply_threads, torch_threads
 from trainer.runtime.engine import EMA_UNIT
 from trainer.runtime.run_files import fsync_dir, remove, write_file
 
@@ -362,7 +364,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def inference_device(name: str, local_rank: int = 0) -> torch.device:
-    """--device: `auto` is this process's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
+    """--device: `auto` is this process's GPU (LOCAL_RANK) when CUDA is available, else the CPU; torch's threads
+    are this process's share of the CPUs (trainer.runtime.cpu_threads)."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    apply_threads(torch_threads("auto", device.type == "cuda", 0, cpu_budget())[0])
+    return device

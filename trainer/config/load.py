@@ -123,6 +123,13 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _described(kind: Any) -> str:
+    """A type of a config field in words, for an error."""
+    if typing.get_origin(kind) is Literal:
+        return " or ".join(map(str, typing.get_args(kind)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
+
+
 def _coerce(value: Any, kind: Any, path: str) -> Any:
     origin = typing.get_origin(kind)
     if origin is Literal:
@@ -134,8 +141,18 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         options = typing.get_args(kind)
         if value is None and type(None) in options:
             return None
-        (inner,) = [option for option in options if option is not type(None)]
-        return _coerce(value, inner, path)
+        inner = [option for option in options if option is not type(None)]
+        for option in inner[:-1]:
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(value, inner[-1], path)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        raise ConfigError(f"{path}={show(value)} is not allowed; expected {' or '.join(map(_described, inner))}")
     if origin is list:
         (inner,) = typing.get_args(kind)
         if not isinstance(value, list):

@@ -103,8 +103,9 @@ class DataConfig:
     map (label.png) stored in the shards."""
     shuffle_buffer: int = 256
     """Samples held in each (rank, worker, domain) shuffle buffer."""
-    num_workers: int = 2
-    """Loader worker processes per rank; each reads its own part of the shards."""
+    num_workers: int | Literal["auto"] = "auto"
+    """Loader worker processes per rank; each reads its own part of the shards. auto: 1 on a CPU; on a GPU the
+    rank's share of the CPUs less one, up to 8 (trainer.runtime.cpu_threads)."""
     resampled: bool = False
     """Draw each epoch's shard list with replacement instead of a permutation."""
     max_bad_fraction: float = 0.01
@@ -147,7 +148,8 @@ class DataConfig:
                 f"data.crop_size={self.crop_size}; raise scale_min"
             )
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
-        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        require(self.num_workers == "auto" or self.num_workers >= 0, "data.num_workers", self.num_workers,
+                "auto or an integer >= 0")  # fmt: skip
         require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", self.max_bad_fraction, "a number in [0, 1]")
         require(self.max_image_pixels >= 1, "data.max_image_pixels", self.max_image_pixels, "an integer >= 1")
         require(self.retries >= 0, "data.retries", self.retries, "an integer >= 0")
@@ -169,9 +171,13 @@ class TrainConfig:
     """Where the resolved config, metrics.jsonl, image grids, checkpoints and exported weights go."""
     seed: int = 0
     """Seeds weights, data order, augmentation and the image pools."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """bf16/fp16 autocast the networks' forward passes (losses stay fp32); fp16 adds a loss scaler per unit; auto
     is bf16 where the GPU or CPU computes it natively, else fp32 (trainer.runtime.precision)."""
+    cpu_threads: int | Literal["auto"] = "auto"
+    """torch's threads in each rank. auto: the rank's share of the CPUs it may use (affinity mask, cgroup quota,
+    OMP_NUM_THREADS, less CPUs other processes keep busy at start, split between the node's ranks), less its loader
+    workers on a GPU (shards.cpu_budget). A CPU run's low bits follow the count: pin it to compare runs bit for bit."""
     grad_accum_steps: int = 1
     """Micro-batches of batch_size accumulated into one optimizer update of each unit."""
     compile: bool = False
@@ -205,6 +211,8 @@ class TrainConfig:
         require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
         require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
+        require(self.cpu_threads == "auto" or self.cpu_threads >= 1, "train.cpu_threads", self.cpu_threads,
+                "auto or an integer >= 1")  # fmt: skip
         require(bool(self.run_dir), "train.run_dir", self.run_dir, "a non-empty path")
         require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
         if self.pool_size is not None:

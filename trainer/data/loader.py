@@ -3,6 +3,7 @@ worker's position) and the loader the training loop iterates, with its exact res
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import traceback
@@ -16,6 +17,7 @@ from trainer.data.augment import augment, decode_or_count, extra_channels
 from trainer.data.health import BAD_KINDS, BadSampleCounter, check_bad_fraction
 from trainer.data.plan import DOMAINS, DataError, Shard, check_cache_dir, mix, train_shards
 from trainer.data.stream import DomainStream
+from trainer.runtime.cpu_threads import loader_workers
 from trainer.runtime.preemption import ignore_in_worker
 
 
@@ -100,7 +102,8 @@ class UnpairedLoader:
         Raises:
             ConfigError: data.root, the shard URLs or data.cache_dir cannot be used (one line).
         """
-        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        workers = loader_workers(cfg.num_workers, device.type == "cuda")
+        self.cfg, self.batch_size, self.seed = dataclasses.replace(cfg, num_workers=workers), batch_size, seed
         check_cache_dir(cfg)
         self.shards = {d: train_shards(cfg, d) for d in DOMAINS}
         self.rank, self.world_size, self.device = rank, world_size, device

@@ -19,9 +19,11 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from shards.cpu_budget import CpuBudget
 from trainer.config.checks import ConfigError
 from trainer.config.sections import DistributedConfig, EMAConfig, OptimizerConfig, TrainConfig
 from trainer.runtime.backends import UNITS, Backend, Unit, build_backend, resolve_backend
+from trainer.runtime.cpu_threads import apply_threads, torch_threads
 from trainer.runtime.ema import GeneratorEMA
 from trainer.runtime.precision import resolve_precision
 
@@ -43,6 +45,8 @@ class Engine:
         precision, self.precision_reason = resolve_precision(train.precision, on_cuda)
         train = self.train_cfg = dataclasses.replace(train, precision=precision)
         self.precision = precision
+        self.cpu_threads_reason = "torch's default"
+        self.cpu_budget: CpuBudget | None = None
         self.accum_steps = train.grad_accum_steps
         self.compile_mode = train.compile_mode if train.compile else None
         self.backend: Backend = build_backend(cfg, train, optim, on_cuda)
@@ -60,6 +64,13 @@ class Engine:
         self._check_launch_shape()
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         self.ema: GeneratorEMA | None = None
+
+    def use_cpu_threads(self, requested: int | str, loader_workers: int, budget: CpuBudget) -> None:
+        """Run torch's operators on train.cpu_threads=`requested` threads (auto: this rank's share of `budget`)."""
+        threads, self.cpu_threads_reason = torch_threads(requested, self.device.type == "cuda", loader_workers, budget)
+        apply_threads(threads)
+        self.cpu_budget = budget
+        self.train_cfg = dataclasses.replace(self.train_cfg, cpu_threads=threads)
 
     def _check_launch_shape(self) -> None:
         """Refuse a multi-node launch whose nodes were started with different shapes. torchrun lets a node that
