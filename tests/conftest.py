@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny synthetic shard sets built once per session in a temporary directory."""
+"""Shared fixtures: tiny synthetic shard sets built once per session in a temporary directory; how the suite
+shares the machine between its parallel workers (pytest-xdist, pytest.ini)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,27 @@ import pytest
 from shards.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The suite runs tests in parallel (pytest.ini: -n auto), most of them starting training processes. One thread per
+# process: the CPU policy honours OMP_NUM_THREADS as a cap, so no process spins on threads its neighbours' work
+# deschedules, and thread counts - which set the low bits of a CPU run that a test may compare with another run -
+# never depend on what runs beside a test.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The cluster tests share one local Slurm and the two namespace nodes: they run one after another, in one
+    worker (--dist loadgroup)."""
+    for item in items:
+        if "tests/cluster/" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 @pytest.fixture(scope="session")
