@@ -1,7 +1,7 @@
 """Demo training throughput on a shared CPU, before and after the CPU policy (shards.cpu_budget): alone, beside
 busy processes, and inside a cgroup limited to one CPU; plus the demo's precision (auto against forced bf16).
 
-    python benchmarks/contention.py [--seconds 10] [--busy 2] [--out FILE]
+    python benchmarks/contention.py [--seconds 10] [--busy 2] [--rows alone/after,busy/after,...] [--out FILE]
 
 "before" is torch's default (a thread per CPU the machine has, whatever else runs: train.cpu_threads=N); "after"
 is train.cpu_threads=auto. Each row trains configs/demo-cpu.yaml through the training's own build in a fresh
@@ -62,7 +62,7 @@ def measure(seconds: float, overrides: list[str]) -> dict:
 def busy(count: int) -> Iterator[None]:
     """`count` processes spinning in pure Python, one CPU each."""
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    time.sleep(1.0)
+    time.sleep(1.0 if count else 0.0)
     try:
         yield
     finally:
@@ -106,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--busy", type=int, default=2, help="busy processes beside the busy rows")
+    parser.add_argument("--rows", help="only these rows, comma-separated (e.g. busy/after); default: all")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/contention.json")
     parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
@@ -113,21 +114,22 @@ def main() -> None:
         print(json.dumps(measure(args.seconds, overrides)))
         return
     default_threads = len(os.sched_getaffinity(0))  # torch's default: one per CPU it may run on
-    variants = {"before": [f"train.cpu_threads={default_threads}"], "after": ["train.cpu_threads=auto"]}
+    variants = {"before": [f"train.cpu_threads={default_threads}"], "after": ["train.cpu_threads=auto"],
+                "bf16_forced": ["train.precision=bf16"]}  # fmt: skip
+    plan = [("alone", "before"), ("alone", "after"), ("busy", "before"), ("busy", "after"),
+            ("one_cpu_cgroup", "before"), ("one_cpu_cgroup", "after"), ("alone", "bf16_forced")]  # fmt: skip
+    wanted = set(args.rows.split(",")) if args.rows else {f"{c}/{v}" for c, v in plan}
     rows: dict[str, dict] = {}
-    for name, extra in variants.items():
-        rows[f"alone/{name}"] = run_row(args.seconds, extra)
-    with busy(args.busy):
-        for name, extra in variants.items():
-            rows[f"busy/{name}"] = run_row(args.seconds, extra)
-    cgroup = one_cpu_cgroup()
-    for name, extra in variants.items():
-        rows[f"one_cpu_cgroup/{name}"] = run_row(args.seconds, extra, cgroup) if isinstance(cgroup, Path) else {
-            "error": cgroup}  # fmt: skip
-    rows["alone/bf16_forced"] = run_row(args.seconds, ["train.precision=bf16"])
-    speed = {key: row.get("images_per_s") for key, row in rows.items()}
+    for condition, variant in plan:
+        if f"{condition}/{variant}" not in wanted:
+            continue
+        with busy(args.busy if condition == "busy" else 0):
+            cgroup = one_cpu_cgroup() if condition == "one_cpu_cgroup" else None
+            row = {"error": cgroup} if isinstance(cgroup, str) else run_row(args.seconds, variants[variant], cgroup)
+        rows[f"{condition}/{variant}"] = row
+    speed = {f"{c}/{v}": rows.get(f"{c}/{v}", {}).get("images_per_s") for c, v in plan}
     ratios = {}
-    for name in variants:
+    for name in ("before", "after"):
         for condition in ("busy", "one_cpu_cgroup"):
             if speed[f"{condition}/{name}"] and speed[f"alone/{name}"]:
                 ratios[f"{condition}_slowdown_{name}"] = speed[f"alone/{name}"] / speed[f"{condition}/{name}"]

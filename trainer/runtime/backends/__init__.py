@@ -17,7 +17,6 @@ from typing import Callable, Iterable, Literal, Mapping, Protocol
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from torch.distributed.tensor import DTensor
 
 from trainer.config.checks import ConfigError
 from trainer.config.sections import DistributedConfig, OptimizerConfig, TrainConfig
@@ -240,7 +239,7 @@ def local_bytes(tensors: Iterable[object]) -> int:
     """Bytes this rank holds of the non-scalar tensors among `tensors` (a DTensor counts its local shard)."""
     total = 0
     for tensor in tensors:
-        if isinstance(tensor, DTensor):
+        if hasattr(tensor, "to_local"):  # a DTensor (torch.distributed.tensor is imported only under FSDP2)
             tensor = tensor.to_local()
         if torch.is_tensor(tensor) and tensor.dim() > 0:
             total += tensor.numel() * tensor.element_size()
