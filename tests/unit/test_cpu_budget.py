@@ -115,6 +115,17 @@ def test_this_process_budget_follows_its_affinity():
     assert 1 <= budget.per_process <= budget.affinity
 
 
+def test_local_ranks_and_the_thread_cap_come_from_the_launcher(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    budget = cpu_budget(measure_load=False)
+    assert budget.local_ranks == 2 and budget.thread_limit is None
+    assert budget.per_process == max(1, min(budget.affinity, int(budget.quota or budget.affinity)) // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "junk")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_budget(measure_load=False).local_ranks == 1 and cpu_budget(measure_load=False).thread_limit == 3
+
+
 def test_threads_and_workers_from_the_share():
     big = CpuBudget(cores=32, affinity=32, quota=None, busy_elsewhere=0.0, local_ranks=2)  # 16 each
     assert loader_workers("auto", on_cuda=False, budget=big) == 1
