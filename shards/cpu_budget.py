@@ -47,7 +47,7 @@ class CpuBudget:
     def per_process(self) -> int:
         """This process's share of the CPUs: at least 1."""
         usable = min(self.affinity, math.floor(self.quota) if self.quota is not None else self.affinity)
-        taken = math.floor(self.busy_elsewhere + 1 - BUSY_FLOOR) if self.busy_elsewhere >= BUSY_FLOOR else 0
+        taken = math.floor(self.busy_elsewhere + 1 - BUSY_FLOOR)  # 0.75 -> 1, 1.74 -> 1, 1.75 -> 2
         share = max(1, max(1, usable - taken) // max(1, self.local_ranks))
         return share if self.thread_limit is None else max(1, min(share, self.thread_limit))
 
@@ -69,6 +69,8 @@ def cgroup_quota(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/c
     except OSError:
         return None
     for line in lines:
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: "0::/path"
             quotas += _walk(cgroup_root, path, _v2_quota)

@@ -60,7 +60,7 @@ def test_cgroup_v1_quota_under_either_mount_name(tmp_path):
 def test_no_cgroup_files_means_no_quota(tmp_path):
     assert cgroup_quota(tmp_path / "nothing", tmp_path / "cg") is None
     assert cgroup_quota(fake_proc(tmp_path, "0::/a/b\n"), tmp_path / "cg") is None
-    assert cgroup_quota(fake_proc(tmp_path / "garbage", "0::/\n"), tmp_path / "cg") is None
+    assert cgroup_quota(fake_proc(tmp_path / "garbage", "0::/\nnot a cgroup line\n"), tmp_path / "cg") is None
 
 
 @pytest.mark.parametrize(

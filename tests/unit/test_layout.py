@@ -13,6 +13,11 @@ from tests.conftest import REPO
 from trainer.algorithms import cut, cyclegan
 from trainer.algorithms.family import Family, family
 
+# One worker for the tests that read the source tree: test_layout writes a probe module into trainer/config/ for a
+# moment, which lint-imports and ruff in a parallel worker would see (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("source-tree")
+
+
 MAX_TOP_LEVEL_MODULES = 8
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60

@@ -4,11 +4,17 @@ shellcheck at warning level."""
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 PATHS = ["trainer", "shards", "tests", "benchmarks"]
 SHELL_SCRIPTS = [*sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").rglob("*.sh")),
                  *sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").rglob("*.sbatch")), ".ci/run"]  # fmt: skip
+
+# One worker for the tests that read the source tree: test_layout writes a probe module into trainer/config/ for a
+# moment, which lint-imports and ruff in a parallel worker would see (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("source-tree")
 
 
 def test_ruff_check_passes():

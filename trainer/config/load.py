@@ -142,16 +142,14 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [option for option in options if option is not type(None)]
-        for option in inner[:-1]:
+        errors = []
+        for option in inner:  # the first that takes the value
             try:
                 return _coerce(value, option, path)
-            except ConfigError:
-                pass
-        try:
-            return _coerce(value, inner[-1], path)
-        except ConfigError:
-            if len(inner) == 1:
-                raise
+            except ConfigError as err:
+                errors.append(err)
+        if len(inner) == 1:
+            raise errors[0]
         raise ConfigError(f"{path}={show(value)} is not allowed; expected {' or '.join(map(_described, inner))}")
     if origin is list:
         (inner,) = typing.get_args(kind)
