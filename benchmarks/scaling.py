@@ -2,7 +2,7 @@
 graph, and FSDP2), and the bytes of parameters plus optimizer state each rank holds under FSDP2 and ZeRO-1/2/3
 against total / N.
 
-    python benchmarks/scaling.py [--config configs/demo-cpu.yaml] [--steps 60]
+    python benchmarks/scaling.py [--config configs/demo-cpu.yaml] [--steps 60] [--weak 1,ddp2] [--sharded zero3]
 
 Throughput comes from the trainer's own perf/images_per_s (metrics.jsonl), skipping the first logging window.
 Writes JSON (benchmarks/results/scaling.json).
@@ -48,6 +48,24 @@ def throughput(args: argparse.Namespace, data: Path, run_dir: Path, launch: str 
     }
 
 
+WEAK_ROWS = {  # name -> (launch config, ranks, overrides)
+    "1": (None, 1, ()),
+    "ddp2": ("cpu-ddp-2", 2, ()),
+    "ddp2-static": ("cpu-ddp-2", 2, ("distributed.static_graph=true",)),
+    "fsdp2": ("fsdp2", 2, ()),
+}
+SHARDED = ("fsdp2", "zero1", "zero2", "zero3")
+
+
+def names(text: str, known: tuple[str, ...]) -> list[str]:
+    """A comma-separated subset of `known`, in the order of `known` (argparse type)."""
+    chosen = text.split(",")
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; expected some of {','.join(known)}")
+    return [name for name in known if name in chosen]
+
+
 def state_probe(config: str, out: Path) -> None:
     """(Under accelerate launch) one training step, then write this rank's parameter and optimizer bytes to
     out/rank_N.json."""
@@ -90,6 +108,18 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo-cpu.yaml")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/scaling.json")
+    parser.add_argument(
+        "--weak",
+        type=lambda text: names(text, tuple(WEAK_ROWS)),
+        default=list(WEAK_ROWS),
+        help="weak-scaling rows (default all; the first is the baseline of the speed-ups)",
+    )
+    parser.add_argument(
+        "--sharded",
+        type=lambda text: names(text, SHARDED),
+        default=list(SHARDED),
+        help="backends whose per-rank state is measured (default all)",
+    )
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -105,19 +135,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_synthetic(data, "colour", size=size, train=256, test=4, seed=0, maxcount=64)
-        runs = [
-            throughput(args, data, Path(tmp) / "r1", None, 1),
-            throughput(args, data, Path(tmp) / "r2", "cpu-ddp-2", 2),
-            throughput(args, data, Path(tmp) / "r2s", "cpu-ddp-2", 2, "distributed.static_graph=true"),
-            throughput(args, data, Path(tmp) / "r2f", "fsdp2", 2),
-        ]
+        runs = []
+        for name in args.weak:
+            launch, nproc, overrides = WEAK_ROWS[name]
+            runs.append(throughput(args, data, Path(tmp) / name, launch, nproc, *overrides))
     for run in runs:
         run["weak_scaling_speedup"] = run["images_per_s"] / runs[0]["images_per_s"]
         run["efficiency"] = run["weak_scaling_speedup"] / run["ranks"]
     full = state_memory(args, None, 1)[0]
     total = full["param_bytes"] + full["optimizer_bytes"]
     sharded = {}
-    for launch in ("fsdp2", "zero1", "zero2", "zero3"):
+    for launch in args.sharded:
         ranks = state_memory(args, launch, 2)
         for rank in ranks:
             rank["fraction_of_total"] = (rank["param_bytes"] + rank["optimizer_bytes"]) / total
@@ -129,6 +157,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "weak_scaling": runs,
         "state_bytes_one_rank": total,
+        "param_bytes_one_rank": full["param_bytes"],
         "sharded_state_per_rank": sharded,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

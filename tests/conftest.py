@@ -27,11 +27,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The cluster tests share one local Slurm and the two namespace nodes: they run one after another, in one
-    worker (--dist loadgroup)."""
+    """Tests that share something run one after another in one worker (--dist loadgroup): the cluster tests share
+    one local Slurm and the two namespace nodes; the tests of a module with a module-scoped fixture (most are
+    training runs) share it, where two workers would each build it."""
     for item in items:
         if "tests/cluster/" in item.nodeid:
             item.add_marker(pytest.mark.xdist_group("cluster"))
+        elif any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 from trainer.checkpoint.export import export
 from trainer.checkpoint.format import CheckpointError
 from trainer.config.checks import ConfigError
+from trainer.runtime.process_exit import exit_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # without the interpreter teardown of torch (about 0.6 s)

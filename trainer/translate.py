@@ -42,6 +42,7 @@ from trainer.data.augment import decode, extra_channels, resize
 from trainer.data.health import BadSampleCounter
 from trainer.data.image_folders import Item, image_files, read_image_dir
 from trainer.data.stream import shard_samples
+from trainer.runtime.process_exit import exit_process
 
 
 def output_name(key: str) -> str:
@@ -226,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # without the interpreter teardown of torch (about 0.6 s)
