@@ -284,19 +284,23 @@ class IntervalWork:
         """Do what is due after update `step` (collectives); whether the run stops now on a signal, saved."""
         engine, tracker = self.engine, self.tracker
         if self.window.due(step):
-            self.window.flush(step)  # to the tracker and the console
-            self.nonfinite.check(engine.any_rank, step, self.run_dir)
+            with engine.phase("metric window"):
+                self.window.flush(step)  # to the tracker and the console
+                self.nonfinite.check(engine.any_rank, step, self.run_dir)
         if self.grids.due(step):
-            with engine.ema_weights():
+            with engine.phase("sample grids"), engine.ema_weights():
                 tracker.log_images(step, self.grids(engine.unwrap("g")))
         new_best = None
         if self.evaluation.due(step):
-            self.metrics, new_best = self._evaluate(state.best)
-            tracker.log(step, self.metrics)
-        stopping = self.checkpointer.stop_requested(step)
+            with engine.phase("evaluation"):
+                self.metrics, new_best = self._evaluate(state.best)
+                tracker.log(step, self.metrics)
+        with engine.phase("stop check"):
+            stopping = self.checkpointer.stop_requested(step)
         if self.checkpointer.due(step, new_best is not None, stopping):
-            self.nonfinite.check(engine.any_rank, step, self.run_dir)  # never save weights a diverged run has spoilt
-            self.checkpointer.save(state, new_best)
+            with engine.phase("checkpoint"):
+                self.nonfinite.check(engine.any_rank, step, self.run_dir)  # never save weights a diverged run spoilt
+                self.checkpointer.save(state, new_best)
         return stopping
 
     def _evaluate(self, best: dict[str, Any] | None) -> tuple[dict[str, float], dict | None]:

@@ -33,6 +33,7 @@ from trainer.runtime.engine import EMA_UNIT, Engine
 from trainer.runtime.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptionFlag, mark_preempted
 from trainer.runtime.run_files import check_run_dir, write_atomic
 from trainer.runtime.run_lock import hold_run_dir
+from trainer.runtime.watchdog import HANG_MARKER, Watchdog
 
 RECORDED_OUTPUTS = ("fake_x", "fake_y", "rec_x", "rec_y")  # those the family's generators produce
 FAKES = ("fake_x", "fake_y")  # the generator outputs the discriminators see, through the pools of TrainState.pools
@@ -108,8 +109,10 @@ def train_step(run: Training, micro_batches: list[Batch]) -> tuple[dict[str, tor
         (stats, images): detached device tensors - each loss term averaged over the micro-batches and each unit's
         grad norm; the last micro-batch's real images and generator outputs (for loss-spike capture).
     """
-    g_stats, fakes, out = generator_update(run, micro_batches)
-    d_stats = discriminator_update(run, micro_batches, fakes)
+    with run.engine.phase("generator step"):
+        g_stats, fakes, out = generator_update(run, micro_batches)
+    with run.engine.phase("discriminator step"):
+        d_stats = discriminator_update(run, micro_batches, fakes)
     batch = micro_batches[-1]
     recorded = {key: out[key].detach() for key in RECORDED_OUTPUTS if key in out}
     images = {"real_x": batch["x"], "real_y": batch["y"], **recorded}
@@ -134,13 +137,19 @@ def train(cfg: Config) -> TrainResult:
     """
     preemption = PreemptionFlag()  # before the loader forks its workers, so they inherit the harmless handler
     engine, cfg = build_engine(cfg)  # cfg: with backend, precision, cpu_threads and num_workers resolved
-    console = Console(engine.is_main)
-    loader = build_loader(cfg, engine)
-    evaluator = build_evaluator(cfg, engine, console)
-    samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
-    with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
-        resume_from = _resume_point(cfg, Path(cfg.train.run_dir), engine, console)
-        return _train(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
+    engine.watchdog = watchdog = Watchdog(Path(cfg.train.run_dir), engine.rank, cfg.train.hang_timeout_s)
+    try:
+        with engine.phase("start-up"):
+            console = Console(engine.is_main)
+            loader = build_loader(cfg, engine)
+            evaluator = build_evaluator(cfg, engine, console)
+            samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
+        with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
+            with engine.phase("start-up"):
+                resume_from = _resume_point(cfg, Path(cfg.train.run_dir), engine, console)
+            return _train(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
+    finally:
+        watchdog.close()
 
 
 def _train(
@@ -154,6 +163,55 @@ def _train(
     resume_from: Path | None,
 ) -> TrainResult:
     run_dir, total, accum = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.grad_accum_steps
+    with engine.phase("start-up"):
+        run, state, tracker, work = _set_up(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
+    start = state.step
+    stopping = False
+    preemption.step = preemption.saved_step = start
+    console.start(start, total)
+    if start >= total:
+        console.message(_finished_line(run_dir, start, total))
+    for step in range(start + 1, total + 1):
+        with work.window.waiting_for_data(), engine.phase("data"):
+            micro_batches = [next(loader) for _ in range(accum)]
+        stats, images = train_step(run, micro_batches)
+        work.window.add(stats)  # on the device: no host sync per step
+        state.step = preemption.step = step
+        if engine.watchdog is not None:
+            engine.watchdog.at_step(step)
+        engine.update_ema(state.images_seen, run.global_batch)
+        console.step()
+        for event in tracker.capture_spikes(step, stats, images):
+            console.spike(event)
+        stopping = work.after_step(step, state)
+        if stopping:
+            break
+    with engine.phase("checkpoint"):
+        work.checkpointer.finish()  # an asynchronous save still in flight
+    interrupted = stopping and engine.any_rank(preemption.interrupted)
+    with engine.phase("export"):
+        export = _end_of_run(cfg, engine, console, stopping, interrupted, state.step, work.checkpointer.last_saved)
+    images = (state.step - start) * run.global_batch
+    console.summary(state.step, images, work.metrics, None if export is None else str(export))
+    tracker.close()
+    engine.end()
+    preempted = stopping and not interrupted
+    return TrainResult(step=state.step, metrics=work.metrics, preempted=preempted, interrupted=interrupted)
+
+
+def _set_up(
+    cfg: Config,
+    engine: Engine,
+    preemption: PreemptionFlag,
+    console: Console,
+    loader: UnpairedLoader,
+    evaluator: Evaluator | None,
+    samples: TestSet | None,
+    resume_from: Path | None,
+) -> tuple[Training, TrainState, Tracker, IntervalWork]:
+    """The units, the training state (resumed from `resume_from`), the claimed run directory, the tracker and the
+    interval work, with the start line said and the run's facts logged."""
+    run_dir = Path(cfg.train.run_dir)
     run = build_training(cfg, engine)
     state = TrainState(loader=loader, pools=run.pools, global_batch=run.global_batch)
     if resume_from is not None:
@@ -169,33 +227,7 @@ def _train(
     _log_run_facts(tracker, console, engine, state, run.lr_scale)
     state.best = comparable_best(read_best(run_dir), cfg.eval.select)  # from before a resume
     work = _interval_work(cfg, engine, loader, evaluator, samples, tracker, console, preemption, run.global_batch)
-    stopping = False
-    preemption.step = preemption.saved_step = start
-    console.start(start, total)
-    if start >= total:
-        console.message(_finished_line(run_dir, start, total))
-    for step in range(start + 1, total + 1):
-        with work.window.waiting_for_data():
-            micro_batches = [next(loader) for _ in range(accum)]
-        stats, images = train_step(run, micro_batches)
-        work.window.add(stats)  # on the device: no host sync per step
-        state.step = preemption.step = step
-        engine.update_ema(state.images_seen, run.global_batch)
-        console.step()
-        for event in tracker.capture_spikes(step, stats, images):
-            console.spike(event)
-        stopping = work.after_step(step, state)
-        if stopping:
-            break
-    work.checkpointer.finish()  # an asynchronous save still in flight
-    interrupted = stopping and engine.any_rank(preemption.interrupted)
-    export = _end_of_run(cfg, engine, console, stopping, interrupted, state.step, work.checkpointer.last_saved)
-    images = (state.step - start) * run.global_batch
-    console.summary(state.step, images, work.metrics, None if export is None else str(export))
-    tracker.close()
-    engine.end()
-    preempted = stopping and not interrupted
-    return TrainResult(step=state.step, metrics=work.metrics, preempted=preempted, interrupted=interrupted)
+    return run, state, tracker, work
 
 
 def _interval_work(
@@ -262,12 +294,13 @@ def _log_run_facts(tracker: Tracker, console: Console, engine: Engine, state: Tr
 
 
 def _claim_run_dir(cfg: Config, engine: Engine, resume_from: Path | None, console: Console) -> None:
-    """On the main rank: the run's resolved config.yaml, no PREEMPTED marker of an earlier attempt, and the
+    """On the main rank: the run's resolved config.yaml, no PREEMPTED or HUNG marker of an earlier attempt, and the
     damaged checkpoints an automatic resume skipped set aside (see checkpoint.set_aside_damaged)."""
     if engine.is_main:
         run_dir = Path(cfg.train.run_dir)
         write_atomic(run_dir / "config.yaml", config_yaml(cfg))
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        for marker in (PREEMPTED_MARKER, HANG_MARKER):  # an earlier attempt's
+            (run_dir / marker).unlink(missing_ok=True)
         if cfg.train.resume == "auto":
             for damaged in set_aside_damaged(run_dir, resume_from):
                 console.message(f"set aside {damaged}: it is damaged (see above); delete it once inspected")

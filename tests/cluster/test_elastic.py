@@ -63,7 +63,8 @@ def world_sizes(records: list[dict]) -> list[int]:
 def test_an_elastic_job_loses_a_node_keeps_training_and_grows_back(netns_nodes, colour_shards, tmp_path):
     run_dir = tmp_path / "run"
     args = train_command(colour_shards, run_dir, f"train.steps={STEPS}", "logging.every_steps=5",
-                         "checkpoint.every_steps=10", "eval.images=8", "distributed.timeout_s=60")[2:]  # fmt: skip
+                         "checkpoint.every_steps=10", "eval.images=8", "distributed.timeout_s=60",
+                         "train.hang_timeout_s=45")[2:]  # fmt: skip
     # OMP_NUM_THREADS=1: both "nodes" share this machine's 2 cores (accelerate would give each rank 2 threads)
     elastic = {
         "MIN_NODES": "1",

@@ -1,13 +1,15 @@
 """launch/slurm/ scripts on a real (local) Slurm: a job trains to the end; a preempted job checkpoints, requeues
-itself, resumes from that step and finishes without training any step twice."""
+itself, resumes from that step and finishes without training any step twice; a hung job is requeued likewise."""
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import read_metrics, run_bounded, train_command
@@ -115,3 +117,40 @@ def test_preempted_job_requeues_resumes_and_finishes(case, slurm_env, colour_sha
     assert trained_steps(run_dir) == list(range(1, steps + 1))
     assert not (run_dir / "PREEMPTED").exists()
     assert (run_dir / "export" / "g_xy.safetensors").is_file()
+
+
+def test_a_hung_job_is_requeued_resumes_and_finishes(slurm_env, colour_shards, tmp_path):
+    """Rank 1 of a 2-rank job frozen (SIGSTOP) after a checkpoint: rank 0's watchdog ends the attempt (RUN/HUNG,
+    its stacks under RUN/diagnostics/), the job requeues itself like a preempted one, and the next attempt resumes
+    from that checkpoint and finishes."""
+    run_dir, steps = tmp_path / "run", 40
+    env = {**slurm_env, **CPU, "ACCELERATE_CONFIG": "launch/cpu-ddp-2.yaml"}
+    job_id = submit("train-1node.sbatch", env, tmp_path, run_dir, colour_shards, f"train.steps={steps}",
+                    "logging.every_steps=1", "checkpoint.every_steps=10", "eval.images=0", "train.hang_timeout_s=5",
+                    sbatch=["--nodes=1"])  # fmt: skip
+    wait_until(job_id, env, lambda info: len(trained_steps(run_dir)) >= 12 or finished(info), 300, "training")
+    rank_process(run_dir, 1).send_signal(signal.SIGSTOP)
+    info = wait_until(job_id, env, lambda info: info["JobState"] == "PENDING" or finished(info), 180, "requeued")
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
+    start_requeued_now(job_id, env)
+    info = wait_until(job_id, env, finished, 400, "finished")
+    output = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, output[-3000:])
+    first = (run_dir / "logs" / f"slurm-{job_id}-restart0.log").read_text()
+    second = (run_dir / "logs" / f"slurm-{job_id}-restart1.log").read_text()
+    hung = re.search(r"preemptible: the training hung \((\d+) rank 0: ([^)]+)\)", first)
+    assert hung, first[-3000:]
+    assert list((run_dir / "diagnostics").glob(f"hang-step{int(hung.group(1)):08d}-rank00000.txt"))
+    assert re.search(r"resuming from \S+step_000000[1-3]0 at step [1-3]0\b", second), second[-3000:]
+    assert max(trained_steps(run_dir)) == steps and not (run_dir / "HUNG").exists()
+
+
+def rank_process(run_dir: Path, rank: int) -> psutil.Process:
+    """The training process of `rank` writing into `run_dir` (Slurm starts it outside this process's tree)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if f"train.run_dir={run_dir}" in (proc.info["cmdline"] or []) and proc.environ().get("RANK") == str(rank):
+                return proc
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank {rank} training into {run_dir}")

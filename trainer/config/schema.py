@@ -64,6 +64,12 @@ class Config:
             )
         if self.loss.gan_mode == "wgangp":
             self._check_penalty()
+        if self.train.hang_timeout_s >= self.distributed.timeout_s:
+            raise ConfigError(
+                f"train.hang_timeout_s={self.train.hang_timeout_s:g} must be below distributed.timeout_s="
+                f"{self.distributed.timeout_s}: a hung peer would fail the collective before the watchdog reports "
+                "it; lower it, or set it to 0 to turn the watchdog off"
+            )
         multiple = self.model.min_image_multiple()
         if self.data.crop_size % multiple:
             raise ConfigError(

@@ -206,6 +206,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     """A unit whose loss or gradient norm is NaN or infinite skips that update (counted as loss/nonfinite_g or
     loss/nonfinite_d); after this many consecutive skipped updates of a unit the run stops with an error."""
+    hang_timeout_s: float = 480.0
+    """Each rank's watchdog: when the loop enters or leaves no phase (data, generator step, evaluation, checkpoint,
+    a collective, ...) for this long, the rank writes every thread's stack under RUN/diagnostics/, says which
+    phase in one line and exits with the requeue code (trainer.runtime.watchdog). 0 turns it off. Below
+    distributed.timeout_s, so that a peer's hang is reported before the collective times out."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -218,6 +223,7 @@ class TrainConfig:
         if self.pool_size is not None:
             require(self.pool_size >= 0, "train.pool_size", self.pool_size, "an integer >= 0 or null")
         require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", self.max_nonfinite_steps, "an integer > 0")
+        require(self.hang_timeout_s >= 0, "train.hang_timeout_s", self.hang_timeout_s, "a number of seconds >= 0")
 
 
 @dataclass(kw_only=True)

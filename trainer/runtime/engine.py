@@ -26,6 +26,7 @@ from trainer.runtime.backends import UNITS, Backend, Unit, build_backend, resolv
 from trainer.runtime.cpu_threads import apply_threads, torch_threads
 from trainer.runtime.ema import GeneratorEMA
 from trainer.runtime.precision import resolve_precision
+from trainer.runtime.watchdog import Watchdog, record_collectives
 
 EMA_UNIT: Literal["g_ema"] = "g_ema"
 """The generators' moving average in a checkpoint (trainer.runtime.ema)."""
@@ -50,6 +51,8 @@ class Engine:
         self.accum_steps = train.grad_accum_steps
         self.compile_mode = train.compile_mode if train.compile else None
         self.backend: Backend = build_backend(cfg, train, optim, on_cuda)
+        if train.hang_timeout_s > 0:
+            record_collectives()  # for the watchdog's report
         group_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))
         if not on_cuda and (self.backend.always_distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             group_kwargs.backend = "gloo"  # else DeepSpeed on CPU gives every rank process_index 0
@@ -64,6 +67,11 @@ class Engine:
         self._check_launch_shape()
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         self.ema: GeneratorEMA | None = None
+        self.watchdog: Watchdog | None = None  # the training loop's (trainer.train)
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        """Label the block for the hang watchdog and profiler traces (trainer.runtime.watchdog)."""
+        return self.watchdog.phase(name) if self.watchdog is not None else contextlib.nullcontext()
 
     def use_cpu_threads(self, requested: int | str, loader_workers: int, budget: CpuBudget) -> None:
         """Run torch's operators on train.cpu_threads=`requested` threads (auto: this rank's share of `budget`)."""
@@ -261,7 +269,8 @@ class Engine:
         if self.world_size == 1:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+        with self.phase("collective any_rank"):
+            return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def broadcast_json(self, value: Any) -> Any:
         """The main rank's `value` (JSON-serializable) on every rank; JSON, not pickle, travels."""
@@ -269,11 +278,12 @@ class Engine:
             return value
         data = json.dumps(value).encode() if self.is_main else b""
         size = torch.tensor([len(data)], device=self.device)
-        torch.distributed.broadcast(size, src=0)
-        buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
-        if self.is_main:
-            buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        torch.distributed.broadcast(buffer, src=0)
+        with self.phase("collective broadcast"):
+            torch.distributed.broadcast(size, src=0)
+            buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+            if self.is_main:
+                buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            torch.distributed.broadcast(buffer, src=0)
         return json.loads(bytes(buffer.cpu().tolist()).decode())
 
     def replica_spread(self) -> float | None:
@@ -286,7 +296,8 @@ class Engine:
         for which in UNITS:
             params = [p.detach().double() for p in self.unwrap(which).parameters()]
             rows += [sum(p.sum() for p in params), sum(p.square().sum() for p in params)]
-        everyone = self.accelerator.gather(torch.stack(rows).to(self.device).unsqueeze(0))  # (world_size, 4)
+        with self.phase("collective gather"):
+            everyone = self.accelerator.gather(torch.stack(rows).to(self.device).unsqueeze(0))  # (world_size, 4)
         spread = (everyone - everyone[0]).abs().amax(dim=0) / everyone[0].abs().clamp_min(1e-30)
         return spread.max().item()
 
@@ -314,13 +325,15 @@ class Engine:
             return {}
         values = {**means, **sums}
         stacked = torch.stack([values[n].detach().float().reshape(()).to(self.device) for n in names])
-        totals = self.accelerator.reduce(stacked, reduction="sum") if self.world_size > 1 else stacked
-        totals = totals.cpu().tolist()
+        with self.phase("collective reduce"):
+            totals = self.accelerator.reduce(stacked, reduction="sum") if self.world_size > 1 else stacked
+            totals = totals.cpu().tolist()
         divisors = [self.world_size] * len(means) + [1] * len(sums)
         return {name: total / divisor for name, total, divisor in zip(names, totals, divisors)}
 
     def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
+        with self.phase("collective barrier"):
+            self.accelerator.wait_for_everyone()
 
     def end(self) -> None:
         """Finish trackers and destroy the process group (clean interpreter exit on every rank)."""
