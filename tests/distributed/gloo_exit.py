@@ -30,13 +30,15 @@ class SlowTeardown:
 
 def main() -> None:
     rank, port, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    # The rendezvous may wait for the other rank's imports on a busy machine; the collective times out after 1 s.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=1)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
     )
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=1))
     if rank == 1:
         time.sleep(60)
     flat = torch.zeros(8)
-    work = dist.all_gather_into_tensor(flat, flat.narrow(0, 0, 4), async_op=True)
+    work = dist.all_gather_into_tensor(flat, flat.narrow(0, 0, 4), group=group, async_op=True)
     work.get_future().then(lambda future: None)
     print("rank 0: collective pending", flush=True)
     if mode == "exit-process":
