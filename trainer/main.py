@@ -47,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if cfg.train.hang_timeout_s > 0:
+        from trainer.runtime.watchdog import record_collectives
+
+        record_collectives()  # for the watchdog's report; before the process group exists
     from trainer.checkpoint.format import CheckpointError
     from trainer.data.plan import DataError
     from trainer.observe.nonfinite import TrainingDiverged
+    from trainer.observe.out_of_memory import OutOfMemory
     from trainer.observe.tracking import TrackingError
     from trainer.runtime.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
     from trainer.runtime.run_lock import RunDirLocked
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, RunDirLocked, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, DataError) as err:
+    except (TrainingDiverged, DataError, OutOfMemory) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a quota, a permission: say which file, without a traceback

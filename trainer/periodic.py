@@ -32,6 +32,7 @@ from trainer.eval.evaluator import Evaluator, eval_mode, selection_score
 from trainer.observe.console import Console
 from trainer.observe.grids import image_grid
 from trainer.observe.nonfinite import NonfiniteGuard
+from trainer.observe.profiler import ProfileWindow
 from trainer.observe.tracking import Tracker
 from trainer.runtime.engine import Engine
 from trainer.runtime.preemption import PreemptionFlag
@@ -185,6 +186,8 @@ class MetricWindow:
         global_batch: int,
         fp16: bool,
         sinks: Sequence[Sink] = (),
+        flops_per_pair: int | None = None,
+        peak_flops: float | None = None,
     ):
         """
         Args:
@@ -193,11 +196,14 @@ class MetricWindow:
             global_batch: images per domain per update on all ranks.
             fp16: log the loss scales (loss_scale/g, loss_scale/d).
             sinks: called with (step, logged) at each flush, in order.
+            flops_per_pair: FLOPs of one update per image pair (trainer.observe.flops): perf/flops_per_s.
+            peak_flops: one device's peak FLOP/s: perf/mfu, the FLOP/s over the peak of all ranks' devices.
         """
         self.engine, self.loader, self.nonfinite = engine, loader, nonfinite
         self.every_steps, self.total_steps = every_steps, total_steps
         self.rank_images_per_step, self.global_batch, self.fp16 = rank_images_per_step, global_batch, fp16
         self.sinks = tuple(sinks)
+        self.flops_per_pair, self.peak_flops = flops_per_pair, peak_flops
         self.restart()
 
     def restart(self) -> None:
@@ -255,6 +261,10 @@ class MetricWindow:
                 "perf/data_wait_fraction": self.data_wait_s / elapsed,
             }
         )
+        if self.flops_per_pair:
+            logged["perf/flops_per_s"] = self.flops_per_pair * logged["perf/images_per_s"]
+            if self.peak_flops:
+                logged["perf/mfu"] = logged["perf/flops_per_s"] / (self.peak_flops * self.engine.world_size)
         if self.fp16:
             logged.update({"loss_scale/g": self.engine.loss_scale("g"), "loss_scale/d": self.engine.loss_scale("d")})
         for sink in self.sinks:
@@ -276,6 +286,7 @@ class IntervalWork:
     grids: SampleGrids
     evaluation: PeriodicEval
     checkpointer: Checkpointer
+    profiler: ProfileWindow
     run_dir: Path
     eval_raw: bool
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last evaluation's

@@ -26,7 +26,10 @@ from trainer.data.loader import UnpairedLoader
 from trainer.data.test_sets import TestSet, load_test_images
 from trainer.eval.evaluator import Evaluator
 from trainer.observe.console import Console
+from trainer.observe.flops import flops_per_pair, peak_flops
 from trainer.observe.nonfinite import NonfiniteGuard
+from trainer.observe.out_of_memory import out_of_memory
+from trainer.observe.profiler import ProfileWindow
 from trainer.observe.tracking import Tracker
 from trainer.periodic import Checkpointer, IntervalWork, MetricWindow, PeriodicEval, SampleGrids, accumulate
 from trainer.runtime.engine import EMA_UNIT, Engine
@@ -138,6 +141,8 @@ def train(cfg: Config) -> TrainResult:
     preemption = PreemptionFlag()  # before the loader forks its workers, so they inherit the harmless handler
     engine, cfg = build_engine(cfg)  # cfg: with backend, precision, cpu_threads and num_workers resolved
     engine.watchdog = watchdog = Watchdog(Path(cfg.train.run_dir), engine.rank, cfg.train.hang_timeout_s)
+    if cfg.profile.memory and engine.device.type == "cuda":  # allocation stacks for an out-of-memory snapshot
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
     try:
         with engine.phase("start-up"):
             console = Console(engine.is_main)
@@ -148,6 +153,8 @@ def train(cfg: Config) -> TrainResult:
             with engine.phase("start-up"):
                 resume_from = _resume_point(cfg, Path(cfg.train.run_dir), engine, console)
             return _train(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        raise out_of_memory(err, cfg, engine, watchdog.where_raised(err), watchdog.step) from None
     finally:
         watchdog.close()
 
@@ -172,20 +179,22 @@ def _train(
     if start >= total:
         console.message(_finished_line(run_dir, start, total))
     for step in range(start + 1, total + 1):
-        with work.window.waiting_for_data(), engine.phase("data"):
-            micro_batches = [next(loader) for _ in range(accum)]
-        stats, images = train_step(run, micro_batches)
-        work.window.add(stats)  # on the device: no host sync per step
-        state.step = preemption.step = step
-        if engine.watchdog is not None:
-            engine.watchdog.at_step(step)
-        engine.update_ema(state.images_seen, run.global_batch)
-        console.step()
-        for event in tracker.capture_spikes(step, stats, images):
-            console.spike(event)
-        stopping = work.after_step(step, state)
+        with work.profiler.around(step):
+            with work.window.waiting_for_data(), engine.phase("data"):
+                micro_batches = [next(loader) for _ in range(accum)]
+            stats, images = train_step(run, micro_batches)
+            work.window.add(stats)  # on the device: no host sync per step
+            state.step = preemption.step = step
+            if engine.watchdog is not None:
+                engine.watchdog.at_step(step)
+            engine.update_ema(state.images_seen, run.global_batch)
+            console.step()
+            for event in tracker.capture_spikes(step, stats, images):
+                console.spike(event)
+            stopping = work.after_step(step, state)
         if stopping:
             break
+    work.profiler.close(state.step)
     with engine.phase("checkpoint"):
         work.checkpointer.finish()  # an asynchronous save still in flight
     interrupted = stopping and engine.any_rank(preemption.interrupted)
@@ -244,16 +253,22 @@ def _interval_work(
     """The periodic parts of the loop (trainer.periodic) as the config sets them."""
     run_dir, total, fp16 = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.precision == "fp16"
     nonfinite = NonfiniteGuard(cfg.train.max_nonfinite_steps, fp16)
+    flops, flops_reason = flops_per_pair(cfg)
+    peak, peak_reason = peak_flops(engine.device, engine.precision) if flops else (None, "")
+    console.message(flops_reason + (f"; MFU against {peak_reason}" if flops else ""))
     window = MetricWindow(
         engine, loader, nonfinite, cfg.logging.every_steps, total, cfg.train.batch_size * cfg.train.grad_accum_steps,
-        global_batch, fp16=fp16, sinks=(tracker.log, console.interval),
+        global_batch, fp16=fp16, sinks=(tracker.log, console.interval), flops_per_pair=flops, peak_flops=peak,
     )  # fmt: skip
     grids = SampleGrids(engine, samples, cfg.logging.image_every_steps, total)
     evaluation = PeriodicEval(engine, evaluator, cfg.eval.every_steps, total, cfg.eval.select)
     checkpointer = Checkpointer(
         engine, run_dir, cfg.checkpoint, total, cfg.model, config_hash(cfg), tracker, console, preemption
     )
-    return IntervalWork(engine, tracker, window, nonfinite, grids, evaluation, checkpointer, run_dir, cfg.ema.eval_raw)
+    profiler = ProfileWindow(cfg.profile, run_dir, engine.rank, engine.device.type == "cuda", console.message)
+    return IntervalWork(
+        engine, tracker, window, nonfinite, grids, evaluation, checkpointer, profiler, run_dir, cfg.ema.eval_raw
+    )
 
 
 def _resume(state: TrainState, cfg: Config, engine: Engine, resume_from: Path, console: Console) -> None:

@@ -78,3 +78,34 @@ def test_a_stalled_filesystem_does_not_stop_the_report(tmp_path, capfd, monkeypa
     never.set()
     err = capfd.readouterr().err
     assert "rank 1: no progress for" in err and "could not write" in err and "Thread" in err
+
+
+def test_a_test_fault_is_injected_at_its_phase_rank_and_update(monkeypatch, tmp_path):
+    """CYCLEGAN_TEST_FAULT (trainer.runtime.faults): a delay on one rank's phase every time, an error in one
+    update; the phase it was raised in is remembered for the error's message."""
+    import pytest
+    import torch
+
+    from trainer.runtime.faults import ENV
+
+    monkeypatch.setenv(ENV, "delay:data:1:0.2")
+    slow, other = Watchdog(tmp_path, rank=1, timeout_s=0), Watchdog(tmp_path, rank=0, timeout_s=0)
+    for watchdog, least, most in ((slow, 0.2, 5.0), (other, 0.0, 0.1)):
+        start = time.monotonic()
+        with watchdog.phase("data"):
+            pass
+        assert least <= time.monotonic() - start < most
+    monkeypatch.setenv(ENV, "oom:discriminator step:0:3")
+    watchdog = Watchdog(tmp_path, rank=0, timeout_s=0)
+    watchdog.at_step(1)
+    with watchdog.phase("discriminator step"):  # update 2: not yet
+        pass
+    watchdog.at_step(2)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        with watchdog.phase("train"), watchdog.phase("discriminator step"):
+            pass
+    assert watchdog.where_raised(raised.value) == "train > discriminator step"
+    assert watchdog.where == "between phases"
+    monkeypatch.setenv(ENV, "crash:data:0:1")
+    with pytest.raises(ValueError, match="the kind must be one of delay, oom, host_oom"):
+        Watchdog(tmp_path, rank=0, timeout_s=0)

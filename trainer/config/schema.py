@@ -19,6 +19,7 @@ from trainer.config.sections import (
     EvalConfig,
     LoggingConfig,
     OptimizerConfig,
+    ProfileConfig,
     ScheduleConfig,
     TrainConfig,
 )
@@ -37,6 +38,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         input_nc = 3 + EXTRA_CHANNELS[self.data.extra]

@@ -393,3 +393,20 @@ class EMAConfig:
         require(self.rampup >= 0, "ema.rampup", self.rampup, "a number >= 0")
         if self.eval_raw and not self.enabled:
             raise ConfigError("ema.eval_raw=true needs ema.enabled=true: without an average, eval/ is of the raw ones")
+
+
+@dataclass(kw_only=True)
+class ProfileConfig:
+    """A torch.profiler window: each rank's trace of a few updates under run_dir/traces/ (Perfetto, TensorBoard)."""
+
+    steps: int = 0
+    """Updates traced; 0: no profiling."""
+    start_step: int = 10
+    """The first update traced (the first ones warm up: allocator, cuDNN autotuning, compilation)."""
+    memory: bool = False
+    """Also record tensor shapes and allocations in the trace, and on CUDA the stack of every allocation for the
+    memory snapshot an out-of-memory error writes (slower: only to find where memory goes)."""
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 0, "profile.steps", self.steps, "an integer >= 0")
+        require(self.start_step >= 1, "profile.start_step", self.start_step, "an integer >= 1")

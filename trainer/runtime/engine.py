@@ -26,7 +26,7 @@ from trainer.runtime.backends import UNITS, Backend, Unit, build_backend, resolv
 from trainer.runtime.cpu_threads import apply_threads, torch_threads
 from trainer.runtime.ema import GeneratorEMA
 from trainer.runtime.precision import resolve_precision
-from trainer.runtime.watchdog import Watchdog, record_collectives
+from trainer.runtime.watchdog import Watchdog
 
 EMA_UNIT: Literal["g_ema"] = "g_ema"
 """The generators' moving average in a checkpoint (trainer.runtime.ema)."""
@@ -51,8 +51,6 @@ class Engine:
         self.accum_steps = train.grad_accum_steps
         self.compile_mode = train.compile_mode if train.compile else None
         self.backend: Backend = build_backend(cfg, train, optim, on_cuda)
-        if train.hang_timeout_s > 0:
-            record_collectives()  # for the watchdog's report
         group_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))
         if not on_cuda and (self.backend.always_distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             group_kwargs.backend = "gloo"  # else DeepSpeed on CPU gives every rank process_index 0

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from trainer.runtime.faults import configured_fault
 from trainer.runtime.preemption import PREEMPTED_EXIT_CODE
 from trainer.runtime.run_files import write_atomic
 
@@ -54,6 +55,8 @@ class Watchdog:
         self.step = 0
         self.last_change = time.monotonic()
         self.report: Path | None = None  # the diagnostics file, once written
+        self.failure: tuple[BaseException, str] | None = None  # the last exception out of a phase, and where
+        self.fault = configured_fault()  # tests only (trainer.runtime.faults)
         self._closed = threading.Event()
         self._thread = None
         if timeout_s > 0:
@@ -66,11 +69,21 @@ class Watchdog:
         self.phases.append(name)
         self.last_change = time.monotonic()
         try:
+            if self.fault is not None:
+                self.fault.at(name, self.rank, self.step)
             with torch.profiler.record_function(name):
                 yield
+        except BaseException as err:
+            if self.failure is None or self.failure[0] is not err:  # the innermost phase names it
+                self.failure = (err, self.where)
+            raise
         finally:
             self.phases.pop()
             self.last_change = time.monotonic()
+
+    def where_raised(self, err: BaseException) -> str:
+        """The phase path `err` was raised in (the current one if it came from outside every phase)."""
+        return self.failure[1] if self.failure is not None and self.failure[0] is err else self.where
 
     def at_step(self, step: int) -> None:
         """The loop finished update `step` (named in a report)."""
