@@ -17,8 +17,9 @@ pytestmark = pytest.mark.distributed
 
 def test_two_ranks_write_a_trace_each_with_the_phases_and_log_flops(colour_shards, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = train_command(colour_shards, run_dir, "train.steps=5", "profile.start_step=2", "profile.steps=2",
-                        "logging.every_steps=2", "eval.images=0", launcher=accelerate_launch("cpu-ddp-2", 2))  # fmt: skip
+    window = ["profile.start_step=2", "profile.steps=2"]
+    cmd = train_command(colour_shards, run_dir, "train.steps=5", *window, "logging.every_steps=2", "eval.images=0",
+                        launcher=accelerate_launch("cpu-ddp-2", 2))  # fmt: skip
     result = run_bounded(cmd, timeout_s=300)
     assert result.returncode == 0, result.stderr[-3000:]
     traces = sorted(p.name for p in (run_dir / "traces").iterdir())

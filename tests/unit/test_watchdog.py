@@ -101,9 +101,8 @@ def test_a_test_fault_is_injected_at_its_phase_rank_and_update(monkeypatch, tmp_
     with watchdog.phase("discriminator step"):  # update 2: not yet
         pass
     watchdog.at_step(2)
-    with pytest.raises(torch.OutOfMemoryError) as raised:
-        with watchdog.phase("train"), watchdog.phase("discriminator step"):
-            pass
+    with pytest.raises(torch.OutOfMemoryError) as raised, watchdog.phase("train"), watchdog.phase("discriminator step"):
+        pass
     assert watchdog.where_raised(raised.value) == "train > discriminator step"
     assert watchdog.where == "between phases"
     monkeypatch.setenv(ENV, "crash:data:0:1")
