@@ -50,5 +50,7 @@ def test_the_peak_is_the_gpu_table_or_a_cpu_measurement(monkeypatch):
     assert flops.peak_flops(cuda, "fp32")[0] == 494e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert flops.peak_flops(cuda, "bf16") == (None, "no peak known for Some Future GPU: MFU not logged")
+    before = torch.get_rng_state()
     peak, reason = flops.peak_flops(torch.device("cpu"), "fp32")
     assert peak > 1e8 and reason.startswith("this CPU's ")
+    assert torch.equal(torch.get_rng_state(), before)  # measured at start, after the seed: no random draws

@@ -75,8 +75,7 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]
 
 def cpu_matmul_flops(seconds: float = 0.05) -> float:
     """FLOP/s of repeated fp32 matmuls on this process's threads (at least 3, for at least `seconds`)."""
-    a = torch.randn(CPU_PEAK_MATMUL, CPU_PEAK_MATMUL)
-    b = torch.randn(CPU_PEAK_MATMUL, CPU_PEAK_MATMUL)
+    a = b = torch.full((CPU_PEAK_MATMUL, CPU_PEAK_MATMUL), 0.5)  # not random: training's random state stays as it was
     torch.mm(a, b)  # warm-up
     runs, start = 0, time.perf_counter()
     while runs < 3 or time.perf_counter() - start < seconds:
