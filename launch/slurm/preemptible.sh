@@ -28,6 +28,7 @@ if [ "$restart" -gt 0 ]; then
 fi
 run_dir=$(python -m trainer.config --get train.run_dir "${args[@]}") || die "cannot read train.run_dir from: ${args[*]}"
 mkdir -p "$run_dir/logs" "$run_dir/diagnostics"
+rm -f "$run_dir/HUNG" # an earlier attempt's: only this attempt's hang requeues it
 export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
 export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$run_dir/diagnostics/nccl-trace-rank}
 log="$run_dir/logs/slurm-${SLURM_JOB_ID:-0}-restart$restart.log"
