@@ -152,7 +152,9 @@ def train(cfg: Config) -> TrainResult:
         with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
             with engine.phase("start-up"):
                 resume_from = _resume_point(cfg, Path(cfg.train.run_dir), engine, console)
-            return _train(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
+            with engine.phase("start-up"):
+                set_up = _set_up(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
+            return _train(cfg, engine, preemption, console, loader, *set_up)
     except (torch.OutOfMemoryError, MemoryError) as err:
         raise out_of_memory(err, cfg, engine, watchdog.where_raised(err), watchdog.step) from None
     finally:
@@ -165,13 +167,13 @@ def _train(
     preemption: PreemptionFlag,
     console: Console,
     loader: UnpairedLoader,
-    evaluator: Evaluator | None,
-    samples: TestSet | None,
-    resume_from: Path | None,
+    run: Training,
+    state: TrainState,
+    tracker: Tracker,
+    work: IntervalWork,
 ) -> TrainResult:
+    """The loop from `state` (what _set_up made) to the end of the run, a stop signal or an error."""
     run_dir, total, accum = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.grad_accum_steps
-    with engine.phase("start-up"):
-        run, state, tracker, work = _set_up(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
     start = state.step
     stopping = False
     preemption.step = preemption.saved_step = start

@@ -126,7 +126,7 @@ def test_a_hung_job_is_requeued_resumes_and_finishes(slurm_env, colour_shards, t
     run_dir, steps = tmp_path / "run", 40
     env = {**slurm_env, **CPU, "ACCELERATE_CONFIG": "launch/cpu-ddp-2.yaml"}
     job_id = submit("train-1node.sbatch", env, tmp_path, run_dir, colour_shards, f"train.steps={steps}",
-                    "logging.every_steps=1", "checkpoint.every_steps=10", "eval.images=0", "train.hang_timeout_s=5",
+                    "logging.every_steps=1", "checkpoint.every_steps=10", "eval.images=0", "train.hang_timeout_s=20",
                     sbatch=["--nodes=1"])  # fmt: skip
     wait_until(job_id, env, lambda info: len(trained_steps(run_dir)) >= 12 or finished(info), 300, "training")
     rank_process(run_dir, 1).send_signal(signal.SIGSTOP)
