@@ -4,11 +4,12 @@ selection (eval.every_steps, eval.select) and checkpoints (checkpoint.every_step
 What a checkpoint holds is trainer.checkpoint.train_state's; how it is written, trainer.checkpoint.save's.
 
 The metric window: per-step stats are summed on the device (no host sync per step); at the interval's end one
-collective (Engine.reduce) averages them over ranks together with this rank's values (data epochs, memory, images/s
-per rank, non-finite update counts) and sums the data counters; the window adds the LRs, the timing (images/s, step
-time, data-wait fraction) and, under fp16, the loss scales, hands the record to its sinks (tracker, console) and
-starts over. It logs nothing itself and decides nothing about stopping (trainer.observe.nonfinite's guard does,
-from the counts it is fed here).
+collective (Engine.gather_scalars) brings every rank's values (the stats, data epochs and counters, memory, images/s
+per rank, own time and data wait per update, non-finite update counts): the window averages them over ranks, sums
+the data counters, logs min/median/max of the per-rank timing and memory with the slowest rank
+(trainer.observe.stragglers), adds the LRs, the timing (images/s, step time, data-wait fraction) and, under fp16,
+the loss scales, hands the record to its sinks (tracker, console) and starts over. It logs nothing itself and
+decides nothing about stopping (trainer.observe.nonfinite's guard does, from the counts it is fed here).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from trainer.observe.console import Console
 from trainer.observe.grids import image_grid
 from trainer.observe.nonfinite import NonfiniteGuard
 from trainer.observe.profiler import ProfileWindow
+from trainer.observe.stragglers import DATA_WAIT, OWN_TIME, SLOWEST_RANK, SPREAD, StragglerWatch, slowest, spread
 from trainer.observe.tracking import Tracker
 from trainer.runtime.engine import Engine
 from trainer.runtime.preemption import PreemptionFlag
@@ -188,6 +190,7 @@ class MetricWindow:
         sinks: Sequence[Sink] = (),
         flops_per_pair: int | None = None,
         peak_flops: float | None = None,
+        stragglers: StragglerWatch | None = None,
     ):
         """
         Args:
@@ -198,12 +201,13 @@ class MetricWindow:
             sinks: called with (step, logged) at each flush, in order.
             flops_per_pair: FLOPs of one update per image pair (trainer.observe.flops): perf/flops_per_s.
             peak_flops: one device's peak FLOP/s: perf/mfu, the FLOP/s over the peak of all ranks' devices.
+            stragglers: fed each window's per-rank own time and data wait when there are several ranks.
         """
         self.engine, self.loader, self.nonfinite = engine, loader, nonfinite
         self.every_steps, self.total_steps = every_steps, total_steps
         self.rank_images_per_step, self.global_batch, self.fp16 = rank_images_per_step, global_batch, fp16
         self.sinks = tuple(sinks)
-        self.flops_per_pair, self.peak_flops = flops_per_pair, peak_flops
+        self.flops_per_pair, self.peak_flops, self.stragglers = flops_per_pair, peak_flops, stragglers
         self.restart()
 
     def restart(self) -> None:
@@ -212,6 +216,15 @@ class MetricWindow:
         self.steps = 0
         self.started = time.perf_counter()
         self.data_wait_s = 0.0
+        self.own_s = 0.0
+
+    @contextlib.contextmanager
+    def timing_update(self) -> Iterator[None]:
+        """Time the block (loading an update's data and doing it) as this rank's own time, less the time it spent
+        in calls where ranks wait for each other (Engine.waited_s)."""
+        start, waited = time.perf_counter(), self.engine.waited_s
+        yield
+        self.own_s += time.perf_counter() - start - (self.engine.waited_s - waited)
 
     @contextlib.contextmanager
     def waiting_for_data(self) -> Iterator[None]:
@@ -236,29 +249,41 @@ class MetricWindow:
 
         Returns:
             The record: each stat's mean over the window's steps and the ranks, loss/nonfinite_{g,d}, data/*
-            (counters summed over ranks), mem/*, lr/*, perf/* and, under fp16, loss_scale/*.
+            (counters summed over ranks), mem/*, lr/*, perf/* and, under fp16, loss_scale/*; with several ranks
+            also /min, /median and /max over the ranks of the per-rank timing and memory, and the slowest rank.
         """
         elapsed = time.perf_counter() - self.started
         rank_values = {
             **self.loader.progress(),
             **self.engine.memory_metrics(),
             "perf/images_per_s_per_rank": self.steps * self.rank_images_per_step / elapsed,
+            OWN_TIME: self.own_s / self.steps,
+            DATA_WAIT: self.data_wait_s / self.steps,
         }
-        logged = self.engine.reduce(  # one collective for everything
+        counters = self.loader.counters()  # totals of all ranks
+        per_rank = self.engine.gather_scalars(  # one collective for everything
             {
                 **{key: value / self.steps for key, value in self.sums.items()},
                 **self.nonfinite.take(),
-                **{key: torch.tensor(value) for key, value in rank_values.items()},
-            },
-            sums={key: torch.tensor(value) for key, value in self.loader.counters().items()},  # totals of all ranks
+                **{key: torch.tensor(value) for key, value in {**rank_values, **counters}.items()},
+            }
         )
+        logged = {
+            key: sum(values) if key in counters else sum(values) / len(values) for key, values in per_rank.items()
+        }
+        if len(per_rank[OWN_TIME]) > 1:
+            logged[SLOWEST_RANK] = slowest(per_rank[OWN_TIME])
+            for key in (key for key in SPREAD if key in per_rank):
+                logged.update(spread(key, per_rank[key]))
+            if self.stragglers is not None:
+                self.stragglers.update(step, per_rank[OWN_TIME], per_rank[DATA_WAIT])
         logged.update(
             {
                 "lr/g": self.engine.lr("g"),
                 "lr/d": self.engine.lr("d"),
                 "perf/images_per_s": self.steps * self.global_batch / elapsed,
                 "perf/step_time_s": elapsed / self.steps,
-                "perf/data_wait_fraction": self.data_wait_s / elapsed,
+                "perf/data_wait_fraction": logged[DATA_WAIT] * self.steps / elapsed,
             }
         )
         if self.flops_per_pair:

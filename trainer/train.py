@@ -30,6 +30,7 @@ from trainer.observe.flops import flops_per_pair, peak_flops
 from trainer.observe.nonfinite import NonfiniteGuard
 from trainer.observe.out_of_memory import out_of_memory
 from trainer.observe.profiler import ProfileWindow
+from trainer.observe.stragglers import StragglerWatch
 from trainer.observe.tracking import Tracker
 from trainer.periodic import Checkpointer, IntervalWork, MetricWindow, PeriodicEval, SampleGrids, accumulate
 from trainer.runtime.engine import EMA_UNIT, Engine
@@ -182,9 +183,10 @@ def _train(
         console.message(_finished_line(run_dir, start, total))
     for step in range(start + 1, total + 1):
         with work.profiler.around(step):
-            with work.window.waiting_for_data(), engine.phase("data"):
-                micro_batches = [next(loader) for _ in range(accum)]
-            stats, images = train_step(run, micro_batches)
+            with work.window.timing_update():
+                with work.window.waiting_for_data(), engine.phase("data"):
+                    micro_batches = [next(loader) for _ in range(accum)]
+                stats, images = train_step(run, micro_batches)
             work.window.add(stats)  # on the device: no host sync per step
             state.step = preemption.step = step
             if engine.watchdog is not None:
@@ -261,6 +263,7 @@ def _interval_work(
     window = MetricWindow(
         engine, loader, nonfinite, cfg.logging.every_steps, total, cfg.train.batch_size * cfg.train.grad_accum_steps,
         global_batch, fp16=fp16, sinks=(tracker.log, console.interval), flops_per_pair=flops, peak_flops=peak,
+        stragglers=StragglerWatch(cfg.logging.straggler_factor, cfg.logging.straggler_windows, console.message),
     )  # fmt: skip
     grids = SampleGrids(engine, samples, cfg.logging.image_every_steps, total)
     evaluation = PeriodicEval(engine, evaluator, cfg.eval.every_steps, total, cfg.eval.select)

@@ -1,5 +1,6 @@
 """Where the time and the memory go: the profiler window's traces (one per rank, the loop's phases labelled), the
-FLOP/s and MFU in the metrics, and out-of-memory errors in one line (injected through CYCLEGAN_TEST_FAULT)."""
+FLOP/s and MFU in the metrics, a slow rank named (a delay injected through CYCLEGAN_TEST_FAULT), and
+out-of-memory errors in one line (injected likewise)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from trainer.observe.flops import flops_per_pair
 from trainer.runtime.faults import ENV
 
 pytestmark = pytest.mark.distributed
+DELAY_S = 0.8  # rank 1's delay entering each generator step
 
 
-def test_two_ranks_write_a_trace_each_with_the_phases_and_log_flops(colour_shards, tmp_path):
+def test_two_ranks_write_a_trace_each_log_flops_and_name_the_slow_rank(colour_shards, tmp_path):
     run_dir = tmp_path / "run"
-    window = ["profile.start_step=2", "profile.steps=2"]
-    cmd = train_command(colour_shards, run_dir, "train.steps=5", *window, "logging.every_steps=2", "eval.images=0",
+    window = ["profile.start_step=2", "profile.steps=2", "logging.every_steps=2", "logging.straggler_windows=2"]
+    cmd = train_command(colour_shards, run_dir, "train.steps=7", *window, "eval.images=0",
                         launcher=accelerate_launch("cpu-ddp-2", 2))  # fmt: skip
-    result = run_bounded(cmd, timeout_s=300)
+    result = run_bounded(cmd, timeout_s=300, env={ENV: f"delay:generator step:1:{DELAY_S}"})
     assert result.returncode == 0, result.stderr[-3000:]
     traces = sorted(p.name for p in (run_dir / "traces").iterdir())
     assert traces == ["rank00000.steps2-3.pt.trace.json", "rank00001.steps2-3.pt.trace.json"]
@@ -29,7 +31,7 @@ def test_two_ranks_write_a_trace_each_with_the_phases_and_log_flops(colour_shard
         names = [event.get("name") for event in events]
         for phase in ("data", "generator step", "discriminator step", "stop check"):
             assert names.count(phase) == 2, (name, phase)  # the two traced updates
-        assert names.count("metric window") == 1 and "collective reduce" in names  # step 2 logs
+        assert names.count("metric window") == 1 and "collective gather scalars" in names  # step 2 logs
     assert "profiler: updates 2-3 traced into" in result.stdout
 
     count, _ = flops_per_pair(load_config(run_dir / "config.yaml"))
@@ -39,6 +41,15 @@ def test_two_ranks_write_a_trace_each_with_the_phases_and_log_flops(colour_shard
         assert record["perf/flops_per_s"] == pytest.approx(count * record["perf/images_per_s"], rel=1e-9)
         assert 0 < record["perf/mfu"] < 1
     assert f"{count / 1e9:.3g} GFLOP per image pair per update; MFU against this CPU's" in result.stdout
+
+    assert [record["step"] for record in windows] == [2, 4, 6, 7]
+    for record in windows:  # rank 0 waits for rank 1 in each backward: equal steps, but rank 1's own time is longer
+        assert record["perf/slowest_rank"] == 1
+        assert record["mem/host_rss_gb/min"] <= record["mem/host_rss_gb/median"] <= record["mem/host_rss_gb/max"]
+    for record in windows[1:]:  # the first window also holds one-time waits (DDP's bucket rebuild) on rank 0
+        assert record["perf/own_time_s/max"] - record["perf/own_time_s/min"] > 0.8 * DELAY_S
+    (warning,) = [line for line in result.stdout.splitlines() if "the slow rank" in line]
+    assert warning.startswith("warning: rank 1 has been the slow rank for 2 logging windows in a row (to update 6)")
 
 
 @pytest.mark.parametrize("kind", ["oom", "host_oom"])

@@ -41,6 +41,8 @@ BAD_OVERRIDES = [
     (["optimizer.lr_d=-.inf"], "optimizer.lr_d=-inf is not allowed; expected a finite number"),
     (["data.max_image_pixels=0"], "data.max_image_pixels=0 is not allowed; expected an integer >= 1"),
     (["train.max_nonfinite_steps=0"], "train.max_nonfinite_steps=0 is not allowed"),
+    (["logging.straggler_factor=0.9"], "logging.straggler_factor=0.9 is not allowed; expected 0 (off) or a number > 1"),
+    (["logging.straggler_windows=0"], "logging.straggler_windows=0 is not allowed; expected an integer >= 1"),
     (["train.steps=[[1, 2, 3, 4, 5, 6], 2, 3, 4, 5]"], "train.steps=[[1, 2, 3, 4, ...], 2, 3, 4, ...] has the wrong"),
 ]
 

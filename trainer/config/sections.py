@@ -302,6 +302,11 @@ class LoggingConfig:
     running median; 0 disables the capture."""
     spike_check_steps: int = 8
     """The capture keeps the last N steps on the device and checks them together (one host sync per N steps)."""
+    straggler_factor: float = 1.5
+    """Warn when one rank's own time per update (outside the calls where ranks wait for each other) exceeds the
+    median rank's by this factor in straggler_windows logging windows in a row; 0 never warns."""
+    straggler_windows: int = 3
+    """Logging windows in a row that the same rank must be slow in before the warning."""
 
     def __post_init__(self) -> None:
         require(
@@ -317,6 +322,13 @@ class LoggingConfig:
             "0 (off) or a number > 1",
         )
         require(self.spike_check_steps >= 1, "logging.spike_check_steps", self.spike_check_steps, "an integer >= 1")
+        require(
+            self.straggler_factor == 0 or self.straggler_factor > 1,
+            "logging.straggler_factor",
+            self.straggler_factor,
+            "0 (off) or a number > 1",
+        )
+        require(self.straggler_windows >= 1, "logging.straggler_windows", self.straggler_windows, "an integer >= 1")
 
 
 @dataclass(kw_only=True)

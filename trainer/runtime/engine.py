@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from datetime import timedelta
 from typing import Any, Iterator, Literal
 
@@ -66,10 +67,22 @@ class Engine:
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         self.ema: GeneratorEMA | None = None
         self.watchdog: Watchdog | None = None  # the training loop's (trainer.train)
+        self.waited_s = 0.0  # wall time in calls where ranks wait for each other (trainer.observe.stragglers)
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
         """Label the block for the hang watchdog and profiler traces (trainer.runtime.watchdog)."""
         return self.watchdog.phase(name) if self.watchdog is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def synchronizing(self, phase: str | None = None) -> Iterator[None]:
+        """Count the block's wall time in `waited_s`: a call where this rank may wait for the others (a backward
+        that reduces gradients, an optimizer step, a collective, labelled as `phase` when named)."""
+        start = time.perf_counter()
+        try:
+            with self.phase(phase) if phase else contextlib.nullcontext():
+                yield
+        finally:
+            self.waited_s += time.perf_counter() - start
 
     def use_cpu_threads(self, requested: int | str, loader_workers: int, budget: CpuBudget) -> None:
         """Run torch's operators on train.cpu_threads=`requested` threads (auto: this rank's share of `budget`)."""
@@ -164,7 +177,8 @@ class Engine:
 
     def backward(self, loss: torch.Tensor, which: Unit) -> None:
         """Backward of one micro-batch's loss into unit `which`, averaged over the accumulation steps."""
-        self.backend.backward(which, loss)
+        with self.synchronizing():
+            self.backend.backward(which, loss)
 
     def step(self, which: Unit) -> torch.Tensor:
         """Finish the update of unit `which` after its last micro-batch and step its LR schedule. A NaN or
@@ -173,7 +187,8 @@ class Engine:
         Returns:
             The unit's gradient norm before clipping (a device tensor; inf when the backend skipped the step).
         """
-        norm = self.backend.step(which)
+        with self.synchronizing():
+            norm = self.backend.step(which)
         self.schedulers[which].step()
         return norm
 
@@ -267,7 +282,7 @@ class Engine:
         if self.world_size == 1:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        with self.phase("collective any_rank"):
+        with self.synchronizing("collective any_rank"):
             return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def broadcast_json(self, value: Any) -> Any:
@@ -276,7 +291,7 @@ class Engine:
             return value
         data = json.dumps(value).encode() if self.is_main else b""
         size = torch.tensor([len(data)], device=self.device)
-        with self.phase("collective broadcast"):
+        with self.synchronizing("collective broadcast"):
             torch.distributed.broadcast(size, src=0)
             buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
             if self.is_main:
@@ -294,7 +309,7 @@ class Engine:
         for which in UNITS:
             params = [p.detach().double() for p in self.unwrap(which).parameters()]
             rows += [sum(p.sum() for p in params), sum(p.square().sum() for p in params)]
-        with self.phase("collective gather"):
+        with self.synchronizing("collective gather"):
             everyone = self.accelerator.gather(torch.stack(rows).to(self.device).unsqueeze(0))  # (world_size, 4)
         spread = (everyone - everyone[0]).abs().amax(dim=0) / everyone[0].abs().clamp_min(1e-30)
         return spread.max().item()
@@ -318,19 +333,22 @@ class Engine:
         """Each scalar of `means` averaged and each of `sums` summed over ranks (counters: totals stay exact), in
         one collective and one host sync."""
         sums = sums or {}
-        names = sorted(means) + sorted(sums)
+        per_rank = self.gather_scalars({**means, **sums})
+        return {name: sum(per_rank[name]) / (1 if name in sums else self.world_size) for name in per_rank}
+
+    def gather_scalars(self, values: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+        """Every rank's value of each scalar in `values`, indexed by rank, in one collective (an all-gather in
+        float64) and one host sync."""
+        names = sorted(values)
         if not names:
             return {}
-        values = {**means, **sums}
-        stacked = torch.stack([values[n].detach().float().reshape(()).to(self.device) for n in names])
-        with self.phase("collective reduce"):
-            totals = self.accelerator.reduce(stacked, reduction="sum") if self.world_size > 1 else stacked
-            totals = totals.cpu().tolist()
-        divisors = [self.world_size] * len(means) + [1] * len(sums)
-        return {name: total / divisor for name, total, divisor in zip(names, totals, divisors)}
+        row = torch.stack([values[n].detach().double().reshape(()).to(self.device) for n in names]).unsqueeze(0)
+        with self.synchronizing("collective gather scalars"):
+            table = (self.accelerator.gather(row) if self.world_size > 1 else row).cpu().tolist()
+        return {name: [rank_row[i] for rank_row in table] for i, name in enumerate(names)}
 
     def barrier(self) -> None:
-        with self.phase("collective barrier"):
+        with self.synchronizing("collective barrier"):
             self.accelerator.wait_for_everyone()
 
     def end(self) -> None:
