@@ -119,11 +119,13 @@ def _http_open(url: str, start: int, options: RemoteOptions) -> Opened:
     return Opened(response, int(length) if length and length.isdigit() else None, tag, skip=start)
 
 
-def fsspec_filesystem(kind: str, options: RemoteOptions) -> Any:
+def fsspec_filesystem(kind: str, options: RemoteOptions, fresh: bool = False) -> Any:
+    """The fsspec filesystem of `kind` (s3, gs) with the options' endpoint; `fresh`: not fsspec's cached instance
+    (a background thread's own)."""
     try:
         import fsspec
 
-        kwargs = {}
+        kwargs: dict[str, Any] = {"skip_instance_cache": True} if fresh else {}
         if kind == "s3" and options.s3_endpoint_url:
             kwargs["client_kwargs"] = {"endpoint_url": options.s3_endpoint_url}
         return fsspec.filesystem(kind, **kwargs)

@@ -54,6 +54,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """The endpoint URL of a moto S3 server on loopback (the server object as `.server`), with test credentials in
+    the environment; each test makes its own bucket."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in S3_CREDENTIALS.items():
+            env.setenv(key, value)
+        yield S3Server(f"http://127.0.0.1:{port}", server)
+    server.stop()
+
+
+class S3Server:
+    """A running moto server: its endpoint and a way to make a bucket."""
+
+    def __init__(self, endpoint: str, server) -> None:
+        self.endpoint, self.server = endpoint, server
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+
+    def bucket(self, name: str) -> str:
+        """A new bucket `name`; returns s3://name."""
+        self.filesystem().mkdir(name)
+        return f"s3://{name}"
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants. torchrun starts each rank in a session of its own, so killing
     the launcher's process group would leave the ranks running."""

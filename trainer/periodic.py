@@ -23,8 +23,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from trainer.checkpoint.format import checkpoint_step
 from trainer.checkpoint.save import AsyncCheckpointWriter, SaveRequest, save_checkpoint
 from trainer.checkpoint.train_state import TrainState
+from trainer.checkpoint.upload import CheckpointUploader, Upload
 from trainer.config.model import ModelConfig
 from trainer.config.sections import CheckpointConfig
 from trainer.data.loader import UnpairedLoader
@@ -102,6 +104,10 @@ class PeriodicEval:
         return metrics, {"select": self.select, "score": score, "metrics": metrics}
 
 
+def _step_name(step: int | None) -> str:
+    return f"step_{step:08d}" if step is not None else "none"
+
+
 class Checkpointer:
     """Saves the training state every checkpoint.every_steps updates, at the last, for a new best and when the run
     stops on a signal (checked every checkpoint.preempt_check_steps updates), and logs each save."""
@@ -117,13 +123,17 @@ class Checkpointer:
         tracker: Tracker,
         console: Console,
         preemption: PreemptionFlag,
+        uploader: CheckpointUploader | None = None,
     ):
-        """`model` and `config_hash`: the run's facts for train_state.json (see TrainState.meta)."""
+        """`model` and `config_hash`: the run's facts for train_state.json (see TrainState.meta); `uploader`: the
+        main rank's, under checkpoint.remote (each published checkpoint is handed to it)."""
         self.engine, self.run_dir, self.cfg, self.total_steps = engine, run_dir, cfg, total_steps
         self.model, self.config_hash = model, config_hash
         self.tracker, self.console, self.preemption = tracker, console, preemption
+        self.uploader = uploader
         self.last_saved: Path | None = None
-        self.writer = AsyncCheckpointWriter(engine, engine.cfg.timeout_s) if cfg.async_save else None
+        publish = self._upload if uploader is not None else None
+        self.writer = AsyncCheckpointWriter(engine, engine.cfg.timeout_s, publish) if cfg.async_save else None
 
     def stop_requested(self, step: int) -> bool:
         """Whether a signal asks the run to stop after update `step` (a collective on the check steps)."""
@@ -139,13 +149,21 @@ class Checkpointer:
         if best is not None:
             state.best = best
         meta = state.meta(self.model, self.config_hash)
+        protect = self.uploader.in_flight_step() if self.uploader is not None else None
         request = SaveRequest(
-            self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best
+            self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best, protect
         )
-        path = save_checkpoint(self.engine, request) if self.writer is None else self.writer.save(request)
+        if self.writer is None:
+            path = save_checkpoint(self.engine, request)
+            if self.uploader is not None:
+                self._upload(path)
+        else:
+            path = self.writer.save(request)
         stall = time.perf_counter() - started
         self.preemption.saved_step = step
         logged = {"checkpoint/saved_step": step, "checkpoint/stall_s": stall, **self._replica_check(step)}
+        if self.uploader is not None:
+            logged["checkpoint/upload_lag_steps"] = self.uploader.lag_steps(step)
         self.tracker.log(step, {**logged, **({"eval/best_step": step} if best is not None else {})})
         self.last_saved = path
         return path
@@ -154,6 +172,30 @@ class Checkpointer:
         """Wait for a checkpoint still being written (a collective; raises CheckpointError if it failed)."""
         if self.writer is not None:
             self.writer.wait()
+
+    def finish_uploads(self, files: Sequence[tuple[str, Path]]) -> None:
+        """(Main rank, under checkpoint.remote) upload the run's final `files` ({store name: local path}) after the
+        checkpoints handed over, waiting at most checkpoint.remote_final_wait_s for all of them, and say how it
+        ended."""
+        if self.uploader is None:
+            return
+        uploader, wait_s = self.uploader, self.cfg.remote_final_wait_s
+        if files:
+            uploader.submit(Upload(step=self.total_steps, files=tuple(files)))
+        self.console.message(f"waiting up to {wait_s:g} s for the uploads to {uploader.store.url}")
+        if uploader.close(wait_s):
+            self.console.message(f"uploaded to {uploader.store.url}: checkpoints to {_step_name(uploader.confirmed)}"
+                                 f"{' and the final files' if files else ''}")  # fmt: skip
+        else:
+            self.console.message(
+                f"warning: uploads to {uploader.store.url} did not finish within checkpoint.remote_final_wait_s="
+                f"{wait_s:g} s; the newest complete checkpoint there is {_step_name(uploader.confirmed)}, the run "
+                f"directory {self.run_dir} holds the rest"
+            )
+
+    def _upload(self, checkpoint: Path) -> None:
+        assert self.uploader is not None
+        self.uploader.submit(Upload(step=checkpoint_step(checkpoint) or 0, checkpoint=checkpoint))
 
     def _replica_check(self, step: int) -> dict[str, float]:
         """run/replica_spread (see Engine.replica_spread), with a warning when ranks differ."""

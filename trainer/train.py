@@ -13,12 +13,16 @@ from typing import Callable
 
 import torch
 
+from shards.remote import RemoteOptions
 from trainer.build import Training, build_engine, build_evaluator, build_loader, build_training
 from trainer.checkpoint.export import save_export
-from trainer.checkpoint.format import CHECKPOINTS, CheckpointError, read_best, step_dirs
+from trainer.checkpoint.format import CHECKPOINTS, COMPLETE, CheckpointError, read_best, step_dirs
 from trainer.checkpoint.load import load_checkpoint
+from trainer.checkpoint.remote_resume import clear_store, newest_in_store, resume_from_store
 from trainer.checkpoint.resume import check_architecture, find_resume, set_aside_damaged
+from trainer.checkpoint.store import CheckpointStore
 from trainer.checkpoint.train_state import TrainState, comparable_best
+from trainer.checkpoint.upload import CheckpointUploader
 from trainer.config.checks import ConfigError
 from trainer.config.load import config_yaml, to_dict
 from trainer.config.schema import Config
@@ -207,6 +211,7 @@ def _train(
     images = (state.step - start) * run.global_batch
     console.summary(state.step, images, work.metrics, None if export is None else str(export))
     tracker.close()
+    work.checkpointer.finish_uploads(_final_files(run_dir, export))
     engine.end()
     preempted = stopping and not interrupted
     return TrainResult(step=state.step, metrics=work.metrics, preempted=preempted, interrupted=interrupted)
@@ -267,8 +272,13 @@ def _interval_work(
     )  # fmt: skip
     grids = SampleGrids(engine, samples, cfg.logging.image_every_steps, total)
     evaluation = PeriodicEval(engine, evaluator, cfg.eval.every_steps, total, cfg.eval.select)
+    store = checkpoint_store(cfg) if engine.is_main else None
+    uploader = None if store is None else CheckpointUploader(
+        store, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps, cfg.checkpoint.remote_max_behind,
+        console.message, confirmed=newest_in_store(store),
+    )  # fmt: skip
     checkpointer = Checkpointer(
-        engine, run_dir, cfg.checkpoint, total, cfg.model, config_hash(cfg), tracker, console, preemption
+        engine, run_dir, cfg.checkpoint, total, cfg.model, config_hash(cfg), tracker, console, preemption, uploader
     )
     profiler = ProfileWindow(cfg.profile, run_dir, engine.rank, engine.device.type == "cuda", console.message)
     return IntervalWork(
@@ -370,6 +380,21 @@ def _end_of_run(
     return None
 
 
+def checkpoint_store(cfg: Config) -> CheckpointStore | None:
+    """The store of checkpoint.remote (credentials and endpoint as for the data), or None without one."""
+    if not cfg.checkpoint.remote:
+        return None
+    return CheckpointStore(cfg.checkpoint.remote, RemoteOptions(s3_endpoint_url=cfg.data.s3_endpoint_url))
+
+
+def _final_files(run_dir: Path, export: Path | None) -> list[tuple[str, Path]]:
+    """What a finished run uploads last ({store name: local path}): the export, metrics.jsonl and config.yaml."""
+    files = [p for p in sorted(export.rglob("*")) if p.is_file() and not p.is_symlink()] if export else []
+    files.sort(key=lambda p: p.name == COMPLETE)  # each export directory's marker after the files it lists
+    files += [p for p in (run_dir / "metrics.jsonl", run_dir / "config.yaml") if p.is_file()]
+    return [(p.relative_to(run_dir).as_posix(), p) for p in files]
+
+
 def config_hash(cfg: Config) -> str:
     """sha256 of the resolved config, for telling whether a resumed run continues with the same settings."""
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
@@ -407,6 +432,13 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) 
 
     def newest() -> str | None:
         found = find_resume(run_dir, cfg.train.resume, console.message)
+        store = checkpoint_store(cfg)
+        if store is not None:
+            store.check_access()
+            if cfg.train.resume == "none":
+                clear_store(store, cfg.train.overwrite)
+            elif cfg.train.resume == "auto":
+                found = resume_from_store(store, run_dir, found, console.message)
         return None if found is None else str(found)
 
     found = _on_main(engine, newest)

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save
@@ -59,6 +59,7 @@ class CapturedCheckpoint:
     best: dict[str, Any] | None
     keep: int
     keep_every_steps: int
+    protect: int | None
 
     @property
     def tmp(self) -> Path:
@@ -100,6 +101,8 @@ class SaveRequest:
     keep_every_steps: int = 0
     best: dict[str, Any] | None = None
     """{select, score, metrics} to record this checkpoint as the best in best.json before rotating."""
+    protect: int | None = None
+    """A step the rotation keeps whatever its age (the checkpoint being uploaded to checkpoint.remote)."""
 
 
 def capture_checkpoint(engine: Engine, request: SaveRequest) -> CapturedCheckpoint:
@@ -133,7 +136,7 @@ def capture_checkpoint(engine: Engine, request: SaveRequest) -> CapturedCheckpoi
         root=root, final=final, previous=previous, rank=engine.rank, world_size=engine.world_size,
         rank_bytes=state_bytes(own), universal=universal if engine.is_main else None,
         train_state=train_state if engine.is_main else None, best=request.best, keep=request.keep,
-        keep_every_steps=request.keep_every_steps,
+        keep_every_steps=request.keep_every_steps, protect=request.protect,
     )  # fmt: skip
 
 
@@ -162,7 +165,7 @@ def publish_checkpoint(saving: CapturedCheckpoint) -> Path:
     write_atomic(root / LATEST, final.name + "\n")
     if saving.best is not None:
         write_atomic(root / BEST, json.dumps({"step": int(final.name[5:]), **saving.best}, indent=2))
-    _rotate(root.parent, saving.keep, saving.keep_every_steps)
+    _rotate(root.parent, saving.keep, saving.keep_every_steps, saving.protect)
     return final
 
 
@@ -199,8 +202,9 @@ class AsyncCheckpointWriter:
     directory, never a resumable half checkpoint: the previous one stays the newest intact checkpoint. A process
     that leaves through `exit_process` (also after an error) first lets a started write finish."""
 
-    def __init__(self, engine: Engine, timeout_s: float):
-        self.engine, self.timeout_s = engine, timeout_s
+    def __init__(self, engine: Engine, timeout_s: float, on_published: Callable[[Path], None] | None = None):
+        """`on_published`: called (main rank, in the writer thread) with each checkpoint once it is published."""
+        self.engine, self.timeout_s, self.on_published = engine, timeout_s, on_published
         self.thread: threading.Thread | None = None
         self.saving: CapturedCheckpoint | None = None
         self.error: BaseException | None = None
@@ -237,7 +241,9 @@ class AsyncCheckpointWriter:
             write_rank_part(saving)
             if saving.universal is not None:
                 self._wait_for_ranks(saving)
-                publish_checkpoint(saving)
+                final = publish_checkpoint(saving)
+                if self.on_published is not None:
+                    self.on_published(final)
         except Exception as err:  # reported by wait(); a thread must not end silently
             self.error = err
             with contextlib.suppress(OSError):  # tell the main rank's writer not to wait for this rank's file
@@ -256,14 +262,15 @@ class AsyncCheckpointWriter:
             time.sleep(0.01)
 
 
-def _rotate(run_dir: Path, keep: int, keep_every_steps: int) -> None:
-    """Delete all but the newest `keep` checkpoints, except every `keep_every_steps`-th and the best one. Each is
+def _rotate(run_dir: Path, keep: int, keep_every_steps: int, protect: int | None) -> None:
+    """Delete all but the newest `keep` checkpoints, except every `keep_every_steps`-th, the best one and the one
+    of step `protect`. Each is
     first renamed out of the step_XXXXXXXX pattern, so a crash mid-deletion never leaves a half checkpoint that
     looks complete."""
     best_step = (read_best(run_dir) or {}).get("step")
     for old in complete_checkpoints(run_dir)[:-keep]:
         old_step = checkpoint_step(old)
-        if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step != best_step:
+        if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step not in (best_step, protect):
             trash = old.with_name(old.name + ".old")
             os.replace(old, trash)
             remove(trash, ignore_errors=True)  # what stays (NFS .nfs* files) is removed as debris later

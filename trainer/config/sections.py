@@ -376,6 +376,14 @@ class CheckpointConfig:
     async_save: bool = False
     """Training stops only to copy the state into host memory; a background thread writes the files and publishes
     the checkpoint (one save in flight; the next save, a preemption and the end of training wait for it)."""
+    remote: str = ""
+    """A store URL (s3://bucket/prefix, gs://bucket/prefix) that every published checkpoint is uploaded to in the
+    background, and the export, metrics.jsonl and config.yaml at the end; a run whose directory holds no newer
+    checkpoint resumes from the store's newest complete one. Credentials and endpoint as for data.root."""
+    remote_max_behind: int = 2
+    """Say on the console when more than this many published checkpoints are not yet complete in the store."""
+    remote_final_wait_s: float = 600.0
+    """At the end of the run, wait at most this long for the uploads still running, then say what is missing."""
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")
@@ -383,6 +391,10 @@ class CheckpointConfig:
         require(self.keep_every_steps >= 0, "checkpoint.keep_every_steps", self.keep_every_steps, "an integer >= 0")
         require(
             self.preempt_check_steps >= 1, "checkpoint.preempt_check_steps", self.preempt_check_steps, "an integer >= 1"
+        )
+        require(self.remote_max_behind >= 1, "checkpoint.remote_max_behind", self.remote_max_behind, "an integer >= 1")
+        require(
+            self.remote_final_wait_s >= 0, "checkpoint.remote_final_wait_s", self.remote_final_wait_s, "a number >= 0"
         )
 
 

@@ -1,0 +1,202 @@
+"""Uploading published checkpoints to the store (trainer.checkpoint.store) in a background thread of the main rank:
+the loop never waits. One upload is in flight; a checkpoint published meanwhile waits, and a newer one replaces it
+(only the newest waiting checkpoint matters). Each upload sends the checkpoint's files, then its COMPLETE marker,
+then `latest` (and best.json), then rotates the store like the run directory (checkpoint.keep, keep_every_steps,
+the best one). A failed transfer (the store down, a timeout) is retried with backoff until it succeeds or a newer
+checkpoint replaces it: training goes on, the lag is logged and the console says when uploads fall behind by more
+than checkpoint.remote_max_behind checkpoints, and when they catch up. A kill at any moment leaves the store's
+previous complete checkpoint the newest complete one: COMPLETE is written after every file it lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from shards.bounded_read import BoundedReadError, read_json
+from trainer.checkpoint.format import BEST, CHECKPOINTS, COMPLETE, LATEST, CheckpointError
+from trainer.checkpoint.store import CheckpointStore, StoreError
+
+RETRY_S = 1.0  # the first retry's wait; doubled after each failure up to MAX_RETRY_S
+MAX_RETRY_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """What one upload sends: a published checkpoint directory, or files at the end of the run ({store name:
+    local path}, e.g. the export)."""
+
+    step: int
+    checkpoint: Path | None = None
+    files: tuple[tuple[str, Path], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"checkpoint step_{self.step:08d}" if self.checkpoint is not None else "the run's final files"
+
+
+class CheckpointUploader:
+    """The main rank's upload thread. `confirmed` is the newest checkpoint step complete in the store."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        keep: int,
+        keep_every_steps: int,
+        max_behind: int,
+        report: Callable[[str], None],
+        confirmed: int | None = None,
+    ):
+        """`report`: one-line messages (Console.message); `confirmed`: the store's newest complete step at start."""
+        self.store, self.keep, self.keep_every_steps, self.max_behind = store, keep, keep_every_steps, max_behind
+        self.report = report
+        self.confirmed = confirmed
+        self.submitted: list[int] = []  # checkpoint steps handed over, in order
+        self.in_flight: Upload | None = None
+        self.waiting: list[Upload] = []  # at most one checkpoint, then the final files
+        self.warned_behind = False
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, upload: Upload) -> None:
+        """Queue `upload` (a newer checkpoint replaces a waiting one) and return at once."""
+        with self._cond:
+            if upload.checkpoint is not None:
+                self.submitted.append(upload.step)
+                self.waiting = [u for u in self.waiting if u.checkpoint is None]
+                self.waiting.insert(0, upload)
+            else:
+                self.waiting.append(upload)
+            self._cond.notify_all()
+        self._check_behind()
+
+    def in_flight_step(self) -> int | None:
+        """The checkpoint being uploaded (the run directory's rotation keeps it until it is done)."""
+        upload = self.in_flight
+        return upload.step if upload is not None and upload.checkpoint is not None else None
+
+    def lag_steps(self, step: int) -> int:
+        """Updates between checkpoint `step` (just published) and the store's newest complete checkpoint."""
+        return step - (self.confirmed if self.confirmed is not None else 0)
+
+    def behind(self) -> int:
+        """Checkpoints handed over and not yet complete in the store."""
+        return sum(1 for step in self.submitted if self.confirmed is None or step > self.confirmed)
+
+    def close(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the uploads handed over; whether all of them finished."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while self.waiting or self.in_flight is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 1.0))
+        return True
+
+    def _check_behind(self) -> None:
+        behind = self.behind()
+        if behind > self.max_behind and not self.warned_behind:
+            self.warned_behind = True
+            self.report(
+                f"warning: checkpoint uploads to {self.store.url} are {behind} checkpoints behind (newest complete "
+                f"there: {_name(self.confirmed)}); training goes on, uploads keep retrying"
+            )
+        elif behind <= 1 and self.warned_behind:
+            self.warned_behind = False
+            self.report(f"checkpoint uploads to {self.store.url} caught up: {_name(self.confirmed)} is there")
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self.waiting and not self._closing:
+                    self._cond.wait()
+                if not self.waiting:
+                    return
+                self.in_flight = self.waiting.pop(0)
+            try:
+                self._with_retries(self.in_flight)
+            finally:
+                with self._cond:
+                    self.in_flight = None
+                    self._cond.notify_all()
+
+    def _with_retries(self, upload: Upload) -> None:
+        wait, failures = RETRY_S, 0
+        while True:
+            try:
+                self._send(upload)
+                return
+            except (StoreError, CheckpointError, OSError) as err:
+                if upload.checkpoint is not None and not upload.checkpoint.is_dir():
+                    return  # the run directory rotated it away: a newer checkpoint replaced it
+                failures += 1
+                if failures == 1:
+                    self.report(f"warning: uploading {upload.label} failed ({err}); retrying, training goes on")
+            with self._cond:
+                if upload.checkpoint is not None and any(u.checkpoint is not None for u in self.waiting):
+                    return  # a newer checkpoint replaces this one
+                self._cond.wait(wait)
+            wait = min(2 * wait, MAX_RETRY_S)
+
+    def _send(self, upload: Upload) -> None:
+        if upload.checkpoint is None:
+            for name, local in upload.files:
+                self.store.put_file(local, name)
+            return
+        local, remote = upload.checkpoint, self.store.checkpoint(upload.step)
+        hashes = _complete(local)
+        for name in hashes:
+            self.store.put_file(local / name, f"{remote}/{name}")
+        self.store.put_file(local / COMPLETE, f"{remote}/{COMPLETE}")
+        self.store.put_bytes(f"{CHECKPOINTS}/{LATEST}", f"{local.name}\n".encode())
+        best = local.parent / BEST
+        if best.is_file():
+            self.store.put_file(best, f"{CHECKPOINTS}/{BEST}")
+        self.confirmed = max(upload.step, self.confirmed or 0)
+        self._rotate(best)
+        self._check_behind()
+
+    def _rotate(self, best: Path) -> None:
+        """Delete the store's checkpoints the run directory would not keep, and unfinished ones older than the
+        newest complete one (uploads that a newer checkpoint replaced or a kill interrupted)."""
+        best_step = _best_step(best)
+        steps, complete = self.store.steps(), self.store.complete_steps()
+        newest = complete[-1]
+        for step in steps:
+            kept = step in complete[-self.keep :] or step == best_step
+            kept |= bool(self.keep_every_steps) and step % self.keep_every_steps == 0 and step in complete
+            if step > newest or kept:
+                continue
+            self.store.remove_checkpoint(step)
+
+
+def _complete(checkpoint: Path) -> dict[str, str]:
+    """A published checkpoint's COMPLETE record (our own file, read within bounds)."""
+    try:
+        hashes = read_json(checkpoint / COMPLETE, "checkpoint file")
+    except BoundedReadError as err:
+        raise CheckpointError(str(err)) from None
+    if not isinstance(hashes, dict):
+        raise CheckpointError(f"{checkpoint / COMPLETE} is not a {{file: sha256}} record")
+    return hashes
+
+
+def _best_step(best: Path) -> int | None:
+    try:
+        record = read_json(best, "checkpoint file") if best.is_file() else None
+    except BoundedReadError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _name(step: int | None) -> str:
+    return f"step_{step:08d}" if step is not None else "none yet"
