@@ -23,10 +23,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from trainer.checkpoint.format import checkpoint_step
-from trainer.checkpoint.save import AsyncCheckpointWriter, SaveRequest, save_checkpoint
+from shards.manifest import sha256_file
+from trainer.checkpoint.format import checkpoint_step, rank_file
+from trainer.checkpoint.save import AsyncCheckpointWriter, SaveRequest, save_checkpoint, tmp_dir
+from trainer.checkpoint.sharing import RunDirSharing
 from trainer.checkpoint.train_state import TrainState
-from trainer.checkpoint.upload import CheckpointUploader, Upload
+from trainer.checkpoint.upload import CheckpointUploader, Upload, rank_record, record_name
 from trainer.config.model import ModelConfig
 from trainer.config.sections import CheckpointConfig
 from trainer.data.loader import UnpairedLoader
@@ -40,6 +42,7 @@ from trainer.observe.stragglers import DATA_WAIT, OWN_TIME, SLOWEST_RANK, SPREAD
 from trainer.observe.tracking import Tracker
 from trainer.runtime.engine import Engine
 from trainer.runtime.preemption import PreemptionFlag
+from trainer.runtime.run_files import write_file
 
 
 def is_due(step: int, every: int, total: int) -> bool:
@@ -124,16 +127,18 @@ class Checkpointer:
         console: Console,
         preemption: PreemptionFlag,
         uploader: CheckpointUploader | None = None,
+        sharing: RunDirSharing | None = None,
     ):
-        """`model` and `config_hash`: the run's facts for train_state.json (see TrainState.meta); `uploader`: the
-        main rank's, under checkpoint.remote (each published checkpoint is handed to it)."""
+        """`model` and `config_hash`: the run's facts for train_state.json (see TrainState.meta); `uploader`: under
+        checkpoint.remote, the main rank's (each published checkpoint is handed to it) and that of each rank whose
+        run directory is elsewhere (`sharing`), for its own files."""
         self.engine, self.run_dir, self.cfg, self.total_steps = engine, run_dir, cfg, total_steps
         self.model, self.config_hash = model, config_hash
         self.tracker, self.console, self.preemption = tracker, console, preemption
-        self.uploader = uploader
+        self.uploader, self.sharing = uploader, sharing
         self.last_saved: Path | None = None
-        publish = self._upload if uploader is not None else None
-        self.writer = AsyncCheckpointWriter(engine, engine.cfg.timeout_s, publish) if cfg.async_save else None
+        on_saved = self._upload if uploader is not None else None
+        self.writer = AsyncCheckpointWriter(engine, engine.cfg.timeout_s, on_saved) if cfg.async_save else None
 
     def stop_requested(self, step: int) -> bool:
         """Whether a signal asks the run to stop after update `step` (a collective on the check steps)."""
@@ -150,8 +155,9 @@ class Checkpointer:
             state.best = best
         meta = state.meta(self.model, self.config_hash)
         protect = self.uploader.in_flight_step() if self.uploader is not None else None
+        here = self.sharing.here if self.sharing is not None else None
         request = SaveRequest(
-            self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best, protect
+            self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best, protect, here
         )
         if self.writer is None:
             path = save_checkpoint(self.engine, request)
@@ -162,7 +168,7 @@ class Checkpointer:
         stall = time.perf_counter() - started
         self.preemption.saved_step = step
         logged = {"checkpoint/saved_step": step, "checkpoint/stall_s": stall, **self._replica_check(step)}
-        if self.uploader is not None:
+        if self.uploader is not None and self.engine.is_main:
             logged["checkpoint/upload_lag_steps"] = self.uploader.lag_steps(step)
         self.tracker.log(step, {**logged, **({"eval/best_step": step} if best is not None else {})})
         self.last_saved = path
@@ -174,9 +180,9 @@ class Checkpointer:
             self.writer.wait()
 
     def finish_uploads(self, files: Sequence[tuple[str, Path]]) -> None:
-        """(Main rank, under checkpoint.remote) upload the run's final `files` ({store name: local path}) after the
-        checkpoints handed over, waiting at most checkpoint.remote_final_wait_s for all of them, and say how it
-        ended."""
+        """(Under checkpoint.remote, each rank with an uploader) upload the run's final `files` ({store name: local
+        path}; the main rank's) after the checkpoints handed over, waiting at most checkpoint.remote_final_wait_s
+        for all of them, and say how it ended."""
         if self.uploader is None:
             return
         uploader, wait_s = self.uploader, self.cfg.remote_final_wait_s
@@ -187,15 +193,28 @@ class Checkpointer:
             self.console.message(f"uploaded to {uploader.store.url}: checkpoints to {_step_name(uploader.confirmed)}"
                                  f"{' and the final files' if files else ''}")  # fmt: skip
         else:
-            self.console.message(
+            uploader.report(
                 f"warning: uploads to {uploader.store.url} did not finish within checkpoint.remote_final_wait_s="
                 f"{wait_s:g} s; the newest complete checkpoint there is {_step_name(uploader.confirmed)}, the run "
                 f"directory {self.run_dir} holds the rest"
             )
 
     def _upload(self, checkpoint: Path) -> None:
+        """Hand checkpoint `checkpoint` (its final path) to the uploader once this rank's part is saved: the whole
+        published checkpoint on the main rank; elsewhere this rank's file, with the record of its hash and this
+        launch's attempt by which the main rank completes the checkpoint in the store."""
         assert self.uploader is not None
-        self.uploader.submit(Upload(step=checkpoint_step(checkpoint) or 0, checkpoint=checkpoint))
+        step = checkpoint_step(checkpoint) or 0
+        if self.engine.is_main:
+            self.uploader.submit(Upload(step=step, checkpoint=checkpoint))
+            return
+        assert self.sharing is not None
+        local, name = tmp_dir(checkpoint), rank_file(self.engine.rank)
+        record = local / record_name(name)
+        write_file(record, rank_record(sha256_file(local / name), self.sharing.attempt))
+        remote = self.uploader.store.checkpoint(step)
+        files = ((f"{remote}/{name}", local / name), (f"{remote}/{record.name}", record))
+        self.uploader.submit(Upload(step=step, files=files, rank_files=True))
 
     def _replica_check(self, step: int) -> dict[str, float]:
         """run/replica_spread (see Engine.replica_spread), with a warning when ranks differ."""

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +19,9 @@ from trainer.build import Training, build_engine, build_evaluator, build_loader,
 from trainer.checkpoint.export import save_export
 from trainer.checkpoint.format import CHECKPOINTS, COMPLETE, CheckpointError, read_best, step_dirs
 from trainer.checkpoint.load import load_checkpoint
-from trainer.checkpoint.remote_resume import clear_store, newest_in_store, resume_from_store
+from trainer.checkpoint.remote_resume import clear_store, fetch_where_needed, newest_in_store, resume_from_store
 from trainer.checkpoint.resume import check_architecture, find_resume, set_aside_damaged
+from trainer.checkpoint.sharing import RunDirSharing, probe_run_dir
 from trainer.checkpoint.store import CheckpointStore
 from trainer.checkpoint.train_state import TrainState, comparable_best
 from trainer.checkpoint.upload import CheckpointUploader
@@ -156,9 +158,11 @@ def train(cfg: Config) -> TrainResult:
             samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
         with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
             with engine.phase("start-up"):
-                resume_from = _resume_point(cfg, Path(cfg.train.run_dir), engine, console)
+                _on_main(engine, lambda: check_run_dir(Path(cfg.train.run_dir)))  # before anything is written
+                sharing = probe_run_dir(engine, Path(cfg.train.run_dir), cfg.checkpoint.remote)
+                resume_from = _resume_point(cfg, Path(cfg.train.run_dir), engine, console, sharing)
             with engine.phase("start-up"):
-                set_up = _set_up(cfg, engine, preemption, console, loader, evaluator, samples, resume_from)
+                set_up = _set_up(cfg, engine, preemption, console, loader, evaluator, samples, resume_from, sharing)
             return _train(cfg, engine, preemption, console, loader, *set_up)
     except (torch.OutOfMemoryError, MemoryError) as err:
         raise out_of_memory(err, cfg, engine, watchdog.where_raised(err), watchdog.step) from None
@@ -211,7 +215,7 @@ def _train(
     images = (state.step - start) * run.global_batch
     console.summary(state.step, images, work.metrics, None if export is None else str(export))
     tracker.close()
-    work.checkpointer.finish_uploads(_final_files(run_dir, export))
+    work.checkpointer.finish_uploads(_final_files(run_dir, export) if engine.is_main else [])
     engine.end()
     preempted = stopping and not interrupted
     return TrainResult(step=state.step, metrics=work.metrics, preempted=preempted, interrupted=interrupted)
@@ -226,9 +230,11 @@ def _set_up(
     evaluator: Evaluator | None,
     samples: TestSet | None,
     resume_from: Path | None,
+    sharing: RunDirSharing,
 ) -> tuple[Training, TrainState, Tracker, IntervalWork]:
     """The units, the training state (resumed from `resume_from`), the claimed run directory, the tracker and the
-    interval work, with the start line said and the run's facts logged."""
+    interval work (`sharing`: which ranks see the main rank's run directory), with the start line said and the
+    run's facts logged."""
     run_dir = Path(cfg.train.run_dir)
     run = build_training(cfg, engine)
     state = TrainState(loader=loader, pools=run.pools, global_batch=run.global_batch)
@@ -244,7 +250,8 @@ def _set_up(
     console.message(_start_line(cfg, engine, run.global_batch, run.lr_scale, resume_from, start))
     _log_run_facts(tracker, console, engine, state, run.lr_scale)
     state.best = comparable_best(read_best(run_dir), cfg.eval.select)  # from before a resume
-    work = _interval_work(cfg, engine, loader, evaluator, samples, tracker, console, preemption, run.global_batch)
+    work = _interval_work(cfg, engine, loader, evaluator, samples, tracker, console, preemption, run.global_batch,
+                          sharing)  # fmt: skip
     return run, state, tracker, work
 
 
@@ -258,6 +265,7 @@ def _interval_work(
     console: Console,
     preemption: PreemptionFlag,
     global_batch: int,
+    sharing: RunDirSharing,
 ) -> IntervalWork:
     """The periodic parts of the loop (trainer.periodic) as the config sets them."""
     run_dir, total, fp16 = Path(cfg.train.run_dir), cfg.train.steps, cfg.train.precision == "fp16"
@@ -272,14 +280,10 @@ def _interval_work(
     )  # fmt: skip
     grids = SampleGrids(engine, samples, cfg.logging.image_every_steps, total)
     evaluation = PeriodicEval(engine, evaluator, cfg.eval.every_steps, total, cfg.eval.select)
-    store = checkpoint_store(cfg) if engine.is_main else None
-    uploader = None if store is None else CheckpointUploader(
-        store, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps, cfg.checkpoint.remote_max_behind,
-        console.message, confirmed=newest_in_store(store),
-    )  # fmt: skip
     checkpointer = Checkpointer(
-        engine, run_dir, cfg.checkpoint, total, cfg.model, config_hash(cfg), tracker, console, preemption, uploader
-    )
+        engine, run_dir, cfg.checkpoint, total, cfg.model, config_hash(cfg), tracker, console, preemption,
+        _uploader(cfg, engine, console, sharing), sharing,
+    )  # fmt: skip
     profiler = ProfileWindow(cfg.profile, run_dir, engine.rank, engine.device.type == "cuda", console.message)
     return IntervalWork(
         engine, tracker, window, nonfinite, grids, evaluation, checkpointer, profiler, run_dir, cfg.ema.eval_raw
@@ -387,6 +391,24 @@ def checkpoint_store(cfg: Config) -> CheckpointStore | None:
     return CheckpointStore(cfg.checkpoint.remote, RemoteOptions(s3_endpoint_url=cfg.data.s3_endpoint_url))
 
 
+def _uploader(cfg: Config, engine: Engine, console: Console, sharing: RunDirSharing) -> CheckpointUploader | None:
+    """Under checkpoint.remote: the main rank's uploader, and one on each rank whose run directory is elsewhere (for
+    its own files, reporting on stderr); else None."""
+    uploads_own = engine.is_main or not sharing.sharing[engine.rank]
+    store = checkpoint_store(cfg) if uploads_own else None
+    if store is None:
+        return None
+
+    def report(line: str) -> None:
+        print(f"rank {engine.rank}: {line}", file=sys.stderr, flush=True)
+
+    return CheckpointUploader(
+        store, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps, cfg.checkpoint.remote_max_behind,
+        console.message if engine.is_main else report, confirmed=newest_in_store(store) if engine.is_main else None,
+        elsewhere=sharing.elsewhere, attempt=sharing.attempt,
+    )  # fmt: skip
+
+
 def _final_files(run_dir: Path, export: Path | None) -> list[tuple[str, Path]]:
     """What a finished run uploads last ({store name: local path}): the export, metrics.jsonl and config.yaml."""
     files = [p for p in sorted(export.rglob("*")) if p.is_file() and not p.is_symlink()] if export else []
@@ -415,10 +437,10 @@ def _on_main(engine: Engine, work: Callable[[], str | None]) -> str | None:
     return verdict["value"]
 
 
-def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) -> Path | None:
-    """The checkpoint to continue from, after refusing a run directory holding symlinks and refusing to start over
-    on top of an existing run unless told."""
-    _on_main(engine, lambda: check_run_dir(run_dir))
+def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console, sharing: RunDirSharing) -> Path | None:
+    """The checkpoint to continue from (this rank's copy), after refusing to start over on top of an existing run
+    unless told; under checkpoint.remote the store's newest complete checkpoint when the run directory has none as
+    new, and on ranks whose run directory is elsewhere their files of it fetched from the store."""
     if cfg.train.resume == "none" and step_dirs(run_dir):
         if not cfg.train.overwrite:
             raise ConfigError(
@@ -438,11 +460,13 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console) 
             if cfg.train.resume == "none":
                 clear_store(store, cfg.train.overwrite)
             elif cfg.train.resume == "auto":
-                found = resume_from_store(store, run_dir, found, console.message)
+                found = resume_from_store(store, run_dir, found, console.message, store_only=bool(sharing.elsewhere))
         return None if found is None else str(found)
 
     found = _on_main(engine, newest)
-    resume_from = None if found is None else Path(found)
-    if resume_from is not None:
-        check_architecture(resume_from, cfg.model)
+    if found is None:
+        return None
+    elsewhere = checkpoint_store(cfg) if not sharing.sharing[engine.rank] else None
+    resume_from = fetch_where_needed(elsewhere, Path(found), run_dir, engine)
+    check_architecture(resume_from, cfg.model)
     return resume_from

@@ -32,12 +32,16 @@ def node_env(rank: int, nnodes: int, main_ip: str, port: int, launch_config: str
     }
 
 
-def run_nodes(nodes, envs: list[dict], args: list[str], timeout_s: int) -> list[subprocess.CompletedProcess]:
-    """Start node-launch.sh in each namespace at once; wait for all (killing everything after timeout_s)."""
+def run_nodes(
+    nodes, envs: list[dict], args: list[str] | list[list[str]], timeout_s: int
+) -> list[subprocess.CompletedProcess]:
+    """Start node-launch.sh in each namespace at once (with the same arguments, or a list per node); wait for all
+    (killing everything after timeout_s)."""
     procs = []
-    for node, env in zip(nodes, envs):
+    per_node = args if args and isinstance(args[0], list) else [args] * len(nodes)
+    for node, env, node_args in zip(nodes, envs, per_node):
         cmd = ["ip", "netns", "exec", node, "env", *[f"{k}={v}" for k, v in env.items()],
-               "launch/slurm/node-launch.sh", *args]  # fmt: skip
+               "launch/slurm/node-launch.sh", *node_args]  # fmt: skip
         procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       start_new_session=True))  # fmt: skip
     deadline, results = time.monotonic() + timeout_s, []

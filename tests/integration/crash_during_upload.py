@@ -24,20 +24,17 @@ PHASES = ("before-complete", "after-latest")
 
 def arm(phase: str, step: int) -> None:
     """Patch CheckpointStore's uploads so that the upload of checkpoint `step` dies at `phase`."""
-    put_file, put_bytes = CheckpointStore.put_file, CheckpointStore.put_bytes
+    put_bytes = CheckpointStore.put_bytes
     name = f"step_{step:08d}"
 
-    def put_file_then_die(store: CheckpointStore, local: Path, remote: str) -> None:
+    def put_bytes_then_die(store: CheckpointStore, remote: str, data: bytes) -> None:
         if phase == "before-complete" and remote.endswith(f"{name}/COMPLETE"):
             os.kill(os.getpid(), signal.SIGKILL)
-        put_file(store, local, remote)
-
-    def put_bytes_then_die(store: CheckpointStore, remote: str, data: bytes) -> None:
         put_bytes(store, remote, data)
         if phase == "after-latest" and remote.endswith("/latest") and data.strip() == name.encode():
             os.kill(os.getpid(), signal.SIGKILL)
 
-    CheckpointStore.put_file, CheckpointStore.put_bytes = put_file_then_die, put_bytes_then_die
+    CheckpointStore.put_bytes = put_bytes_then_die
 
 
 if __name__ == "__main__":

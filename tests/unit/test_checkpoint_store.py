@@ -75,7 +75,7 @@ def test_an_upload_sends_the_files_then_complete_then_latest(s3_server, tmp_path
     (tmp_path / "checkpoints" / BEST).write_text(json.dumps({"step": 2}))
     up.submit(Upload(step=2, checkpoint=checkpoint))
     assert up.close(30) and messages == []
-    names = [name.rsplit("/", 1)[-1] for name in order]
+    names = [name.rsplit("/", 1)[-1] for name in order]  # COMPLETE and latest are written from memory
     assert sorted(names[:3]) == ["rank_00000.safetensors", TRAIN_STATE, UNIVERSAL]
     assert names[3:] == [COMPLETE, "latest", BEST]
     assert store.complete_hashes(2) == json.loads((checkpoint / COMPLETE).read_text())

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from shards.bounded_read import BoundedReadError, read_json
+from shards.manifest import sha256_file
 from trainer.checkpoint.format import (
     CHECKPOINTS,
     COMPLETE,
@@ -17,11 +19,14 @@ from trainer.checkpoint.format import (
     UNIVERSAL,
     CheckpointError,
     checkpoint_step,
+    rank_file,
+    read_train_state,
     verify_checkpoint,
 )
 from trainer.checkpoint.resume import set_aside_damaged
 from trainer.checkpoint.store import CheckpointStore, StoreError
 from trainer.config.checks import ConfigError
+from trainer.runtime.engine import Engine
 from trainer.runtime.run_files import inside, remove, write_file
 
 
@@ -41,6 +46,8 @@ def download_checkpoint(store: CheckpointStore, step: int, run_dir: Path) -> Pat
         raise CheckpointError(f"checkpoint {source}: {COMPLETE} does not list {TRAIN_STATE} and {UNIVERSAL}")
     root = run_dir / CHECKPOINTS
     final = root / f"step_{step:08d}"
+    if _same_copy(final, hashes):
+        return final
     tmp = inside(run_dir, final.with_name(f"{final.name}.tmp"))
     root.mkdir(parents=True, exist_ok=True)
     remove(tmp, ignore_errors=True)
@@ -49,24 +56,45 @@ def download_checkpoint(store: CheckpointStore, step: int, run_dir: Path) -> Pat
         store.download(f"{store.checkpoint(step)}/{name}", tmp / name, digest)
     write_file(tmp / COMPLETE, json.dumps(hashes))
     verify_checkpoint(tmp)
+    if final.exists():  # a local copy of this step that differs from the store's: debris the next save removes
+        os.replace(final, final.with_name(f"{final.name}.old"))
     os.replace(tmp, final)
     return final
 
 
+def _same_copy(path: Path, hashes: dict[str, str]) -> bool:
+    """Whether `path` is an intact local copy of the store's checkpoint with these hashes."""
+    try:
+        return path.is_dir() and verify_checkpoint(path) is not None and read_json(path / COMPLETE) == hashes
+    except (CheckpointError, BoundedReadError):
+        return False
+
+
 def resume_from_store(
-    store: CheckpointStore, run_dir: Path, local: Path | None, report: Callable[[str], None]
+    store: CheckpointStore, run_dir: Path, local: Path | None, report: Callable[[str], None], store_only: bool = False
 ) -> Path | None:
     """The checkpoint to continue from: the store's newest complete one when it is newer than `local` (the run
     directory's newest intact checkpoint, or None), downloaded; else `local`. A store that cannot be read is
-    reported and `local` used, unless there is none.
+    reported and `local` used, unless there is none. `store_only` (ranks on other nodes get their files from the
+    store): `local` only when it is complete in the store too.
 
     Raises:
-        CheckpointError: the store cannot be read and the run directory has no checkpoint to continue from.
+        CheckpointError: the store cannot be read and the run directory has no checkpoint to continue from; under
+            `store_only`, a local checkpoint the store does not have complete, and no older one there.
     """
     local_step = checkpoint_step(local) if local is not None else -1
     try:
-        candidates = [step for step in store.complete_steps() if step > local_step]
-        if candidates:
+        complete = store.complete_steps()
+        if store_only and local is not None and local_step not in complete:
+            if not complete:
+                raise CheckpointError(
+                    f"{local} is not complete in {store.url}, from where the ranks on other nodes get their files, "
+                    "and no older checkpoint is; start over with train.resume=none train.overwrite=true"
+                )
+            report(f"{local.name} is not complete in {store.url}, where the other nodes get their files: not used")
+            local, local_step = None, -1
+        candidates = [step for step in complete if step > local_step]
+        if candidates and local_step >= 0:
             set_aside_damaged(run_dir, local)  # newer local ones were skipped as damaged: out of the way
         for step in reversed(candidates):
             try:
@@ -112,3 +140,56 @@ def clear_store(store: CheckpointStore, overwrite: bool) -> None:
             store.remove_checkpoint(step)
     except StoreError as err:
         raise CheckpointError(str(err)) from None
+
+
+def fetch_rank_files(store: CheckpointStore, step: int, run_dir: Path, engine: Engine) -> Path:
+    """For a rank whose run directory is not the main rank's (trainer.checkpoint.sharing): the files of the store's
+    checkpoint `step` that it loads - train_state.json, units.safetensors and its own rank file (rank 0's after a
+    change of world size or backend) - into run_dir/checkpoints/step_XXXXXXXX, each verified; returns the path.
+
+    Raises:
+        CheckpointError: the checkpoint is not complete in the store, lacks a file, or a file does not match.
+        StoreError: the store failed.
+    """
+    hashes = store.complete_hashes(step)
+    source = store.path(store.checkpoint(step))
+    if hashes is None:
+        raise CheckpointError(f"checkpoint {source} is not complete in the store, where this node gets its files")
+    final = inside(run_dir, run_dir / CHECKPOINTS / f"step_{step:08d}")
+    final.mkdir(parents=True, exist_ok=True)
+
+    def fetch(name: str) -> None:
+        if name not in hashes:
+            raise CheckpointError(f"checkpoint {source}: {COMPLETE} does not list {name}")
+        path = final / name
+        if path.is_symlink() or not path.is_file() or sha256_file(path) != hashes[name]:
+            store.download(f"{store.checkpoint(step)}/{name}", path, hashes[name])
+
+    fetch(TRAIN_STATE)
+    state = read_train_state(final)
+    same = state["world_size"] == engine.world_size and state["backend"] == engine.backend_name
+    fetch(UNIVERSAL)
+    fetch(rank_file(engine.rank if same else 0))
+    return final
+
+
+def fetch_where_needed(store: CheckpointStore | None, found: Path, run_dir: Path, engine: Engine) -> Path:
+    """The checkpoint `found` (the main rank's choice) as this rank loads it: itself where this rank sees the main
+    rank's run directory (`store` None), else this rank's files of the same step fetched from `store` (a
+    collective: a failure on any rank is raised on every rank).
+
+    Raises:
+        CheckpointError: a rank could not fetch its files.
+    """
+    error = None
+    if store is not None:
+        try:
+            step = checkpoint_step(found)
+            if step is None:
+                raise CheckpointError(f"{found} is not named step_XXXXXXXX: ranks on other nodes cannot fetch it")
+            found = fetch_rank_files(store, step, run_dir, engine)
+        except (CheckpointError, StoreError) as err:
+            error = err
+    if engine.any_rank(error is not None):
+        raise CheckpointError(str(error) if error else "a rank on another node could not fetch its checkpoint files")
+    return found

@@ -60,13 +60,14 @@ class CapturedCheckpoint:
     keep: int
     keep_every_steps: int
     protect: int | None
+    ranks_here: tuple[int, ...]
 
     @property
     def tmp(self) -> Path:
-        return _tmp_dir(self.final)
+        return tmp_dir(self.final)
 
 
-def _tmp_dir(final: Path) -> Path:
+def tmp_dir(final: Path) -> Path:
     """Where checkpoint `final` is written until it is complete."""
     return final.with_name(f"{final.name}.tmp")
 
@@ -103,6 +104,8 @@ class SaveRequest:
     """{select, score, metrics} to record this checkpoint as the best in best.json before rotating."""
     protect: int | None = None
     """A step the rotation keeps whatever its age (the checkpoint being uploaded to checkpoint.remote)."""
+    ranks_here: tuple[int, ...] | None = None
+    """The ranks whose files land in the main rank's run directory (trainer.checkpoint.sharing); None: all."""
 
 
 def capture_checkpoint(engine: Engine, request: SaveRequest) -> CapturedCheckpoint:
@@ -115,12 +118,12 @@ def capture_checkpoint(engine: Engine, request: SaveRequest) -> CapturedCheckpoi
     error = None
     if engine.is_main:
         try:
-            inside(run_dir, _tmp_dir(final))  # no link on the way: writes and deletions stay in the run
+            inside(run_dir, tmp_dir(final))  # no link on the way: writes and deletions stay in the run
             root.mkdir(parents=True, exist_ok=True)
             for debris in root.glob("step_*"):  # of saves or rotations that a crash interrupted
                 if debris.suffix in DEBRIS and checkpoint_step(debris.with_suffix("")) is not None:
                     remove(debris, ignore_errors=True)
-            _tmp_dir(final).mkdir()
+            tmp_dir(final).mkdir()
         except OSError as err:
             error = err
     _agree(engine, error, final, previous)  # no rank writes before the directory exists
@@ -137,12 +140,15 @@ def capture_checkpoint(engine: Engine, request: SaveRequest) -> CapturedCheckpoi
         rank_bytes=state_bytes(own), universal=universal if engine.is_main else None,
         train_state=train_state if engine.is_main else None, best=request.best, keep=request.keep,
         keep_every_steps=request.keep_every_steps, protect=request.protect,
+        ranks_here=request.ranks_here or tuple(range(engine.world_size)),
     )  # fmt: skip
 
 
 def write_rank_part(saving: CapturedCheckpoint) -> None:
     """This rank's own file, then (main rank) units.safetensors. The rank file appears under its name only once
-    complete, so the main rank can wait for the others' files without a collective."""
+    complete, so the main rank can wait for the others' files without a collective. A rank whose run directory is
+    not the main rank's (another node's disk) makes the directory itself."""
+    saving.tmp.mkdir(parents=True, exist_ok=True)
     part = saving.tmp / f"{rank_file(saving.rank)}.part"
     write_file(part, saving.rank_bytes)
     os.replace(part, saving.tmp / rank_file(saving.rank))
@@ -202,9 +208,10 @@ class AsyncCheckpointWriter:
     directory, never a resumable half checkpoint: the previous one stays the newest intact checkpoint. A process
     that leaves through `exit_process` (also after an error) first lets a started write finish."""
 
-    def __init__(self, engine: Engine, timeout_s: float, on_published: Callable[[Path], None] | None = None):
-        """`on_published`: called (main rank, in the writer thread) with each checkpoint once it is published."""
-        self.engine, self.timeout_s, self.on_published = engine, timeout_s, on_published
+    def __init__(self, engine: Engine, timeout_s: float, on_saved: Callable[[Path], None] | None = None):
+        """`on_saved`: called in the writer thread with each checkpoint's final path once this rank's part is
+        written (on the main rank: once the checkpoint is published)."""
+        self.engine, self.timeout_s, self.on_saved = engine, timeout_s, on_saved
         self.thread: threading.Thread | None = None
         self.saving: CapturedCheckpoint | None = None
         self.error: BaseException | None = None
@@ -241,9 +248,9 @@ class AsyncCheckpointWriter:
             write_rank_part(saving)
             if saving.universal is not None:
                 self._wait_for_ranks(saving)
-                final = publish_checkpoint(saving)
-                if self.on_published is not None:
-                    self.on_published(final)
+                publish_checkpoint(saving)
+            if self.on_saved is not None:
+                self.on_saved(saving.final)
         except Exception as err:  # reported by wait(); a thread must not end silently
             self.error = err
             with contextlib.suppress(OSError):  # tell the main rank's writer not to wait for this rank's file
@@ -253,7 +260,7 @@ class AsyncCheckpointWriter:
 
     def _wait_for_ranks(self, saving: CapturedCheckpoint) -> None:
         deadline = time.monotonic() + self.timeout_s
-        names = [rank_file(rank) for rank in range(saving.world_size)]
+        names = [rank_file(rank) for rank in saving.ranks_here]
         while not all((saving.tmp / name).is_file() for name in names):
             if any((saving.tmp / f"{name}.failed").exists() for name in names):
                 raise CheckpointError("another rank failed to write")

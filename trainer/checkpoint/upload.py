@@ -1,23 +1,28 @@
-"""Uploading published checkpoints to the store (trainer.checkpoint.store) in a background thread of the main rank:
-the loop never waits. One upload is in flight; a checkpoint published meanwhile waits, and a newer one replaces it
-(only the newest waiting checkpoint matters). Each upload sends the checkpoint's files, then its COMPLETE marker,
-then `latest` (and best.json), then rotates the store like the run directory (checkpoint.keep, keep_every_steps,
-the best one). A failed transfer (the store down, a timeout) is retried with backoff until it succeeds or a newer
-checkpoint replaces it: training goes on, the lag is logged and the console says when uploads fall behind by more
-than checkpoint.remote_max_behind checkpoints, and when they catch up. A kill at any moment leaves the store's
-previous complete checkpoint the newest complete one: COMPLETE is written after every file it lists.
+"""Uploading published checkpoints to the store (trainer.checkpoint.store) in background threads: the loop never
+waits. One upload is in flight per rank; a checkpoint published meanwhile waits, and a newer one replaces it
+(only the newest waiting checkpoint matters). The main rank sends the checkpoint's files in its run directory,
+waits for the files of the ranks whose run directories are elsewhere (other nodes' local disks: each of them
+uploads its own rank file with a record of its sha256 and the launch's attempt id), then writes the COMPLETE
+marker listing every file, then `latest` (and best.json), then rotates the store like the run directory
+(checkpoint.keep, keep_every_steps, the best one). A failed transfer (the store down, a timeout) is retried with
+backoff until it succeeds or a newer checkpoint replaces it: training goes on, the lag is logged and the console
+says when uploads fall behind by more than checkpoint.remote_max_behind checkpoints, and when they catch up. A kill
+at any moment leaves the store's previous complete checkpoint the newest complete one: COMPLETE is written after
+every file it lists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from shards.bounded_read import BoundedReadError, read_json
-from trainer.checkpoint.format import BEST, CHECKPOINTS, COMPLETE, LATEST, CheckpointError
+from trainer.checkpoint.format import BEST, CHECKPOINTS, COMPLETE, LATEST, CheckpointError, rank_file
 from trainer.checkpoint.store import CheckpointStore, StoreError
 
 RETRY_S = 1.0  # the first retry's wait; doubled after each failure up to MAX_RETRY_S
@@ -26,20 +31,39 @@ MAX_RETRY_S = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class Upload:
-    """What one upload sends: a published checkpoint directory, or files at the end of the run ({store name:
-    local path}, e.g. the export)."""
+    """What one upload sends: a published checkpoint directory (the main rank), or `files` ({store name: local
+    path}): a rank's own files of checkpoint `step` (`rank_files`: a newer checkpoint replaces them, and they are
+    deleted here once sent or replaced), or the run's final files (the export, metrics.jsonl, config.yaml)."""
 
     step: int
     checkpoint: Path | None = None
     files: tuple[tuple[str, Path], ...] = ()
+    rank_files: bool = False
+
+    @property
+    def replaceable(self) -> bool:
+        return self.checkpoint is not None or self.rank_files
 
     @property
     def label(self) -> str:
-        return f"checkpoint step_{self.step:08d}" if self.checkpoint is not None else "the run's final files"
+        if self.checkpoint is not None:
+            return f"checkpoint step_{self.step:08d}"
+        return f"this rank's files of checkpoint step_{self.step:08d}" if self.rank_files else "the run's final files"
+
+
+def rank_record(digest: str, attempt: str) -> bytes:
+    """The record a rank uploads beside its rank file: its sha256 and the launch's attempt id."""
+    return f"{digest} {attempt}\n".encode()
+
+
+def record_name(name: str) -> str:
+    """The store name of the record of rank file `name`."""
+    return f"{name}.sha256"
 
 
 class CheckpointUploader:
-    """The main rank's upload thread. `confirmed` is the newest checkpoint step complete in the store."""
+    """A rank's upload thread. `confirmed` is the newest checkpoint step complete in the store (on a rank that
+    uploads only its own files: the newest whose files it uploaded)."""
 
     def __init__(
         self,
@@ -49,11 +73,16 @@ class CheckpointUploader:
         max_behind: int,
         report: Callable[[str], None],
         confirmed: int | None = None,
+        elsewhere: Sequence[int] = (),
+        attempt: str = "",
     ):
-        """`report`: one-line messages (Console.message); `confirmed`: the store's newest complete step at start."""
+        """`report`: one-line messages (Console.message); `confirmed`: the store's newest complete step at start;
+        `elsewhere`: the ranks whose files are not in the main rank's run directory (they upload their own, marked
+        with `attempt`, this launch's id)."""
         self.store, self.keep, self.keep_every_steps, self.max_behind = store, keep, keep_every_steps, max_behind
         self.report = report
         self.confirmed = confirmed
+        self.elsewhere, self.attempt = tuple(elsewhere), attempt
         self.submitted: list[int] = []  # checkpoint steps handed over, in order
         self.in_flight: Upload | None = None
         self.waiting: list[Upload] = []  # at most one checkpoint, then the final files
@@ -66,9 +95,11 @@ class CheckpointUploader:
     def submit(self, upload: Upload) -> None:
         """Queue `upload` (a newer checkpoint replaces a waiting one) and return at once."""
         with self._cond:
-            if upload.checkpoint is not None:
+            if upload.replaceable:
                 self.submitted.append(upload.step)
-                self.waiting = [u for u in self.waiting if u.checkpoint is None]
+                for replaced in [u for u in self.waiting if u.replaceable]:
+                    self.waiting.remove(replaced)
+                    _discard(replaced)
                 self.waiting.insert(0, upload)
             else:
                 self.waiting.append(upload)
@@ -123,6 +154,7 @@ class CheckpointUploader:
                 self.in_flight = self.waiting.pop(0)
             try:
                 self._with_retries(self.in_flight)
+                _discard(self.in_flight)
             finally:
                 with self._cond:
                     self.in_flight = None
@@ -140,22 +172,34 @@ class CheckpointUploader:
                 failures += 1
                 if failures == 1:
                     self.report(f"warning: uploading {upload.label} failed ({err}); retrying, training goes on")
-            with self._cond:
-                if upload.checkpoint is not None and any(u.checkpoint is not None for u in self.waiting):
-                    return  # a newer checkpoint replaces this one
-                self._cond.wait(wait)
+            if self._replaced(upload, wait):
+                return
             wait = min(2 * wait, MAX_RETRY_S)
+
+    def _replaced(self, upload: Upload, wait_s: float) -> bool:
+        """Wait up to `wait_s` (less if something new comes); whether a newer checkpoint replaces `upload`."""
+        with self._cond:
+            if upload.replaceable and any(u.replaceable for u in self.waiting):
+                return True
+            self._cond.wait(wait_s)
+            return upload.replaceable and any(u.replaceable for u in self.waiting)
 
     def _send(self, upload: Upload) -> None:
         if upload.checkpoint is None:
             for name, local in upload.files:
                 self.store.put_file(local, name)
+            if upload.rank_files:  # this rank's part of the checkpoint is there
+                self.confirmed = max(upload.step, self.confirmed or 0)
+                self._check_behind()
             return
         local, remote = upload.checkpoint, self.store.checkpoint(upload.step)
         hashes = _complete(local)
         for name in hashes:
             self.store.put_file(local / name, f"{remote}/{name}")
-        self.store.put_file(local / COMPLETE, f"{remote}/{COMPLETE}")
+        others = self._files_elsewhere(upload)
+        if others is None:
+            return  # replaced while the other nodes' ranks were still uploading
+        self.store.put_bytes(f"{remote}/{COMPLETE}", json.dumps({**hashes, **others}).encode())
         self.store.put_bytes(f"{CHECKPOINTS}/{LATEST}", f"{local.name}\n".encode())
         best = local.parent / BEST
         if best.is_file():
@@ -163,6 +207,22 @@ class CheckpointUploader:
         self.confirmed = max(upload.step, self.confirmed or 0)
         self._rotate(best)
         self._check_behind()
+
+    def _files_elsewhere(self, upload: Upload) -> dict[str, str] | None:
+        """{rank file: sha256} of the ranks elsewhere, once each has uploaded its file of this attempt; None when a
+        newer checkpoint replaces `upload` first."""
+        remote, found, wait = self.store.checkpoint(upload.step), {}, RETRY_S
+        while len(found) < len(self.elsewhere):
+            for rank in self.elsewhere:
+                name = rank_file(rank)
+                record = self.store.read_small(f"{remote}/{record_name(name)}")
+                fields = record.decode("ascii", "replace").split() if record else []
+                if len(fields) == 2 and fields[1] == self.attempt and len(fields[0]) == 64:
+                    found[name] = fields[0]
+            if len(found) < len(self.elsewhere) and self._replaced(upload, wait):
+                return None
+            wait = min(2 * wait, MAX_RETRY_S)
+        return found
 
     def _rotate(self, best: Path) -> None:
         """Delete the store's checkpoints the run directory would not keep, and unfinished ones older than the
@@ -200,3 +260,14 @@ def _best_step(best: Path) -> int | None:
 
 def _name(step: int | None) -> str:
     return f"step_{step:08d}" if step is not None else "none yet"
+
+
+def _discard(upload: Upload) -> None:
+    """Delete a rank's own files once sent or replaced (and their directory, when the node's last rank empties it)."""
+    if not upload.rank_files:
+        return
+    for _, local in upload.files:
+        local.unlink(missing_ok=True)
+    for directory in {local.parent for _, local in upload.files}:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
