@@ -140,7 +140,9 @@ def _fsspec_open(filesystem: Any, url: str, start: int) -> Opened:
     return Opened(handle, getattr(handle, "size", None), details.get("ETag") or details.get("etag"))
 
 
-def _fsspec_transient(err: Exception) -> bool:
+def fsspec_transient(err: Exception) -> bool:
+    """Whether an fsspec store's error may go away by itself (a timeout, a refused connection), unlike missing
+    credentials, a missing object or a refusal."""
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return False
     if type(err).__name__ in PERMANENT_BOTO:  # missing credentials or a malformed request do not get better
@@ -181,7 +183,7 @@ class RetryingReader(io.RawIOBase):
         else:
             filesystem = fsspec_filesystem(kind, options)
             self._open = lambda start: _fsspec_open(filesystem, url, start)
-            self._transient = _fsspec_transient
+            self._transient = fsspec_transient
         self._stream: BinaryIO | None = None
         self._attempt(lambda stream: None)  # a missing object fails here, before anyone reads
 

@@ -154,7 +154,7 @@ class Checkpointer:
         if best is not None:
             state.best = best
         meta = state.meta(self.model, self.config_hash)
-        protect = self.uploader.in_flight_step() if self.uploader is not None else None
+        protect = self.uploader.pending_steps if self.uploader is not None else None
         here = self.sharing.here if self.sharing is not None else None
         request = SaveRequest(
             self.run_dir, step, state.rank_state(), meta, self.cfg.keep, self.cfg.keep_every_steps, best, protect, here
@@ -189,7 +189,9 @@ class Checkpointer:
         if files:
             uploader.submit(Upload(step=self.total_steps, files=tuple(files)))
         self.console.message(f"waiting up to {wait_s:g} s for the uploads to {uploader.store.url}")
-        if uploader.close(wait_s):
+        with self.engine.phase("final uploads"), self.engine.unwatched():  # bounded by wait_s itself
+            finished = uploader.close(wait_s)
+        if finished:
             self.console.message(f"uploaded to {uploader.store.url}: checkpoints to {_step_name(uploader.confirmed)}"
                                  f"{' and the final files' if files else ''}")  # fmt: skip
         else:

@@ -19,7 +19,13 @@ from trainer.build import Training, build_engine, build_evaluator, build_loader,
 from trainer.checkpoint.export import save_export
 from trainer.checkpoint.format import CHECKPOINTS, COMPLETE, CheckpointError, read_best, step_dirs
 from trainer.checkpoint.load import load_checkpoint
-from trainer.checkpoint.remote_resume import clear_store, fetch_where_needed, newest_in_store, resume_from_store
+from trainer.checkpoint.remote_resume import (
+    check_store,
+    clear_store,
+    fetch_where_needed,
+    newest_in_store,
+    resume_from_store,
+)
 from trainer.checkpoint.resume import check_architecture, find_resume, set_aside_damaged
 from trainer.checkpoint.sharing import RunDirSharing, probe_run_dir
 from trainer.checkpoint.store import CheckpointStore
@@ -440,33 +446,38 @@ def _on_main(engine: Engine, work: Callable[[], str | None]) -> str | None:
 def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console, sharing: RunDirSharing) -> Path | None:
     """The checkpoint to continue from (this rank's copy), after refusing to start over on top of an existing run
     unless told; under checkpoint.remote the store's newest complete checkpoint when the run directory has none as
-    new, and on ranks whose run directory is elsewhere their files of it fetched from the store."""
-    if cfg.train.resume == "none" and step_dirs(run_dir):
+    new, with the files a rank lacks (its run directory on another node's disk) fetched from the store."""
+    if cfg.train.resume == "none" and engine.any_rank(bool(step_dirs(run_dir))):
         if not cfg.train.overwrite:
             raise ConfigError(
                 f"train.run_dir={run_dir} already has checkpoints; use train.resume=auto to continue, or "
                 "train.overwrite=true to delete them and start over"
             )
         engine.barrier()
-        if engine.is_main:
-            shutil.rmtree(run_dir / CHECKPOINTS)
+        if engine.is_main or not sharing.sharing[engine.rank]:  # each node's own directory
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=not engine.is_main)
         engine.barrier()
+    store = checkpoint_store(cfg)
+    uses = engine.is_main or not sharing.sharing[engine.rank]
+    readable = check_store(store, uses, engine, console.message if engine.is_main else print)
 
     def newest() -> str | None:
         found = find_resume(run_dir, cfg.train.resume, console.message)
-        store = checkpoint_store(cfg)
-        if store is not None:
-            store.check_access()
-            if cfg.train.resume == "none":
-                clear_store(store, cfg.train.overwrite)
-            elif cfg.train.resume == "auto":
-                found = resume_from_store(store, run_dir, found, console.message, store_only=bool(sharing.elsewhere))
+        if store is None or cfg.train.resume not in ("auto", "none"):
+            return None if found is None else str(found)
+        if not readable:
+            if cfg.train.resume == "none" or found is None:
+                raise CheckpointError(f"checkpoint.remote={store.url} cannot be read now (see above); try again later")
+            return str(found)
+        if cfg.train.resume == "none":
+            clear_store(store, cfg.train.overwrite)
+            return None
+        found = resume_from_store(store, run_dir, found, console.message, store_only=bool(sharing.elsewhere))
         return None if found is None else str(found)
 
     found = _on_main(engine, newest)
     if found is None:
         return None
-    elsewhere = checkpoint_store(cfg) if not sharing.sharing[engine.rank] else None
-    resume_from = fetch_where_needed(elsewhere, Path(found), run_dir, engine)
+    resume_from = fetch_where_needed(store if readable else None, Path(found), run_dir, engine)
     check_architecture(resume_from, cfg.model)
     return resume_from

@@ -4,6 +4,7 @@ back), what the store says checked, and resuming from it on a node whose run dir
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -16,18 +17,18 @@ from shards.bounded_read import MAX_SMALL_FILE
 from shards.manifest import sha256_file
 from shards.remote import RemoteOptions
 from trainer.checkpoint.format import BEST, COMPLETE, TRAIN_STATE, UNIVERSAL, CheckpointError
-from trainer.checkpoint.remote_resume import clear_store, resume_from_store
+from trainer.checkpoint.remote_resume import check_store, clear_store, fetch_where_needed, resume_from_store
 from trainer.checkpoint.store import CheckpointStore, StoreError
 from trainer.checkpoint.upload import CheckpointUploader, Upload
 from trainer.config.checks import ConfigError
 
 
-def published(run_dir: Path, step: int, payload: bytes = b"units") -> Path:
+def published(run_dir: Path, step: int, payload: bytes = b"units", world_size: int = 1) -> Path:
     """A published checkpoint of `step` in run_dir (the files a save writes, with their COMPLETE marker)."""
     path = run_dir / "checkpoints" / f"step_{step:08d}"
     path.mkdir(parents=True)
     (path / UNIVERSAL).write_bytes(payload + bytes([step]))
-    (path / TRAIN_STATE).write_text(json.dumps({"step": step, "world_size": 1, "backend": "ddp"}))
+    (path / TRAIN_STATE).write_text(json.dumps({"step": step, "world_size": world_size, "backend": "ddp"}))
     (path / "rank_00000.safetensors").write_bytes(b"rank" + bytes([step]))
     (path / COMPLETE).write_text(json.dumps({p.name: sha256_file(p) for p in sorted(path.iterdir())}))
     return path
@@ -112,7 +113,7 @@ def test_a_newer_checkpoint_replaces_a_waiting_one(s3_server, tmp_path, monkeypa
     for step in (2, 4, 6):
         up.submit(Upload(step=step, checkpoint=published(tmp_path, step)))
         time.sleep(0.1)  # 2 is in flight when 4 and 6 come
-    assert up.in_flight_step() == 2 and up.behind() == 3
+    assert up.pending_steps() == {2, 6} and up.behind() == 3  # 4 replaced while waiting
     release.set()
     assert up.close(30)
     assert store.complete_steps() == [2, 6]
@@ -222,3 +223,92 @@ def test_starting_over_refuses_or_clears_a_store_with_checkpoints(s3_server, tmp
         clear_store(store, overwrite=False)
     clear_store(store, overwrite=True)
     assert store.steps() == []
+
+
+class OneRank:
+    """What the store functions ask of the engine, for rank `rank` of `world_size` (any_rank: this rank's flag)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.rank, self.world_size, self.backend_name = rank, world_size, "ddp"
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+
+def test_check_store_stops_on_a_refusal_and_says_when_the_store_is_down(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    said: list[str] = []
+    store = store_at(s3_server, "check")
+    assert check_store(store, True, OneRank(), said.append) and said == []
+    assert check_store(None, True, OneRank(), said.append)  # no checkpoint.remote: nothing to check
+    missing = CheckpointStore("s3://no-bucket-here/run", RemoteOptions(s3_endpoint_url=s3_server.endpoint))
+    with pytest.raises(ConfigError, match="checkpoint.remote=s3://no-bucket-here/run: cannot list the store"):
+        check_store(missing, True, OneRank(), said.append)
+    assert check_store(missing, False, OneRank(), said.append)  # a rank that does not use the store checks nothing
+    s3_server.server.stop()
+    try:
+        assert not check_store(store, True, OneRank(), said.append)
+        assert said[0].startswith(f"warning: cannot list {store.url}: ")
+    finally:
+        s3_server.server.start()
+
+
+def test_an_unexpected_error_is_reported_and_retried_without_sending_twice(s3_server, tmp_path, monkeypatch):
+    store, messages, sent = store_at(s3_server, "flaky"), [], []
+    put_file, put_bytes = CheckpointStore.put_file, CheckpointStore.put_bytes
+    failed = []
+
+    def flaky_put_bytes(s, name, data):
+        if name.endswith(COMPLETE) and not failed:
+            failed.append(name)
+            raise RuntimeError("a bug or a store answering nonsense")
+        put_bytes(s, name, data)
+
+    monkeypatch.setattr(
+        CheckpointStore, "put_file", lambda s, local, name: (sent.append(name), put_file(s, local, name))
+    )
+    monkeypatch.setattr(CheckpointStore, "put_bytes", flaky_put_bytes)
+    up = uploader(store, messages)
+    up.submit(Upload(step=2, checkpoint=published(tmp_path, 2)))
+    assert up.close(30) and store.complete_steps() == [2]
+    assert messages == ["warning: uploading checkpoint step_00000002 failed (a bug or a store answering nonsense); "
+                        "retrying, training goes on"]  # fmt: skip
+    assert sorted(sent) == sorted(
+        f"checkpoints/step_00000002/{n}" for n in ("rank_00000.safetensors", TRAIN_STATE, UNIVERSAL)
+    )  # fmt: skip  (each once)
+
+
+def test_no_intact_checkpoint_in_the_store_and_none_here_stops(s3_server, tmp_path):
+    store, messages = store_at(s3_server, "allbad"), []
+    up = uploader(store, messages, keep=2)
+    for step in (2, 4):
+        up.submit(Upload(step=step, checkpoint=published(tmp_path / "old", step)))
+        assert eventually(lambda: up.confirmed == step)  # noqa: B023
+    assert up.close(30)
+    for step in (2, 4):
+        store.put_bytes(f"checkpoints/step_{step:08d}/{UNIVERSAL}", b"damaged")
+    with pytest.raises(CheckpointError, match=r"none of the 2 complete checkpoint\(s\) in s3://allbad/run is intact"):
+        resume_from_store(store, tmp_path / "fresh", None, messages.append)
+
+
+def test_a_rank_fetches_the_files_its_copy_lacks(s3_server, tmp_path):
+    """A checkpoint whose rank 1 file went to the store from another node: rank 1, now beside the main rank, gets
+    it from the store; a rank on another node gets all it loads into its own run directory."""
+    store = store_at(s3_server, "layout")
+    local = published(tmp_path / "main", 2, world_size=2)  # the main rank's copy: no rank 1 file
+    rank1 = b"rank 1 of step 2"
+    hashes = json.loads((local / COMPLETE).read_text())
+    for name in hashes:
+        store.put_bytes(f"checkpoints/step_00000002/{name}", (local / name).read_bytes())
+    store.put_bytes("checkpoints/step_00000002/rank_00001.safetensors", rank1)
+    hashes["rank_00001.safetensors"] = hashlib.sha256(rank1).hexdigest()
+    store.put_bytes("checkpoints/step_00000002/COMPLETE", json.dumps(hashes).encode())
+
+    assert fetch_where_needed(store, local, tmp_path / "main", OneRank(rank=1, world_size=2)) == local
+    assert (local / "rank_00001.safetensors").read_bytes() == rank1
+    elsewhere = tmp_path / "node1"
+    got = fetch_where_needed(store, Path("/nowhere/checkpoints/step_00000002"), elsewhere, OneRank(1, 2))
+    assert got == elsewhere / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in got.iterdir()) == ["rank_00001.safetensors", TRAIN_STATE, UNIVERSAL]
+    with pytest.raises(CheckpointError, match="step_00000009 is not complete in the store"):
+        fetch_where_needed(store, Path("/nowhere/checkpoints/step_00000009"), elsewhere, OneRank(1, 2))

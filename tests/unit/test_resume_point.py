@@ -8,6 +8,7 @@ import pytest
 
 import trainer.checkpoint.format
 from trainer.checkpoint.format import CheckpointError
+from trainer.checkpoint.sharing import RunDirSharing
 from trainer.config.load import load_config
 from trainer.train import _resume_point
 
@@ -21,6 +22,12 @@ class Rank(SimpleNamespace):
 
     def barrier(self):
         pass
+
+    def any_rank(self, flag):
+        return flag
+
+
+SHARED = RunDirSharing("attempt", (True, True))  # both ranks see the run directory
 
 
 def console():
@@ -39,16 +46,16 @@ def test_other_ranks_never_hash_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.checkpoint.format, "sha256_file", no_hashing)
     monkeypatch.setattr("trainer.train.check_architecture", lambda path, model: None)
     cfg = load_config(None, [f"train.run_dir={tmp_path}"])
-    rank = Rank(is_main=False, verdict={"value": str(checkpoint), "error": None})
-    assert _resume_point(cfg, tmp_path, rank, console()) == checkpoint
+    rank = Rank(is_main=False, rank=1, verdict={"value": str(checkpoint), "error": None})
+    assert _resume_point(cfg, tmp_path, rank, console(), SHARED) == checkpoint
     rank.verdict = {"value": None, "error": "checkpoint X is damaged: units.safetensors does not match its sha256"}
     with pytest.raises(CheckpointError, match="^checkpoint X is damaged"):
-        _resume_point(cfg, tmp_path, rank, console())
+        _resume_point(cfg, tmp_path, rank, console(), SHARED)
 
 
 def test_the_main_rank_sends_its_verdict(tmp_path):
     cfg = load_config(None, [f"train.run_dir={tmp_path}", f"train.resume={tmp_path / 'missing'}"])
-    main = Rank(is_main=True)
+    main = Rank(is_main=True, rank=0)
     with pytest.raises(CheckpointError, match="does not exist"):
-        _resume_point(cfg, Path(tmp_path), main, console())
+        _resume_point(cfg, Path(tmp_path), main, console(), SHARED)
     assert main.sent["value"] is None and "does not exist" in main.sent["error"]

@@ -49,6 +49,18 @@ def test_phases_that_keep_changing_never_fire(tmp_path):
     assert watchdog.where == "between phases"
 
 
+def test_an_unwatched_wait_does_not_fire_and_the_timer_restarts_after_it(tmp_path):
+    codes = []
+    watchdog = Watchdog(tmp_path, rank=0, timeout_s=0.3, exit_fn=codes.append)
+    with watchdog.phase("final uploads"), watchdog.unwatched():
+        time.sleep(1.0)  # a wait bounded by its own timeout (checkpoint.remote_final_wait_s)
+    time.sleep(0.1)
+    assert codes == []
+    time.sleep(1.0)  # no phase after it: the timer runs again
+    watchdog.close()
+    assert codes == [HANG_EXIT_CODE]
+
+
 def test_an_unwritable_run_directory_still_reports_on_stderr(tmp_path, capfd):
     blocked = tmp_path / "file"
     blocked.write_text("")

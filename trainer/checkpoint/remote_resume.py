@@ -57,7 +57,9 @@ def download_checkpoint(store: CheckpointStore, step: int, run_dir: Path) -> Pat
     write_file(tmp / COMPLETE, json.dumps(hashes))
     verify_checkpoint(tmp)
     if final.exists():  # a local copy of this step that differs from the store's: debris the next save removes
-        os.replace(final, final.with_name(f"{final.name}.old"))
+        old = final.with_name(f"{final.name}.old")
+        remove(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     return final
 
@@ -75,40 +77,81 @@ def resume_from_store(
 ) -> Path | None:
     """The checkpoint to continue from: the store's newest complete one when it is newer than `local` (the run
     directory's newest intact checkpoint, or None), downloaded; else `local`. A store that cannot be read is
-    reported and `local` used, unless there is none. `store_only` (ranks on other nodes get their files from the
-    store): `local` only when it is complete in the store too.
+    reported and `local` used, unless there is none; one that does not match its hashes is skipped for the previous
+    one. `store_only` (ranks on other nodes get their files from the store): `local` only when it is complete in
+    the store too.
 
     Raises:
-        CheckpointError: the store cannot be read and the run directory has no checkpoint to continue from; under
-            `store_only`, a local checkpoint the store does not have complete, and no older one there.
+        CheckpointError: the store cannot be read, or none of its newer checkpoints is intact, and the run directory
+            has no checkpoint to continue from; under `store_only`, a local checkpoint that the store lacks and no
+            older one there; a download that cannot be written.
     """
     local_step = checkpoint_step(local) if local is not None else -1
     try:
         complete = store.complete_steps()
-        if store_only and local is not None and local_step not in complete:
-            if not complete:
-                raise CheckpointError(
-                    f"{local} is not complete in {store.url}, from where the ranks on other nodes get their files, "
-                    "and no older checkpoint is; start over with train.resume=none train.overwrite=true"
-                )
-            report(f"{local.name} is not complete in {store.url}, where the other nodes get their files: not used")
-            local, local_step = None, -1
-        candidates = [step for step in complete if step > local_step]
-        if candidates and local_step >= 0:
-            set_aside_damaged(run_dir, local)  # newer local ones were skipped as damaged: out of the way
-        for step in reversed(candidates):
-            try:
-                path = download_checkpoint(store, step, run_dir)
-            except CheckpointError as err:
-                report(f"skipping {err}; trying the previous checkpoint in the store")
-                continue
-            report(f"downloaded {store.path(store.checkpoint(step))} (verified) to continue from")
-            return path
     except StoreError as err:
-        if local is None:
-            raise CheckpointError(f"{err}; the run directory has no checkpoint to continue from either") from None
-        report(f"warning: {err}; continuing from the run directory's {local.name}")
+        return _without_store(err, local, report)
+    if store_only and local is not None and local_step not in complete:
+        if not complete:
+            raise CheckpointError(
+                f"{local} is not complete in {store.url}, from where the ranks on other nodes get their files, "
+                "and no older checkpoint is; start over with train.resume=none train.overwrite=true"
+            )
+        report(f"{local.name} is not complete in {store.url}, where the other nodes get their files: not used")
+        local, local_step = None, -1
+    candidates = [step for step in complete if step > local_step]
+    if candidates and local_step >= 0:
+        set_aside_damaged(run_dir, local)  # newer local ones were skipped as damaged: out of the way
+    for step in reversed(candidates):
+        try:
+            path = download_checkpoint(store, step, run_dir)
+        except CheckpointError as err:
+            report(f"skipping {err}; trying the previous checkpoint in the store")
+            continue
+        except StoreError as err:
+            return _without_store(err, local, report)
+        except OSError as err:
+            raise CheckpointError(f"cannot download into {run_dir}: {err.strerror or err} ({err.filename})") from None
+        report(f"downloaded {store.path(store.checkpoint(step))} (verified) to continue from")
+        return path
+    if candidates and local is None:
+        raise CheckpointError(
+            f"none of the {len(candidates)} complete checkpoint(s) in {store.url} is intact (see above), and "
+            f"train.run_dir={run_dir} has none to continue from; train.resume=none train.overwrite=true starts over"
+        )
     return local
+
+
+def _without_store(err: StoreError, local: Path | None, report: Callable[[str], None]) -> Path:
+    """`local` when the store cannot be read now (said), else the one-line reason to stop."""
+    if local is None:
+        raise CheckpointError(f"{err}; the run directory has no checkpoint to continue from either")
+    report(f"warning: {err}; continuing from the run directory's {local.name}")
+    return local
+
+
+def check_store(store: CheckpointStore | None, uses: bool, engine: Engine, report: Callable[[str], None]) -> bool:
+    """List the store (checkpoint.remote; None: none) from each rank that `uses` it - the main rank and the ranks
+    whose run directory is elsewhere - on every rank a collective: a lasting refusal stops every rank in one line,
+    a store that is down now is said. Returns whether every rank could read it.
+
+    Raises:
+        ConfigError: on every rank, when a rank lacks credentials, the bucket or the right to read it.
+    """
+    if store is None:
+        return True
+    error, down = None, False
+    try:
+        if uses:
+            store.check_access()
+    except ConfigError as err:
+        error = err
+    except StoreError as err:
+        down = True
+        report(f"warning: {err}")
+    if engine.any_rank(error is not None):
+        raise ConfigError(str(error) if error else "a rank on another node cannot use checkpoint.remote (see its line)")
+    return not engine.any_rank(down)
 
 
 def newest_in_store(store: CheckpointStore) -> int | None:
@@ -174,22 +217,35 @@ def fetch_rank_files(store: CheckpointStore, step: int, run_dir: Path, engine: E
 
 
 def fetch_where_needed(store: CheckpointStore | None, found: Path, run_dir: Path, engine: Engine) -> Path:
-    """The checkpoint `found` (the main rank's choice) as this rank loads it: itself where this rank sees the main
-    rank's run directory (`store` None), else this rank's files of the same step fetched from `store` (a
-    collective: a failure on any rank is raised on every rank).
+    """The checkpoint `found` (the main rank's choice) as this rank loads it. Where this rank does not see it (its
+    run directory is on another node's disk) or lacks its own files in it (written while this rank's files went
+    elsewhere), they are fetched from `store` into this rank's run directory. A collective: a failure on any rank
+    is raised on every rank.
 
     Raises:
         CheckpointError: a rank could not fetch its files.
     """
-    error = None
-    if store is not None:
-        try:
-            step = checkpoint_step(found)
+    error, path = None, found
+    try:
+        path = found if found.is_dir() else run_dir / CHECKPOINTS / found.name
+        if store is not None and _lacks_files(path, engine):
+            step = checkpoint_step(path)
             if step is None:
-                raise CheckpointError(f"{found} is not named step_XXXXXXXX: ranks on other nodes cannot fetch it")
-            found = fetch_rank_files(store, step, run_dir, engine)
-        except (CheckpointError, StoreError) as err:
-            error = err
+                raise CheckpointError(f"{found} is not named step_XXXXXXXX: it cannot be fetched from the store")
+            path = fetch_rank_files(store, step, run_dir, engine)
+    except (CheckpointError, OSError) as err:
+        error = err
     if engine.any_rank(error is not None):
         raise CheckpointError(str(error) if error else "a rank on another node could not fetch its checkpoint files")
-    return found
+    return path
+
+
+def _lacks_files(path: Path, engine: Engine) -> bool:
+    """Whether checkpoint `path` misses a file this rank loads (train_state.json, units.safetensors, its rank file
+    or, after a change of world size or backend, rank 0's)."""
+    try:
+        state = read_train_state(path)
+    except (CheckpointError, OSError):
+        return True
+    same = state["world_size"] == engine.world_size and state["backend"] == engine.backend_name
+    return not all((path / name).is_file() for name in (UNIVERSAL, rank_file(engine.rank if same else 0)))

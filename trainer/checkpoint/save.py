@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from safetensors.torch import save
@@ -59,7 +59,7 @@ class CapturedCheckpoint:
     best: dict[str, Any] | None
     keep: int
     keep_every_steps: int
-    protect: int | None
+    protect: Callable[[], Collection[int]] | None
     ranks_here: tuple[int, ...]
 
     @property
@@ -102,8 +102,9 @@ class SaveRequest:
     keep_every_steps: int = 0
     best: dict[str, Any] | None = None
     """{select, score, metrics} to record this checkpoint as the best in best.json before rotating."""
-    protect: int | None = None
-    """A step the rotation keeps whatever its age (the checkpoint being uploaded to checkpoint.remote)."""
+    protect: Callable[[], Collection[int]] | None = None
+    """The steps the rotation keeps whatever their age, asked when it runs (checkpoints still being uploaded to
+    checkpoint.remote)."""
     ranks_here: tuple[int, ...] | None = None
     """The ranks whose files land in the main rank's run directory (trainer.checkpoint.sharing); None: all."""
 
@@ -171,7 +172,7 @@ def publish_checkpoint(saving: CapturedCheckpoint) -> Path:
     write_atomic(root / LATEST, final.name + "\n")
     if saving.best is not None:
         write_atomic(root / BEST, json.dumps({"step": int(final.name[5:]), **saving.best}, indent=2))
-    _rotate(root.parent, saving.keep, saving.keep_every_steps, saving.protect)
+    _rotate(root.parent, saving.keep, saving.keep_every_steps, saving.protect() if saving.protect else ())
     return final
 
 
@@ -269,15 +270,16 @@ class AsyncCheckpointWriter:
             time.sleep(0.01)
 
 
-def _rotate(run_dir: Path, keep: int, keep_every_steps: int, protect: int | None) -> None:
-    """Delete all but the newest `keep` checkpoints, except every `keep_every_steps`-th, the best one and the one
-    of step `protect`. Each is
+def _rotate(run_dir: Path, keep: int, keep_every_steps: int, protect: Collection[int]) -> None:
+    """Delete all but the newest `keep` checkpoints, except every `keep_every_steps`-th, the best one and those of
+    the steps in `protect`. Each is
     first renamed out of the step_XXXXXXXX pattern, so a crash mid-deletion never leaves a half checkpoint that
     looks complete."""
     best_step = (read_best(run_dir) or {}).get("step")
     for old in complete_checkpoints(run_dir)[:-keep]:
         old_step = checkpoint_step(old)
-        if not (keep_every_steps and old_step % keep_every_steps == 0) and old_step not in (best_step, protect):
+        kept = (keep_every_steps and old_step % keep_every_steps == 0) or old_step == best_step or old_step in protect
+        if not kept:
             trash = old.with_name(old.name + ".old")
             os.replace(old, trash)
             remove(trash, ignore_errors=True)  # what stays (NFS .nfs* files) is removed as debris later

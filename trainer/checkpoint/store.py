@@ -21,10 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from shards.bounded_read import MAX_SMALL_FILE, BoundedReadError, parse_json, read_stream
-from shards.remote import FSSPEC_SCHEMES, RemoteOptions, ShardUnavailable, fsspec_filesystem, join, scheme
+from shards.remote import (
+    FSSPEC_SCHEMES,
+    RemoteOptions,
+    ShardUnavailable,
+    fsspec_filesystem,
+    fsspec_transient,
+    join,
+    scheme,
+)
 from shards.urls import check_relative_name
 from trainer.checkpoint.format import CHECKPOINTS, COMPLETE, LATEST, CheckpointError, checkpoint_step
 from trainer.config.checks import ConfigError
+from trainer.runtime.run_files import create_file
 
 MAX_DOWNLOAD_BYTES = 1 << 40
 CHUNK_BYTES = 1 << 22
@@ -50,15 +59,18 @@ class CheckpointStore:
             raise ConfigError(f"checkpoint.remote={url}: {err.reason}") from None
 
     def check_access(self) -> None:
-        """Fail now, in one line, when the store cannot be listed: no credentials, no such bucket, no endpoint.
+        """List the store's bucket: fail now, in one line, without credentials or a bucket.
 
         Raises:
-            ConfigError: naming checkpoint.remote and the store's reason.
+            ConfigError: a lasting refusal (no credentials, no such bucket, access denied), naming checkpoint.remote.
+            StoreError: a failure that may pass (the store down, a timeout).
         """
         try:
             self.fs.invalidate_cache()
             self.fs.ls(self.url.split("://", 1)[1].split("/", 1)[0])  # the bucket: refused without credentials
         except Exception as err:
+            if fsspec_transient(err):
+                raise StoreError(f"cannot list {self.url}: {_reason(err)}") from None
             raise ConfigError(f"checkpoint.remote={self.url}: cannot list the store ({_reason(err)})") from None
 
     def path(self, name: str) -> str:
@@ -159,7 +171,7 @@ class CheckpointStore:
             if size is None or size > MAX_DOWNLOAD_BYTES:
                 raise StoreError(f"{self.path(name)}: the store states {size} bytes")
             digest, left = hashlib.sha256(), size
-            with self.fs.open(self.path(name), "rb") as stream, open(part, "wb") as out:
+            with self.fs.open(self.path(name), "rb") as stream, os.fdopen(create_file(part), "wb") as out:
                 while left > 0:
                     chunk = stream.read(min(CHUNK_BYTES, left))
                     if not chunk:
@@ -170,20 +182,27 @@ class CheckpointStore:
             return digest.hexdigest()
 
         try:
-            got = self._call(fetch, f"download {name}")
+            try:
+                got = self._call(fetch, f"download {name}")
+            except FileNotFoundError:
+                raise CheckpointError(f"{self.path(name)} is missing in the store") from None
             if got != sha256:
                 raise CheckpointError(f"{self.path(name)} does not match its sha256 in {COMPLETE}")
             os.replace(part, local)
         finally:
             part.unlink(missing_ok=True)
 
+    def remove_marker(self, step: int) -> None:
+        """Delete checkpoint `step`'s COMPLETE marker, if any (before its files are replaced)."""
+        marker = f"{self.checkpoint(step)}/{COMPLETE}"
+        if self.exists(marker):
+            self._call(lambda: self.fs.rm_file(self.path(marker)), f"delete {marker}")
+
     def remove_checkpoint(self, step: int) -> None:
         """Delete checkpoint `step` from the store, its COMPLETE marker first (never a half checkpoint that looks
         complete)."""
         root = self.checkpoint(step)
-        marker = f"{root}/{COMPLETE}"
-        if self.exists(marker):
-            self._call(lambda: self.fs.rm_file(self.path(marker)), f"delete {marker}")
+        self.remove_marker(step)
         self._call(lambda: self.fs.rm(self.path(root), recursive=True), f"delete {root}")
 
     def latest(self) -> int | None:

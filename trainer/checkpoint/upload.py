@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from shards.bounded_read import BoundedReadError, read_json
 from trainer.checkpoint.format import BEST, CHECKPOINTS, COMPLETE, LATEST, CheckpointError, rank_file
-from trainer.checkpoint.store import CheckpointStore, StoreError
+from trainer.checkpoint.store import CheckpointStore
 
 RETRY_S = 1.0  # the first retry's wait; doubled after each failure up to MAX_RETRY_S
 MAX_RETRY_S = 30.0
@@ -87,6 +87,7 @@ class CheckpointUploader:
         self.in_flight: Upload | None = None
         self.waiting: list[Upload] = []  # at most one checkpoint, then the final files
         self.warned_behind = False
+        self.best_step: int | None = None  # the step of the best.json uploaded last
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
@@ -106,10 +107,11 @@ class CheckpointUploader:
             self._cond.notify_all()
         self._check_behind()
 
-    def in_flight_step(self) -> int | None:
-        """The checkpoint being uploaded (the run directory's rotation keeps it until it is done)."""
-        upload = self.in_flight
-        return upload.step if upload is not None and upload.checkpoint is not None else None
+    def pending_steps(self) -> set[int]:
+        """The checkpoints being uploaded or waiting (the run directory's rotation keeps them until they are sent)."""
+        with self._cond:
+            pending = [self.in_flight, *self.waiting]
+            return {u.step for u in pending if u is not None and u.checkpoint is not None}
 
     def lag_steps(self, step: int) -> int:
         """Updates between checkpoint `step` (just published) and the store's newest complete checkpoint."""
@@ -117,7 +119,8 @@ class CheckpointUploader:
 
     def behind(self) -> int:
         """Checkpoints handed over and not yet complete in the store."""
-        return sum(1 for step in self.submitted if self.confirmed is None or step > self.confirmed)
+        with self._cond:
+            return sum(1 for step in self.submitted if self.confirmed is None or step > self.confirmed)
 
     def close(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for the uploads handed over; whether all of them finished."""
@@ -133,6 +136,10 @@ class CheckpointUploader:
         return True
 
     def _check_behind(self) -> None:
+        with self._cond:  # called from the loop's thread and the upload thread
+            self._say_behind()
+
+    def _say_behind(self) -> None:
         behind = self.behind()
         if behind > self.max_behind and not self.warned_behind:
             self.warned_behind = True
@@ -161,12 +168,12 @@ class CheckpointUploader:
                     self._cond.notify_all()
 
     def _with_retries(self, upload: Upload) -> None:
-        wait, failures = RETRY_S, 0
+        wait, failures, sent = RETRY_S, 0, set()
         while True:
             try:
-                self._send(upload)
+                self._send(upload, sent)
                 return
-            except (StoreError, CheckpointError, OSError) as err:
+            except Exception as err:  # the thread must live on: anything is reported and retried
                 if upload.checkpoint is not None and not upload.checkpoint.is_dir():
                     return  # the run directory rotated it away: a newer checkpoint replaced it
                 failures += 1
@@ -184,29 +191,40 @@ class CheckpointUploader:
             self._cond.wait(wait_s)
             return upload.replaceable and any(u.replaceable for u in self.waiting)
 
-    def _send(self, upload: Upload) -> None:
+    def _send(self, upload: Upload, sent: set[str]) -> None:
+        """Send what `upload` holds that is not in `sent` yet (the names an earlier try sent), adding to it."""
         if upload.checkpoint is None:
             for name, local in upload.files:
-                self.store.put_file(local, name)
+                self._once(sent, name, lambda: self.store.put_file(local, name))  # noqa: B023
             if upload.rank_files:  # this rank's part of the checkpoint is there
                 self.confirmed = max(upload.step, self.confirmed or 0)
                 self._check_behind()
             return
         local, remote = upload.checkpoint, self.store.checkpoint(upload.step)
         hashes = _complete(local)
+        self._once(sent, "old marker", lambda: self.store.remove_marker(upload.step))  # of an earlier save
         for name in hashes:
-            self.store.put_file(local / name, f"{remote}/{name}")
+            self._once(sent, name, lambda: self.store.put_file(local / name, f"{remote}/{name}"))  # noqa: B023
         others = self._files_elsewhere(upload)
         if others is None:
             return  # replaced while the other nodes' ranks were still uploading
-        self.store.put_bytes(f"{remote}/{COMPLETE}", json.dumps({**hashes, **others}).encode())
+        self._once(sent, COMPLETE, lambda: self.store.put_bytes(f"{remote}/{COMPLETE}",
+                                                                json.dumps({**hashes, **others}).encode()))  # fmt: skip
         self.store.put_bytes(f"{CHECKPOINTS}/{LATEST}", f"{local.name}\n".encode())
-        best = local.parent / BEST
-        if best.is_file():
-            self.store.put_file(best, f"{CHECKPOINTS}/{BEST}")
         self.confirmed = max(upload.step, self.confirmed or 0)
-        self._rotate(best)
+        best = local.parent / BEST
+        best_step = _best_step(best)
+        if best_step is not None and best_step <= upload.step and best_step in self.store.complete_steps():
+            self.store.put_file(best, f"{CHECKPOINTS}/{BEST}")
+            self.best_step = best_step
+        self._rotate()
         self._check_behind()
+
+    @staticmethod
+    def _once(sent: set[str], name: str, action: Callable[[], object]) -> None:
+        if name not in sent:
+            action()
+            sent.add(name)
 
     def _files_elsewhere(self, upload: Upload) -> dict[str, str] | None:
         """{rank file: sha256} of the ranks elsewhere, once each has uploaded its file of this attempt; None when a
@@ -224,14 +242,15 @@ class CheckpointUploader:
             wait = min(2 * wait, MAX_RETRY_S)
         return found
 
-    def _rotate(self, best: Path) -> None:
+    def _rotate(self) -> None:
         """Delete the store's checkpoints the run directory would not keep, and unfinished ones older than the
         newest complete one (uploads that a newer checkpoint replaced or a kill interrupted)."""
-        best_step = _best_step(best)
         steps, complete = self.store.steps(), self.store.complete_steps()
+        if not complete:
+            return
         newest = complete[-1]
         for step in steps:
-            kept = step in complete[-self.keep :] or step == best_step
+            kept = step in complete[-self.keep :] or step == self.best_step
             kept |= bool(self.keep_every_steps) and step % self.keep_every_steps == 0 and step in complete
             if step > newest or kept:
                 continue

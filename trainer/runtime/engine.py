@@ -73,6 +73,10 @@ class Engine:
         """Label the block for the hang watchdog and profiler traces (trainer.runtime.watchdog)."""
         return self.watchdog.phase(name) if self.watchdog is not None else contextlib.nullcontext()
 
+    def unwatched(self) -> contextlib.AbstractContextManager:
+        """The block runs without the hang watchdog's timer (a wait with its own bound)."""
+        return self.watchdog.unwatched() if self.watchdog is not None else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def synchronizing(self, phase: str | None = None) -> Iterator[None]:
         """Count the block's wall time in `waited_s`: a call where this rank may wait for the others (a backward

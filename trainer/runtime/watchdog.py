@@ -58,6 +58,7 @@ class Watchdog:
         self.failure: tuple[BaseException, str] | None = None  # the last exception out of a phase, and where
         self.fault = configured_fault()  # tests only (trainer.runtime.faults)
         self._closed = threading.Event()
+        self._paused = 0
         self._thread = None
         if timeout_s > 0:
             self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
@@ -79,6 +80,16 @@ class Watchdog:
             raise
         finally:
             self.phases.pop()
+            self.last_change = time.monotonic()
+
+    @contextlib.contextmanager
+    def unwatched(self) -> Iterator[None]:
+        """Run the block without the hang timer: a wait bounded by a timeout of its own (the final uploads)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
             self.last_change = time.monotonic()
 
     def where_raised(self, err: BaseException) -> str:
@@ -103,6 +114,8 @@ class Watchdog:
     def _watch(self) -> None:
         poll = min(1.0, self.timeout_s / 4)
         while not self._closed.wait(poll):
+            if self._paused:
+                continue
             idle = time.monotonic() - self.last_change
             if idle >= self.timeout_s:
                 self._hang(idle)
