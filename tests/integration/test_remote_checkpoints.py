@@ -2,18 +2,22 @@
 checkpoint reached the store (its run directory gone) continues on a fresh node from the store and ends with the
 weights of an uninterrupted run; a kill during an upload leaves the previous complete checkpoint, which the fresh
 node resumes from; the export, metrics.jsonl and config.yaml are uploaded at the end; missing credentials are one
-line at start."""
+line at start; a store that is away for a while delays the uploads, not the training."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from tests.conftest import S3_CREDENTIALS, read_metrics, run_bounded, train_command
+from tests.conftest import REPO, S3_CREDENTIALS, kill_tree, read_metrics, run_bounded, train_command
 from tests.integration.test_save_faults import TINY, weights
+from trainer.runtime.faults import ENV
 
 UPLOAD_CRASH = "tests/integration/crash_during_upload.py"
 
@@ -76,3 +80,47 @@ def test_missing_credentials_are_one_line_at_start(colour_shards, s3_server, tmp
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: checkpoint.remote={remote}: cannot list the store (NoCredentialsError")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_training_goes_on_while_the_store_is_down_and_uploads_catch_up(colour_shards, s3_server, tmp_path):
+    remote = f"{s3_server.bucket('downtime')}/run"
+    run_dir = tmp_path / "run"
+    steps = ["train.steps=16", "checkpoint.every_steps=2", "logging.every_steps=2"]
+    command = train_command(colour_shards, run_dir, *TINY, *steps, f"checkpoint.remote={remote}")
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": s3_server.endpoint,
+        "AWS_MAX_ATTEMPTS": "1",
+        "PYTHONUNBUFFERED": "1",
+        ENV: "delay:data:0:0.25",
+    }  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    store = s3_server.filesystem()
+    try:
+        assert poll(lambda: store.invalidate_cache() or store.exists(f"{remote}/checkpoints/step_00000002/COMPLETE"))
+        s3_server.server.stop()
+        try:
+            assert poll(lambda: any(r.get("checkpoint/saved_step", 0) >= 10 for r in read_metrics(run_dir)))
+        finally:
+            s3_server.server.start()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, err[-3000:]
+    assert "warning: uploading checkpoint step_0000000" in out and "failed (cannot " in out
+    assert f"warning: checkpoint uploads to {remote} are 3 checkpoints behind" in out
+    assert f"checkpoint uploads to {remote} caught up" in out
+    assert out.splitlines()[-1] == f"uploaded to {remote}: checkpoints to step_00000016 and the final files"
+    lags = [r["checkpoint/upload_lag_steps"] for r in read_metrics(run_dir) if "checkpoint/upload_lag_steps" in r]
+    assert max(lags) >= 8 and lags[0] == 2  # the store fell behind while away
+    assert store.exists(f"{remote}/checkpoints/step_00000016/COMPLETE") and store.exists(f"{remote}/metrics.jsonl")
+
+
+def poll(condition, timeout_s: float = 120) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
