@@ -390,7 +390,7 @@ def _end_of_run(
     return None
 
 
-def checkpoint_store(cfg: Config) -> CheckpointStore | None:
+def _checkpoint_store(cfg: Config) -> CheckpointStore | None:
     """The store of checkpoint.remote (credentials and endpoint as for the data), or None without one."""
     if not cfg.checkpoint.remote:
         return None
@@ -401,18 +401,21 @@ def _uploader(cfg: Config, engine: Engine, console: Console, sharing: RunDirShar
     """Under checkpoint.remote: the main rank's uploader, and one on each rank whose run directory is elsewhere (for
     its own files, reporting on stderr); else None."""
     uploads_own = engine.is_main or not sharing.sharing[engine.rank]
-    store = checkpoint_store(cfg) if uploads_own else None
+    store = _checkpoint_store(cfg) if uploads_own else None
     if store is None:
         return None
 
-    def report(line: str) -> None:
-        print(f"rank {engine.rank}: {line}", file=sys.stderr, flush=True)
-
     return CheckpointUploader(
         store, cfg.checkpoint.keep, cfg.checkpoint.keep_every_steps, cfg.checkpoint.remote_max_behind,
-        console.message if engine.is_main else report, confirmed=newest_in_store(store) if engine.is_main else None,
+        console.message if engine.is_main else _rank_report(engine),
+        confirmed=newest_in_store(store) if engine.is_main else None,
         elsewhere=sharing.elsewhere, attempt=sharing.attempt,
     )  # fmt: skip
+
+
+def _rank_report(engine: Engine) -> Callable[[str], None]:
+    """One-line messages of a rank other than the main one (whose console is silent): on stderr, with its rank."""
+    return lambda line: print(f"rank {engine.rank}: {line}", file=sys.stderr, flush=True)
 
 
 def _final_files(run_dir: Path, export: Path | None) -> list[tuple[str, Path]]:
@@ -457,9 +460,9 @@ def _resume_point(cfg: Config, run_dir: Path, engine: Engine, console: Console, 
         if engine.is_main or not sharing.sharing[engine.rank]:  # each node's own directory
             shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=not engine.is_main)
         engine.barrier()
-    store = checkpoint_store(cfg)
+    store = _checkpoint_store(cfg)
     uses = engine.is_main or not sharing.sharing[engine.rank]
-    readable = check_store(store, uses, engine, console.message if engine.is_main else print)
+    readable = check_store(store, uses, engine, console.message if engine.is_main else _rank_report(engine))
 
     def newest() -> str | None:
         found = find_resume(run_dir, cfg.train.resume, console.message)
