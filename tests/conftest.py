@@ -86,7 +86,8 @@ class S3Server:
         return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
 
     def bucket(self, name: str) -> str:
-        """A new bucket `name`; returns s3://name."""
+        """A new bucket `name` (moto's buckets are shared by every server in the process: names must differ between
+        test modules too); returns s3://name."""
         self.filesystem().mkdir(name)
         return f"s3://{name}"
 

@@ -83,7 +83,7 @@ def test_missing_credentials_are_one_line_at_start(colour_shards, s3_server, tmp
 
 
 def test_training_goes_on_while_the_store_is_down_and_uploads_catch_up(colour_shards, s3_server, tmp_path):
-    remote = f"{s3_server.bucket('downtime')}/run"
+    remote = f"{s3_server.bucket('training-downtime')}/run"
     run_dir = tmp_path / "run"
     steps = ["train.steps=16", "checkpoint.every_steps=2", "logging.every_steps=2"]
     command = train_command(colour_shards, run_dir, *TINY, *steps, f"checkpoint.remote={remote}")

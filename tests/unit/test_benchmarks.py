@@ -124,7 +124,7 @@ def test_activation_memory_dry_writes_json(tmp_path):
 def test_checkpoint_stall_writes_json(tmp_path):
     out = tmp_path / "stall.json"
     cmd = [sys.executable, "benchmarks/checkpoint_stall.py", "--config", "configs/demo-cpu.yaml", "--size", "32",
-           "--steps", "6", "--every", "2", "--out", str(out)]  # fmt: skip
+           "--steps", "6", "--every", "2", "--remote", "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
@@ -132,6 +132,10 @@ def test_checkpoint_stall_writes_json(tmp_path):
         run = figures[mode]
         assert run["async_save"] is asynchronous and len(run["stall_s"]) == 2 and run["checkpoint_bytes"] > 0
     assert figures["async_stall_fraction"] == figures["async"]["mean_stall_s"] / figures["sync"]["mean_stall_s"]
+    remote = figures["remote"]
+    assert remote["remote"] and len(remote["stall_s"]) == 2 and remote["upload_lag_steps"][0] == 2
+    assert figures["remote_stall_fraction"] == remote["mean_stall_s"] / figures["sync"]["mean_stall_s"]
+    assert figures["remote_wall_fraction"] == remote["wall_s"] / figures["sync"]["wall_s"]
 
 
 @pytest.mark.distributed

