@@ -101,7 +101,9 @@ def test_an_elastic_job_loses_a_node_keeps_training_and_grows_back(netns_nodes, 
     assert (run_dir / "export" / "g_xy.safetensors").is_file()
     out = logs[0].read_text()
     assert "world size 2 -> 1 (agent restart 1)" in out and "world size 1 -> 2" in out
-    assert "Traceback" not in logs[1].read_text()
+    # No traceback of ours. torch's elastic agent may log one of its own (each line prefixed "E1207 hh:mm:ss ..."):
+    # the exit barrier's store, on node 0's agent, can be gone when node 1's agent reaches it; both still exit 0.
+    assert not [line for line in logs[1].read_text().splitlines() if line.startswith("Traceback")]
 
 
 def test_an_elastic_rendezvous_below_min_nodes_fails_within_its_timeout(netns_nodes, colour_shards, tmp_path):
