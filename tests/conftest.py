@@ -54,6 +54,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def eventually(condition, timeout_s: float = 60) -> bool:
+    """Whether `condition()` becomes true within `timeout_s` (polled every 50 ms)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 

@@ -10,31 +10,28 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO, S3_CREDENTIALS, kill_tree, read_metrics, run_bounded, train_command
-from tests.integration.test_save_faults import TINY, weights
+from tests.conftest import REPO, S3_CREDENTIALS, eventually, kill_tree, read_metrics, run_bounded, train_command
+from tests.integration.test_save_faults import TINY, reference, weights  # noqa: F401 (reference: a fixture)
 from trainer.runtime.faults import ENV
 
 UPLOAD_CRASH = "tests/integration/crash_during_upload.py"
 
 
-@pytest.fixture(scope="module")
-def reference(colour_shards, tmp_path_factory) -> dict[str, torch.Tensor]:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = run_bounded(train_command(colour_shards, run_dir, *TINY))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return weights(run_dir)
-
-
 @pytest.mark.parametrize(
     "phase,resumed", [("after-latest", "step_00000004"), ("before-complete", "step_00000002")]
 )  # fmt: skip
-def test_a_lost_node_continues_on_a_fresh_one_from_the_store(phase, resumed, reference, colour_shards, s3_server,
-                                                              tmp_path):  # fmt: skip
+def test_a_lost_node_continues_on_a_fresh_one_from_the_store(
+    phase,
+    resumed,
+    reference,  # noqa: F811 (test_save_faults' fixture)
+    colour_shards,
+    s3_server,
+    tmp_path,
+):
     remote = f"{s3_server.bucket(f'lost-{phase}')}/run"
     env = {"AWS_ENDPOINT_URL": s3_server.endpoint}
     lost, fresh = tmp_path / "lost-node", tmp_path / "fresh-node"
@@ -98,10 +95,12 @@ def test_training_goes_on_while_the_store_is_down_and_uploads_catch_up(colour_sh
                             start_new_session=True)  # fmt: skip
     store = s3_server.filesystem()
     try:
-        assert poll(lambda: store.invalidate_cache() or store.exists(f"{remote}/checkpoints/step_00000002/COMPLETE"))
+        assert eventually(
+            lambda: store.invalidate_cache() or store.exists(f"{remote}/checkpoints/step_00000002/COMPLETE"), 120
+        )
         s3_server.server.stop()
         try:
-            assert poll(lambda: any(r.get("checkpoint/saved_step", 0) >= 10 for r in read_metrics(run_dir)))
+            assert eventually(lambda: any(r.get("checkpoint/saved_step", 0) >= 10 for r in read_metrics(run_dir)), 120)
         finally:
             s3_server.server.start()
         out, err = proc.communicate(timeout=300)
@@ -115,12 +114,3 @@ def test_training_goes_on_while_the_store_is_down_and_uploads_catch_up(colour_sh
     lags = [r["checkpoint/upload_lag_steps"] for r in read_metrics(run_dir) if "checkpoint/upload_lag_steps" in r]
     assert max(lags) >= 8 and lags[0] == 2  # the store fell behind while away
     assert store.exists(f"{remote}/checkpoints/step_00000016/COMPLETE") and store.exists(f"{remote}/metrics.jsonl")
-
-
-def poll(condition, timeout_s: float = 120) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True

@@ -16,6 +16,7 @@ import trainer.checkpoint.upload as upload_module
 from shards.bounded_read import MAX_SMALL_FILE
 from shards.manifest import sha256_file
 from shards.remote import RemoteOptions
+from tests.conftest import eventually
 from trainer.checkpoint.format import BEST, COMPLETE, TRAIN_STATE, UNIVERSAL, CheckpointError
 from trainer.checkpoint.remote_resume import check_store, clear_store, fetch_where_needed, resume_from_store
 from trainer.checkpoint.store import CheckpointStore, StoreError
@@ -47,15 +48,6 @@ def listing(s3_server, store: CheckpointStore) -> list[str]:
     return sorted(name.removeprefix(root + "/") for name in s3_server.filesystem().find(root))
 
 
-def eventually(condition, timeout_s: float = 60) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
     monkeypatch.setattr(upload_module, "RETRY_S", 0.05)
@@ -73,7 +65,9 @@ def test_an_upload_sends_the_files_then_complete_then_latest(s3_server, tmp_path
     )
     up = uploader(store, messages)
     checkpoint = published(tmp_path, 2)
-    (tmp_path / "checkpoints" / BEST).write_text(json.dumps({"step": 2}))
+    (tmp_path / "checkpoints" / BEST).write_text(
+        json.dumps({"step": 2, "select": "psnr", "score": 20.0, "metrics": {}})
+    )
     up.submit(Upload(step=2, checkpoint=checkpoint))
     assert up.close(30) and messages == []
     names = [name.rsplit("/", 1)[-1] for name in order]  # COMPLETE and latest are written from memory

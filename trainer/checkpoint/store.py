@@ -31,7 +31,7 @@ from shards.remote import (
     scheme,
 )
 from shards.urls import check_relative_name
-from trainer.checkpoint.format import CHECKPOINTS, COMPLETE, LATEST, CheckpointError, checkpoint_step
+from trainer.checkpoint.format import CHECKPOINTS, COMPLETE, CheckpointError, checkpoint_step
 from trainer.config.checks import ConfigError
 from trainer.runtime.run_files import create_file
 
@@ -204,12 +204,6 @@ class CheckpointStore:
         root = self.checkpoint(step)
         self.remove_marker(step)
         self._call(lambda: self.fs.rm(self.path(root), recursive=True), f"delete {root}")
-
-    def latest(self) -> int | None:
-        """The step the store's `latest` pointer names (a hint; COMPLETE markers decide)."""
-        data = self.read_small(f"{CHECKPOINTS}/{LATEST}")
-        step = checkpoint_step(Path(data.decode("utf-8", "replace").strip())) if data else None
-        return step
 
     def _fresh(self, call: Any) -> Any:
         self.fs.invalidate_cache()  # listings are cached by fsspec: another rank or process may have written

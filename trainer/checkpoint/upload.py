@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from shards.bounded_read import BoundedReadError, read_json
-from trainer.checkpoint.format import BEST, CHECKPOINTS, COMPLETE, LATEST, CheckpointError, rank_file
+from trainer.checkpoint.format import BEST, CHECKPOINTS, COMPLETE, LATEST, CheckpointError, rank_file, read_best
 from trainer.checkpoint.store import CheckpointStore
 
 RETRY_S = 1.0  # the first retry's wait; doubled after each failure up to MAX_RETRY_S
@@ -212,10 +212,9 @@ class CheckpointUploader:
                                                                 json.dumps({**hashes, **others}).encode()))  # fmt: skip
         self.store.put_bytes(f"{CHECKPOINTS}/{LATEST}", f"{local.name}\n".encode())
         self.confirmed = max(upload.step, self.confirmed or 0)
-        best = local.parent / BEST
-        best_step = _best_step(best)
+        best_step = _best_step(local.parent.parent)
         if best_step is not None and best_step <= upload.step and best_step in self.store.complete_steps():
-            self.store.put_file(best, f"{CHECKPOINTS}/{BEST}")
+            self.store.put_file(local.parent / BEST, f"{CHECKPOINTS}/{BEST}")
             self.best_step = best_step
         self._rotate()
         self._check_behind()
@@ -268,13 +267,13 @@ def _complete(checkpoint: Path) -> dict[str, str]:
     return hashes
 
 
-def _best_step(best: Path) -> int | None:
+def _best_step(run_dir: Path) -> int | None:
+    """The step of the run directory's best.json (format.read_best), None without one or with an unreadable one."""
     try:
-        record = read_json(best, "checkpoint file") if best.is_file() else None
-    except BoundedReadError:
+        record = read_best(run_dir)
+    except CheckpointError:
         return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else None
+    return record["step"] if record is not None else None
 
 
 def _name(step: int | None) -> str:
