@@ -191,7 +191,7 @@ class RetryingReader(io.RawIOBase):
         """`action` on the open stream, reopening the object at `position` after each transient failure, up to
         options.retries failures in a row. Once it has given up, every later call fails at once (a tar reader
         that catches the error must not start another round, nor read on from a buffer it has dropped). Stretches
-        too slow in a row (TooSlow) count against the same budget, however many bytes they brought."""
+        too slow in a row (TooSlow, or a timeout) count against the same budget, however many bytes they brought."""
         if self.failed is not None:
             raise self.failed
         failures = 0
@@ -205,6 +205,8 @@ class RetryingReader(io.RawIOBase):
                 raise
             except Exception as err:
                 self._drop()
+                if isinstance(err, TimeoutError):  # TooSlow, or timeout_s without a byte: a stretch too slow
+                    self.slow += 1
                 if not self._transient(err):
                     self.failed = ShardUnavailable(f"{self.url}: {type(err).__name__}: {err!s:.200}")
                     raise self.failed from None
@@ -255,7 +257,6 @@ class RetryingReader(io.RawIOBase):
         if count >= self.options.min_rate_bytes_s * seconds:
             self.slow = 0
             return data
-        self.slow += 1
         rate = self.options.min_rate_bytes_s
         raise TooSlow(f"{count} bytes in {seconds:.1f} s of reading, slower than the minimum of {rate:g} bytes/s")
 

