@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shards.synthetic import write_synthetic
+from tests.prewarm import PrewarmedPython, Timeout
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,17 +123,32 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+PREWARMED = PrewarmedPython(kill_tree)  # runs `python SCRIPT|-m MODULE` for run_bounded without start-up imports
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    PREWARMED.stop()
+
+
 def run_bounded(
     cmd: list[str], timeout_s: int = 300, env: dict | None = None, cwd: Path = REPO, inherit_env: bool = True
 ):
-    """Run `cmd` (from the repo root unless `cwd`); on timeout kill it with all its descendants (a hung collective
-    must fail one test, not the suite). `env` adds to this process's environment, or with inherit_env=False is
-    the whole environment. Returns the CompletedProcess."""
+    """Run `cmd` (from the repo root unless `cwd`; through PREWARMED where it can serve it); on timeout kill it with
+    all its descendants (a hung collective must fail one test, not the suite). `env` adds to this process's
+    environment, or with inherit_env=False is the whole environment. Returns the CompletedProcess."""
     import os
     import subprocess
 
     base = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"} if inherit_env else {}
     full_env = {**base, **(env or {})}
+    try:
+        served = PREWARMED.run(cmd, full_env, cwd, timeout_s)
+    except Timeout as err:
+        raise AssertionError(
+            f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{str(err)[-3000:]}"
+        ) from None
+    if served is not None:
+        return served
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

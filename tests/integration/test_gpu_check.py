@@ -2,19 +2,18 @@
 lent GPU machine runs cannot rot between GPU sessions. The throughput ladder's rows are checked here too."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_bounded
 
 
 @pytest.mark.slow
 def test_gpu_check_dry_runs_every_section(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "benchmarks/gpu_check.py", str(out), "--dry"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = run_bounded(cmd, timeout_s=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     sections = report["sections"]
@@ -50,13 +49,7 @@ def test_gpu_check_dry_runs_every_section(tmp_path):
 
 
 def test_gpu_check_refuses_a_machine_without_cuda_unless_dry(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", str(tmp_path), "--budget-s", "5"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_bounded([sys.executable, "benchmarks/gpu_check.py", str(tmp_path), "--budget-s", "5"], timeout_s=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "gpu_check: CUDA is not available here; use --dry to check the script without a GPU"

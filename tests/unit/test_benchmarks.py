@@ -2,22 +2,18 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_bounded
 
 
 def test_data_throughput_writes_json(tmp_path):
     out = tmp_path / "data.json"
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "benchmarks/data_throughput.py", "--size", "32", "--images", "64", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        timeout_s=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
@@ -32,7 +28,7 @@ def test_quality_budget_writes_json(tmp_path):
     out = tmp_path / "quality.json"
     cmd = [sys.executable, "benchmarks/quality_budget.py", "--steps", "3", "--models", "resnet6", "cut", "--train",
            "16", "--test", "4", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_bounded(cmd, timeout_s=300)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == "quality_budget" and figures["task"] == "stripes"
@@ -47,7 +43,7 @@ def test_contention_writes_json(tmp_path):
     out = tmp_path / "contention.json"
     cmd = [sys.executable, "benchmarks/contention.py", "--seconds", "0.5", "--busy", "1", "--out", str(out),
            "--rows", "alone/before,busy/after,one_cpu_cgroup/after,alone/bf16_forced"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_bounded(cmd, timeout_s=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert sorted(rows) == ["alone/before", "alone/bf16_forced", "busy/after", "one_cpu_cgroup/after"]
@@ -63,7 +59,7 @@ def test_a_budget_that_allows_no_update_says_so(tmp_path):
     out = tmp_path / "quality.json"
     cmd = [sys.executable, "benchmarks/quality_budget.py", "--seconds", "0", "--models", "resnet6", "--train", "8",
            "--test", "2", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_bounded(cmd, timeout_s=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = json.loads(out.read_text())["results"]
     assert run["steps"] == 0 and run["error"] == "no update finished within the 0 s budget; raise --seconds"
@@ -74,7 +70,7 @@ def test_train_throughput_records_failed_rows_with_keep_going(tmp_path):
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, "benchmarks/train_throughput.py", "--config", "configs/demo-cpu.yaml", "--size", "32",
            "--batches", "", "--keep-going", "--row-timeout", "0.01", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_bounded(cmd, timeout_s=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 7 and all(row["error"] == "timed out after 0.01 s" for row in rows)
@@ -89,7 +85,7 @@ def test_scaling_writes_json(tmp_path):
     out = tmp_path / "scaling.json"
     cmd = [sys.executable, "benchmarks/scaling.py", "--steps", "8", "--weak", "1,ddp2", "--sharded", "zero3,fsdp2",
            "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = run_bounded(cmd, timeout_s=900)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert [(r["ranks"], r["launch"]) for r in figures["weak_scaling"]] == [(1, "none"), (2, "cpu-ddp-2")]
@@ -109,7 +105,7 @@ def test_scaling_writes_json(tmp_path):
 def test_activation_memory_dry_writes_json(tmp_path):
     out = tmp_path / "activation.json"
     cmd = [sys.executable, "benchmarks/activation_memory.py", "--dry", "--device", "cpu", "--out", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_bounded(cmd, timeout_s=300)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == "activation_memory" and figures["overrides"] == ["model.ngf=8", "model.ndf=8"]
@@ -125,7 +121,7 @@ def test_checkpoint_stall_writes_json(tmp_path):
     out = tmp_path / "stall.json"
     cmd = [sys.executable, "benchmarks/checkpoint_stall.py", "--config", "configs/demo-cpu.yaml", "--size", "32",
            "--steps", "6", "--every", "2", "--remote", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_bounded(cmd, timeout_s=600)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     for mode, asynchronous in (("sync", False), ("async", True)):
@@ -144,7 +140,7 @@ def test_time_to_quality_writes_json_and_a_plot(tmp_path):
     cmd = [sys.executable, "benchmarks/time_to_quality.py", "--images", "16", "--eval-every", "8", "--batches", "4",
            "--rules", "linear", "--train", "16", "--test", "4", "--warmup-images", "8",
            "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_bounded(cmd, timeout_s=600)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
     figures = json.loads(out.read_text())
     names = [r["name"] for r in figures["results"]]
