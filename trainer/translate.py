@@ -4,8 +4,8 @@
 
 --input is a directory of images (searched recursively; outputs keep each file's relative path and name), a
 shard directory (manifest.json; the x-test split for x2y, y-test for y2x, or --split) or a shard URL spec (outputs
-are named KEY.png). Images are resized to --size (default: the training resolution; 0 keeps each image's size,
-cropped to a multiple the generator accepts). --side-by-side also writes input | output pairs under OUT/compare/.
+are named KEY.png). Each image keeps its size (padded by reflection to a multiple the generator accepts, cropped
+back), or --size N resizes it to N x N. --side-by-side also writes input | output pairs under OUT/compare/.
 Images are decoded as training decodes them (shards.decode: grey, RGBA and palette images become RGB, the same
 pixel limit); an input that cannot be used is skipped and named with its reason on stderr, and the run fails
 (exit 2) only when nothing could be translated. From Python: `load_inference_generators` (trainer.export) and
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -94,6 +95,10 @@ def read_inputs(
     return read_shards(expand_shard_spec(source, allow_pipe=False, key="--input"), extra, skipped)
 
 
+Crop = tuple[int, int, int, int]
+"""(top, left, height, width): where an image lies in its padded tensor."""
+
+
 def translate_batches(
     gens: ExportedGenerators,
     direction: str,
@@ -102,12 +107,12 @@ def translate_batches(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     bf16: bool = False,
-    skipped: list[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, input, output) for each item, uint8 [3, H, W] on the CPU. `size`: square side the inputs are resized
-    to (None: the training resolution; 0: each image's own size, centre-cropped to a multiple the generator takes).
-    Consecutive images of one size go through the generator together, up to `batch_size`. An image smaller than
-    that multiple is skipped and appended to `skipped` as "NAME: reason" (None: printed to stderr)."""
+    """(name, input, output) for each item, uint8 [3, H, W] on the CPU. By default (`size` None or 0) each image
+    keeps its own size: padded by reflection to a size the generator takes (`pad_to_multiple`), translated, cropped
+    back. `size` N
+    resizes to N x N instead (said once on stderr when that changes an image's aspect). Consecutive images of one
+    shape go through the generator together, up to `batch_size`."""
     device = torch.device(device)
     net = gens.g_xy if direction == "x2y" else gens.g_yx
     if net is None:
@@ -116,53 +121,54 @@ def translate_batches(
             "--direction x2y (translating Y -> X needs a CycleGAN, or a second run with X and Y swapped)"
         )
     net = net.to(device).eval()
-    size = gens.image_size if size is None else size
     multiple = gens.model.min_image_multiple()
-    batch: list[Item] = []
+    batch: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, Crop]] = []
+    squashed = False
 
-    def run(batch: list[Item]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        images = torch.stack([image for _, image, _ in batch]).to(device).float().div(127.5).sub(1.0)
+    def run(batch: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, Crop]]):
+        images = torch.stack([padded for _, _, padded, _, _ in batch]).to(device).float().div(127.5).sub(1.0)
         extra = None
         if gens.extra != "none":
-            extra = extra_channels(torch.stack([e for _, _, e in batch]), gens.extra, images.shape[-1]).to(device)
+            extra = extra_channels(torch.stack([e for *_, e, _ in batch]), gens.extra, images.shape[-2:]).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(with_extra(images, extra))
         pixels = out.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
-        for (name, image, _), result in zip(batch, pixels):
-            yield name, image, result
+        for (name, image, _, _, (top, left, height, width)), result in zip(batch, pixels):
+            yield name, image, result[:, top : top + height, left : left + width]
 
     for name, image, extra in items:
-        fitted = _fit(image, extra, size, multiple, gens.extra)
-        if isinstance(fitted, str):
-            if skipped is None:
-                print(f"skipped {name}: {fitted}", file=sys.stderr)
-            else:
-                skipped.append(f"{name}: {fitted}")
-            continue
-        image, extra = fitted
-        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape):
+        if size:
+            if not squashed and image.shape[-1] != image.shape[-2]:
+                print(f"translate: --size {size} changes the aspect of images that are not square (the first: "
+                      f"{name}, {image.shape[-1]}x{image.shape[-2]} px); without --size each keeps its size",
+                      file=sys.stderr)  # fmt: skip
+                squashed = True
+            image = resize(image, size)
+            extra = resize(extra, size, nearest=True) if gens.extra == "label" else extra
+        padded, crop = pad_to_multiple(image, multiple)
+        if gens.extra == "label":
+            extra, _ = pad_to_multiple(extra, multiple)
+        if batch and (len(batch) == batch_size or batch[0][2].shape != padded.shape or batch[0][4] != crop):
             yield from run(batch)
             batch = []
-        batch.append((name, image, extra))
+        batch.append((name, image, padded, extra, crop))
     if batch:
         yield from run(batch)
 
 
-def _fit(
-    image: torch.Tensor, extra: torch.Tensor | None, size: int, multiple: int, kind: str
-) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    """Resize to size x size, or (size 0) centre-crop to the largest multiple of `multiple`; a label map alike.
-    Returns why not for an image smaller than `multiple`."""
-    if size:
-        label = resize(extra, size, nearest=True) if kind == "label" else extra
-        return resize(image, size), label
-    h, w = (d // multiple * multiple for d in image.shape[-2:])
-    if h == 0 or w == 0:
-        height, width = image.shape[-2:]
-        return f"{width}x{height} px is smaller than the generator's multiple of {multiple} px (--size 0 keeps sizes)"
-    top, left = (image.shape[-2] - h) // 2, (image.shape[-1] - w) // 2
-    crop = (slice(None), slice(top, top + h), slice(left, left + w))
-    return image[crop], (extra[crop] if kind == "label" else extra)
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, Crop]:
+    """uint8 [C, H, W] padded evenly on each side by reflection (by repeating the edge where the image is too small
+    to reflect) to the next multiple of `multiple`, and to at least twice it, so that the generator's narrowest
+    layer keeps more than one pixel to normalize; with the crop that takes the output back."""
+    height, width = image.shape[-2:]
+    extra_h, extra_w = (max(-side % multiple, 2 * multiple - side) for side in (height, width))
+    if not extra_h and not extra_w:
+        return image, (0, 0, height, width)
+    top, left = extra_h // 2, extra_w // 2
+    pads = (left, extra_w - left, top, extra_h - top)
+    mode = "reflect" if max(pads[:2]) < width and max(pads[2:]) < height else "replicate"
+    padded = F.pad(image[None].float(), pads, mode=mode)[0].to(image.dtype)
+    return padded, (top, left, height, width)
 
 
 def save_image(pixels: torch.Tensor, out: Path, name: str) -> None:
@@ -193,18 +199,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="image directory, shard directory or shard URL spec")
     parser.add_argument("--split", help="with a shard directory: the split (default x-test for x2y, y-test for y2x)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--size", type=int, help="resize to this square side (default: training resolution; 0: keep)")
+    parser.add_argument("--size", type=int, help="resize to this square side (default, or 0: each image's own size)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--side-by-side", action="store_true", help="also write input | output to OUT/compare/")
     args = parser.parse_args(argv)
     device = inference_device(args.device)
     count, skipped = 0, []
     try:
+        if args.size is not None and args.size < 0:
+            raise ConfigError(f"--size {args.size}: expected a side in pixels, or 0 for each image's own size")
         if args.out.exists() and not args.out.is_dir():
             raise ConfigError(f"--out {args.out} exists and is not a directory")
         gens = load_inference_generators(args.weights, args.step, args.best)
         items = read_inputs(args.input, args.direction, args.split, gens.extra, skipped)
-        results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16, skipped)
+        results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16)
         for name, image, output in tqdm(results, desc=f"translate {args.direction}", unit="img", disable=None):
             save_image(output, args.out, name)
             if args.side_by_side:

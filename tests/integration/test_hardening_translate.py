@@ -1,5 +1,5 @@
-"""translate and evaluate on what does not fit (issue 27): an image smaller than the generator's multiple at
---size 0 is skipped and named, the others are written; a hostile or damaged export is refused in one line."""
+"""translate and evaluate on what does not fit (issue 27): an image smaller than the generator's multiple keeps its
+size (padded, cropped back); a hostile or damaged export is refused in one line."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from safetensors.torch import load_file, save
 
 from tests.conftest import evaluate_cli, rewrite_listed, run_bounded, untrained_export
 from tests.unit.test_hardening_export import TINY
-from trainer.checkpoint.export import load_generators
 from trainer.config.load import load_config
-from trainer.translate import translate_batches
 
 
 @pytest.fixture()
@@ -35,31 +33,23 @@ def write_image(path: Path, width: int, height: int) -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
 
 
-def test_size_0_skips_images_smaller_than_the_generators_multiple(export_dir, tmp_path):
+def test_images_smaller_than_the_generators_multiple_keep_their_size(export_dir, tmp_path):
     source, out = tmp_path / "in", tmp_path / "out"
     write_image(source / "big.png", 40, 30)
     write_image(source / "tiny.png", 3, 3)
-    result = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", source, "--out", out,
-                           "--size", "0")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "translated 1 images (x2y)" in result.stdout and "skipped 1" in result.stdout
-    reason = "3x3 px is smaller than the generator's multiple of 4 px (--size 0 keeps sizes)"
-    assert result.stderr.strip().splitlines() == [f"translate: skipped tiny.png: {reason}"]
-    assert [p.name for p in out.iterdir()] == ["big.png"] and Image.open(out / "big.png").size == (40, 28)
-
-    (source / "big.png").unlink()
-    nothing = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", source, "--out",
-                            tmp_path / "o2", "--size", "0")  # fmt: skip
-    assert nothing.returncode == 2 and nothing.stderr.strip().splitlines() == [
-        f"translate: nothing in --input {source} could be translated (1 skipped; the first: tiny.png: {reason})"
+    write_image(source / "line.png", 9, 1)
+    for size in ("0", None):  # --size 0 is the default: each image's own size
+        flags = ("--size", size) if size else ()
+        result = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", source, "--out", out, *flags)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert "translated 3 images (x2y)" in result.stdout
+        sizes = {p.name: Image.open(p).size for p in out.iterdir()}
+        assert sizes == {"big.png": (40, 30), "tiny.png": (3, 3), "line.png": (9, 1)}
+    negative = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", source, "--out", out,
+                             "--size", "-1")  # fmt: skip
+    assert negative.returncode == 2 and negative.stderr.strip().splitlines() == [
+        "translate: --size -1: expected a side in pixels, or 0 for each image's own size"
     ]
-
-    skipped: list[str] = []
-    tiny = torch.zeros(3, 2, 9, dtype=torch.uint8)
-    items = [("a", tiny, None), ("b", torch.zeros(3, 8, 8, dtype=torch.uint8), None)]
-    outputs = list(translate_batches(load_generators(export_dir), "x2y", items, size=0, skipped=skipped))
-    assert [name for name, _, _ in outputs] == ["b"]
-    assert skipped == ["a: 9x2 px is smaller than the generator's multiple of 4 px (--size 0 keeps sizes)"]
 
 
 def hostile(export_dir: Path, kind: str) -> Path:

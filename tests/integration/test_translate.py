@@ -85,12 +85,42 @@ def test_cli_translates_an_image_directory_keeping_names(export_dir, tmp_path):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.*")) == [
         "a.png", "compare/a.png", "compare/sub/b.jpg", "sub/b.jpg",
     ]  # fmt: skip
-    assert Image.open(out / "a.png").size == (32, 32)  # resized to the training resolution
-    assert Image.open(out / "compare" / "a.png").size == (64, 32)  # input | output
-    native = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", tmp_path / "in",
-                           "--out", tmp_path / "native", "--size", "0")  # fmt: skip
-    assert native.returncode == 0, native.stderr
-    assert Image.open(tmp_path / "native" / "a.png").size == (40, 28)  # cropped to a multiple of 4
+    assert Image.open(out / "a.png").size == (40, 30)  # its own size (30 rows padded to 32 and cropped back)
+    assert Image.open(out / "compare" / "a.png").size == (80, 30)  # input | output
+    resized = translate_cli("--weights", export_dir, "--direction", "x2y", "--input", tmp_path / "in",
+                            "--out", tmp_path / "resized", "--size", "16")  # fmt: skip
+    assert resized.returncode == 0, resized.stderr
+    assert Image.open(tmp_path / "resized" / "a.png").size == (16, 16)
+    assert resized.stderr.strip().splitlines() == [
+        "translate: --size 16 changes the aspect of images that are not square (the first: a.png, 40x30 px); "
+        "without --size each keeps its size"
+    ]
+
+
+def test_own_size_is_padding_by_reflection_then_the_crop(export_dir):
+    """An image that is not a multiple of the generator's (4 px): the output is G of the reflection-padded image,
+    cropped back; a multiple goes through unpadded; images too small to reflect repeat their edge; batching by
+    shape changes nothing."""
+    gens = load_inference_generators(export_dir)
+    rng = torch.Generator().manual_seed(0)
+    odd, exact, tiny = (torch.randint(0, 256, shape, generator=rng, dtype=torch.uint8)
+                        for shape in [(3, 30, 37), (3, 32, 40), (3, 2, 1)])  # fmt: skip
+    items = [("odd", odd, None), ("exact", exact, None), ("tiny", tiny, None), ("odd2", odd, None)]
+    outputs = {name: out for name, _, out in translate_batches(gens, "x2y", items, batch_size=2)}
+    assert {name: tuple(out.shape) for name, out in outputs.items()} == {
+        "odd": (3, 30, 37), "exact": (3, 32, 40), "tiny": (3, 2, 1), "odd2": (3, 30, 37),
+    }  # fmt: skip
+
+    def direct(image, pads, mode):
+        padded = torch.nn.functional.pad(image[None].float(), pads, mode=mode).div(127.5).sub(1)
+        with torch.no_grad():
+            return gens.g_xy(padded)[0].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+    assert torch.equal(outputs["odd"], direct(odd, (1, 2, 1, 1), "reflect")[:, 1:31, 1:38])
+    assert torch.equal(outputs["odd2"], outputs["odd"])
+    assert torch.equal(outputs["exact"], direct(exact, (0, 0, 0, 0), "reflect"))
+    # at least twice the multiple (8 px): the narrowest layer keeps 2 x 2 pixels for its instance norm
+    assert torch.equal(outputs["tiny"], direct(tiny, (3, 4, 3, 3), "replicate")[:, 3:5, 3:4])
 
 
 def test_cli_translates_a_run_directory_on_shards(colour_shards, tmp_path):

@@ -89,9 +89,10 @@ def resize(image: torch.Tensor, size: int, nearest: bool = False) -> torch.Tenso
     return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def extra_channels(extra: torch.Tensor, kind: str, size: int) -> torch.Tensor:
-    """Generator extra-input channels from a batch's extras: hist [B, 24] -> [B, 24, H, W] maps; label uint8
-    [B, 1, H, W] -> [-1, 1]."""
+def extra_channels(extra: torch.Tensor, kind: str, size: int | tuple[int, int]) -> torch.Tensor:
+    """Generator extra-input channels from a batch's extras: hist [B, 24] -> [B, 24, H, W] maps (`size`: the side
+    of square images, or (H, W)); label uint8 [B, 1, H, W] -> [-1, 1]."""
     if kind == "hist":
-        return extra.float()[:, :, None, None].expand(-1, -1, size, size)
+        height, width = (size, size) if isinstance(size, int) else size
+        return extra.float()[:, :, None, None].expand(-1, -1, height, width)
     return extra.float().div(127.5).sub(1.0)
