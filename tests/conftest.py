@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 # deschedules, and thread counts - which set the low bits of a CPU run that a test may compare with another run -
 # never depend on what runs beside a test.
 os.environ["OMP_NUM_THREADS"] = "1"
+BASE_ENV = dict(os.environ)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -123,7 +124,8 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-PREWARMED = PrewarmedPython(kill_tree)  # runs `python SCRIPT|-m MODULE` for run_bounded without start-up imports
+# Serves run_bounded's `python SCRIPT`, `python -m MODULE` and `accelerate` commands without their start-up imports.
+PREWARMED = PrewarmedPython(kill_tree, {**BASE_ENV, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

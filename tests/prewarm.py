@@ -78,8 +78,9 @@ def serve(path: str) -> None:
     """Accept runs on the Unix socket `path` until the parent (the pytest worker) is gone."""
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(f"{path}.binding")
     listener.listen(16)
+    os.rename(f"{path}.binding", path)  # the path appears when the server listens
     children: dict[int, socket.socket] = {}
     while os.getppid() == parent:
         ready, _, _ = select.select([listener], [], [], REAP_EVERY_S)
@@ -151,12 +152,12 @@ def _run_child(request: dict, fds: list[int]) -> NoReturn:
 
 
 class PrewarmedPython:
-    """The client: starts the server on first use (in this process's environment) and runs commands through it."""
+    """The client: starts the server on first use (in `env`) and runs commands through it."""
 
-    def __init__(self, kill_tree: Callable[[int], None]) -> None:
+    def __init__(self, kill_tree: Callable[[int], None], env: dict[str, str]) -> None:
         self.kill_tree = kill_tree  # kills a process and its descendants
+        self.env = env  # the server's environment: the worker's own, not one a test patched when it started
         self.server: subprocess.Popen | None = None
-        self.env: dict[str, str] = {}
         self.path = ""
 
     def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> CompletedProcess | None:
@@ -205,8 +206,7 @@ class PrewarmedPython:
         """Start the server if it is not running; whether it accepts runs (its imports take a few seconds)."""
         if self.server is None:
             self.path = tempfile.mktemp(prefix="prewarm-", suffix=".sock")  # noqa: S306 (bound by the server)
-            self.env = dict(os.environ)
-            self.server = subprocess.Popen([sys.executable, "-m", "tests.prewarm", self.path], cwd=REPO)
+            self.server = subprocess.Popen([sys.executable, "-m", "tests.prewarm", self.path], cwd=REPO, env=self.env)
         deadline = time.monotonic() + 120
         while not os.path.exists(self.path) and self.server.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)

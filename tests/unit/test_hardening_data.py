@@ -83,6 +83,9 @@ class TrickleHandler(ShardRequestHandler):
             return
         with self.server.lock:
             self.server.requests[self.path] += 1
+            stall = self.server.requests[self.path] in self.server.stall
+        if stall:  # this connection sends nothing for a while: the reader's timeout, not TooSlow
+            time.sleep(1.0)
         end = time.monotonic() + HOSTILE_S
         while length and time.monotonic() < end:
             try:
@@ -98,6 +101,7 @@ class TrickleHandler(ShardRequestHandler):
 def trickling(colour_shards):
     with ShardServer(colour_shards, handler=TrickleHandler) as srv:
         srv.lock, srv.requests, srv.trickle, srv.every_s = threading.Lock(), Counter(), set(), 0.05
+        srv.stall = set()  # the request numbers (1 = the first) whose body starts after a pause of 1 s
         yield srv
 
 
@@ -113,6 +117,18 @@ def test_a_trickling_object_fails_after_its_retries_within_the_deadline(tricklin
     # each connection ends in TooSlow; on a loaded machine a byte may come later than timeout_s (a timeout instead)
     assert ("TooSlow: " in message and "slower than the minimum of 1000 bytes/s" in message) or "timed out" in message
     assert trickling.requests["/x-train-000000.tar"] == 3  # the first connection and two retries, either way
+
+
+def test_a_timeout_between_slow_stretches_counts_as_one_of_them(trickling):
+    """Connection 1 trickles, 2 sends nothing within timeout_s, 3 trickles: three stretches too slow in a row use
+    the budget of 2 retries, whatever kind each one was."""
+    trickling.trickle.add("/x-train-000000.tar")
+    trickling.stall.add(2)
+    options = RemoteOptions(retries=2, backoff_s=0.0, timeout_s=0.3, min_rate_bytes_s=1000)
+    url = f"{trickling.url}/x-train-000000.tar"
+    with pytest.raises(ShardUnavailable, match="unreadable after 2 retries"), open_stream(url, options) as stream:
+        stream.read()
+    assert trickling.requests["/x-train-000000.tar"] == 3
 
 
 def test_a_fast_object_read_in_pauses_is_not_too_slow(trickling, colour_shards):
