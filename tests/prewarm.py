@@ -86,31 +86,41 @@ def serve(path: str) -> None:
         ready, _, _ = select.select([listener], [], [], REAP_EVERY_S)
         if ready:
             conn, _ = listener.accept()
-            _start(conn, listener, children)
+            received = _receive(conn)
+            if received is not None:
+                pid = os.fork()
+                if pid == 0:
+                    listener.close()
+                    for other in (conn, *children.values()):
+                        other.close()
+                    _run_child(*received)
+                for fd in received[1]:
+                    os.close(fd)
+                with contextlib.suppress(OSError):  # a client gone by now learns nothing; the child is reaped
+                    conn.sendall(f"{pid}\n".encode())
+                children[pid] = conn
         _reap(children)
 
 
-def _start(conn: socket.socket, listener: socket.socket, children: dict[int, socket.socket]) -> None:
-    header, fds, _, _ = socket.recv_fds(conn, 4, 3)
-    (length,) = struct.unpack("!I", header)
-    body = b""
-    while len(body) < length:
-        body += conn.recv(length - len(body))
-    request = json.loads(body)
-    if len(os.listdir("/proc/self/task")) != 1:  # a fork of a threaded process may inherit a held lock
-        conn.sendall(b"refused: the server has threads\n")
-        conn.close()
-        return
-    pid = os.fork()
-    if pid == 0:
-        listener.close()
-        for other in (conn, *children.values()):
-            other.close()
-        _run_child(request, fds)
+def _receive(conn: socket.socket) -> tuple[dict, list[int]] | None:
+    """The request and the three descriptors sent on `conn`, or None (then `conn` is closed): a client that went
+    away mid-request, or threads in this process (a fork of a threaded process may inherit a held lock)."""
+    fds: list[int] = []
+    try:
+        header, fds, _, _ = socket.recv_fds(conn, 4, 3)
+        (length,) = struct.unpack("!I", header)
+        body = b""
+        while len(body) < length and (data := conn.recv(length - len(body))):
+            body += data
+        if len(body) == length and len(fds) == 3 and len(os.listdir("/proc/self/task")) == 1:
+            return json.loads(body), fds
+        conn.sendall(b"refused\n")
+    except (OSError, ValueError, struct.error):
+        pass
     for fd in fds:
         os.close(fd)
-    conn.sendall(f"{pid}\n".encode())
-    children[pid] = conn
+    conn.close()
+    return None
 
 
 def _reap(children: dict[int, socket.socket]) -> None:
@@ -183,24 +193,30 @@ class PrewarmedPython:
             conn.sendall(body)
             os.close(out_w)
             os.close(err_w)
-            reply = conn.makefile("r")
-            pid_line = reply.readline()
-            if not pid_line.strip().isdigit():
+            pid = _read_line(conn)
+            if not pid.isdigit():  # refused, or the server is gone
                 os.close(out_r)
                 os.close(err_r)
                 return None
+            deadline = time.monotonic() + timeout_s
             pipes = {out_r: bytearray(), err_r: bytearray()}
-            timed_out = not _read_until_closed(pipes, time.monotonic() + timeout_s)
+            timed_out = not _read_until_closed(pipes, deadline)
+            conn.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:  # the status comes when the child ended: it may have closed its streams and go on
+                status = None if timed_out else _read_line(conn)
+            except TimeoutError:
+                status, timed_out = None, True
             if timed_out:
-                self.kill_tree(int(pid_line))
+                self.kill_tree(int(pid))
                 _read_until_closed(pipes, time.monotonic() + 5)
+                conn.settimeout(60)
+                status = _read_line(conn)
             for fd in pipes:
                 os.close(fd)
             out, err = (pipes[fd].decode(errors="replace") for fd in (out_r, err_r))
-            status = os.waitstatus_to_exitcode(int(reply.readline()))
         if timed_out:
             raise Timeout(err)
-        return CompletedProcess(argv, status, out, err)
+        return CompletedProcess(argv, os.waitstatus_to_exitcode(int(status)), out, err)
 
     def _ready(self) -> bool:
         """Start the server if it is not running; whether it accepts runs (its imports take a few seconds)."""
@@ -223,6 +239,17 @@ class PrewarmedPython:
 
 class Timeout(Exception):
     """A served run outlived its timeout and was killed; carries the stderr it wrote."""
+
+
+def _read_line(conn: socket.socket) -> str:
+    """One line from `conn` without its newline ("" when the peer closed first), under the socket's timeout."""
+    line = b""
+    while not line.endswith(b"\n"):
+        data = conn.recv(1)
+        if not data:
+            break
+        line += data
+    return line.decode().strip()
 
 
 def _read_until_closed(pipes: dict[int, bytearray], deadline: float) -> bool:

@@ -27,8 +27,11 @@ if how == "raise":
     raise ValueError("boom")
 if how == "signal":
     os.kill(os.getpid(), signal.SIGTERM)
-if how == "sleep":
+if how in ("sleep", "detach"):
     import time
+    if how == "detach":  # its streams closed: only the status can say that it still runs
+        os.close(1)
+        os.close(2)
     time.sleep(60)
 """
 
@@ -65,9 +68,21 @@ def test_exit_statuses_are_those_of_a_fresh_interpreter(probe, tmp_path, how, st
     assert result.returncode == status and stderr in result.stderr
 
 
-def test_a_run_past_its_timeout_is_killed(probe, tmp_path):
+@pytest.mark.parametrize("how", ["sleep", "detach"])
+def test_a_run_past_its_timeout_is_killed(probe, tmp_path, how):
     with pytest.raises(AssertionError, match="did not finish in 2 s"):
-        run_bounded([sys.executable, str(probe), "sleep"], timeout_s=2, cwd=tmp_path)
+        run_bounded([sys.executable, str(probe), how], timeout_s=2, cwd=tmp_path)
+
+
+def test_a_client_gone_mid_request_leaves_the_server_serving(probe, tmp_path):
+    import socket
+
+    assert PREWARMED._ready()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(PREWARMED.path)
+        conn.sendall(b"\x00\x00")  # half a header, then gone
+    _, seen = served(probe, "ok", tmp_path)
+    assert seen["parent"] == PREWARMED.server.pid
 
 
 def test_what_cannot_be_served_runs_fresh(probe, tmp_path):
