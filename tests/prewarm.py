@@ -8,10 +8,11 @@ doing a second of work, and an `accelerate launch` 2 s before it starts the rank
 forked child skips that and is otherwise the process the test asked for: its own session, working directory,
 environment, argv, stdin/stdout/stderr and exit status, run as `__main__` by runpy, ended like any interpreter.
 
-A child gets the server's imports, so a run is served only when nothing read at import time can differ:
-`served_env_differs` lists the environment variables that may differ from the server's (read when called, by our
-code, W&B, the object stores); any other difference, or a server not running, falls back to a fresh process, as
-does every run under CYCLEGAN_TEST_FRESH_PROCESSES=1. Tests that need a fresh interpreter (signals during imports,
+A child gets the server's imports, so a run is served only when nothing read at start-up can differ:
+`served_env_differs` refuses a difference in the variables Python, OpenMP, MKL, torch, CUDA, NCCL and the loader
+read when they start (what tests and libraries leave in a worker's environment otherwise, such as MASTER_PORT or
+W&B's variables, is read when used); a refused run, or one while no server runs, is a fresh process, as is every
+run under CYCLEGAN_TEST_FRESH_PROCESSES=1. Tests that need a fresh interpreter (signals during imports,
 peak memory, a process they signal or inspect while it runs) start their own processes.
 
 Protocol, one Unix-socket connection per run: the client sends a 4-byte length, a JSON request {argv, env, cwd} and
@@ -39,14 +40,17 @@ from subprocess import CompletedProcess
 from typing import NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
-SERVED_PREFIXES = ("CYCLEGAN_", "WANDB_", "AWS_", "PYTEST_", "HOME", "PYTHONUNBUFFERED", "TMPDIR")
+IMPORT_TIME_PREFIXES = (  # read while the interpreter, torch and its libraries start (threads, allocators, backends)
+    "PYTHON", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "LD_", "MALLOC_",
+)  # fmt: skip
 REAP_EVERY_S = 0.05
 
 
 def served_env_differs(ours: dict[str, str], theirs: dict[str, str]) -> bool:
-    """Whether `theirs` differs from the server's environment `ours` only in variables read when used."""
-    keys = {key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)}
-    return all(key.startswith(SERVED_PREFIXES) for key in keys)
+    """Whether `theirs` differs from the server's environment `ours` only in variables read when used: not in
+    those read at start-up (IMPORT_TIME_PREFIXES; PYTHONUNBUFFERED is applied to the child's streams anyway)."""
+    keys = {key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)} - {"PYTHONUNBUFFERED"}
+    return not any(key.startswith(IMPORT_TIME_PREFIXES) for key in keys)
 
 
 def as_python(argv: list[str]) -> list[str] | None:

@@ -110,9 +110,8 @@ def translate_batches(
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, input, output) for each item, uint8 [3, H, W] on the CPU. By default (`size` None or 0) each image
     keeps its own size: padded by reflection to a size the generator takes (`pad_to_multiple`), translated, cropped
-    back. `size` N
-    resizes to N x N instead (said once on stderr when that changes an image's aspect). Consecutive images of one
-    shape go through the generator together, up to `batch_size`."""
+    back. `size` N resizes to N x N instead (said once on stderr when that changes an image's aspect). Consecutive
+    images of one shape go through the generator together, up to `batch_size`."""
     device = torch.device(device)
     net = gens.g_xy if direction == "x2y" else gens.g_yx
     if net is None:
