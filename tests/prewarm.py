@@ -9,11 +9,12 @@ forked child skips that and is otherwise the process the test asked for: its own
 environment, argv, stdin/stdout/stderr and exit status, run as `__main__` by runpy, ended like any interpreter.
 
 A child gets the server's imports, so a run is served only when nothing read at start-up can differ:
-`served_env_differs` refuses a difference in the variables Python, OpenMP, MKL, torch, CUDA, NCCL and the loader
-read when they start (what tests and libraries leave in a worker's environment otherwise, such as MASTER_PORT or
-W&B's variables, is read when used); a refused run, or one while no server runs, is a fresh process, as is every
-run under CYCLEGAN_TEST_FRESH_PROCESSES=1. Tests that need a fresh interpreter (signals during imports,
-peak memory, a process they signal or inspect while it runs) start their own processes.
+`served_env_differs` refuses a difference in the variables Python, OpenMP, MKL, the loader and torch's compiler
+configs read when they start (what tests and libraries leave in a worker's environment otherwise, such as
+MASTER_PORT, TORCH_FR_BUFFER_SIZE or W&B's variables, is read when used); a refused run, or one while no server
+runs, is a fresh process, as is every run under CYCLEGAN_TEST_FRESH_PROCESSES=1. Tests that need a fresh
+interpreter (signals during imports, peak memory, a process they signal or inspect while it runs) start their own
+processes.
 
 Protocol, one Unix-socket connection per run: the client sends a 4-byte length, a JSON request {argv, env, cwd} and
 three file descriptors (stdin, stdout, stderr); the server answers one line with the child's pid, then, when the
@@ -40,8 +41,9 @@ from subprocess import CompletedProcess
 from typing import NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
-IMPORT_TIME_PREFIXES = (  # read while the interpreter, torch and its libraries start (threads, allocators, backends)
-    "PYTHON", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "LD_", "MALLOC_",
+IMPORT_TIME_PREFIXES = (  # read while the interpreter, torch and its libraries start (threads, allocators, configs)
+    "PYTHON", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "LD_", "MALLOC_", "CUDA_", "PYTORCH_",
+    "TORCHDYNAMO_", "TORCHINDUCTOR_", "TORCH_COMPILE_", "TORCH_LOGS",
 )  # fmt: skip
 REAP_EVERY_S = 0.05
 

@@ -100,7 +100,9 @@ def test_what_cannot_be_served_runs_fresh(probe, tmp_path):
         "-m",
         "accelerate.commands.accelerate_cli",
     ]
-    assert served_env_differs({"A": "1"}, {"A": "2", "WANDB_MODE": "offline", "MASTER_PORT": "1"})
+    assert served_env_differs(
+        {"A": "1"}, {"A": "2", "WANDB_MODE": "offline", "MASTER_PORT": "1", "TORCH_FR_BUFFER_SIZE": "9"}
+    )
     assert not served_env_differs({}, {"OMP_NUM_THREADS": "2"}) and not served_env_differs({"PYTHONPATH": "x"}, {})
 
 
