@@ -125,7 +125,8 @@ def kill_tree(pid: int) -> None:
 
 
 # Serves run_bounded's `python SCRIPT`, `python -m MODULE` and `accelerate` commands without their start-up imports.
-PREWARMED = PrewarmedPython(kill_tree, {**BASE_ENV, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
+RUN_ENV = {"WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}  # added to the environment of every run_bounded command
+PREWARMED = PrewarmedPython(kill_tree, {**BASE_ENV, **RUN_ENV})
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -141,14 +142,12 @@ def run_bounded(
     import os
     import subprocess
 
-    base = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"} if inherit_env else {}
+    base = {**os.environ, **RUN_ENV} if inherit_env else {}
     full_env = {**base, **(env or {})}
     try:
         served = PREWARMED.run(cmd, full_env, cwd, timeout_s)
     except Timeout as err:
-        raise AssertionError(
-            f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{str(err)[-3000:]}"
-        ) from None
+        raise _did_not_finish(cmd, timeout_s, str(err)) from None
     if served is not None:
         return served
     proc = subprocess.Popen(
@@ -159,8 +158,12 @@ def run_bounded(
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{err[-3000:]}") from None
+        raise _did_not_finish(cmd, timeout_s, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _did_not_finish(cmd: list[str], timeout_s: int, stderr: str) -> AssertionError:
+    return AssertionError(f"{' '.join(cmd)} did not finish in {timeout_s} s; stderr tail:\n{stderr[-3000:]}")
 
 
 def accelerate_launch(launch_config: str, num_processes: int) -> list[str]:

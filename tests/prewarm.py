@@ -9,7 +9,7 @@ forked child skips that and is otherwise the process the test asked for: its own
 environment, argv, stdin/stdout/stderr and exit status, run as `__main__` by runpy, ended like any interpreter.
 
 A child gets the server's imports, so a run is served only when nothing read at start-up can differ:
-`served_env_differs` refuses a difference in the variables Python, OpenMP, MKL, the loader and torch's compiler
+`env_is_servable` refuses a difference in the variables Python, OpenMP, MKL, the loader and torch's compiler
 configs read when they start (what tests and libraries leave in a worker's environment otherwise, such as
 MASTER_PORT, TORCH_FR_BUFFER_SIZE or W&B's variables, is read when used); a refused run, or one while no server
 runs, is a fresh process, as is every run under CYCLEGAN_TEST_FRESH_PROCESSES=1. Tests that need a fresh
@@ -48,7 +48,7 @@ IMPORT_TIME_PREFIXES = (  # read while the interpreter, torch and its libraries 
 REAP_EVERY_S = 0.05
 
 
-def served_env_differs(ours: dict[str, str], theirs: dict[str, str]) -> bool:
+def env_is_servable(ours: dict[str, str], theirs: dict[str, str]) -> bool:
     """Whether `theirs` differs from the server's environment `ours` only in variables read when used: not in
     those read at start-up (IMPORT_TIME_PREFIXES; PYTHONUNBUFFERED is applied to the child's streams anyway)."""
     keys = {key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)} - {"PYTHONUNBUFFERED"}
@@ -183,7 +183,7 @@ class PrewarmedPython:
             os.environ.get("CYCLEGAN_TEST_FRESH_PROCESSES")
             or (python := as_python(argv)) is None
             or not self._ready()
-            or not served_env_differs(self.env, env)
+            or not env_is_servable(self.env, env)
         ):
             return None
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import PREWARMED, kill_tree, run_bounded
-from tests.prewarm import PrewarmedPython, Timeout, as_python, served_env_differs
+from tests.prewarm import PrewarmedPython, Timeout, as_python, env_is_servable
 
 PROBE = """
 import json, os, sys
@@ -100,10 +100,10 @@ def test_what_cannot_be_served_runs_fresh(probe, tmp_path):
         "-m",
         "accelerate.commands.accelerate_cli",
     ]
-    assert served_env_differs(
+    assert env_is_servable(
         {"A": "1"}, {"A": "2", "WANDB_MODE": "offline", "MASTER_PORT": "1", "TORCH_FR_BUFFER_SIZE": "9"}
     )
-    assert not served_env_differs({}, {"OMP_NUM_THREADS": "2"}) and not served_env_differs({"PYTHONPATH": "x"}, {})
+    assert not env_is_servable({}, {"OMP_NUM_THREADS": "2"}) and not env_is_servable({"PYTHONPATH": "x"}, {})
 
 
 def test_a_server_that_died_falls_back_to_fresh_processes(probe, tmp_path):
