@@ -1,7 +1,7 @@
-"""Decoding the parts of a sample read from a shard, which is data (untrusted): the image (any PIL format, converted
-to RGB, with a pixel limit checked from the header before anything is decoded), the label map and the colour
-histogram. Every way a part can be wrong ends in one `BadSample` naming what is wrong, which callers count;
-nothing here is fatal and nothing is unpickled."""
+"""Decoding the parts of a sample read from a shard, which is data (untrusted): the image (in its split's pixel
+format, see shards.pixels; 8-bit RGB from any PIL format by conversion; a pixel limit checked from the header
+before anything is decoded), the label map and the colour histogram. Every way a part can be wrong ends in one
+`BadSample` naming what is wrong, which callers count; nothing here is fatal and nothing is unpickled."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from shards.encoding import IMAGE_EXTENSIONS
+from shards.pixels import RGB8, PixelFormat, format_of, read_pixels
 
 DEFAULT_MAX_PIXELS = 1 << 26
 """Largest image (width x height) decoded by default: 67 megapixels, e.g. 8192 x 8192. PIL itself refuses more than
@@ -63,6 +64,27 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, part: str = "i
     pixels = _open_pixels(data, "RGB", max_pixels, part)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
         raise BadSample("corrupt", f"{part} decodes to an array of shape {pixels.shape}")
+    return pixels
+
+
+def decode_image(
+    data: bytes, expected: PixelFormat, max_pixels: int = DEFAULT_MAX_PIXELS, part: str = "image"
+) -> np.ndarray:
+    """An encoded image as [H, W, C] of the format `expected`: 8-bit RGB is decoded as `decode_rgb` converts
+    (shards written before formats were recorded hold grey, RGBA and palette images too); any other format must be
+    the image's own.
+
+    Raises:
+        BadSample: ("corrupt") the image does not decode, is over `max_pixels`, or is of another format.
+    """
+    if expected == RGB8:
+        return decode_rgb(data, max_pixels, part)
+    try:
+        pixels = read_pixels(data, max_pixels, part)
+    except ValueError as err:
+        raise BadSample("corrupt", str(err)) from None
+    if format_of(pixels) != expected:
+        raise BadSample("corrupt", f"{part} is {format_of(pixels).describe()}; its split is {expected.describe()}")
     return pixels
 
 

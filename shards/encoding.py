@@ -8,7 +8,9 @@ import io
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+from shards.pixels import NPY_PART
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", NPY_PART)
 """Extensions under which a sample carries its image, in the order they are looked for."""
 
 

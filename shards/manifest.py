@@ -1,4 +1,5 @@
-"""manifest.json of a shard directory: per split its shards (samples, bytes, sha256), totals and image size.
+"""manifest.json of a shard directory: per split its shards (samples, bytes, sha256), totals, image sizes and
+pixel format.
 
 Splits are named `<domain>-<part>`, e.g. x-train, y-train, x-test, y-test; shards `<split>-%06d.tar`.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.bounded_read import MAX_SMALL_FILE, BoundedReadError, open_regular, parse_json, read_limited
+from shards.pixels import RGB8, PixelFormat
 from shards.remote import RemoteOptions, ShardUnavailable, is_remote, join, read_bytes
 from shards.urls import ShardsError, check_relative_name, manifest_shard_url
 
@@ -40,9 +42,37 @@ def shard_entry(path: str | Path, samples: int) -> dict[str, Any]:
     return {"name": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def split_entry(shards: list[dict[str, Any]], image_size: tuple[int, int]) -> dict[str, Any]:
-    """The manifest record of one split: its shards, total samples and (height, width) of its images."""
-    return {"samples": sum(s["samples"] for s in shards), "image_size": list(image_size), "shards": shards}
+def split_entry(
+    shards: list[dict[str, Any]],
+    smallest: tuple[int, int],
+    largest: tuple[int, int] | None = None,
+    pixel_format: PixelFormat = RGB8,
+) -> dict[str, Any]:
+    """The manifest record of one split: its shards, total samples, the (height, width) of its smallest and largest
+    images (each side on its own; `image_size` too when every image has one size) and its pixel format."""
+    largest = largest or smallest
+    entry = {"samples": sum(s["samples"] for s in shards), "sizes": {"min": list(smallest), "max": list(largest)}}
+    if tuple(smallest) == tuple(largest):
+        entry["image_size"] = list(smallest)
+    return {**entry, "format": pixel_format.to_json(), "shards": shards}
+
+
+def split_format(manifest: dict[str, Any], split: str, where: str = MANIFEST) -> PixelFormat:
+    """The pixel format of a split of a checked manifest: 8-bit RGB for manifests written before formats were
+    recorded.
+
+    Raises:
+        ShardsError: the split has no such record or a malformed one.
+    """
+    if split not in manifest["splits"]:
+        raise ShardsError(f"{where} has no split {split!r}; it has {sorted(manifest['splits'])}")
+    record = manifest["splits"][split].get("format")
+    if record is None:
+        return RGB8
+    try:
+        return PixelFormat.from_json(record, f"{where}: split {split}")
+    except ValueError as err:
+        raise ShardsError(str(err)) from None
 
 
 def write_manifest(root: str | Path, splits: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
@@ -102,6 +132,7 @@ def read_manifest(root: str | Path, remote: RemoteOptions | None = None) -> dict
         shards = entry.get("shards") if isinstance(entry, dict) else None
         if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
             raise ShardsError(f"{path}: split {split!r:.80} has no list of shard records")
+        split_format(body, split, path)
         for shard in shards:
             check_relative_name(shard.get("name"), path)
             samples = shard.get("samples")

@@ -7,6 +7,10 @@ test sets are paired (y-test[k] = T(x-test[k]), same keys), so PSNR of G(x) agai
 Tasks:
   colour  - T permutes the colour channels (R, G, B) -> (B, R, G): easy, learnable in minutes on a CPU.
   stripes - T darkens every other pair of rows inside the shapes (invertible up to rounding): harder.
+  grey16  - 16-bit single-channel X (the scene's luma with detail below 8 bits); T is the negative, exact in 16
+            bits (thermal imaging's palette switch).
+  colour2grey - X are the RGB scenes, Y one 8-bit channel: T keeps the red channel (channels differ between X
+            and Y, so the generators map 3 channels to 1 and back).
   photos  - real image statistics: X are random crops of the photographs bundled with scikit-image (an optional
             extra: pip install -e .[photos]), downscaled to the size; T scales the saturation by 0.4 and applies a tone
             curve per channel (gammas 0.5, 1, 2), invertible but where rounding merges dark levels (gamma 2 on
@@ -33,6 +37,7 @@ from PIL import Image
 
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
 from shards.manifest import MANIFEST, split_entry, write_manifest
+from shards.pixels import RGB8, PixelFormat, encode_pixels
 from shards.tar_shards import write_shards
 from shards.urls import ShardsError
 
@@ -126,11 +131,35 @@ def rendered_scenes(rng: np.random.Generator, size: int) -> Iterator[Scene]:
         yield render_scene(rng, size)
 
 
+def grey16_form(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """X of `grey16`: the scene's luma at 16 bits with fine noise (a third of an 8-bit step), so the low 8 bits
+    carry detail: uint16 [H, W, 1]."""
+    luma = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) * 257
+    return np.clip(np.round(luma + rng.normal(0, 85, luma.shape)), 0, 65535).astype(np.uint16)[..., None]
+
+
+def grey16_task(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """T for `grey16`: the negative (as a thermal camera's white-hot and black-hot palettes), exact in 16 bits."""
+    return 65535 - image
+
+
+def red_task(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """T for `colour2grey`: the red channel alone, one 8-bit channel (as one band of a colour sensor)."""
+    return image[..., :1].copy()
+
+
 TASKS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "colour": colour_task,
     "stripes": stripes_task,
     "photos": photos_task,
+    "grey16": grey16_task,
+    "colour2grey": red_task,
 }
+X_FORMS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {"grey16": grey16_form}
+"""How a task's X images are made from the rendered RGB scene, where they are not that scene."""
+SOURCE_FORMATS = {"grey16": PixelFormat(1, 16)}
+TARGET_FORMATS = {"grey16": PixelFormat(1, 16), "colour2grey": PixelFormat(1, 8)}
+"""The pixel formats of X and Y where they are not 8-bit RGB."""
 
 
 def _scenes(task: str, part: str, size: int, seed: int) -> Iterator[Scene]:
@@ -144,11 +173,15 @@ def _samples(
     task: str, part: str, size: int, count: int, seed: int, transform: bool, extras: bool
 ) -> Iterator[dict[str, Any]]:
     scenes = _scenes(task, part, size, seed)
+    noise = np.random.default_rng([seed, 1])
     for index in range(count):
         image, mask = next(scenes)
+        if task in X_FORMS:
+            image = X_FORMS[task](image, noise)
         if transform:
             image = TASKS[task](image, mask)
-        sample = {"__key__": f"{index:07d}", "png": png_bytes(image)}
+        image_part, data = encode_pixels(image, "png")
+        sample = {"__key__": f"{index:07d}", image_part: data}
         if extras:
             # Label map: 255 on the objects, 0 on the background; histogram of the image as stored.
             sample["label.png"] = png_bytes((mask * 255).astype(np.uint8))
@@ -174,8 +207,8 @@ def write_synthetic(
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; expected one of {sorted(TASKS)}")
-    if task == "photos" and extras:
-        raise ValueError("the photos task has no object masks: it cannot write extras")
+    if task in ("photos", "grey16", "colour2grey") and extras:
+        raise ValueError(f"the {task} task writes no extras (object masks and colour histograms are of RGB scenes)")
     # Three seed streams: x-train and y-train must not share scenes (unpaired); the test pairs share theirs.
     x_train, y_train, test_seed = np.random.SeedSequence(seed).generate_state(3)
     plan = {
@@ -184,8 +217,9 @@ def write_synthetic(
         "x-test": _samples(task, "test", size, test, int(test_seed), transform=False, extras=extras),
         "y-test": _samples(task, "test", size, test, int(test_seed), transform=True, extras=extras),
     }
+    formats = {"x": SOURCE_FORMATS.get(task, RGB8), "y": TARGET_FORMATS.get(task, RGB8)}
     splits = {
-        split: split_entry(write_shards(out, split, samples, maxcount), (size, size))
+        split: split_entry(write_shards(out, split, samples, maxcount), (size, size), None, formats[split[0]])
         for split, samples in plan.items()
         if (train if split.endswith("train") else test) > 0
     }
@@ -197,6 +231,8 @@ BUILTIN = {
     "colour": {"task": "colour", "size": 32, "train": 2048, "test": 64, "extras": False},
     "stripes": {"task": "stripes", "size": 32, "train": 2048, "test": 64, "extras": True},
     "photos": {"task": "photos", "size": 32, "train": 2048, "test": 64, "extras": False},
+    "grey16": {"task": "grey16", "size": 32, "train": 2048, "test": 64, "extras": False},
+    "colour2grey": {"task": "colour2grey", "size": 32, "train": 2048, "test": 64, "extras": False},
 }
 """The data sets `data.root: builtin:NAME` names: made once into a cache directory, byte for byte the same every
 time (seed 0). `stripes` carries the extras (label maps and colour histograms); `photos` needs scikit-image."""

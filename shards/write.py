@@ -3,13 +3,16 @@
     python -m shards.write --root PATH/horse2zebra --out data/horse2zebra --load-size 286 --workers 2
     python -m shards.write --x DIR --y DIR [--test-x DIR --test-y DIR] --out DIR [--maxcount 1000] [--strict]
 
-`--root` accepts the reference layout (trainA/ trainB/ testA/ testB/). Images are optionally resized to
-load_size x load_size (so training decodes small JPEGs and never resizes), re-encoded as JPEG or PNG, and written
-`--maxcount` per shard as `<split>-%06d.tar`. A sample's key is its relative path without the suffix, dots made
-underscores; two files of a split that would share a key (`s.png` and `s.jpg`, `d.b.png` and `d_b.png`) stop the
-run before anything is written, naming both (rename one). 16-bit grey images are scaled to 8 bits (see
-shards.decode.convert). `--extra hist` stores each image's colour histogram (hist.npy); `--labels-x/--labels-y`
-store label maps (label.png) found under those folders with the image's relative stem.
+`--root` accepts the reference layout (trainA/ trainB/ testA/ testB/). Images keep what they are: their channels
+(grey, RGB, RGBA, or the N bands of a multi-page or multi-band TIFF) and bit depth (8 or 16), recorded per split in
+the manifest with the range of their sizes (shards.pixels). A split mixing formats stops the run in one line naming
+two example files, unless `--channels N` / `--bits 8|16` convert every image. Images are optionally resized to
+load_size x load_size (so training decodes small files and never resizes), re-encoded (JPEG or PNG for 8-bit grey
+and RGB, losslessly otherwise), and written `--maxcount` per shard as `<split>-%06d.tar`. A sample's key is its
+relative path without the suffix, dots made underscores; two files of a split that would share a key (`s.png` and
+`s.jpg`, `d.b.png` and `d_b.png`) stop the run before anything is written, naming both (rename one). `--extra
+hist` stores each image's colour histogram (hist.npy, 8-bit RGB only); `--labels-x/--labels-y` store label maps
+(label.png) found under those folders with the image's relative stem.
 
 Unreadable inputs. Only regular files (or symlinks to them) are opened, so a FIFO, socket, device, directory or
 dangling symlink with an image suffix never blocks the run. It is skipped like a zero-byte, non-image, corrupt or
@@ -30,37 +33,34 @@ Checking written shards is shards.verify's job; the manifest format is shards.ma
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import stat
-import struct
 import sys
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from shards.bounded_read import file_kind
 from shards.cpu_budget import cpu_budget
-from shards.decode import convert
 from shards.encoding import colour_histogram, npy_bytes, png_bytes
+from shards.input_files import IMAGE_SUFFIXES, Unreadable, read_image
 from shards.manifest import sha256_file, split_entry, write_manifest
+from shards.pixels import (
+    MAX_CHANNELS,
+    RGB8,
+    PixelFormat,
+    convert_pixels,
+    encode_pixels,
+    format_of,
+    resize_pixels,
+)
 from shards.tar_shards import write_tar
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 PROGRESS = ".progress.json"
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
-"""What PIL raises for corrupt or truncated image data."""
-
-
-class Unreadable(Exception):
-    """An input that cannot be packed; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,10 @@ class Encoding:
     """JPEG quality."""
     hist: bool
     """Also store each image's colour histogram (hist.npy)."""
+    channels: int | None = None
+    """Convert every image to this many channels (shards.pixels.convert_pixels); None keeps each image's."""
+    bits: int | None = None
+    """Convert every image to this bit depth; None keeps each image's."""
 
 
 def list_images(folder: Path) -> list[str]:
@@ -133,86 +137,41 @@ def check_unique_keys(folder: Path, files: list[str]) -> None:
             )
 
 
-def encode(image: Image.Image, fmt: str, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "jpg":
-        image.save(buffer, format="JPEG", quality=quality)
-    else:
-        image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def file_problem(path: Path) -> str | None:
-    """Why `path` cannot be an image, judged without opening it (a FIFO or device could block the open or the
-    read); None for a non-empty regular file or a symlink to one."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return "a dangling symlink, not a regular file" if path.is_symlink() else "does not exist"
-    except OSError as err:
-        return f"cannot stat: {err.strerror}"
-    if not stat.S_ISREG(info.st_mode):
-        return f"{file_kind(info.st_mode)}, not a regular file"
-    if info.st_size == 0:
-        return "zero bytes"
-    return None
-
-
-def open_nonblocking(path: str, flags: int) -> int:
-    """An opener for open(): a file swapped for a FIFO after the check reads as empty instead of blocking."""
-    return os.open(path, flags | os.O_NONBLOCK)
-
-
-def read_image(path: Path, mode: str) -> Image.Image:
-    """Decode every pixel of the image at `path`, converted to `mode` ("RGB" or "L").
-
-    Raises:
-        Unreadable: not a non-empty regular file, not an image, a decompression bomb, or corrupt/truncated data.
-    """
-    problem = file_problem(path)
-    if problem:
-        raise Unreadable(problem)
-    try:
-        handle = open(path, "rb", opener=open_nonblocking)  # noqa: SIM115 (closed by the with below)
-    except OSError as err:
-        raise Unreadable(f"cannot open: {err.strerror}") from None
-    with handle, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(handle) as image:
-                return convert(image, mode)  # loads all pixels, so truncated data shows here
-        except UnidentifiedImageError:
-            raise Unreadable("not an image PIL can identify") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise Unreadable(f"decompression bomb: {err}") from None
-        except DECODE_ERRORS as err:
-            raise Unreadable(f"corrupt or truncated image: {err}") from None
-
-
-def build_sample(job: ShardJob, relative: str, encoding: Encoding) -> tuple[dict, tuple[int, int]]:
-    """One webdataset sample (the resized, re-encoded image and its extras) and its image's (height, width).
+def build_sample(job: ShardJob, relative: str, encoding: Encoding) -> tuple[dict, tuple[int, int], PixelFormat]:
+    """One webdataset sample (the image converted and resized as asked, re-encoded, and its extras) with its
+    image's (height, width) and format.
 
     Raises:
         Unreadable: the image, or its label map when the job has label maps.
+        ValueError: --extra hist for an image that is not 8-bit RGB.
     """
-    image = read_image(Path(job.source) / relative, "RGB")
+    path = Path(job.source) / relative
+    pixels = read_image(path)
     label = None
     if job.labels is not None:
         label_path = Path(job.labels) / (os.path.splitext(relative)[0] + ".png")
         try:
-            label = read_image(label_path, "L")
+            label = read_image(label_path, label=True)
         except Unreadable as err:
             raise Unreadable(f"label map {label_path}: {err}") from None
+    own = format_of(pixels)
+    target = PixelFormat(encoding.channels or own.channels, encoding.bits or own.bits)
+    if target != own:
+        pixels = convert_pixels(pixels, target)
     if encoding.load_size:
-        image = image.resize((encoding.load_size, encoding.load_size), Image.Resampling.BICUBIC)
-    sample = {"__key__": sample_key(relative), encoding.fmt: encode(image, encoding.fmt, encoding.quality)}
+        pixels = resize_pixels(pixels, encoding.load_size, encoding.load_size)
+    part, data = encode_pixels(pixels, encoding.fmt, encoding.quality)
+    sample = {"__key__": sample_key(relative), part: data}
     if encoding.hist:
-        sample["hist.npy"] = npy_bytes(colour_histogram(np.asarray(image)))
+        if target != RGB8:
+            raise ValueError(f"{path} is {target.describe()}: --extra hist stores colour histograms of 8-bit RGB")
+        sample["hist.npy"] = npy_bytes(colour_histogram(pixels))
     if label is not None:
         if encoding.load_size:
-            label = label.resize((encoding.load_size, encoding.load_size), Image.Resampling.NEAREST)
-        sample["label.png"] = png_bytes(np.asarray(label))
-    return sample, (image.height, image.width)
+            size = (encoding.load_size, encoding.load_size)
+            label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
+        sample["label.png"] = png_bytes(label)
+    return sample, pixels.shape[:2], target
 
 
 def write_job(job: ShardJob, out: str, encoding: Encoding, strict: bool) -> dict:
@@ -227,24 +186,28 @@ def write_job(job: ShardJob, out: str, encoding: Encoding, strict: bool) -> dict
     """
     skipped: list[list[str]] = []
     sizes: list[tuple[int, int]] = []
+    formats: dict[str, str] = {}  # "CHANNELSxBITS" -> the first file of that format
 
     def readable_samples() -> Iterator[dict]:
         for relative in job.files:
             try:
-                sample, size = build_sample(job, relative, encoding)
+                sample, size, pixel_format = build_sample(job, relative, encoding)
             except Unreadable as err:
                 if strict:
                     raise ValueError(f"{Path(job.source) / relative}: {err}") from None
                 skipped.append([relative, str(err)])
                 continue
             sizes.append(size)
+            formats.setdefault(f"{pixel_format.channels}x{pixel_format.bits}", relative)
             yield sample
 
     tmp = Path(out) / job.tmp_name
     samples = write_tar(tmp, readable_samples())
     record = {"split": job.split, "index": job.index, "samples": samples, "skipped": skipped}
     if samples:
-        record.update(bytes=tmp.stat().st_size, sha256=sha256_file(tmp), image_size=list(sizes[0]))
+        heights, widths = zip(*sizes)
+        smallest, largest = [min(heights), min(widths)], [max(heights), max(widths)]
+        record.update(bytes=tmp.stat().st_size, sha256=sha256_file(tmp), sizes=[smallest, largest], formats=formats)
     return record
 
 
@@ -336,7 +299,26 @@ def manifest_split(folder: Path, records: list[dict]) -> dict:
         count = sum(len(r["skipped"]) for r in records)
         raise ValueError(f"{folder}: none of its {count} images is readable (first: {relative}: {reason})")
     shards = [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in written]
-    return split_entry(shards, tuple(written[0]["image_size"]))
+    formats: dict[str, str] = {}
+    for record in written:
+        for key, relative in record["formats"].items():
+            formats.setdefault(key, relative)
+    if len(formats) > 1:
+        (first, a), (second, b) = list(formats.items())[:2]
+        raise ValueError(
+            f"{folder} mixes image formats: {a} is {describe(first)}, {b} is {describe(second)}; convert them with "
+            "--channels N and/or --bits 8|16"
+        )
+    channels, bits = map(int, next(iter(formats)).split("x"))
+    smallest = tuple(min(r["sizes"][0][i] for r in written) for i in (0, 1))
+    largest = tuple(max(r["sizes"][1][i] for r in written) for i in (0, 1))
+    return split_entry(shards, smallest, largest, PixelFormat(channels, bits))
+
+
+def describe(format_key: str) -> str:
+    """The words for a "CHANNELSxBITS" key of write_job's record."""
+    channels, bits = map(int, format_key.split("x"))
+    return PixelFormat(channels, bits).describe()
 
 
 def write_dataset(
@@ -349,6 +331,8 @@ def write_dataset(
     quality: int = 95,
     hist: bool = False,
     strict: bool = False,
+    channels: int | None = None,
+    bits: int | None = None,
 ) -> tuple[Path, list[tuple[str, str, str]]]:
     """Pack every split, skipping shards finished by an earlier run, then write manifest.json.
 
@@ -366,7 +350,7 @@ def write_dataset(
     todo = [job for job in jobs if not finished(done.get(job.key), out)]
     remove_temporaries(out, splits)  # a killed run's
     try:
-        write_all(todo, done, out, Encoding(load_size, fmt, quality, hist), workers, strict, len(jobs))
+        write_all(todo, done, out, Encoding(load_size, fmt, quality, hist, channels, bits), workers, strict, len(jobs))
     except BaseException:
         remove_temporaries(out, splits)  # of shards that finished after another one failed, never published
         raise
@@ -402,7 +386,8 @@ def workers_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked, with --root expanded into the folders and --workers auto resolved."""
     parser = argparse.ArgumentParser(description="Pack unpaired image folders into tar shards + manifest.json.")
     parser.add_argument("--root", type=Path, help="folder with trainA/ trainB/ [testA/ testB/] (the reference layout)")
     parser.add_argument("--x", type=Path, help="folder of X training images")
@@ -418,7 +403,12 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=workers_arg, default="auto", help="shards written in parallel (auto: this process's share "
         "of the CPUs: affinity, cgroup quota, CPUs busy elsewhere; shards.cpu_budget)"
     )  # fmt: skip
-    parser.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    parser.add_argument(
+        "--format", choices=["jpg", "png"], default="jpg", help="of 8-bit grey and RGB images; the others are "
+        "stored losslessly (16-bit grey and 8-bit RGBA as PNG, the rest as .npy arrays)"
+    )  # fmt: skip
+    parser.add_argument("--channels", type=int, help="convert every image to N channels (1: luma; from 1: repeated)")
+    parser.add_argument("--bits", type=int, choices=[8, 16], help="convert every image to this bit depth")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
     parser.add_argument("--extra", choices=["none", "hist"], default="none", help="hist: store colour histograms")
     parser.add_argument(
@@ -436,6 +426,13 @@ def main(argv: list[str] | None = None) -> None:
     args.workers = cpu_budget().per_process if args.workers == "auto" else args.workers
     if args.maxcount < 1 or args.workers < 1 or (args.load_size is not None and args.load_size < 1):
         parser.error("--maxcount, --workers and --load-size must be >= 1")
+    if args.channels is not None and not 1 <= args.channels <= MAX_CHANNELS:
+        parser.error(f"--channels must be in [1, {MAX_CHANNELS}]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     splits = {"x-train": (args.x, args.labels_x), "y-train": (args.y, args.labels_y)}
     if args.test_x:
         splits.update({"x-test": (args.test_x, args.labels_x), "y-test": (args.test_y, args.labels_y)})
@@ -450,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
             args.quality,
             args.extra == "hist",
             args.strict,
+            args.channels,
+            args.bits,
         )
     except ValueError as err:
         raise SystemExit(f"shards.write: {err}") from None

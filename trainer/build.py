@@ -15,9 +15,11 @@ from trainer.algorithms.pool import ImagePool
 from trainer.config.checks import ConfigError
 from trainer.config.model import LossConfig
 from trainer.config.schema import Config
+from trainer.data.formats import pixel_format
 from trainer.data.loader import UnpairedLoader
+from trainer.data.plan import DOMAINS
 from trainer.data.test_sets import load_test_images
-from trainer.eval.evaluator import NO_INCEPTION, Evaluator, load_inception
+from trainer.eval.evaluator import NO_INCEPTION, NO_RGB, Evaluator, load_inception
 from trainer.models import set_activation_checkpointing
 from trainer.observe.console import Console
 from trainer.runtime.cpu_threads import loader_workers
@@ -99,12 +101,16 @@ def build_training(cfg: Config, engine: Engine) -> Training:
 
 def build_loader(cfg: Config, engine: Engine) -> UnpairedLoader:
     """This rank's loader of unpaired training batches."""
-    return UnpairedLoader(cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device)
+    formats = {d: pixel_format(cfg, d) for d in DOMAINS}
+    return UnpairedLoader(
+        cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device, formats
+    )
 
 
 def build_evaluator(cfg: Config, engine: Engine, console: Console) -> Evaluator | None:
     """The evaluator of this rank's share of the test split (None without one), after checking eval.select."""
-    test = load_test_images(cfg.data, cfg.eval.images, "cpu", engine.rank, engine.world_size)
+    formats = {d: pixel_format(cfg, d) for d in DOMAINS}
+    test = load_test_images(cfg.data, cfg.eval.images, "cpu", engine.rank, engine.world_size, formats)
     if test is None:
         if cfg.eval.select != "none":
             raise ConfigError(f"eval.select={cfg.eval.select} needs x-test/y-test splits in data.root={cfg.data.root}")
@@ -112,6 +118,10 @@ def build_evaluator(cfg: Config, engine: Engine, console: Console) -> Evaluator 
     if cfg.eval.select == "psnr" and not test.paired:
         raise ConfigError("eval.select=psnr needs a test split with a known answer (synthetic data); use cycle or fid")
     inception = load_inception(cfg.eval.inception_weights, engine.device) if cfg.eval.inception_weights else None
+    channels = sorted({cfg.model.channels(d) for d in DOMAINS} - {1, 3})
     if inception is None:
         console.message(NO_INCEPTION)
+    elif channels:
+        console.message(NO_RGB.format(channels[0]))
+        inception = None
     return Evaluator(test, cfg.eval, cfg.model.input_nc, engine.device, engine.world_size, inception)

@@ -34,7 +34,9 @@ from trainer.checkpoint.upload import CheckpointUploader
 from trainer.config.checks import ConfigError
 from trainer.config.load import config_yaml, to_dict
 from trainer.config.schema import Config
+from trainer.data.formats import formats_note, pixel_format, resolve_formats
 from trainer.data.loader import UnpairedLoader
+from trainer.data.plan import DOMAINS
 from trainer.data.test_sets import TestSet, load_test_images
 from trainer.eval.evaluator import Evaluator
 from trainer.observe.console import Console
@@ -158,10 +160,12 @@ def train(cfg: Config) -> TrainResult:
         torch.cuda.memory._record_memory_history(max_entries=100_000)
     try:
         with engine.phase("start-up"):
+            cfg = resolve_formats(cfg)  # each domain's channels and bit depth, from the data
             console = Console(engine.is_main)
             loader = build_loader(cfg, engine)
             evaluator = build_evaluator(cfg, engine, console)
-            samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device)
+            formats = {d: pixel_format(cfg, d) for d in DOMAINS}
+            samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device, formats=formats)
         with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
             with engine.phase("start-up"):
                 _on_main(engine, lambda: check_run_dir(Path(cfg.train.run_dir)))  # before anything is written
@@ -364,7 +368,9 @@ def _start_line(
         f"{cfg.train.grad_accum_steps} micro-batches; lr scaling {cfg.optimizer.lr_scaling} x{scale:.4g} -> lr "
         f"{cfg.optimizer.lr * scale:.4g}; precision {engine.precision} ({engine.precision_reason}); "
         f"{cfg.train.cpu_threads} CPU thread(s) and {cfg.data.num_workers} loader worker(s) per rank "
-        f"({engine.cpu_threads_reason})" + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
+        f"({engine.cpu_threads_reason})"
+        + formats_note(cfg)
+        + (f"; resuming from {resume_from} at step {start}" if resume_from else "")
     )
 
 

@@ -5,8 +5,10 @@
 --input is a directory of images (searched recursively; outputs keep each file's relative path and name), a
 shard directory (manifest.json; the x-test split for x2y, y-test for y2x, or --split) or a shard URL spec (outputs
 are named KEY.png). Each image keeps its size (padded by reflection to a multiple the generator accepts, cropped
-back), or --size N resizes it to N x N. --side-by-side also writes input | output pairs under OUT/compare/.
-Images are decoded as training decodes them (shards.decode: grey, RGBA and palette images become RGB, the same
+back), or --size N resizes it to N x N. Outputs are in the target domain's pixel format: its channels and bit
+depth (16-bit grey as PNG or TIFF, grey as a grey image, what PNG cannot hold as TIFF; the suffix changes where
+the input's format cannot hold them). --side-by-side also writes input | output pairs under OUT/compare/ (8-bit RGB
+to look at). Images are decoded as training decodes them (shards.decode, in the source domain's format, the same
 pixel limit); an input that cannot be used is skipped and named with its reason on stderr, and the run fails
 (exit 2) only when nothing could be translated. From Python: `load_inference_generators` (trainer.export) and
 `translate_batches`.
@@ -15,7 +17,6 @@ pixel limit); an input that cannot be used is skipped and named with its reason 
 from __future__ import annotations
 
 import argparse
-import io
 import re
 import sys
 from pathlib import Path
@@ -23,11 +24,11 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from shards.decode import DEFAULT_MAX_PIXELS, BadSample
 from shards.manifest import read_manifest, split_urls
+from shards.pixels import DTYPES, RGB8, PixelFormat, encode_file, file_suffix
 from shards.streams import Reading
 from shards.urls import ShardsError, expand_shard_spec
 from trainer.algorithms.shared import with_extra
@@ -40,9 +41,11 @@ from trainer.checkpoint.export import (
 from trainer.checkpoint.format import CheckpointError
 from trainer.config.checks import ConfigError
 from trainer.data.augment import decode, extra_channels, resize
+from trainer.data.formats import from_unit_range, to_unit_range
 from trainer.data.health import BadSampleCounter
 from trainer.data.image_folders import Item, image_files, read_image_dir
 from trainer.data.stream import shard_samples
+from trainer.observe.grids import display_channels
 from trainer.runtime.process_exit import exit_process
 
 
@@ -53,14 +56,17 @@ def output_name(key: str) -> str:
     return "/".join(part for part in parts if part) or "_"
 
 
-def read_shards(urls: list[str], extra: str, skipped: list[str] | None = None) -> Iterator[Item]:
-    """Every decodable sample of the shards, named KEY.png (see `output_name`). Each bad sample (and each tar-level
-    error) is appended to `skipped` as "SHARD:KEY: reason"; None prints those lines to stderr at the end."""
+def read_shards(
+    urls: list[str], extra: str, skipped: list[str] | None = None, pixel_format: PixelFormat = RGB8
+) -> Iterator[Item]:
+    """Every decodable sample of the shards (in `pixel_format`), named KEY.png (see `output_name`). Each bad sample
+    (and each tar-level error) is appended to `skipped` as "SHARD:KEY: reason"; None prints those lines to stderr
+    at the end."""
     bad = BadSampleCounter()
     lines = [] if skipped is None else skipped
     for sample in (s for url in urls for s in shard_samples(url, 0, bad, Reading())):
         try:
-            image, extra_part = decode(sample, extra, DEFAULT_MAX_PIXELS)
+            image, extra_part = decode(sample, extra, DEFAULT_MAX_PIXELS, pixel_format)
         except BadSample as err:
             lines.append(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {err}")
             continue
@@ -72,11 +78,17 @@ def read_shards(urls: list[str], extra: str, skipped: list[str] | None = None) -
 
 
 def read_inputs(
-    source: str, direction: str, split: str | None, extra: str, skipped: list[str] | None = None
+    source: str,
+    direction: str,
+    split: str | None,
+    extra: str,
+    skipped: list[str] | None = None,
+    pixel_format: PixelFormat = RGB8,
 ) -> Iterator[Item]:
     """The images of --input: an image directory, a shard directory or a shard URL spec. Images are decoded as
-    training decodes them (grey, RGBA and palette converted to RGB); an input that cannot be used is skipped and
-    appended to `skipped` as "WHERE: reason" (None: printed to stderr).
+    training decodes them, in the source domain's `pixel_format` (for 8-bit RGB, grey, RGBA and palette images are
+    converted); an input that cannot be used is skipped and appended to `skipped` as "WHERE: reason" (None:
+    printed to stderr).
 
     Raises:
         ConfigError: a path that does not exist or holds nothing to translate.
@@ -87,12 +99,13 @@ def read_inputs(
         split = split or f"{direction[0]}-test"
         if split not in manifest["splits"]:
             raise ConfigError(f"--input {path}: no split {split}; it has {', '.join(sorted(manifest['splits']))}")
-        return read_shards(split_urls(path, manifest, split), extra, skipped)
+        return read_shards(split_urls(path, manifest, split), extra, skipped, pixel_format)
     if path.is_dir():
-        return read_image_dir(path, image_files(path, "--input"), extra, "--input", DEFAULT_MAX_PIXELS, skipped)
+        files = image_files(path, "--input")
+        return read_image_dir(path, files, extra, "--input", DEFAULT_MAX_PIXELS, skipped, pixel_format)
     if not any(mark in source for mark in "{:") and not path.suffix == ".tar":
         raise ConfigError(f"--input {source} does not exist (expected an image directory, shard directory or shards)")
-    return read_shards(expand_shard_spec(source, allow_pipe=False, key="--input"), extra, skipped)
+    return read_shards(expand_shard_spec(source, allow_pipe=False, key="--input"), extra, skipped, pixel_format)
 
 
 Crop = tuple[int, int, int, int]
@@ -108,7 +121,8 @@ def translate_batches(
     device: torch.device | str = "cpu",
     bf16: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, input, output) for each item, uint8 [3, H, W] on the CPU. By default (`size` None or 0) each image
+    """(name, input, output) for each item, integer pixels [C, H, W] of the source's and the target's format on the
+    CPU (augment.pixel_tensor). By default (`size` None or 0) each image
     keeps its own size: padded by reflection to a size the generator takes (`pad_to_multiple`), translated, cropped
     back. `size` N resizes to N x N instead (said once on stderr when that changes an image's aspect). Consecutive
     images of one shape go through the generator together, up to `batch_size`."""
@@ -120,18 +134,19 @@ def translate_batches(
             "--direction x2y (translating Y -> X needs a CycleGAN, or a second run with X and Y swapped)"
         )
     net = net.to(device).eval()
+    source, target = (gens.pixel_format(d) for d in (direction[0], direction[2]))
     multiple = gens.model.min_image_multiple()
     batch: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, Crop]] = []
     squashed = False
 
     def run(batch: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, Crop]]):
-        images = torch.stack([padded for _, _, padded, _, _ in batch]).to(device).float().div(127.5).sub(1.0)
+        images = to_unit_range(torch.stack([padded for _, _, padded, _, _ in batch]).to(device), source)
         extra = None
         if gens.extra != "none":
             extra = extra_channels(torch.stack([e for *_, e, _ in batch]), gens.extra, images.shape[-2:]).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(with_extra(images, extra))
-        pixels = out.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+        pixels = from_unit_range(out, target).cpu()
         for (name, image, _, _, (top, left, height, width)), result in zip(batch, pixels):
             yield name, image, result[:, top : top + height, left : left + width]
 
@@ -170,25 +185,32 @@ def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, C
     return padded, (top, left, height, width)
 
 
-def save_image(pixels: torch.Tensor, out: Path, name: str) -> None:
-    """Write uint8 [3, H, W] to out/name (format from the suffix; JPEG at quality 95).
+def save_image(pixels: torch.Tensor, out: Path, name: str, pixel_format: PixelFormat = RGB8) -> Path:
+    """Write integer pixels [C, H, W] of `pixel_format` to out/name: in the format of the name's suffix where it
+    holds them (8-bit grey and RGB: any; 16-bit grey: PNG or TIFF), else as PNG or TIFF under that suffix
+    (shards.pixels.file_suffix); JPEG at quality 95. Returns the path written.
 
     Raises:
         ConfigError: `name` would lead outside `out` (through `..`, an absolute path or a symlink), or the file
             cannot be written.
     """
     path = out / name
+    path = path.with_suffix(file_suffix(path.suffix, pixel_format))
     if not path.resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"output {name!r:.120} would be written outside --out {out}; refusing")
-    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    buffer = io.BytesIO()
-    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    image.save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    data = encode_file(pixels.permute(1, 2, 0).numpy().astype(DTYPES[pixel_format.bits]), path.suffix.lower())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(buffer.getvalue())
+        path.write_bytes(data)
     except OSError as err:
         raise ConfigError(f"cannot write {err.filename or path}: {err.strerror or err}") from None
+    return path
+
+
+def side_by_side(image: torch.Tensor, output: torch.Tensor, source: PixelFormat, target: PixelFormat) -> torch.Tensor:
+    """input | output as 8-bit RGB to look at (grey as grey, 16 bits scaled: observe.grids.display_channels)."""
+    halves = [to_unit_range(pixels, fmt) for pixels, fmt in ((image, source), (output, target))]
+    return from_unit_range(torch.cat([display_channels(half) for half in halves], dim=-1), RGB8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise ConfigError(f"--out {args.out} exists and is not a directory")
         gens = load_inference_generators(args.weights, args.step, args.best)
-        items = read_inputs(args.input, args.direction, args.split, gens.extra, skipped)
+        source, target = (gens.pixel_format(d) for d in (args.direction[0], args.direction[2]))
+        items = read_inputs(args.input, args.direction, args.split, gens.extra, skipped, source)
         results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16)
         for name, image, output in tqdm(results, desc=f"translate {args.direction}", unit="img", disable=None):
-            save_image(output, args.out, name)
+            save_image(output, args.out, name, target)
             if args.side_by_side:
-                save_image(torch.cat([image, output], dim=-1), args.out / "compare", name)
+                save_image(side_by_side(image, output, source, target), args.out / "compare", name)
             count += 1
     except (ConfigError, CheckpointError, ShardsError) as err:
         print(f"translate: {err}", file=sys.stderr)

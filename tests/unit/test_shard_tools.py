@@ -52,9 +52,12 @@ def test_reference_layout_packs_into_verified_shards(reference_layout, tmp_path)
             "2",
             "--extra",
             "hist",
+            "--channels",
+            "3",  # trainB is RGBA and testA grey: the domains keep one format only when asked to convert
         ]
     )
     manifest = read_manifest(out)
+    assert {v["format"]["channels"] for v in manifest["splits"].values()} == {3}
     assert {k: v["samples"] for k, v in manifest["splits"].items()} == {
         "x-train": 7,
         "y-train": 5,

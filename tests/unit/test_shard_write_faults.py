@@ -212,15 +212,15 @@ def test_a_failing_worker_leaves_no_temporary_and_the_rerun_resumes_densely(tmp_
     save_image(y / "y0.png", 50)
     calls = []
 
-    def encode_failing_on_the_sixth(image, fmt, quality):
+    def encode_failing_on_the_sixth(pixels, fmt, quality):
         calls.append(fmt)
         if len(calls) == 6:  # the second sample of the fourth planned shard: its .tar.tmp exists
             raise RuntimeError("disk full")
-        return encode(image, fmt, quality)
+        return encode(pixels, fmt, quality)
 
-    encode = write.encode
+    encode = write.encode_pixels
     monkeypatch.setattr(write, "ProcessPoolExecutor", ThreadPoolExecutor)  # workers see the patched encode
-    monkeypatch.setattr(write, "encode", encode_failing_on_the_sixth)
+    monkeypatch.setattr(write, "encode_pixels", encode_failing_on_the_sixth)
     args = ["--x", str(x), "--y", str(y), "--out", str(out), "--maxcount", "2"]
     with pytest.raises(RuntimeError, match="disk full"):
         write.main(args)
@@ -234,7 +234,7 @@ def test_a_failing_worker_leaves_no_temporary_and_the_rerun_resumes_densely(tmp_
     assert "x-train-000003" not in progress
     first = out / "x-train-000000.tar"
     stamp = first.stat().st_mtime_ns
-    monkeypatch.setattr(write, "encode", encode)
+    monkeypatch.setattr(write, "encode_pixels", encode)
     write.main(args)
     assert first.stat().st_mtime_ns == stamp  # resumed, not written again
     check_manifest_matches_tars(out, "x-train", 6)

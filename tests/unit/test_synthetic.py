@@ -6,7 +6,18 @@ import pytest
 from PIL import Image
 
 from shards.manifest import read_manifest, sha256_file
-from shards.synthetic import PHOTO_GAMMAS, PHOTO_SATURATION, PHOTOS, TASKS, photos_task, render_scene, write_synthetic
+from shards.pixels import RGB8, convert_pixels, format_of
+from shards.synthetic import (
+    PHOTO_GAMMAS,
+    PHOTO_SATURATION,
+    PHOTOS,
+    TARGET_FORMATS,
+    TASKS,
+    X_FORMS,
+    photos_task,
+    render_scene,
+    write_synthetic,
+)
 
 
 def read_tar_images(path):
@@ -48,10 +59,34 @@ def test_train_split_is_unpaired(colour_shards):
 def test_tasks_change_the_image_and_identity_is_a_poor_answer(task):
     rng = np.random.default_rng(0)
     image, mask = render_scene(rng, 64)
+    if task in X_FORMS:
+        image = X_FORMS[task](image, rng)
     out = TASKS[task](image, mask)
-    assert out.shape == image.shape and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - image.astype(int)).mean() > 5
+    target = TARGET_FORMATS.get(task, RGB8)
+    assert out.shape == (64, 64, target.channels) and format_of(out) == target
+    identity = convert_pixels(image, target)  # x itself, in Y's channels and depth
+    assert np.abs(out.astype(int) - identity.astype(int)).mean() > 5 * target.max_value / 255
     assert mask.any()
+
+
+def test_the_16_bit_task_has_detail_below_8_bits_and_an_exact_answer(tmp_path):
+    write_synthetic(tmp_path, "grey16", size=16, train=4, test=3, seed=0)
+    manifest = read_manifest(tmp_path)
+    assert all(split["format"] == {"channels": 1, "bits": 16} for split in manifest["splits"].values())
+    xs, ys = (read_tar_images(tmp_path / f"{d}-test-000000.tar") for d in ("x", "y"))
+    for key in xs:
+        assert xs[key].dtype == np.uint16 and xs[key].ndim == 2
+        np.testing.assert_array_equal(ys[key], 65535 - xs[key])
+        assert len(np.unique(xs[key] & 0xFF)) > 64  # the low byte is not constant: 8 bits would lose it
+
+
+def test_rgb_to_one_channel_pairs_keep_the_red_channel(tmp_path):
+    write_synthetic(tmp_path, "colour2grey", size=16, train=4, test=3, seed=0)
+    formats = {s: v["format"]["channels"] for s, v in read_manifest(tmp_path)["splits"].items()}
+    assert formats == {"x-train": 3, "y-train": 1, "x-test": 3, "y-test": 1}
+    xs, ys = (read_tar_images(tmp_path / f"{d}-test-000000.tar") for d in ("x", "y"))
+    for key in xs:
+        np.testing.assert_array_equal(ys[key], xs[key][..., 0])
 
 
 @pytest.mark.parametrize("task", ["stripes", "photos"])

@@ -13,14 +13,15 @@ from trainer.algorithms.cut import PatchHead
 from trainer.config.checks import ConfigError
 from trainer.config.load import from_dict
 from trainer.config.model import CONTRASTIVE_FAMILIES, ModelConfig
-from trainer.models import GENERATORS, OUTPUT_NC
+from trainer.models import GENERATORS
 from trainer.models.patchgan import PatchDiscriminator, PixelDiscriminator, patchgan_stages
 
 MAX_PARAMETERS = 2**30
 """Parameters and buffers of all training units together (4 GiB in fp32; the default CycleGAN has 28 M)."""
 MAX_IMAGE_SIZE = 8192
 """Side of the images a model translates (the training resolution)."""
-FIELD_LIMITS = {"ngf": 4096, "ndf": 4096, "n_layers_d": 16, "n_blocks": 100, "input_nc": 1024,
+FIELD_LIMITS = {"ngf": 4096, "ndf": 4096, "n_layers_d": 16, "n_blocks": 100, "input_nc": 1024, "x_channels": 64,
+                "y_channels": 64,
                 "nce_patches": 1 << 16, "nce_mlp_channels": 4096}  # fmt: skip
 """Caps of the numeric model fields whose other bounds ModelConfig does not set; they keep the count cheap."""
 
@@ -61,16 +62,17 @@ def unit_parameters(model: ModelConfig) -> int:
     meta device, so nothing is allocated, and not initialized (initializing meta
     tensors imports torch._dynamo, seconds of start-up)."""
     copies = 1 if model.family in CONTRASTIVE_FAMILIES else 2  # CUT: one generator (with a head), one discriminator
+    directions = [("x", "y"), ("y", "x")][:copies]
     with torch.device("meta"):
-        generator = GENERATORS[model.generator](model, model.in_channels, OUTPUT_NC)
-        nets = [generator] * copies
+        nets = [GENERATORS[model.generator](model, *model.generator_channels(*d)) for d in directions]
         if copies == 1:
-            nets.append(PatchHead(generator.feature_widths(model.nce_layers), model.nce_mlp_channels))
+            nets.append(PatchHead(nets[0].feature_widths(model.nce_layers), model.nce_mlp_channels))
+        domains = [model.channels(target) for _, target in directions]
         if model.discriminator == "hnet":  # a shared trunk and a head per domain
-            stages = patchgan_stages(OUTPUT_NC, model.ndf, model.n_layers_d, model.norm_d)
+            stages = patchgan_stages(domains[0], model.ndf, model.n_layers_d, model.norm_d)
             nets += stages + stages[model.hnet_trunk_layers :]
         elif model.discriminator == "pixel":
-            nets += [PixelDiscriminator(OUTPUT_NC, model.ndf, model.norm_d)] * copies
+            nets += [PixelDiscriminator(c, model.ndf, model.norm_d) for c in domains]
         else:
-            nets += [PatchDiscriminator(OUTPUT_NC, model.ndf, model.n_layers_d, model.norm_d)] * copies
+            nets += [PatchDiscriminator(c, model.ndf, model.n_layers_d, model.norm_d) for c in domains]
     return sum(t.numel() for net in nets for t in (*net.parameters(), *net.buffers()))

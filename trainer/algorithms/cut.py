@@ -114,11 +114,12 @@ class ContrastiveGenerator(nn.Module):
     def sample_columns(
         self, x: torch.Tensor, y: torch.Tensor, extra_x: torch.Tensor | None, extra_y: torch.Tensor | None
     ) -> dict[str, list[torch.Tensor]]:
-        """The sample grids' columns: x | G(x), and y | G(y) (the identity G should leave as it is)."""
-        return {
-            "x_to_y": [x, self.g_xy(with_extra(x, extra_x))],
-            "y_identity": [y, self.g_xy(with_extra(y, extra_y))],
-        }
+        """The sample grids' columns: x | G(x), and y | G(y) (the identity G should leave as it is) where X and Y
+        have one channel count."""
+        columns = {"x_to_y": [x, self.g_xy(with_extra(x, extra_x))]}
+        if y.shape[1] == x.shape[1]:
+            columns["y_identity"] = [y, self.g_xy(with_extra(y, extra_y))]
+        return columns
 
 
 def mirrored(images: torch.Tensor | None, flipped: bool) -> torch.Tensor | None:
@@ -157,7 +158,7 @@ def build_units(
         model_cfg.flip_equivariance,
         fuse_passes,
     )
-    return gens, SingleDiscriminator(build_discriminator(model_cfg), loss_cfg.gan_mode == "wgangp")
+    return gens, SingleDiscriminator(build_discriminator(model_cfg, "y"), loss_cfg.gan_mode == "wgangp")
 
 
 def nce_loss(pairs: Pairs, images: int, temperature: float) -> torch.Tensor:

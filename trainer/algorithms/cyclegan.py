@@ -103,14 +103,15 @@ def build_units(
     model_cfg: ModelConfig, loss_cfg: LossConfig, fuse_passes: bool = False
 ) -> tuple[GeneratorPair, DiscriminatorPair]:
     """The two trainable units, initialized from the global torch RNG (seed it first for identical ranks)."""
-    g_xy, g_yx = build_generator(model_cfg), build_generator(model_cfg)
+    g_xy, g_yx = build_generator(model_cfg, "x", "y"), build_generator(model_cfg, "y", "x")
     gens = GeneratorPair(g_xy, g_yx, loss_cfg.lambda_identity > 0, fuse_passes)
     penalty = loss_cfg.gan_mode == "wgangp"
     if model_cfg.discriminator == "hnet":
         trunk, head_x, head_y = build_hnet(model_cfg)
         discs = DiscriminatorPair(nn.Sequential(trunk, head_x), nn.Sequential(trunk, head_y), trunk, penalty)
     else:
-        discs = DiscriminatorPair(build_discriminator(model_cfg), build_discriminator(model_cfg), penalty=penalty)
+        d_x, d_y = build_discriminator(model_cfg, "x"), build_discriminator(model_cfg, "y")
+        discs = DiscriminatorPair(d_x, d_y, penalty=penalty)
     return gens, discs
 
 

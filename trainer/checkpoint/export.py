@@ -26,6 +26,7 @@ from safetensors.torch import load, load_file, save
 
 from shards.bounded_read import BoundedReadError, parse_json, read_json, read_limited
 from shards.cpu_budget import cpu_budget
+from shards.pixels import PixelFormat
 from trainer.algorithms.bounds import check_model_bounds, unit_parameters
 from trainer.checkpoint.format import (
     CHECKPOINTS,
@@ -115,8 +116,9 @@ def _export_files(
         tensors = {k[len(prefix) :]: v.contiguous() for k, v in gens_state.items() if k.startswith(prefix)}
         check_finite(tensors, f"export {out_dir}: {name}")
         files[f"{name}.safetensors"] = save(tensors)
+    bits = {"x": data_cfg.x_bits or 8, "y": data_cfg.y_bits or 8}
     meta = {"model": dataclasses.asdict(model_cfg), "image_size": data_cfg.crop_size, "extra": data_cfg.extra,
-            "weights": weights}  # fmt: skip
+            "bits": bits, "weights": weights}  # fmt: skip
     files[MODEL_JSON] = json.dumps(meta, indent=2).encode()
     return files
 
@@ -173,10 +175,20 @@ class ExportedGenerators:
     model: ModelConfig
     image_size: int  # the training resolution
     extra: str  # data.extra of the training run
+    bits: dict[str, int] = dataclasses.field(default_factory=lambda: {"x": 8, "y": 8})  # each domain's bit depth
+
+    def pixel_format(self, domain: str) -> PixelFormat:
+        """The format of `domain`'s images: what the generator from it takes, what the one to it writes."""
+        return PixelFormat(self.model.channels(domain), self.bits[domain])
 
 
 def generators_from_weights(
-    weights: dict[str, torch.Tensor], model_cfg: ModelConfig, image_size: int, extra: str, source: str
+    weights: dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    image_size: int,
+    extra: str,
+    source: str,
+    bits: dict[str, int] | None = None,
 ) -> ExportedGenerators:
     """Build G and F (G alone for CUT/FastCUT) from full weights (keys `g_xy.*`, `g_yx.*`) in eval mode.
 
@@ -185,7 +197,7 @@ def generators_from_weights(
     """
     nets: list[nn.Module | None] = [None, None]
     for index, name in enumerate(generator_names(model_cfg)):
-        net = build_generator(model_cfg)
+        net = build_generator(model_cfg, *(("x", "y") if name == "g_xy" else ("y", "x")))
         prefix = f"{name}."
         state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         expected = net.state_dict()
@@ -204,7 +216,7 @@ def generators_from_weights(
             )
         net.load_state_dict(state)
         nets[index] = net.eval()
-    return ExportedGenerators(nets[0], nets[1], model_cfg, image_size, extra)
+    return ExportedGenerators(nets[0], nets[1], model_cfg, image_size, extra, bits or {"x": 8, "y": 8})
 
 
 def load_generators(path: str | Path) -> ExportedGenerators:
@@ -229,8 +241,11 @@ def load_generators(path: str | Path) -> ExportedGenerators:
     if not isinstance(extra, str) or extra not in EXTRA_CHANNELS:
         raise ConfigError(f"{meta_source}: extra={extra!r:.40} is not one of {', '.join(EXTRA_CHANNELS)}")
     model_cfg = check_model_bounds(meta["model"], meta_source, meta["image_size"])
-    if model_cfg.in_channels != 3 + EXTRA_CHANNELS[extra]:
+    if model_cfg.in_channels != model_cfg.channels("x") + EXTRA_CHANNELS[extra]:
         raise ConfigError(f"{meta_source}: model.input_nc={model_cfg.input_nc} does not fit extra={extra}")
+    bits = meta.get("bits", {"x": 8, "y": 8})  # exports of earlier versions: 8-bit
+    if not (isinstance(bits, dict) and set(bits) == {"x", "y"} and all(b in (8, 16) for b in bits.values())):
+        raise ConfigError(f"{meta_source}: bits={bits!r:.60} is not {{x: 8 or 16, y: 8 or 16}}")
     limit = 8 * unit_parameters(model_cfg) + HEADER_BYTES
     weights = {}
     for name in generator_names(model_cfg):
@@ -241,7 +256,7 @@ def load_generators(path: str | Path) -> ExportedGenerators:
             raise ConfigError(f"{source}: {file} is not a valid safetensors file ({err!s:.120})") from None
         check_finite(tensors, f"{source}: {file}")
         weights.update({f"{name}.{k}": v for k, v in tensors.items()})
-    return generators_from_weights(weights, model_cfg, meta["image_size"], extra, source)
+    return generators_from_weights(weights, model_cfg, meta["image_size"], extra, source, bits)
 
 
 def _read_marker(path: Path) -> dict[str, str] | None:
@@ -350,7 +365,8 @@ def load_inference_generators(path: str | Path, step: int | None = None, best: b
         cfg, checkpoint, raw, ema = checkpoint_weights(path, step, best)
         weights = raw if ema is None else ema  # what the run's evaluation measured
         check_finite(weights, f"checkpoint {checkpoint}: {UNIVERSAL}")
-        return generators_from_weights(weights, cfg.model, cfg.data.crop_size, cfg.data.extra, str(checkpoint))
+        bits = {"x": cfg.data.x_bits or 8, "y": cfg.data.y_bits or 8}
+        return generators_from_weights(weights, cfg.model, cfg.data.crop_size, cfg.data.extra, str(checkpoint), bits)
     raise ConfigError(f"--weights {path}: neither an export directory (model.json) nor a run directory (config.yaml)")
 
 

@@ -23,6 +23,9 @@ CONTRASTIVE_FAMILIES = ("cut", "fastcut")
 NCE_MODEL_FIELDS = ("nce_layers", "nce_patches", "nce_mlp_channels", "nce_identity", "flip_equivariance")
 """The model fields only CUT/FastCUT use."""
 
+MAX_CHANNELS = 64
+"""Most image channels (bands) of a domain (shards.pixels.MAX_CHANNELS)."""
+
 TRAINING_MODEL_FIELDS = ("nce_patches", "nce_identity", "flip_equivariance")
 """Model fields that change how the units train, not their weights: a resumed run may change them."""
 
@@ -61,8 +64,14 @@ class ModelConfig:
     """Std of the normal init, gain of xavier/orthogonal."""
     hnet_trunk_layers: int = 2
     """For discriminator=hnet: PatchGAN stages in the shared trunk H; the rest form each head H'."""
+    x_channels: int | None = None
+    """Channels of domain X's images: 1 grey, 3 RGB, 4 RGBA or N bands. Null: the data's (its manifest records
+    them; 3 for shards without one). A value the data contradicts is an error."""
+    y_channels: int | None = None
+    """Channels of domain Y's images (see x_channels). G maps X's channels to Y's, F back, D_X and D_Y take their
+    domain's; the identity loss needs both the same and is off otherwise."""
     input_nc: int | None = None
-    """Generator input channels: 3 plus the channels of data.extra (set from it when null)."""
+    """Input channels of G: x_channels plus the channels of data.extra (set from them when null)."""
     nce_layers: list[int] | None = None
     """CUT/FastCUT: the generator layers whose features PatchNCE compares, as indices into the ResNet's layer stack
     (0: the padded input, 4 and 7: the two downsamplings, 10 + i: residual block i). Null: the paper's choice,
@@ -93,6 +102,10 @@ class ModelConfig:
         require(self.n_blocks >= 1, "model.n_blocks", self.n_blocks, "an integer >= 1")
         require(1 <= self.n_skip <= 6, "model.n_skip", self.n_skip, "an integer in [1, 6]")
         require(self.init_gain > 0, "model.init_gain", self.init_gain, "a number > 0")
+        for key in ("x_channels", "y_channels"):
+            value = getattr(self, key)
+            if value is not None:
+                require(1 <= value <= MAX_CHANNELS, f"model.{key}", value, f"an integer in [1, {MAX_CHANNELS}] or null")
         max_trunk = self.n_layers_d + 1
         require(
             1 <= self.hnet_trunk_layers <= max_trunk,
@@ -139,10 +152,20 @@ class ModelConfig:
         if self.flip_equivariance is None:
             self.flip_equivariance = fast
 
+    def channels(self, domain: str) -> int:
+        """The image channels of domain "x" or "y" (3 where neither the config nor the data set them)."""
+        value = self.x_channels if domain == "x" else self.y_channels
+        return 3 if value is None else value
+
     @property
     def in_channels(self) -> int:
-        """Generator input channels (RGB alone unless the full Config set input_nc from data.extra)."""
-        return 3 if self.input_nc is None else self.input_nc
+        """G's input channels (X's alone unless the full Config set input_nc from data.extra)."""
+        return self.channels("x") if self.input_nc is None else self.input_nc
+
+    def generator_channels(self, source: str, target: str) -> tuple[int, int]:
+        """(input, output) channels of the generator from domain `source` to `target`: the source's image channels
+        plus the extra channels of data.extra, and the target's."""
+        return self.channels(source) + self.in_channels - self.channels("x"), self.channels(target)
 
     def min_image_multiple(self) -> int:
         """The spatial size of images must be a multiple of this for the chosen generator."""

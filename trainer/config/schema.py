@@ -41,14 +41,16 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
-        input_nc = 3 + EXTRA_CHANNELS[self.data.extra]
+        input_nc = self.model.channels("x") + EXTRA_CHANNELS[self.data.extra]
         if self.model.input_nc not in (None, input_nc):
             raise ConfigError(
-                f"model.input_nc={self.model.input_nc} contradicts data.extra={self.data.extra} ({input_nc} channels); "
-                "leave model.input_nc unset"
+                f"model.input_nc={self.model.input_nc} contradicts model.x_channels={self.model.channels('x')} and "
+                f"data.extra={self.data.extra} ({input_nc} channels); leave model.input_nc unset"
             )
         self.model.input_nc = input_nc
         self._resolve_family()
+        if self.model.channels("x") != self.model.channels("y"):
+            self._channels_differ()
         if self.loss.lambda_feature > 0 and self.model.discriminator != "hnet":
             raise ConfigError(
                 f"loss.lambda_feature={self.loss.lambda_feature} needs model.discriminator=hnet "
@@ -99,6 +101,18 @@ class Config:
             raise ConfigError(
                 f"eval.select=cycle needs reconstructions; model.family={self.model.family} has none: use psnr or fid"
             )
+
+    def _channels_differ(self) -> None:
+        """X and Y of different channel counts: no identity terms (G(y) would feed Y's channels to G); refuse the
+        terms that compare an image with its translation and the discriminator trunk that both domains share."""
+        self.loss.lambda_identity = 0.0
+        if self.model.family in CONTRASTIVE_FAMILIES:
+            self.model.nce_identity = False
+        counts = f"X has {self.model.channels('x')} channels and Y {self.model.channels('y')}"
+        if self.loss.lambda_preserve > 0:
+            raise ConfigError(f"loss.lambda_preserve={self.loss.lambda_preserve} compares G(x) with x, but {counts}")
+        if self.model.discriminator == "hnet":
+            raise ConfigError(f"model.discriminator=hnet shares one trunk between D_X and D_Y, but {counts}")
 
     def _check_penalty(self) -> None:
         """loss.gan_mode=wgangp differentiates the discriminators twice: refuse what cannot."""

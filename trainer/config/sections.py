@@ -101,6 +101,11 @@ class DataConfig:
     extra: Literal["none", "hist", "label"] = "none"
     """Per-sample extra fed to the generators as extra input channels: a colour histogram (hist.npy) or a label
     map (label.png) stored in the shards."""
+    x_bits: Literal[8, 16] | None = None
+    """Bit depth of X's pixels, which are scaled to [-1, 1] from it. Null: the data's (its manifest records it; 8
+    for shards without one). A value the data contradicts is an error."""
+    y_bits: Literal[8, 16] | None = None
+    """Bit depth of Y's pixels (see x_bits)."""
     shuffle_buffer: int = 256
     """Samples held in each (rank, worker, domain) shuffle buffer."""
     num_workers: int | Literal["auto"] = "auto"

@@ -7,26 +7,37 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards.decode import BadSample, decode_extra, decode_rgb, image_extension
+from shards.decode import BadSample, decode_extra, decode_image, image_extension
+from shards.pixels import RGB8, PixelFormat
 from trainer.config.sections import DataConfig
 from trainer.data.health import LOST, BadSampleCounter
 
 
-def decode(sample: dict[str, Any], extra: str, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The sample's image as uint8 [3, H, W] (grey/RGBA/palette converted to RGB) and its extra, if configured:
-    hist -> float [24] (8-bin histograms of R, G, B), label -> uint8 [1, H, W].
-
-    Raises:
-        BadSample: a part is missing or does not decode (images over `max_pixels` included).
-    """
-    rgb = decode_rgb(sample[image_extension(sample)], max_pixels)  # [H, W, 3]
+def pixel_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """[H, W, C] uint8 or uint16 as [C, H, W] uint8 or int32 (16-bit values; torch computes little on uint16)."""
+    if pixels.dtype == np.uint16:
+        return torch.from_numpy(pixels.astype(np.int32)).permute(2, 0, 1)
     with warnings.catch_warnings():
         # A read-only view: augment() copies only the crop it keeps, never writes into this.
         warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(rgb).permute(2, 0, 1)
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def decode(
+    sample: dict[str, Any], extra: str, max_pixels: int, pixel_format: PixelFormat = RGB8
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sample's image as [C, H, W] of `pixel_format` (see `pixel_tensor`; for 8-bit RGB, grey/RGBA/palette
+    images are converted) and its extra, if configured: hist -> float [24] (8-bin histograms of R, G, B), label ->
+    uint8 [1, H, W].
+
+    Raises:
+        BadSample: a part is missing or does not decode (images over `max_pixels` or of another format included).
+    """
+    tensor = pixel_tensor(decode_image(sample[image_extension(sample)], pixel_format, max_pixels))
     if extra == "none":
         return tensor, None
     value = torch.from_numpy(decode_extra(sample, extra, max_pixels).copy())
@@ -34,7 +45,7 @@ def decode(sample: dict[str, Any], extra: str, max_pixels: int) -> tuple[torch.T
 
 
 def decode_or_count(
-    sample: dict[str, Any], extra: str, bad: BadSampleCounter, max_pixels: int
+    sample: dict[str, Any], extra: str, bad: BadSampleCounter, max_pixels: int, pixel_format: PixelFormat = RGB8
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """`decode`, but a bad sample (a part missing or not decoding, or a placeholder for a lost one) is counted in
     `bad` and gives None."""
@@ -42,7 +53,7 @@ def decode_or_count(
         bad.counts[sample[LOST]] += 1  # its shard's line in the log says why
         return None
     try:
-        return decode(sample, extra, max_pixels)
+        return decode(sample, extra, max_pixels, pixel_format)
     except BadSample as err:
         bad.add(err.kind, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')} ({err})")
     return None
@@ -51,7 +62,8 @@ def decode_or_count(
 def augment(
     image: torch.Tensor, label: torch.Tensor | None, cfg: DataConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Resize to load_size (times a random zoom), rotate, random-crop crop_size and flip; uint8 in and out.
+    """Resize to load_size (times a random zoom), rotate, random-crop crop_size and flip; pixels of one integer
+    type in and out.
     A label map gets the same geometry with nearest-neighbour sampling."""
     size = cfg.load_size
     if cfg.scale_min < 1:
@@ -76,17 +88,21 @@ def augment(
 def _warp(image: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
     grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
     out = F.grid_sample(image[None].float(), grid, mode=mode, padding_mode="reflection", align_corners=False)[0]
-    return out.round().clamp(0, 255).to(torch.uint8)
+    return out.round().clamp(0, PIXEL_MAX[image.dtype]).to(image.dtype)
+
+
+PIXEL_MAX = {torch.uint8: 255, torch.int32: 65535}
+"""The largest value of the pixel types images are carried in (int32 holds 16-bit pixels)."""
 
 
 def resize(image: torch.Tensor, size: int, nearest: bool = False) -> torch.Tensor:
-    """Resize uint8 [C, H, W] to [C, size, size] (antialiased bilinear, or nearest for label maps)."""
+    """Resize [C, H, W] integer pixels to [C, size, size] (antialiased bilinear, or nearest for label maps)."""
     if image.shape[-2:] == (size, size):
         return image
     if nearest:
-        return F.interpolate(image[None].float(), size=(size, size), mode="nearest")[0].to(torch.uint8)
+        return F.interpolate(image[None].float(), size=(size, size), mode="nearest")[0].to(image.dtype)
     out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round().clamp(0, 255).to(torch.uint8)
+    return out[0].round().clamp(0, PIXEL_MAX[image.dtype]).to(image.dtype)
 
 
 def extra_channels(extra: torch.Tensor, kind: str, size: int | tuple[int, int]) -> torch.Tensor:

@@ -2,11 +2,12 @@
 reference layout that `shards.write --root` packs).
 
 A folder a user points at is data (untrusted), read exactly like a shard sample: only regular files are opened
-(`shards.write.file_problem`, so a FIFO or device never blocks), and the bytes are decoded by
-`shards.decode.decode_rgb` (the same pixel limit; grey, RGBA and palette images converted to RGB). A file that
-cannot be used is skipped and reported as "PATH: reason", never fatal. The resolution policy of evaluation is
-training's test path (`trainer.data.resize` to data.crop_size), so a folder and the same images packed as shards
-give the same test set. Writing shards is shards.write's job; shard test splits are trainer.data's.
+(`shards.input_files.file_problem`, so a FIFO or device never blocks), and the bytes are decoded by
+`shards.decode.decode_image` in the domain's pixel format (the same pixel limit; for 8-bit RGB, grey, RGBA and
+palette images are converted). A file that cannot be used is skipped and reported as "PATH: reason", never fatal.
+The resolution policy of evaluation is training's test path (`trainer.data.resize` to data.crop_size), so a folder
+and the same images packed as shards give the same test set. Writing shards is shards.write's job; shard test
+splits are trainer.data's.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from shards.decode import DEFAULT_MAX_PIXELS, BadSample, decode_rgb
+from shards.decode import DEFAULT_MAX_PIXELS, BadSample, decode_image
 from shards.encoding import colour_histogram
-from shards.write import IMAGE_SUFFIXES, file_problem, open_nonblocking
+from shards.input_files import IMAGE_SUFFIXES, file_problem, open_nonblocking
+from shards.pixels import RGB8, PixelFormat
 from trainer.config.checks import ConfigError
-from trainer.data.augment import resize
+from trainer.data.augment import pixel_tensor, resize
 from trainer.data.plan import DOMAINS
 from trainer.data.test_sets import TestSet, stack_test_images
 
 Item = tuple[str, torch.Tensor, torch.Tensor | None]
-"""(name relative to the folder, uint8 [3, H, W], colour histogram float [24] or None)."""
+"""(name relative to the folder, integer pixels [C, H, W] (augment.pixel_tensor), colour histogram float [24] or
+None)."""
 TEST_FOLDERS = {"x": "testA", "y": "testB"}
 """The reference layout's test folders of X and Y."""
 
@@ -45,12 +48,13 @@ def image_files(root: Path, key: str) -> list[Path]:
     return files
 
 
-def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """The image file at `path` as uint8 [H, W, 3], decoded as a shard sample's image is.
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, pixel_format: PixelFormat = RGB8) -> np.ndarray:
+    """The image file at `path` as [H, W, C] of `pixel_format`, decoded as a shard sample's image is (8-bit RGB
+    by conversion from grey, RGBA and palette images; any other format must be the file's own).
 
     Raises:
-        BadSample: not a non-empty regular file ("missing"), or an image that does not decode or is over
-            `max_pixels` ("corrupt").
+        BadSample: not a non-empty regular file ("missing"), or an image that does not decode, is over
+            `max_pixels` or is of another format ("corrupt").
     """
     problem = file_problem(path)  # os.stat + S_ISREG: nothing else is opened
     if problem:
@@ -61,7 +65,7 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             data = handle.read()
     except OSError as err:
         raise BadSample("missing", f"cannot read: {err.strerror}") from None
-    return decode_rgb(data, max_pixels)
+    return decode_image(data, pixel_format, max_pixels)
 
 
 def read_image_dir(
@@ -71,9 +75,10 @@ def read_image_dir(
     key: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     skipped: list[str] | None = None,
+    pixel_format: PixelFormat = RGB8,
 ) -> Iterator[Item]:
-    """The readable ones of `files` (under `root`, e.g. from `image_files`), in order, named by their path relative
-    to root; a colour histogram with them when the generators take one (extra=hist).
+    """The readable ones of `files` (under `root`, e.g. from `image_files`) in `pixel_format`, in order, named by
+    their path relative to root; a colour histogram with them when the generators take one (extra=hist).
 
     Args:
         skipped: each unreadable file is appended as "PATH: reason"; None prints that line to stderr instead.
@@ -85,7 +90,7 @@ def read_image_dir(
         raise ConfigError(f"{key} {root}: the model takes label maps (data.extra=label); give shards with label.png")
     for path in files:
         try:
-            pixels = read_image(path, max_pixels)
+            pixels = read_image(path, max_pixels, pixel_format)
         except BadSample as err:
             if skipped is None:
                 print(f"skipped {path}: {err}", file=sys.stderr)
@@ -93,7 +98,7 @@ def read_image_dir(
                 skipped.append(f"{path}: {err}")
             continue
         hist = torch.from_numpy(colour_histogram(pixels)).float() if extra == "hist" else None
-        yield str(path.relative_to(root)), torch.from_numpy(pixels.copy()).permute(2, 0, 1), hist
+        yield str(path.relative_to(root)), pixel_tensor(pixels), hist
 
 
 def has_test_folders(root: Path) -> bool:
@@ -109,6 +114,7 @@ def load_test_folders(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     rank: int = 0,
     world_size: int = 1,
+    formats: dict[str, PixelFormat] | None = None,
 ) -> TestSet:
     """This rank's share (every world_size-th, from `rank`) of the first `count` images of root/testA (X) and
     root/testB (Y), sorted, resized to crop_size as training's test splits are. Unpaired: there is no known answer.
@@ -122,9 +128,10 @@ def load_test_folders(
     for domain in DOMAINS:
         folder = root / TEST_FOLDERS[domain]
         files = image_files(folder, "--data")[:count]
-        share = read_image_dir(folder, files[rank::world_size], extra, "--data", max_pixels, skipped)
+        pixel_format = (formats or {}).get(domain, RGB8)
+        share = read_image_dir(folder, files[rank::world_size], extra, "--data", max_pixels, skipped, pixel_format)
         items = [(resize(image, crop_size), hist) for _, image, hist in share]  # full-size decodes are not kept
-        stacked.append(stack_test_images(items, extra, crop_size))
+        stacked.append(stack_test_images(items, extra, crop_size, "cpu", pixel_format))
         totals.append(len(files))
     if skipped:
         print(f"test folders: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")

@@ -12,8 +12,10 @@ from typing import Any, Iterator
 
 import torch
 
+from shards.pixels import RGB8, PixelFormat
 from trainer.config.sections import DataConfig
 from trainer.data.augment import augment, decode_or_count, extra_channels
+from trainer.data.formats import to_unit_range
 from trainer.data.health import BAD_KINDS, BadSampleCounter, check_bad_fraction
 from trainer.data.plan import DOMAINS, DataError, Shard, check_cache_dir, mix, train_shards
 from trainer.data.stream import DomainStream
@@ -22,7 +24,8 @@ from trainer.runtime.preemption import ignore_in_worker
 
 
 class UnpairedShards(torch.utils.data.IterableDataset):
-    """Batches {"x", "y" (uint8 [B, 3, H, W]), "extra_x", "extra_y", "state", "bad"} of one rank's slots.
+    """Batches {"x", "y" (integer pixels [B, C, H, W] of each domain's format, see augment.pixel_tensor),
+    "extra_x", "extra_y", "state", "bad"} of one rank's slots.
 
     Worker w of the DataLoader serves logical slot (w + offset) % num_workers, so after `consumed` batches a new
     DataLoader (which starts with worker 0) continues with offset = consumed % num_workers.
@@ -38,10 +41,12 @@ class UnpairedShards(torch.utils.data.IterableDataset):
         slot_states: dict[int, dict[str, list[int]]],
         offset: int,
         shards: dict[str, list[Shard]] | None = None,
+        formats: dict[str, PixelFormat] | None = None,
     ):
         super().__init__()
         self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
         self.shards = shards or {d: train_shards(cfg, d) for d in DOMAINS}
+        self.formats = formats or {d: RGB8 for d in DOMAINS}
         self.slot_states = slot_states
         self.offset = offset
 
@@ -65,7 +70,9 @@ class UnpairedShards(torch.utils.data.IterableDataset):
                     epoch, position, sample = next(streams[domain])
                     read += 1
                     batch["state"][domain] = [epoch, position + 1]
-                    decoded = decode_or_count(sample, self.cfg.extra, bad, self.cfg.max_image_pixels)
+                    decoded = decode_or_count(
+                        sample, self.cfg.extra, bad, self.cfg.max_image_pixels, self.formats[domain]
+                    )
                     if decoded is None:
                         # The main process checks each batch; a worker whose samples are all bad would never
                         # finish one, so it checks the samples it read itself.
@@ -95,7 +102,16 @@ class UnpairedLoader:
     """One rank's endless training batches on the device: {"x", "y"} float in [-1, 1], plus "extra_x"/"extra_y"
     generator channels when data.extra is set. Tracks the data position (`state_dict`) and bad-sample counts."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int, device: torch.device):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        formats: dict[str, PixelFormat] | None = None,
+    ):
         """Resolves and checks the training shards of both domains and the cache directory now (a wrong data.root
         fails here, before a run writes anything); the stream starts on the first batch.
 
@@ -107,6 +123,7 @@ class UnpairedLoader:
         check_cache_dir(cfg)
         self.shards = {d: train_shards(cfg, d) for d in DOMAINS}
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.formats = formats or {d: RGB8 for d in DOMAINS}
         self.consumed = 0
         self.slot_states: dict[int, dict[str, list[int]]] = {}
         self.bad: Counter = Counter()
@@ -170,6 +187,7 @@ class UnpairedLoader:
             self.slot_states,
             offset=self.consumed % max(1, workers),
             shards=self.shards,
+            formats=self.formats,
         )
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -213,7 +231,7 @@ class UnpairedLoader:
         out = {}
         for domain in DOMAINS:
             images = batch[domain].to(self.device, non_blocking=True)
-            out[domain] = images.float().div_(127.5).sub_(1.0)
+            out[domain] = to_unit_range(images, self.formats[domain])
             if self.cfg.extra != "none":
                 extra = batch[f"extra_{domain}"].to(self.device, non_blocking=True)
                 out[f"extra_{domain}"] = extra_channels(extra, self.cfg.extra, images.shape[-1])

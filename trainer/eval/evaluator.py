@@ -22,7 +22,7 @@ from trainer.algorithms.shared import with_extra
 from trainer.config.checks import ConfigError
 from trainer.config.sections import EvalConfig
 from trainer.data.test_sets import TestSet
-from trainer.eval.image_metrics import PSNR, SSIM, MeanAbsoluteError, MeanMetric, reduce_means
+from trainer.eval.image_metrics import PSNR, SSIM, MeanAbsoluteError, MeanMetric, match_channels, reduce_means
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
@@ -31,6 +31,7 @@ NO_INCEPTION = (
     "FID/KID skipped: set eval.inception_weights (CLI: --inception-weights) to a local TorchScript Inception-v3 "
     "such as inception-2015-12-05.pt; nothing is downloaded"
 )
+NO_RGB = "FID/KID skipped: the Inception network takes RGB (grey is repeated to RGB); these images have {} channels"
 NO_KNOWN_ANSWER = (
     "PSNR/SSIM skipped: they need test images with a known answer (paired synthetic shards); these test images are "
     "unpaired, so cycle L1 and FID/KID are computed"
@@ -52,6 +53,7 @@ class InceptionFeatures(nn.Module):
         self.num_features = num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # grey as RGB
         pixels = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
         with torch.autocast(images.device.type, enabled=False):
             return self.net(pixels, return_features=True).float()
@@ -195,9 +197,9 @@ class Evaluator:
         for start in range(0, math.ceil(total / self.world_size), size):
             chunk = images[start : start + size]
             if len(chunk) == 0:  # padding: this rank's share is shorter than the largest
-                side = images.shape[-1]
-                pad = torch.zeros(1, self.input_nc, side, side, device=self.device)
-                yield start, 0, pad[:, :3], (pad[:, 3:] if self.input_nc > 3 else None)
+                side, extra_nc = images.shape[-1], self.input_nc - self.test.x.shape[1]
+                pad = torch.zeros(1, images.shape[1], side, side, device=self.device)
+                yield start, 0, pad, (torch.zeros(1, extra_nc, side, side, device=self.device) if extra_nc else None)
                 continue
             chunk_extra = None if extra is None else extra[start : start + size].to(self.device)
             yield start, len(chunk), chunk.to(self.device), chunk_extra
@@ -219,9 +221,9 @@ class Evaluator:
             direction = "g_xy" if domain == "x" else "g_yx"
             m[f"psnr_{direction}"].update(fake, target)
             m[f"ssim_{direction}"].update(fake, target)
-            if domain == "x":
-                m["psnr_identity"].update(real, target)
-                m["ssim_identity"].update(real, target)
+            if domain == "x":  # the identity: x itself, in Y's channel count where they differ
+                m["psnr_identity"].update(match_channels(real, target.shape[1]), target)
+                m["ssim_identity"].update(match_channels(real, target.shape[1]), target)
         inception = self.inception_metrics
         other = "y" if domain == "x" else "x"
         for kind in ("fid", "kid"):

@@ -95,3 +95,16 @@ def reduce_means(metrics: dict[str, MeanMetric]) -> dict[str, float]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)  # SUM
     return dict(zip(metrics, (totals[:, 0] / totals[:, 1]).tolist()))
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images [N, C, H, W] in another channel count, as a plain conversion would make them (the identity baseline
+    between domains of different channel counts): one channel from the luma of the first three (ITU-R 601) or the
+    single one; from one channel by repeating it; otherwise the first `channels`, the last one repeated."""
+    count = images.shape[1]
+    if count == channels:
+        return images
+    if channels == 1 and count >= 3:
+        weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype)
+        return (images[:, :3] * weights[None, :, None, None]).sum(1, keepdim=True)
+    return images[:, [min(c, count - 1) for c in range(channels)]]

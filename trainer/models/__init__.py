@@ -30,13 +30,13 @@ GENERATORS: dict[str, GeneratorBuilder] = {
     "densenet": lambda c, i, o: DenseNetGenerator(i, o, c.ngf, c.norm_g, c.n_blocks),
 }
 
-OUTPUT_NC = 3
 CHECKPOINTABLE = (ResnetGenerator, ArticleUnetGenerator, DeepUnetGenerator)
 
 
-def build_generator(cfg: ModelConfig) -> nn.Module:
-    """One initialized generator mapping cfg.in_channels channels (RGB + extras) to an RGB image in [-1, 1]."""
-    net = GENERATORS[cfg.generator](cfg, cfg.in_channels, OUTPUT_NC)
+def build_generator(cfg: ModelConfig, source: str = "x", target: str = "y") -> nn.Module:
+    """One initialized generator from domain `source` to `target`: the source's image channels plus the extras in,
+    the target's image channels out, in [-1, 1]."""
+    net = GENERATORS[cfg.generator](cfg, *cfg.generator_channels(source, target))
     init_weights(net, cfg.init, cfg.init_gain)
     return net
 
@@ -59,12 +59,13 @@ def set_activation_checkpointing(net: nn.Module, enabled: bool) -> int:
     return net.set_activation_checkpointing(enabled)
 
 
-def build_discriminator(cfg: ModelConfig) -> nn.Module:
-    """One initialized PatchGAN or pixel discriminator (for hnet see `build_hnet`)."""
+def build_discriminator(cfg: ModelConfig, domain: str = "y") -> nn.Module:
+    """One initialized PatchGAN or pixel discriminator of `domain`'s images (for hnet see `build_hnet`)."""
+    channels = cfg.channels(domain)
     if cfg.discriminator == "patchgan":
-        net: nn.Module = PatchDiscriminator(OUTPUT_NC, cfg.ndf, cfg.n_layers_d, cfg.norm_d)
+        net: nn.Module = PatchDiscriminator(channels, cfg.ndf, cfg.n_layers_d, cfg.norm_d)
     elif cfg.discriminator == "pixel":
-        net = PixelDiscriminator(OUTPUT_NC, cfg.ndf, cfg.norm_d)
+        net = PixelDiscriminator(channels, cfg.ndf, cfg.norm_d)
     else:
         raise ValueError(f"model.discriminator={cfg.discriminator!r} is built by build_hnet")
     init_weights(net, cfg.init, cfg.init_gain)
@@ -73,11 +74,12 @@ def build_discriminator(cfg: ModelConfig) -> nn.Module:
 
 def build_hnet(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
     """The article's improved variant: a shared PatchGAN trunk H and two heads, so D_X = H'_X(H(.)) and
-    D_Y = H'_Y(H(.)). Returns (trunk, head_x, head_y), each initialized."""
-    split = cfg.hnet_trunk_layers
-    trunk = nn.Sequential(*patchgan_stages(OUTPUT_NC, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[:split])
-    head_x = nn.Sequential(*patchgan_stages(OUTPUT_NC, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[split:])
-    head_y = nn.Sequential(*patchgan_stages(OUTPUT_NC, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[split:])
+    D_Y = H'_Y(H(.)), for domains of one channel count (the Config refuses others). Returns (trunk, head_x,
+    head_y), each initialized."""
+    split, channels = cfg.hnet_trunk_layers, cfg.channels("x")
+    trunk = nn.Sequential(*patchgan_stages(channels, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[:split])
+    head_x = nn.Sequential(*patchgan_stages(channels, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[split:])
+    head_y = nn.Sequential(*patchgan_stages(channels, cfg.ndf, cfg.n_layers_d, cfg.norm_d)[split:])
     for net in (trunk, head_x, head_y):
         init_weights(net, cfg.init, cfg.init_gain)
     return trunk, head_x, head_y

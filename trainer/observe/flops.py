@@ -29,11 +29,11 @@ CPU_PEAK_MATMUL = 512  # the CPU peak's matrix size
 
 
 def update_flops(chosen: Family, gens: torch.nn.Module, discs: torch.nn.Module, loss: LossConfig, size: int,
-                 extra_channels: int = 0) -> int:  # fmt: skip
-    """FLOPs of one update on one image pair of `size` px: the generator step's forward and backward against the
-    frozen discriminators, then the discriminator step's on the detached fakes."""
+                 extra_channels: int = 0, channels: tuple[int, int] = (3, 3)) -> int:  # fmt: skip
+    """FLOPs of one update on one image pair of `size` px (X's and Y's `channels`): the generator step's forward
+    and backward against the frozen discriminators, then the discriminator step's on the detached fakes."""
     device = next(gens.parameters()).device
-    x, y = (torch.zeros(1, 3, size, size, device=device) for _ in range(2))
+    x, y = (torch.zeros(1, c, size, size, device=device) for c in channels)
     extra = torch.zeros(1, extra_channels, size, size, device=device) if extra_channels else None
     with FlopCounterMode(display=False) as counter:
         discs.requires_grad_(False)
@@ -53,7 +53,9 @@ def flops_per_pair(cfg: Config) -> tuple[int | None, str]:
         with torch.random.fork_rng(devices=[]):  # the training's random draws stay as they were
             with torch.device("meta"):
                 gens, discs = chosen.build_units(cfg.model, cfg.loss, cfg.train.fuse_generator_passes)
-            flops = update_flops(chosen, gens, discs, cfg.loss, cfg.data.crop_size, EXTRA_CHANNELS[cfg.data.extra])
+            channels = (cfg.model.channels("x"), cfg.model.channels("y"))
+            extra = EXTRA_CHANNELS[cfg.data.extra]
+            flops = update_flops(chosen, gens, discs, cfg.loss, cfg.data.crop_size, extra, channels)
     except (RuntimeError, NotImplementedError) as err:  # an operator without a meta kernel
         return None, f"FLOPs not counted ({str(err).splitlines()[0][:120]})"
     return flops, f"{flops / 1e9:.3g} GFLOP per image pair per update"
