@@ -22,6 +22,8 @@ setup(
         "tqdm>=4.60",
         "pillow>=10.0",
         "numpy>=1.24",
+        # Multi-page and multi-band TIFF (16-bit, N bands: satellite, microscopy), read and written.
+        "tifffile>=2023.1",
         # FID/KID, and the oracle of our PSNR/SSIM/L1 tests; 1.4.2 stopped cropping the SSIM map's border.
         "torchmetrics>=1.4.2",
     ],

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from shards.decode import EXTRA_PARTS, BadSample, decode_rgb, image_extension
+from shards.decode import DEFAULT_MAX_PIXELS, EXTRA_PARTS, BadSample, image_extension
+from shards.pixels import PixelFormat, display_rgb, npy_shape, read_pixels
 from shards.remote import ShardUnavailable
 from shards.streams import Reading, file_samples, local_copy
 from shards.urls import ShardsError
@@ -70,11 +71,13 @@ def _record(errors: list[Exception], err: Exception) -> bool:
 
 
 def header_size(data: bytes) -> tuple[int, int]:
-    """(height, width) of an encoded image, from its header only.
+    """(height, width) of an encoded image (an .npy array's included), from its header only.
 
     Raises:
         Exception: whatever PIL raises for data it cannot identify (a hostile file can make it raise anything).
     """
+    if data.startswith(b"\x93NUMPY"):
+        return npy_shape(data)[:2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # a size is all we want from it
         with Image.open(io.BytesIO(data)) as image:
@@ -120,8 +123,9 @@ def _read_shard(path: str, info: GroupInfo, thumbnails: int) -> None:
             continue
         if len(info.thumbnails) < thumbnails:
             try:
-                info.thumbnails.append(Image.fromarray(decode_rgb(data)).resize((THUMB, THUMB)))
-            except BadSample:
+                pixels = display_rgb(read_pixels(data, DEFAULT_MAX_PIXELS))
+                info.thumbnails.append(Image.fromarray(pixels).resize((THUMB, THUMB)))
+            except ValueError:
                 pass  # shards.verify reports it
     info.unreadable_shards += bool(errors)
 
@@ -146,12 +150,13 @@ def describe_sizes(sizes: Counter, top: int = TOP_SIZES) -> str:
     return text
 
 
-def describe(name: str, info: GroupInfo) -> list[str]:
-    """The table row of one group and its detail lines."""
+def describe(name: str, info: GroupInfo, pixel_format: PixelFormat | None = None) -> list[str]:
+    """The table row of one group and its detail lines (with the images' format when a manifest records it)."""
     extras = ", ".join(f"{part} {info.extras[part]}" for part in EXTRA_PARTS.values() if info.extras[part]) or "none"
     lines = [
         f"{shown(name):<10} {info.samples:>9} {info.shards:>7} {info.bytes / 2**20:>9.2f}  {extras}",
-        f"  image sizes HxW (images): {describe_sizes(info.sizes)}",
+        f"  image sizes HxW (images): {describe_sizes(info.sizes)}"
+        + (f"; {pixel_format.describe()}" if pixel_format is not None else ""),
     ]
     bad = {
         "unreadable image headers": info.bad_headers,
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<10} {'samples':>9} {'shards':>7} {'MiB':>9}  extras")
         for group in target.groups:
             info = read_group(group, args.per_split)
-            print("\n".join(describe(group.name, info)), flush=True)
+            print("\n".join(describe(group.name, info, group.pixel_format)), flush=True)
             several_manifests = len(targets) > 1 and target.manifest is not None
             rows.append((f"{target.arg} {group.name}" if several_manifests else group.name, info.thumbnails))
     sheet_path = args.sheet or (targets[0].directory or Path(".")) / "contact_sheet.png"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MAX_CHANNELS = 64
 """Most channels (bands) an image may have."""
@@ -132,9 +132,8 @@ def tiff_pixels(data: bytes, max_pixels: int, part: str = "image") -> np.ndarray
     return np.ascontiguousarray(array.transpose(order).reshape(height, width, channels))
 
 
-def npy_pixels(data: bytes, max_pixels: int, part: str = NPY_PART) -> np.ndarray:
-    """An image stored as .npy (uint8 or uint16 [H, W, C]); its header is checked before the array is read and
-    nothing is unpickled.
+def npy_shape(data: bytes, part: str = NPY_PART) -> tuple[int, ...]:
+    """The shape of an image stored as .npy (uint8 or uint16 [H, W, C]), from its header alone.
 
     Raises:
         ValueError: not such an array.
@@ -150,6 +149,17 @@ def npy_pixels(data: bytes, max_pixels: int, part: str = NPY_PART) -> np.ndarray
         raise ValueError(f"{part} is not a .npy array ({type(err).__name__}: {err!s:.100})") from None
     if len(shape) != 3 or dtype not in (np.uint8, np.uint16):
         raise ValueError(f"{part} is {dtype} of shape {shape}; expected uint8 or uint16 [H, W, C]")
+    return shape
+
+
+def npy_pixels(data: bytes, max_pixels: int, part: str = NPY_PART) -> np.ndarray:
+    """An image stored as .npy (see `npy_shape`); its header is checked before the array is read and nothing is
+    unpickled.
+
+    Raises:
+        ValueError: not such an array, or over `max_pixels`.
+    """
+    shape = npy_shape(data, part)
     _check_size(shape[0], shape[1], shape[2], max_pixels, part)
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
@@ -176,6 +186,8 @@ def read_pixels(data: bytes, max_pixels: int, part: str = "image") -> np.ndarray
                 return pil_pixels(image, part)
     except ValueError:
         raise
+    except UnidentifiedImageError:
+        raise ValueError(f"{part} is in no format PIL can identify") from None
     except Exception as err:  # a hostile file can make PIL raise anything
         raise ValueError(f"{part} does not decode ({type(err).__name__}: {err!s:.100})") from None
 

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from shards.decode import DEFAULT_MAX_PIXELS, EXTRA_PARTS, BadSample, decode_extra, decode_rgb, image_extension
-from shards.manifest import MANIFEST, read_manifest, sha256_file, split_urls
+from shards.decode import DEFAULT_MAX_PIXELS, EXTRA_PARTS, BadSample, decode_extra, decode_image, image_extension
+from shards.manifest import MANIFEST, read_manifest, sha256_file, split_format, split_urls
+from shards.pixels import PixelFormat, read_pixels
 from shards.remote import ShardUnavailable, is_remote
 from shards.streams import Reading, file_samples, local_copy
 from shards.urls import PIPE, ShardsError, check_url, expand_shard_spec
@@ -51,6 +52,8 @@ class ShardGroup:
     """How each shard is named in the output: its manifest name, else its path."""
     records: list[dict] | None
     """The manifest's record of each shard (samples, bytes, sha256); None without a manifest."""
+    pixel_format: PixelFormat | None = None
+    """The images' format the manifest records for the split; None (any format) without a manifest."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,13 @@ def _directory_shards(directory: Path, key: str) -> tuple[list[str], list[str]]:
 def manifest_groups(root: Path | str, manifest: dict) -> list[ShardGroup]:
     """One group per split of a checked manifest (see shards.manifest.read_manifest), in manifest order."""
     return [
-        ShardGroup(split, split_urls(root, manifest, split), [s["name"] for s in entry["shards"]], entry["shards"])
+        ShardGroup(
+            split,
+            split_urls(root, manifest, split),
+            [s["name"] for s in entry["shards"]],
+            entry["shards"],
+            split_format(manifest, split),
+        )
         for split, entry in manifest["splits"].items()
     ]
 
@@ -133,11 +142,20 @@ def resolve_targets(args: list[str], key: str) -> list[Target]:
     return [resolve_target(arg, key) for arg in args]
 
 
-def check_sample(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
-    """None when the sample's image and every extra it carries decode as training would decode them, else what
-    is wrong (the first problem)."""
+def check_sample(
+    sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS, pixel_format: PixelFormat | None = None
+) -> str | None:
+    """None when the sample's image (of `pixel_format`; None: any) and every extra it carries decode as training
+    would decode them, else what is wrong (the first problem)."""
     try:
-        decode_rgb(sample[image_extension(sample)], max_pixels)
+        data = sample[image_extension(sample)]
+        if pixel_format is None:
+            try:
+                read_pixels(data, max_pixels)
+            except ValueError as err:
+                raise BadSample("corrupt", str(err)) from None
+        else:
+            decode_image(data, pixel_format, max_pixels)
         for kind, part in EXTRA_PARTS.items():
             if part in sample:
                 decode_extra(sample, kind, max_pixels)
@@ -161,7 +179,9 @@ class Tally:
     bad: int = 0
 
 
-def check_shard(url: str, label: str, max_pixels: int, tally: Tally) -> tuple[int, list[str]]:
+def check_shard(
+    url: str, label: str, max_pixels: int, tally: Tally, pixel_format: PixelFormat | None = None
+) -> tuple[int, list[str]]:
     """Decode every sample of one shard file, adding to `tally`.
 
     Returns:
@@ -173,7 +193,7 @@ def check_shard(url: str, label: str, max_pixels: int, tally: Tally) -> tuple[in
     samples = file_samples(url, handler=lambda e: errors.append(tar_error(e)) or True)
     for sample in samples:
         count += 1
-        problem = check_sample(sample, max_pixels)
+        problem = check_sample(sample, max_pixels, pixel_format)
         if problem:
             bad += 1
             problems.append(f"{label}:{shown(sample['__key__'])}: {shown(problem)}")
@@ -193,12 +213,15 @@ def check_group(group: ShardGroup, max_pixels: int, tally: Tally | None = None) 
         record = group.records[index] if group.records is not None else None
         try:
             with local_copy(url, Reading()) as local:
-                yield from _check_local(local, label, record, max_pixels, tally if tally is not None else Tally())
+                tally = tally if tally is not None else Tally()
+                yield from _check_local(local, label, record, max_pixels, tally, group.pixel_format)
         except ShardUnavailable as err:
             yield f"{label}: unavailable ({shown(str(err)):.300})"
 
 
-def _check_local(url: str, label: str, record: dict | None, max_pixels: int, tally: Tally) -> Iterator[str]:
+def _check_local(
+    url: str, label: str, record: dict | None, max_pixels: int, tally: Tally, pixel_format: PixelFormat | None
+) -> Iterator[str]:
     if record is not None:
         path = Path(url)
         if not path.is_file():
@@ -208,7 +231,7 @@ def _check_local(url: str, label: str, record: dict | None, max_pixels: int, tal
             yield f"{label}: {path.stat().st_size} bytes, manifest says {record.get('bytes')}"
         if sha256_file(path) != record.get("sha256"):
             yield f"{label}: sha256 differs from the manifest"
-    count, problems = check_shard(url, label, max_pixels, tally)
+    count, problems = check_shard(url, label, max_pixels, tally, pixel_format)
     yield from problems
     if record is not None and count != record["samples"]:
         yield f"{label}: {count} samples, manifest says {record['samples']}"
