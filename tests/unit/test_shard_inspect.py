@@ -213,7 +213,7 @@ def test_info_on_a_manifest_directory_reads_sizes_and_extras_from_the_samples(tm
     assert lines[2].split()[:3] == ["x-train", "5", "3"] and lines[2].endswith("  hist.npy 3, label.png 1")
     assert lines[3] == "  image sizes HxW (images): 16x8 (3), 16x16 (2); min 16x8, max 16x16; 8-bit with 3 channels"
     assert lines[4].split()[:3] == ["y-train", "2", "1"] and lines[4].endswith("  none")
-    assert lines[5] == "  image sizes HxW (images): 12x12 (2)"
+    assert lines[5] == "  image sizes HxW (images): 12x12 (2); 8-bit with 3 channels"
     assert lines[6] == f"contact sheet: {tmp_path / 'contact_sheet.png'} (rows: x-train, y-train)"
 
 
