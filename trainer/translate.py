@@ -17,11 +17,14 @@ pixel limit); an input that cannot be used is skipped and named with its reason 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -45,6 +48,7 @@ from trainer.data.formats import from_unit_range, to_unit_range
 from trainer.data.health import BadSampleCounter
 from trainer.data.image_folders import Item, image_files, read_image_dir
 from trainer.data.stream import shard_samples
+from trainer.models.tiling import translate_tiled
 from trainer.observe.grids import display_channels
 from trainer.runtime.process_exit import exit_process
 
@@ -112,6 +116,59 @@ Crop = tuple[int, int, int, int]
 """(top, left, height, width): where an image lies in its padded tensor."""
 
 
+Pending = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, Crop]
+"""(name, image, padded image, padded extra, crop) of an image waiting for its batch."""
+
+
+@dataclass
+class Translator:
+    """One generator's translation of images from the source domain's format to the target's."""
+
+    net: torch.nn.Module
+    source: PixelFormat
+    target: PixelFormat
+    extra: str  # data.extra of the training run
+    device: torch.device
+    bf16: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def batch(self, batch: list[Pending]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, input, output) of padded images of one shape translated together, cropped back."""
+        images = to_unit_range(torch.stack([padded for _, _, padded, _, _ in batch]).to(self.device), self.source)
+        extra = None
+        if self.extra != "none":
+            extra = torch.stack([e for *_, e, _ in batch])
+            extra = extra_channels(extra, self.extra, images.shape[-2:]).to(self.device)
+        with torch.no_grad(), self.autocast():
+            out = self.net(with_extra(images, extra))
+        pixels = from_unit_range(out, self.target).cpu()
+        for (name, image, _, _, (top, left, height, width)), result in zip(batch, pixels):
+            yield name, image, result[:, top : top + height, left : left + width]
+
+    def tiled(self, image: torch.Tensor, extra: torch.Tensor | None, multiple: int, tile: int, halo: int):
+        """One image translated tile by tile (trainer.models.tiling): the generator sees windows of the image,
+        padded as the untiled path pads it, by index (no padded copy of the image is made)."""
+        height, width = image.shape[-2:]
+        padded, (top, left, _, _) = padded_size(height, width, multiple)
+
+        def tile_input(row: int, col: int, rows: int, cols: int) -> torch.Tensor:
+            index = reflected(row - top, rows, height), reflected(col - left, cols, width)
+            window = to_unit_range(image[:, index[0]][:, :, index[1]].to(self.device), self.source)[None]
+            if self.extra == "label":
+                return with_extra(window, extra_channels(extra[:, index[0]][:, :, index[1]][None], "label", 0))
+            if self.extra == "hist":
+                return with_extra(window, extra_channels(extra[None], "hist", (rows, cols)).to(self.device))
+            return window
+
+        out = np.empty((*padded, self.target.channels), DTYPES[self.target.bits])
+        with self.autocast():
+            translate_tiled(self.net, tile_input, padded, out, lambda band: from_unit_range(band, self.target), tile,
+                            halo)  # fmt: skip
+        return torch.from_numpy(out[top : top + height, left : left + width]).permute(2, 0, 1)
+
+
 def translate_batches(
     gens: ExportedGenerators,
     direction: str,
@@ -120,36 +177,20 @@ def translate_batches(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     bf16: bool = False,
+    tiling: tuple[int, int] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, input, output) for each item, integer pixels [C, H, W] of the source's and the target's format on the
-    CPU (augment.pixel_tensor). By default (`size` None or 0) each image
-    keeps its own size: padded by reflection to a size the generator takes (`pad_to_multiple`), translated, cropped
-    back. `size` N resizes to N x N instead (said once on stderr when that changes an image's aspect). Consecutive
-    images of one shape go through the generator together, up to `batch_size`."""
-    device = torch.device(device)
-    net = gens.g_xy if direction == "x2y" else gens.g_yx
-    if net is None:
-        raise ConfigError(
-            f"--direction {direction}: model.family={gens.model.family} trains one generator, X -> Y; use "
-            "--direction x2y (translating Y -> X needs a CycleGAN, or a second run with X and Y swapped)"
-        )
-    net = net.to(device).eval()
-    source, target = (gens.pixel_format(d) for d in (direction[0], direction[2]))
+    CPU (augment.pixel_tensor). By default (`size` None or 0) each image keeps its own size: padded by reflection
+    to a size the generator takes (`pad_to_multiple`), translated, cropped back. `size` N resizes to N x N instead
+    (said once on stderr when that changes an image's aspect). Consecutive images of one shape go through the
+    generator together, up to `batch_size`; with `tiling` (tile, halo), an image with a side over `tile` is
+    translated in tiles (trainer.models.tiling)."""
+    translator = Translator(_generator(gens, direction), *(gens.pixel_format(d) for d in (direction[0], direction[2])),
+                            gens.extra, torch.device(device), bf16)  # fmt: skip
+    translator.net.to(translator.device).eval()
     multiple = gens.model.min_image_multiple()
-    batch: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, Crop]] = []
+    batch: list[Pending] = []
     squashed = False
-
-    def run(batch: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None, Crop]]):
-        images = to_unit_range(torch.stack([padded for _, _, padded, _, _ in batch]).to(device), source)
-        extra = None
-        if gens.extra != "none":
-            extra = extra_channels(torch.stack([e for *_, e, _ in batch]), gens.extra, images.shape[-2:]).to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = net(with_extra(images, extra))
-        pixels = from_unit_range(out, target).cpu()
-        for (name, image, _, _, (top, left, height, width)), result in zip(batch, pixels):
-            yield name, image, result[:, top : top + height, left : left + width]
-
     for name, image, extra in items:
         if size:
             if not squashed and image.shape[-1] != image.shape[-2]:
@@ -159,26 +200,57 @@ def translate_batches(
                 squashed = True
             image = resize(image, size)
             extra = resize(extra, size, nearest=True) if gens.extra == "label" else extra
+        if tiling and max(image.shape[-2:]) > tiling[0]:
+            yield from translator.batch(batch) if batch else ()
+            batch = []
+            yield name, image, translator.tiled(image, extra, multiple, *tiling)
+            continue
         padded, crop = pad_to_multiple(image, multiple)
         if gens.extra == "label":
             extra, _ = pad_to_multiple(extra, multiple)
         if batch and (len(batch) == batch_size or batch[0][2].shape != padded.shape or batch[0][4] != crop):
-            yield from run(batch)
+            yield from translator.batch(batch)
             batch = []
         batch.append((name, image, padded, extra, crop))
     if batch:
-        yield from run(batch)
+        yield from translator.batch(batch)
+
+
+def _generator(gens: ExportedGenerators, direction: str) -> torch.nn.Module:
+    net = gens.g_xy if direction == "x2y" else gens.g_yx
+    if net is None:
+        raise ConfigError(
+            f"--direction {direction}: model.family={gens.model.family} trains one generator, X -> Y; use "
+            "--direction x2y (translating Y -> X needs a CycleGAN, or a second run with X and Y swapped)"
+        )
+    return net
+
+
+def padded_size(height: int, width: int, multiple: int) -> tuple[tuple[int, int], Crop]:
+    """The size `pad_to_multiple` pads an image of height x width to, and the crop that takes it back."""
+    extra_h, extra_w = (max(-side % multiple, 2 * multiple - side) for side in (height, width))
+    return (height + extra_h, width + extra_w), (extra_h // 2, extra_w // 2, height, width)
+
+
+def reflected(start: int, length: int, size: int) -> torch.Tensor:
+    """Indices into an axis of `size` for positions start .. start + length - 1, mirrored at its ends as
+    reflection padding mirrors them (-1 -> 1, size -> size - 2)."""
+    position = torch.arange(start, start + length).abs()
+    period = max(2 * (size - 1), 1)
+    position = position % period
+    return torch.where(position >= size, period - position, position)
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> tuple[torch.Tensor, Crop]:
-    """uint8 [C, H, W] padded evenly on each side by reflection (by repeating the edge where the image is too small
-    to reflect) to the next multiple of `multiple`, and to at least twice it, so that the generator's narrowest
-    layer keeps more than one pixel to normalize; with the crop that takes the output back."""
+    """Integer pixels [C, H, W] padded evenly on each side by reflection (by repeating the edge where the image is
+    too small to reflect) to the next multiple of `multiple`, and to at least twice it, so that the generator's
+    narrowest layer keeps more than one pixel to normalize; with the crop that takes the output back."""
     height, width = image.shape[-2:]
-    extra_h, extra_w = (max(-side % multiple, 2 * multiple - side) for side in (height, width))
-    if not extra_h and not extra_w:
-        return image, (0, 0, height, width)
-    top, left = extra_h // 2, extra_w // 2
+    (padded_h, padded_w), crop = padded_size(height, width, multiple)
+    if (padded_h, padded_w) == (height, width):
+        return image, crop
+    top, left = crop[:2]
+    extra_h, extra_w = padded_h - height, padded_w - width
     pads = (left, extra_w - left, top, extra_h - top)
     mode = "reflect" if max(pads[:2]) < width and max(pads[2:]) < height else "replicate"
     padded = F.pad(image[None].float(), pads, mode=mode)[0].to(image.dtype)
@@ -213,6 +285,23 @@ def side_by_side(image: torch.Tensor, output: torch.Tensor, source: PixelFormat,
     return from_unit_range(torch.cat([display_channels(half) for half in halves], dim=-1), RGB8)
 
 
+def tile_and_halo(tile: int, halo: int, multiple: int) -> tuple[int, int] | None:
+    """--tile and --halo rounded up to the generator's multiple (None for --tile 0).
+
+    Raises:
+        ConfigError: a negative value, or a tile without room for a core inside its halo.
+    """
+    if tile == 0:
+        return None
+    tile, halo = (-(-value // multiple) * multiple for value in (tile, halo))
+    if halo < 0 or tile <= 2 * halo:
+        raise ConfigError(
+            f"--tile {tile} --halo {halo} (rounded up to multiples of {multiple}): the tile must be over twice the "
+            "halo, which must be >= 0"
+        )
+    return tile, halo
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Translate images with trained CycleGAN generators.")
     add_inference_arguments(parser)
@@ -223,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="resize to this square side (default, or 0: each image's own size)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--side-by-side", action="store_true", help="also write input | output to OUT/compare/")
+    parser.add_argument(
+        "--tile", type=int, default=2048, help="translate images with a side over N px in tiles of N px, memory "
+        "bounded by the tile (0: never)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--halo", type=int, default=112, help="context around each tile's core (rounded up to the generator's "
+        "multiple); 7/8 of it covering the generator's receptive field gives the untiled result"
+    )  # fmt: skip
     args = parser.parse_args(argv)
     device = inference_device(args.device)
     count, skipped = 0, []
@@ -232,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise ConfigError(f"--out {args.out} exists and is not a directory")
         gens = load_inference_generators(args.weights, args.step, args.best)
+        tiling = tile_and_halo(args.tile, args.halo, gens.model.min_image_multiple())
         source, target = (gens.pixel_format(d) for d in (args.direction[0], args.direction[2]))
         items = read_inputs(args.input, args.direction, args.split, gens.extra, skipped, source)
-        results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16)
+        results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16, tiling)
         for name, image, output in tqdm(results, desc=f"translate {args.direction}", unit="img", disable=None):
             save_image(output, args.out, name, target)
             if args.side_by_side:
