@@ -47,11 +47,16 @@ def split_entry(
     smallest: tuple[int, int],
     largest: tuple[int, int] | None = None,
     pixel_format: PixelFormat = RGB8,
+    square: bool | None = None,
 ) -> dict[str, Any]:
     """The manifest record of one split: its shards, total samples, the (height, width) of its smallest and largest
-    images (each side on its own; `image_size` too when every image has one size) and its pixel format."""
+    images (each side on its own) and whether all are square (`image_size` too when every image has one size),
+    and its pixel format."""
     largest = largest or smallest
-    entry = {"samples": sum(s["samples"] for s in shards), "sizes": {"min": list(smallest), "max": list(largest)}}
+    if square is None:
+        square = smallest == largest and smallest[0] == smallest[1]
+    sizes = {"min": list(smallest), "max": list(largest), "square": square}
+    entry = {"samples": sum(s["samples"] for s in shards), "sizes": sizes}
     if tuple(smallest) == tuple(largest):
         entry["image_size"] = list(smallest)
     return {**entry, "format": pixel_format.to_json(), "shards": shards}

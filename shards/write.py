@@ -39,7 +39,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -137,9 +137,18 @@ def check_unique_keys(folder: Path, files: list[str]) -> None:
             )
 
 
-def build_sample(job: ShardJob, relative: str, encoding: Encoding) -> tuple[dict, tuple[int, int], PixelFormat]:
+class Built(NamedTuple):
+    sample: dict
+    size: tuple[int, int]
+    """(height, width) as stored."""
+    pixel_format: PixelFormat
+    original: tuple[int, int]
+    """(height, width) as read."""
+
+
+def build_sample(job: ShardJob, relative: str, encoding: Encoding) -> Built:
     """One webdataset sample (the image converted and resized as asked, re-encoded, and its extras) with its
-    image's (height, width) and format.
+    image's size and format.
 
     Raises:
         Unreadable: the image, or its label map when the job has label maps.
@@ -154,7 +163,7 @@ def build_sample(job: ShardJob, relative: str, encoding: Encoding) -> tuple[dict
             label = read_image(label_path, label=True)
         except Unreadable as err:
             raise Unreadable(f"label map {label_path}: {err}") from None
-    own = format_of(pixels)
+    own, original = format_of(pixels), pixels.shape[:2]
     target = PixelFormat(encoding.channels or own.channels, encoding.bits or own.bits)
     if target != own:
         pixels = convert_pixels(pixels, target)
@@ -171,7 +180,7 @@ def build_sample(job: ShardJob, relative: str, encoding: Encoding) -> tuple[dict
             size = (encoding.load_size, encoding.load_size)
             label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
         sample["label.png"] = png_bytes(label)
-    return sample, pixels.shape[:2], target
+    return Built(sample, pixels.shape[:2], target, original)
 
 
 def write_job(job: ShardJob, out: str, encoding: Encoding, strict: bool) -> dict:
@@ -179,7 +188,8 @@ def write_job(job: ShardJob, out: str, encoding: Encoding, strict: bool) -> dict
 
     Returns:
         Its progress record without a name: split, index, samples, skipped ([relative path, reason] pairs) and,
-        when it has samples, bytes, sha256 and image_size.
+        when it has samples, bytes, sha256, sizes (smallest, largest, all square), formats ({"CxB": first file})
+        and reshaped ([count, first file, "WxH"] of non-square images --load-size made square).
 
     Raises:
         ValueError: with `strict`, "PATH: reason" of the shard's first unreadable input.
@@ -187,27 +197,32 @@ def write_job(job: ShardJob, out: str, encoding: Encoding, strict: bool) -> dict
     skipped: list[list[str]] = []
     sizes: list[tuple[int, int]] = []
     formats: dict[str, str] = {}  # "CHANNELSxBITS" -> the first file of that format
+    reshaped: list = [0, None, None]
 
     def readable_samples() -> Iterator[dict]:
         for relative in job.files:
             try:
-                sample, size, pixel_format = build_sample(job, relative, encoding)
+                built = build_sample(job, relative, encoding)
             except Unreadable as err:
                 if strict:
                     raise ValueError(f"{Path(job.source) / relative}: {err}") from None
                 skipped.append([relative, str(err)])
                 continue
-            sizes.append(size)
-            formats.setdefault(f"{pixel_format.channels}x{pixel_format.bits}", relative)
-            yield sample
+            sizes.append(built.size)
+            formats.setdefault(f"{built.pixel_format.channels}x{built.pixel_format.bits}", relative)
+            height, width = built.original
+            if encoding.load_size and height != width:
+                reshaped[:] = [reshaped[0] + 1, reshaped[1] or relative, reshaped[2] or f"{width}x{height}"]
+            yield built.sample
 
     tmp = Path(out) / job.tmp_name
     samples = write_tar(tmp, readable_samples())
     record = {"split": job.split, "index": job.index, "samples": samples, "skipped": skipped}
     if samples:
         heights, widths = zip(*sizes)
-        smallest, largest = [min(heights), min(widths)], [max(heights), max(widths)]
-        record.update(bytes=tmp.stat().st_size, sha256=sha256_file(tmp), sizes=[smallest, largest], formats=formats)
+        sizes_record = [[min(heights), min(widths)], [max(heights), max(widths)], heights == widths]
+        record.update(bytes=tmp.stat().st_size, sha256=sha256_file(tmp), sizes=sizes_record, formats=formats,
+                      reshaped=reshaped)  # fmt: skip
     return record
 
 
@@ -312,7 +327,8 @@ def manifest_split(folder: Path, records: list[dict]) -> dict:
     channels, bits = map(int, next(iter(formats)).split("x"))
     smallest = tuple(min(r["sizes"][0][i] for r in written) for i in (0, 1))
     largest = tuple(max(r["sizes"][1][i] for r in written) for i in (0, 1))
-    return split_entry(shards, smallest, largest, PixelFormat(channels, bits))
+    square = all(r["sizes"][2] for r in written)
+    return split_entry(shards, smallest, largest, PixelFormat(channels, bits), square)
 
 
 def describe(format_key: str) -> str:
@@ -366,6 +382,13 @@ def write_dataset(
             raise
     path = write_manifest(out, manifest_splits)
     progress_path.unlink()
+    reshaped = [(job.split, done[job.key].get("reshaped", [0])) for job in jobs]
+    count = sum(record[0] for _, record in reshaped)
+    if count:
+        split, (_, relative, size) = next((split, r) for split, r in reshaped if r[0])
+        print(f"shards.write: --load-size {load_size} changed the aspect of {count} image(s) that are not square "
+              f"(the first: {split}: {relative}, {size}); each is stored as {load_size}x{load_size}",
+              file=sys.stderr)  # fmt: skip
     skipped = [(job.split, relative, reason) for job in jobs for relative, reason in done[job.key].get("skipped", [])]
     return path, skipped
 

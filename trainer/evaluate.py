@@ -4,7 +4,8 @@
     accelerate launch --config_file launch/cpu-ddp-2.yaml -m trainer.evaluate --weights ... --data ...
 
 DATA_DIR is a shard directory with x-test and y-test splits, or image folders in the reference layout,
-DATA_DIR/testA (X) and DATA_DIR/testB (Y): unpaired, so without PSNR/SSIM (trainer.data.image_folders).
+DATA_DIR/testA (X) and DATA_DIR/testB (Y) (trainer.data.image_folders): paired by name when both hold the same
+names (testB/a.png the known answer of testA/a.png: PSNR/SSIM are scored), else unpaired.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from shards.pixels import PixelFormat
 from shards.synthetic import BUILTIN_PREFIX
 from trainer.config.checks import ConfigError
 from trainer.config.sections import DataConfig, EvalConfig
@@ -26,9 +28,18 @@ from trainer.eval.evaluator import NO_INCEPTION, NO_KNOWN_ANSWER, Evaluator, for
 from trainer.runtime.process_exit import exit_process
 
 
-def load_test_data(root: str, image_size: int, extra: str, count: int, rank: int = 0, world_size: int = 1) -> TestSet:
-    """This rank's share of the first `count` test images per domain of --data: a shard directory's x-test and
-    y-test splits, or the image folders root/testA and root/testB; resized to image_size either way.
+def load_test_data(
+    root: str,
+    image_size: int,
+    extra: str,
+    count: int,
+    rank: int = 0,
+    world_size: int = 1,
+    formats: dict[str, PixelFormat] | None = None,
+) -> TestSet:
+    """This rank's share of the first `count` test images per domain of --data, in each domain's format: a shard
+    directory's x-test and y-test splits, or the image folders root/testA and root/testB (paired when they hold
+    the same names); resized to image_size either way.
 
     Raises:
         ConfigError: --data is neither, or holds no such test images.
@@ -36,12 +47,12 @@ def load_test_data(root: str, image_size: int, extra: str, count: int, rank: int
     data = DataConfig(root=root, load_size=image_size, crop_size=image_size, extra=extra)
     path = Path(root)
     if (path / "manifest.json").is_file():
-        return shard_test_set(data, root, count, rank, world_size)
+        return shard_test_set(data, root, count, rank, world_size, formats)
     if has_test_folders(path):
-        return load_test_folders(path, image_size, extra, count, data.max_image_pixels, rank, world_size)
+        return load_test_folders(path, image_size, extra, count, data.max_image_pixels, rank, world_size, formats)
     expected = "expected a shard directory (manifest.json) or image folders testA/ (X) and testB/ (Y)"
     if root.startswith(BUILTIN_PREFIX):  # made on first use by trainer.data
-        return shard_test_set(data, root, count, rank, world_size)
+        return shard_test_set(data, root, count, rank, world_size, formats)
     if not path.exists():
         raise ConfigError(f"--data {root} does not exist; {expected}")
     if not path.is_dir():
@@ -51,13 +62,15 @@ def load_test_data(root: str, image_size: int, extra: str, count: int, rank: int
     raise ConfigError(f"--data {root} {has}; {expected}")
 
 
-def shard_test_set(data: DataConfig, root: str, count: int, rank: int, world_size: int) -> TestSet:
+def shard_test_set(
+    data: DataConfig, root: str, count: int, rank: int, world_size: int, formats: dict[str, PixelFormat] | None
+) -> TestSet:
     """`load_test_images`, which must find test splits.
 
     Raises:
         ConfigError: the shard directory has no x-test/y-test splits.
     """
-    test = load_test_images(data, count, rank=rank, world_size=world_size)
+    test = load_test_images(data, count, rank=rank, world_size=world_size, formats=formats)
     if test is None:
         raise ConfigError(f"--data {root}: no x-test/y-test splits to evaluate on")
     return test
@@ -102,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--images {args.images}: expected an integer >= 1 (test images per domain)")
         gens = load_inference_generators(args.weights, args.step, args.best)
         cfg = EvalConfig(images=args.images, batch_size=args.batch_size, inception_weights=args.inception_weights)
-        test = load_test_data(args.data, gens.image_size, gens.extra, cfg.images, rank, world_size)
+        formats = {d: gens.pixel_format(d) for d in "xy"}
+        test = load_test_data(args.data, gens.image_size, gens.extra, cfg.images, rank, world_size, formats)
         check_readable(test, args.data, device, world_size)
         inception = load_inception(cfg.inception_weights, device) if cfg.inception_weights else None
     except (ConfigError, ValueError) as err:

@@ -34,7 +34,7 @@ from trainer.checkpoint.upload import CheckpointUploader
 from trainer.config.checks import ConfigError
 from trainer.config.load import config_yaml, to_dict
 from trainer.config.schema import Config
-from trainer.data.formats import formats_note, pixel_format, resolve_formats
+from trainer.data.formats import aspect_note, formats_note, pixel_format, resolve_formats
 from trainer.data.loader import UnpairedLoader
 from trainer.data.plan import DOMAINS
 from trainer.data.test_sets import TestSet, load_test_images
@@ -162,6 +162,8 @@ def train(cfg: Config) -> TrainResult:
         with engine.phase("start-up"):
             cfg = resolve_formats(cfg)  # each domain's channels and bit depth, from the data
             console = Console(engine.is_main)
+            if note := aspect_note(cfg):
+                console.message(note)
             loader = build_loader(cfg, engine)
             evaluator = build_evaluator(cfg, engine, console)
             formats = {d: pixel_format(cfg, d) for d in DOMAINS}

@@ -5,13 +5,14 @@
 --input is a directory of images (searched recursively; outputs keep each file's relative path and name), a
 shard directory (manifest.json; the x-test split for x2y, y-test for y2x, or --split) or a shard URL spec (outputs
 are named KEY.png). Each image keeps its size (padded by reflection to a multiple the generator accepts, cropped
-back), or --size N resizes it to N x N. Outputs are in the target domain's pixel format: its channels and bit
-depth (16-bit grey as PNG or TIFF, grey as a grey image, what PNG cannot hold as TIFF; the suffix changes where
-the input's format cannot hold them). --side-by-side also writes input | output pairs under OUT/compare/ (8-bit RGB
-to look at). Images are decoded as training decodes them (shards.decode, in the source domain's format, the same
-pixel limit); an input that cannot be used is skipped and named with its reason on stderr, and the run fails
-(exit 2) only when nothing could be translated. From Python: `load_inference_generators` (trainer.export) and
-`translate_batches`.
+back), or --size N resizes it to N x N; one with a side over --tile px is translated in tiles with --halo px of
+context, the generator's memory set by the tile (trainer.models.tiling). Outputs are in the target domain's pixel
+format: its channels and bit depth (16-bit grey as PNG or TIFF, grey as a grey image, what PNG cannot hold as
+TIFF; the suffix changes where the input's format cannot hold them). --side-by-side also writes input | output
+pairs under OUT/compare/ (8-bit RGB to look at). Images are decoded as training decodes them (shards.decode, in
+the source domain's format, the same pixel limit); an input that cannot be used is skipped and named with its
+reason on stderr, and the run fails (exit 2) only when nothing could be translated. From Python:
+`load_inference_generators` (trainer.export) and `translate_batches`.
 """
 
 from __future__ import annotations

@@ -125,6 +125,30 @@ def test_image_folder_shares_interleave_over_ranks(tmp_path):
     assert torch.equal(first_three.x, one.x[:3]) and first_three.total_x == 3
 
 
+def test_folders_holding_the_same_names_are_scored_as_pairs(tmp_path):
+    root = tmp_path / "pairs"
+    for folder in ("testA", "testB"):
+        (root / folder).mkdir(parents=True)
+    for i in range(4):
+        (root / "testA" / f"p{i}.png").write_bytes(png_file_bytes(i, (32, 32), "RGB"))
+        answer = "L" if i == 3 else "RGB"  # a grey answer is converted to RGB like any 8-bit RGB test image
+        (root / "testB" / f"p{i}.jpg").write_bytes(png_file_bytes(20 + i, (32, 32), answer))  # the suffix differs
+    (root / "testB" / "p2.jpg").write_bytes(b"")  # its pair is left out
+    paired = load_test_folders(root, 32, "none", 10)
+    assert paired.paired and len(paired.x) == len(paired.y) == 3
+    expected = [png_file_bytes(20 + i, (32, 32), "L" if i == 3 else "RGB") for i in (0, 1, 3)]
+    for image, data in zip(paired.y, expected):
+        pixels = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(image, pixels.float() / 127.5 - 1)
+    result, metrics = evaluate_cli(tiny_export(tmp_path), root, 10)
+    assert result.returncode == 0, result.stderr
+    assert (
+        metrics["eval/psnr_g_xy"] > 0 and "eval/psnr_identity" in metrics and "PSNR/SSIM skipped" not in result.stdout
+    )
+    (root / "testB" / "p0.jpg").rename(root / "testB" / "other.jpg")
+    assert not load_test_folders(root, 32, "none", 10).paired
+
+
 @pytest.mark.distributed
 def test_two_ranks_on_image_folders_give_the_numbers_of_one(tmp_path):
     # Shares of 3 and 2 X images (one of rank 1's unreadable) in batches of 2: the ranks run different numbers of

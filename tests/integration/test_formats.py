@@ -88,7 +88,7 @@ def test_each_format_goes_through_write_train_export_and_translate(case, tmp_pat
     manifest = json.loads((data / "manifest.json").read_text())
     for split, entry in manifest["splits"].items():
         assert entry["format"] == formats[split[0]][0].to_json(), split
-        assert entry["sizes"] == {"min": [20, 20], "max": [20, 20]}
+        assert entry["sizes"] == {"min": [20, 20], "max": [20, 20], "square": True}
     log = train(data, tmp_path / "run")
     x, y = formats["x"][0], formats["y"][0]
     assert f"images: X {x.describe()}, Y {y.describe()}" in log

@@ -153,3 +153,27 @@ def test_time_to_quality_writes_json_and_a_plot(tmp_path):
     assert all(s > 0 for r in figures["results"] for s in r["curve"]["seconds"])
     assert figures["target_gain_db"] == reference["curve"]["gain"][-1] and reference["to_target"]["images"] <= 16
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiled_translate_writes_json(tmp_path):
+    out = tmp_path / "tiled.json"
+    cmd = [sys.executable, "benchmarks/tiled_translate.py", "--sizes", "300", "--whole", "300", "--tile", "128",
+           "--halo", "16", "--compare", "256", "--out", str(out)]  # fmt: skip
+    result = run_bounded(cmd, timeout_s=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    tiled, whole = figures["rows"]
+    assert (tiled["tile"], whole["tile"]) == (128, 0) and tiled["side"] == whole["side"] == 300
+    assert all(row["peak_rss_mib"] > 100 and row["wall_s"] > 0 for row in (tiled, whole))
+    seams = figures["seams"]
+    assert seams["pixels"] == 256 * 256 and seams["max_abs_diff_16bit"] >= seams["max_abs_diff_away_from_seams"]
+
+
+def test_format_quality_writes_json(tmp_path):
+    out = tmp_path / "formats.json"
+    cmd = [sys.executable, "benchmarks/format_quality.py", "--tasks", "colour2grey", "--steps", "4", "--out", str(out)]
+    result = run_bounded(cmd, timeout_s=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["task"] == "colour2grey" and row["images"] == 64 and row["format_y"] == "8-bit with 1 channel"
+    assert row["gain_db"] == pytest.approx(row["psnr_written"] - row["psnr_identity"], abs=0.02)

@@ -12,7 +12,7 @@ from shards.pixels import PixelFormat
 from shards.synthetic import write_synthetic
 from trainer.config.checks import ConfigError
 from trainer.config.load import load_config
-from trainer.data.formats import formats_note, pixel_format, resolve_formats
+from trainer.data.formats import aspect_note, formats_note, pixel_format, resolve_formats
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,15 @@ def test_terms_that_compare_the_two_domains_need_one_channel_count(override, mes
         load_config(None, ["model.x_channels=3", "model.y_channels=1", override])
     with pytest.raises(ConfigError, match=r"model.x_channels=0 .* an integer in \[1, 64\]"):
         load_config(None, ["model.x_channels=0"])
+
+
+def test_training_says_once_when_load_size_squashes_images_that_are_not_square(grey16, tmp_path):
+    manifest = json.loads((grey16 / "manifest.json").read_text())
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.load_size=32", "data.crop_size=32"])
+    for square, expected in ((True, None), (False, "data: x-train holds images that are not square")):
+        manifest["splits"]["x-train"]["sizes"]["square"] = square
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        note = aspect_note(cfg)
+        assert note == expected if expected is None else note.startswith(expected)
+    assert note.endswith("data.load_size=32 resizes each to 32x32, changing its aspect (crop them square first to "
+                         "choose what is kept)")  # fmt: skip

@@ -172,3 +172,25 @@ def test_a_domain_mixing_formats_is_refused_naming_two_files_unless_converted(tm
     assert manifest["splits"]["x-train"]["format"] == {"channels": 1, "bits": 16}
     with pytest.raises(SystemExit, match=r"b\.png is 8-bit with 1 channel: --extra hist stores colour histograms"):
         write_main([*args[:-2], "--out", str(tmp_path / "hist"), "--extra", "hist"])
+
+
+def test_a_load_size_that_changes_the_aspect_says_so_once(tmp_path, capsys):
+    x, y = tmp_path / "x", tmp_path / "y"
+    for folder in (x, y):
+        folder.mkdir()
+        Image.new("RGB", (12, 12)).save(folder / "square.png")
+    Image.new("RGB", (20, 10)).save(x / "wide.png")
+    Image.new("RGB", (10, 30)).save(x / "tall.png")
+    write_main(["--x", str(x), "--y", str(y), "--out", str(tmp_path / "out"), "--workers", "1", "--load-size", "8"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "aspect" in line]
+    assert lines == [
+        "shards.write: --load-size 8 changed the aspect of 2 image(s) that are not square (the first: x-train: "
+        "tall.png, 10x30); each is stored as 8x8"
+    ]
+    sizes = read_manifest(tmp_path / "out")["splits"]["x-train"]["sizes"]
+    assert sizes == {"min": [8, 8], "max": [8, 8], "square": True}  # as stored
+    write_main(["--x", str(x), "--y", str(y), "--out", str(tmp_path / "own"), "--workers", "1"])
+    assert read_manifest(tmp_path / "own")["splits"]["x-train"]["sizes"] == {
+        "min": [10, 10], "max": [30, 20], "square": False
+    }  # fmt: skip
+    assert "aspect" not in capsys.readouterr().err

@@ -23,12 +23,10 @@ def data_formats(cfg: Config) -> dict[str, PixelFormat] | None:
     Raises:
         ConfigError: an unreadable manifest, or a test split of another format than its training split.
     """
-    data = cfg.data
-    if data.x_train or data.y_train or not data.root:
+    data, manifest = cfg.data, data_manifest(cfg)
+    if manifest is None:
         return None
-    root = data_root(data.root, data.load_size)
     try:
-        manifest = read_manifest(root, reading(data).remote)
         formats = {d: split_format(manifest, f"{d}-train", f"data.root={data.root}") for d in DOMAINS}
         for domain in DOMAINS:
             test = f"{domain}-test"
@@ -40,6 +38,36 @@ def data_formats(cfg: Config) -> dict[str, PixelFormat] | None:
     except ShardsError as err:
         raise ConfigError(str(err)) from None
     return formats
+
+
+def data_manifest(cfg: Config) -> dict | None:
+    """data.root's checked manifest; None for shards given by URL (data.x_train/y_train).
+
+    Raises:
+        ConfigError: it cannot be read or is malformed (one line).
+    """
+    data = cfg.data
+    if data.x_train or data.y_train or not data.root:
+        return None
+    try:
+        return read_manifest(data_root(data.root, data.load_size), reading(data).remote)
+    except ShardsError as err:
+        raise ConfigError(str(err)) from None
+
+
+def aspect_note(cfg: Config) -> str | None:
+    """A line saying that data.load_size squashes the training images, where the manifest says some are not
+    square; None otherwise (or when it does not say)."""
+    manifest = data_manifest(cfg)
+    for split, entry in (manifest or {"splits": {}})["splits"].items():
+        sizes = entry.get("sizes") if split.endswith("-train") else None
+        if isinstance(sizes, dict) and sizes.get("square") is False:
+            size = cfg.data.load_size
+            return (
+                f"data: {split} holds images that are not square; data.load_size={size} resizes each to "
+                f"{size}x{size}, changing its aspect (crop them square first to choose what is kept)"
+            )
+    return None
 
 
 def resolve_formats(cfg: Config) -> Config:

@@ -117,23 +117,34 @@ def load_test_folders(
     formats: dict[str, PixelFormat] | None = None,
 ) -> TestSet:
     """This rank's share (every world_size-th, from `rank`) of the first `count` images of root/testA (X) and
-    root/testB (Y), sorted, resized to crop_size as training's test splits are. Unpaired: there is no known answer.
-    Unreadable files are skipped with one line saying how many and the first.
+    root/testB (Y) in each domain's format, sorted, resized to crop_size as training's test splits are. Paired when
+    both folders hold the same names (without suffixes: a.png and a.tif pair), testB's image being the known answer
+    of testA's; else unpaired. Unreadable files are skipped with one line saying how many and the first.
 
     Raises:
         ConfigError: a folder without images, or generators that take label maps.
     """
     skipped: list[str] = []
-    stacked, totals = [], []
+    listings = {d: image_files(root / TEST_FOLDERS[d], "--data") for d in DOMAINS}
+    names = [{str(p.relative_to(root / TEST_FOLDERS[d]).with_suffix("")): p for p in listings[d]} for d in DOMAINS]
+    paired = names[0].keys() == names[1].keys() and all(len(n) == len(listings[d]) for n, d in zip(names, DOMAINS))
+    if paired:  # the same names: testB/NAME is the known answer of testA/NAME, in one order
+        listings = {d: [names[i][name] for name in sorted(names[0])] for i, d in enumerate(DOMAINS)}
+    shares, totals = {}, []
     for domain in DOMAINS:
-        folder = root / TEST_FOLDERS[domain]
-        files = image_files(folder, "--data")[:count]
+        folder, files = root / TEST_FOLDERS[domain], listings[domain][:count]
         pixel_format = (formats or {}).get(domain, RGB8)
         share = read_image_dir(folder, files[rank::world_size], extra, "--data", max_pixels, skipped, pixel_format)
-        items = [(resize(image, crop_size), hist) for _, image, hist in share]  # full-size decodes are not kept
-        stacked.append(stack_test_images(items, extra, crop_size, "cpu", pixel_format))
+        # full-size decodes are not kept
+        shares[domain] = {Path(name).with_suffix(""): (resize(image, crop_size), hist) for name, image, hist in share}
         totals.append(len(files))
     if skipped:
         print(f"test folders: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
+    if paired:  # a pair with an unreadable side is left out
+        shares = {d: {k: v for k, v in shares[d].items() if k in shares["x"] and k in shares["y"]} for d in DOMAINS}
+    stacked = [
+        stack_test_images(list(shares[d].values()), extra, crop_size, "cpu", (formats or {}).get(d, RGB8))
+        for d in DOMAINS
+    ]
     (x, extra_x), (y, extra_y) = stacked
-    return TestSet(x, y, extra_x, extra_y, False, *totals)
+    return TestSet(x, y, extra_x, extra_y, paired, *totals)
