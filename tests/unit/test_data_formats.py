@@ -3,6 +3,7 @@ terms that need equal channel counts turned off or refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -10,6 +11,8 @@ import pytest
 
 from shards.pixels import PixelFormat
 from shards.synthetic import write_synthetic
+from trainer.checkpoint.format import TRAIN_STATE, CheckpointError
+from trainer.checkpoint.resume import check_architecture
 from trainer.config.checks import ConfigError
 from trainer.config.load import load_config
 from trainer.data.formats import aspect_note, formats_note, pixel_format, resolve_formats
@@ -94,3 +97,13 @@ def test_training_says_once_when_load_size_squashes_images_that_are_not_square(g
         assert note == expected if expected is None else note.startswith(expected)
     assert note.endswith("data.load_size=32 resizes each to 32x32, changing its aspect (crop them square first to "
                          "choose what is kept)")  # fmt: skip
+
+
+def test_a_checkpoint_from_before_formats_resumes_as_rgb(tmp_path):
+    """Checkpoints written before the channel counts were recorded hold none: they are 3 channels, as the
+    resolved config of an 8-bit RGB manifest says; another count is another architecture."""
+    saved = {k: v for k, v in dataclasses.asdict(load_config(None, []).model).items() if not k.endswith("_channels")}
+    (tmp_path / TRAIN_STATE).write_text(json.dumps({"step": 4, "world_size": 1, "backend": "ddp", "model": saved}))
+    check_architecture(tmp_path, load_config(None, ["model.x_channels=3", "model.y_channels=3"]).model)
+    with pytest.raises(CheckpointError, match="model.y_channels=3, config says 1"):
+        check_architecture(tmp_path, load_config(None, ["model.x_channels=3", "model.y_channels=1"]).model)

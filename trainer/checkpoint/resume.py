@@ -80,6 +80,8 @@ def check_architecture(path: Path, model_cfg: ModelConfig) -> None:
     # A field added after the checkpoint was written holds its default there (e.g. model.family: cyclegan)
     defaults = field_defaults(ModelConfig)
     saved = {k: saved.get(k, defaults[k]) for k in current}
+    for key in ("x_channels", "y_channels"):  # null is 3 (before formats were recorded; shards without a manifest)
+        saved[key], current[key] = saved[key] or 3, current[key] or 3
     diffs = [
         f"model.{k}={saved[k]!r:.40}, config says {v!r:.40}"
         for k, v in current.items()
