@@ -77,7 +77,7 @@ def test_the_articles_unet_learns_the_photos_task(tmp_path):
 @pytest.mark.parametrize("config", ["cut-demo", "fastcut-demo"])
 def test_the_cut_demo_configs_learn_the_colour_task(config, tmp_path):
     """CUT and FastCUT (one generator, X -> Y) with the demo's networks: G(x) beats the identity by >= 6 dB within
-    the config's steps (600 and 1200), and `trainer.evaluate` on the export agrees."""
+    the config's steps (600 and 1800), and `trainer.evaluate` on the export agrees."""
     data, run_dir = tmp_path / "colour", tmp_path / "run"
     write_synthetic(data, "colour", size=32, train=2048, test=64)  # the built-in set (shards.synthetic's defaults)
     result = run_bounded(train_command(data, run_dir, "logging.image_every_steps=0", config=config), timeout_s=600)
