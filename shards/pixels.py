@@ -255,13 +255,13 @@ HOLDS_16_BITS = {".png", ".tif", ".tiff"}
 
 
 def file_suffix(suffix: str, pixel_format: PixelFormat) -> str:
-    """The suffix an image of `pixel_format` is written under when asked for `suffix`: that one where its format
-    holds the pixels (8-bit grey and RGB: any PIL writes; RGBA: PNG, TIFF, WebP; 16-bit grey: PNG, TIFF), else
-    .png for RGBA and 16-bit grey, and .tif for the rest."""
+    """The suffix (lower case) an image of `pixel_format` is written under when asked for `suffix`: that one where
+    its format holds the pixels (8-bit grey and RGB: any PIL writes; RGBA: PNG, TIFF, WebP; 16-bit grey: PNG,
+    TIFF), else .png for 8-bit grey, RGB, RGBA and 16-bit grey, and .tif for the rest."""
     suffix = suffix.lower()
     key = (pixel_format.bits, pixel_format.channels)
-    if key in ((8, 1), (8, 3)) and suffix in Image.registered_extensions():
-        return suffix
+    if key in ((8, 1), (8, 3)):
+        return suffix if suffix in Image.registered_extensions() else ".png"
     if key in ((8, 4), (16, 1)):
         return suffix if suffix in (HOLDS_ALPHA if key == (8, 4) else HOLDS_16_BITS) else ".png"
     return suffix if suffix in (".tif", ".tiff") else ".tif"

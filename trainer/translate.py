@@ -158,7 +158,8 @@ class Translator:
             index = reflected(row - top, rows, height), reflected(col - left, cols, width)
             window = to_unit_range(image[:, index[0]][:, :, index[1]].to(self.device), self.source)[None]
             if self.extra == "label":
-                return with_extra(window, extra_channels(extra[:, index[0]][:, :, index[1]][None], "label", 0))
+                label = extra_channels(extra[:, index[0]][:, :, index[1]][None], "label", 0)
+                return with_extra(window, label.to(self.device))
             if self.extra == "hist":
                 return with_extra(window, extra_channels(extra[None], "hist", (rows, cols)).to(self.device))
             return window
@@ -185,7 +186,7 @@ def translate_batches(
     to a size the generator takes (`pad_to_multiple`), translated, cropped back. `size` N resizes to N x N instead
     (said once on stderr when that changes an image's aspect). Consecutive images of one shape go through the
     generator together, up to `batch_size`; with `tiling` (tile, halo), an image with a side over `tile` is
-    translated in tiles (trainer.models.tiling)."""
+    translated in tiles (trainer.models.tiling; its 16-bit output is uint16, half the memory of int32)."""
     translator = Translator(_generator(gens, direction), *(gens.pixel_format(d) for d in (direction[0], direction[2])),
                             gens.extra, torch.device(device), bf16)  # fmt: skip
     translator.net.to(translator.device).eval()
@@ -268,10 +269,12 @@ def save_image(pixels: torch.Tensor, out: Path, name: str, pixel_format: PixelFo
             cannot be written.
     """
     path = out / name
-    path = path.with_suffix(file_suffix(path.suffix, pixel_format))
+    suffix = file_suffix(path.suffix, pixel_format)
+    if suffix != path.suffix.lower():  # a name whose format cannot hold the pixels
+        path = path.with_suffix(suffix)
     if not path.resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"output {name!r:.120} would be written outside --out {out}; refusing")
-    data = encode_file(pixels.permute(1, 2, 0).numpy().astype(DTYPES[pixel_format.bits]), path.suffix.lower())
+    data = encode_file(pixels.permute(1, 2, 0).numpy().astype(DTYPES[pixel_format.bits]), suffix)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)

@@ -20,6 +20,7 @@ from shards.pixels import PixelFormat, read_pixels
 from tests.conftest import run_bounded, train_command
 from trainer.checkpoint.export import load_generators
 from trainer.data.formats import from_unit_range, to_unit_range
+from trainer.translate import save_image
 
 TINY = ["model.ngf=4", "model.ndf=4", "model.n_blocks=1", "model.n_layers_d=1", "train.batch_size=2",
         "train.steps=3", "data.load_size=16", "data.crop_size=16", "logging.every_steps=1", "eval.every_steps=3",
@@ -148,3 +149,12 @@ def test_a_config_that_contradicts_the_data_stops_the_cli_in_one_line(tmp_path):
         "leave model.x_channels unset (null) to take the data's"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_outputs_keep_their_names_unless_the_format_cannot_hold_the_pixels(tmp_path):
+    grey16 = torch.full((1, 4, 6), 40000, dtype=torch.int32)
+    rgb = torch.zeros(3, 4, 6, dtype=torch.uint8)
+    assert save_image(rgb, tmp_path, "a/Photo.JPG") == tmp_path / "a" / "Photo.JPG"
+    assert save_image(rgb, tmp_path, "no_suffix") == tmp_path / "no_suffix.png"
+    written = save_image(grey16, tmp_path, "scan.jpg", PixelFormat(1, 16))
+    assert written == tmp_path / "scan.png" and read_pixels(written.read_bytes(), 100).max() == 40000

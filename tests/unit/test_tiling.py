@@ -14,7 +14,7 @@ from shards.pixels import PixelFormat
 from trainer.checkpoint.export import ExportedGenerators
 from trainer.config.checks import ConfigError
 from trainer.config.model import ModelConfig
-from trainer.models import build_generator
+from trainer.models import GENERATORS, build_generator
 from trainer.models.tiling import gather_statistics, tile_rows, translate_tiled
 from trainer.translate import reflected, tile_and_halo, translate_batches
 
@@ -42,7 +42,7 @@ def tiled(net: nn.Module, image: torch.Tensor, tile: int, halo: int, seen: list 
     return torch.from_numpy(out).permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("name", ["resnet", "densenet"])
+@pytest.mark.parametrize("name", ["resnet", "densenet", "unet_article"])
 def test_a_halo_covering_the_receptive_field_gives_the_untiled_result(name):
     net, image = generator(name), torch.rand(1, 3, *SIZE) * 2 - 1
     with torch.no_grad():
@@ -114,3 +114,18 @@ def test_tile_and_halo_round_up_and_refuse_a_tile_without_a_core():
     assert tile_and_halo(510, 30, 4) == (512, 32)
     with pytest.raises(ConfigError, match="--tile 256 --halo 256 .* the tile must be over twice the halo"):
         tile_and_halo(200, 200, 256)
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_every_generator_registers_its_norm_layers_in_the_order_its_forward_runs_them(name):
+    """The statistics passes measure the layers in registration order, each normalizing with those before it."""
+    torch.manual_seed(0)
+    net = build_generator(ModelConfig(generator=name, ngf=4)).eval()
+    layers = [m for m in net.modules() if isinstance(m, nn.InstanceNorm2d)]
+    calls: list[nn.Module] = []
+    hooks = [layer.register_forward_pre_hook(lambda layer, args: calls.append(layer)) for layer in layers]
+    with torch.no_grad():
+        net(torch.rand(1, 3, 256, 256))
+    for hook in hooks:
+        hook.remove()
+    assert calls == layers

@@ -60,6 +60,7 @@ class NormStatistics:
     """Whole-image statistics of a generator's instance-norm layers, replacing their per-tile ones."""
 
     def __init__(self, net: nn.Module) -> None:
+        # registration order is the forward's order in every generator here (tests/unit/test_tiling.py)
         self.layers = [m for m in net.modules() if isinstance(m, nn.InstanceNorm2d)]
         self.mean: dict[nn.Module, torch.Tensor] = {}
         self.var: dict[nn.Module, torch.Tensor] = {}
