@@ -68,11 +68,11 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, part: str = "i
 
 
 def decode_image(
-    data: bytes, expected: PixelFormat, max_pixels: int = DEFAULT_MAX_PIXELS, part: str = "image"
+    data: bytes, expected: PixelFormat | None, max_pixels: int = DEFAULT_MAX_PIXELS, part: str = "image"
 ) -> np.ndarray:
     """An encoded image as [H, W, C] of the format `expected`: 8-bit RGB is decoded as `decode_rgb` converts
     (shards written before formats were recorded hold grey, RGBA and palette images too); any other format must be
-    the image's own.
+    the image's own; None takes the image's own, whatever it is.
 
     Raises:
         BadSample: ("corrupt") the image does not decode, is over `max_pixels`, or is of another format.
@@ -83,7 +83,7 @@ def decode_image(
         pixels = read_pixels(data, max_pixels, part)
     except ValueError as err:
         raise BadSample("corrupt", str(err)) from None
-    if format_of(pixels) != expected:
+    if expected is not None and format_of(pixels) != expected:
         raise BadSample("corrupt", f"{part} is {format_of(pixels).describe()}; its split is {expected.describe()}")
     return pixels
 

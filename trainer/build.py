@@ -15,7 +15,7 @@ from trainer.algorithms.pool import ImagePool
 from trainer.config.checks import ConfigError
 from trainer.config.model import LossConfig
 from trainer.config.schema import Config
-from trainer.data.formats import pixel_format
+from trainer.data.formats import domain_formats
 from trainer.data.loader import UnpairedLoader
 from trainer.data.plan import DOMAINS
 from trainer.data.test_sets import load_test_images
@@ -101,16 +101,15 @@ def build_training(cfg: Config, engine: Engine) -> Training:
 
 def build_loader(cfg: Config, engine: Engine) -> UnpairedLoader:
     """This rank's loader of unpaired training batches."""
-    formats = {d: pixel_format(cfg, d) for d in DOMAINS}
     return UnpairedLoader(
-        cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device, formats
-    )
+        cfg.data, cfg.train.batch_size, cfg.train.seed, engine.rank, engine.world_size, engine.device,
+        domain_formats(cfg),
+    )  # fmt: skip
 
 
 def build_evaluator(cfg: Config, engine: Engine, console: Console) -> Evaluator | None:
     """The evaluator of this rank's share of the test split (None without one), after checking eval.select."""
-    formats = {d: pixel_format(cfg, d) for d in DOMAINS}
-    test = load_test_images(cfg.data, cfg.eval.images, "cpu", engine.rank, engine.world_size, formats)
+    test = load_test_images(cfg.data, cfg.eval.images, "cpu", engine.rank, engine.world_size, domain_formats(cfg))
     if test is None:
         if cfg.eval.select != "none":
             raise ConfigError(f"eval.select={cfg.eval.select} needs x-test/y-test splits in data.root={cfg.data.root}")

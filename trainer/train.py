@@ -34,9 +34,8 @@ from trainer.checkpoint.upload import CheckpointUploader
 from trainer.config.checks import ConfigError
 from trainer.config.load import config_yaml, to_dict
 from trainer.config.schema import Config
-from trainer.data.formats import aspect_note, formats_note, pixel_format, resolve_formats
+from trainer.data.formats import aspect_note, data_manifest, domain_formats, formats_note, resolve_formats
 from trainer.data.loader import UnpairedLoader
-from trainer.data.plan import DOMAINS
 from trainer.data.test_sets import TestSet, load_test_images
 from trainer.eval.evaluator import Evaluator
 from trainer.observe.console import Console
@@ -160,14 +159,14 @@ def train(cfg: Config) -> TrainResult:
         torch.cuda.memory._record_memory_history(max_entries=100_000)
     try:
         with engine.phase("start-up"):
-            cfg = resolve_formats(cfg)  # each domain's channels and bit depth, from the data
+            manifest = data_manifest(cfg)
+            cfg = resolve_formats(cfg, manifest)  # each domain's channels and bit depth, from the data
             console = Console(engine.is_main)
-            if note := aspect_note(cfg):
+            if note := aspect_note(cfg, manifest):
                 console.message(note)
             loader = build_loader(cfg, engine)
             evaluator = build_evaluator(cfg, engine, console)
-            formats = {d: pixel_format(cfg, d) for d in DOMAINS}
-            samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device, formats=formats)
+            samples = load_test_images(cfg.data, cfg.logging.sample_images, engine.device, formats=domain_formats(cfg))
         with hold_run_dir(Path(cfg.train.run_dir), engine.is_main, engine.any_rank):
             with engine.phase("start-up"):
                 _on_main(engine, lambda: check_run_dir(Path(cfg.train.run_dir)))  # before anything is written

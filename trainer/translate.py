@@ -187,8 +187,8 @@ def translate_batches(
     (said once on stderr when that changes an image's aspect). Consecutive images of one shape go through the
     generator together, up to `batch_size`; with `tiling` (tile, halo), an image with a side over `tile` is
     translated in tiles (trainer.models.tiling; its 16-bit output is uint16, half the memory of int32)."""
-    translator = Translator(_generator(gens, direction), *(gens.pixel_format(d) for d in (direction[0], direction[2])),
-                            gens.extra, torch.device(device), bf16)  # fmt: skip
+    translator = Translator(_generator(gens, direction), *gens.direction_formats(direction), gens.extra,
+                            torch.device(device), bf16)  # fmt: skip
     translator.net.to(translator.device).eval()
     multiple = gens.model.min_image_multiple()
     batch: list[Pending] = []
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out {args.out} exists and is not a directory")
         gens = load_inference_generators(args.weights, args.step, args.best)
         tiling = tile_and_halo(args.tile, args.halo, gens.model.min_image_multiple())
-        source, target = (gens.pixel_format(d) for d in (args.direction[0], args.direction[2]))
+        source, target = gens.direction_formats(args.direction)
         items = read_inputs(args.input, args.direction, args.split, gens.extra, skipped, source)
         results = translate_batches(gens, args.direction, items, args.size, args.batch_size, device, args.bf16, tiling)
         for name, image, output in tqdm(results, desc=f"translate {args.direction}", unit="img", disable=None):

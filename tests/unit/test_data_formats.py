@@ -15,7 +15,12 @@ from trainer.checkpoint.format import TRAIN_STATE, CheckpointError
 from trainer.checkpoint.resume import check_architecture
 from trainer.config.checks import ConfigError
 from trainer.config.load import load_config
-from trainer.data.formats import aspect_note, formats_note, pixel_format, resolve_formats
+from trainer.data.formats import aspect_note, data_manifest, formats_note, pixel_format, resolve_formats
+
+
+def resolved(cfg):
+    """`cfg` resolved as training resolves it: from data.root's manifest, read once."""
+    return resolve_formats(cfg, data_manifest(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -29,24 +34,24 @@ def colour2grey(tmp_path_factory):
 
 
 def test_the_formats_come_from_the_manifest(grey16, colour2grey):
-    cfg = resolve_formats(load_config(None, [f"data.root={grey16}"]))
+    cfg = resolved(load_config(None, [f"data.root={grey16}"]))
     assert (cfg.model.x_channels, cfg.model.y_channels, cfg.data.x_bits, cfg.data.y_bits) == (1, 1, 16, 16)
     assert cfg.model.input_nc == 1 and cfg.loss.lambda_identity == 0.5
     assert pixel_format(cfg, "y") == PixelFormat(1, 16)
     assert formats_note(cfg) == "; images: X 16-bit with 1 channel, Y 16-bit with 1 channel"
-    cfg = resolve_formats(load_config(None, [f"data.root={colour2grey}", "model.x_channels=3"]))
+    cfg = resolved(load_config(None, [f"data.root={colour2grey}", "model.x_channels=3"]))
     assert (cfg.model.input_nc, cfg.model.generator_channels("y", "x")) == (3, (1, 3))
     assert cfg.loss.lambda_identity == 0.0 and formats_note(cfg).endswith(
         "identity loss off: the channel counts differ"
     )
-    cut = resolve_formats(load_config(None, [f"data.root={colour2grey}", "model.family=cut"]))
+    cut = resolved(load_config(None, [f"data.root={colour2grey}", "model.family=cut"]))
     assert cut.model.nce_identity is False
 
 
 def test_shards_without_a_manifest_keep_the_config(grey16):
     cfg = load_config(None, [f"data.x_train={grey16}/x-train-000000.tar", f"data.y_train={grey16}/y-train-000000.tar",
                              "model.x_channels=1", "data.x_bits=16"])  # fmt: skip
-    assert resolve_formats(cfg) is cfg and pixel_format(cfg, "x") == PixelFormat(1, 16)
+    assert resolved(cfg) is cfg and pixel_format(cfg, "x") == PixelFormat(1, 16)
     assert pixel_format(cfg, "y") == PixelFormat(3, 8)
 
 
@@ -55,7 +60,7 @@ def test_shards_without_a_manifest_keep_the_config(grey16):
 )
 def test_a_config_that_contradicts_the_data_is_one_line(grey16, override, key, stated):
     with pytest.raises(ConfigError) as err:
-        resolve_formats(load_config(None, [f"data.root={grey16}", override]))
+        resolved(load_config(None, [f"data.root={grey16}", override]))
     domain = key.split(".")[1][0]
     assert str(err.value) == (
         f"{key}={stated} contradicts data.root={grey16}: its {domain}-train images are 16-bit with 1 channel; leave "
@@ -70,7 +75,7 @@ def test_a_test_split_of_another_format_is_refused(grey16, tmp_path):
         (tmp_path / path.name).write_bytes(path.read_bytes())
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="y-test is 8-bit with 1 channel but y-train is 16-bit with 1 channel"):
-        resolve_formats(load_config(None, [f"data.root={tmp_path}"]))
+        resolved(load_config(None, [f"data.root={tmp_path}"]))
 
 
 @pytest.mark.parametrize(
@@ -93,7 +98,7 @@ def test_training_says_once_when_load_size_squashes_images_that_are_not_square(g
     for square, expected in ((True, None), (False, "data: x-train holds images that are not square")):
         manifest["splits"]["x-train"]["sizes"]["square"] = square
         (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-        note = aspect_note(cfg)
+        note = aspect_note(cfg, data_manifest(cfg))
         assert note == expected if expected is None else note.startswith(expected)
     assert note.endswith("data.load_size=32 resizes each to 32x32, changing its aspect (crop them square first to "
                          "choose what is kept)")  # fmt: skip

@@ -181,6 +181,10 @@ class ExportedGenerators:
         """The format of `domain`'s images: what the generator from it takes, what the one to it writes."""
         return PixelFormat(self.model.channels(domain), self.bits[domain])
 
+    def direction_formats(self, direction: str) -> tuple[PixelFormat, PixelFormat]:
+        """(source, target) formats of `direction` ("x2y" or "y2x")."""
+        return self.pixel_format(direction[0]), self.pixel_format(direction[2])
+
 
 def generators_from_weights(
     weights: dict[str, torch.Tensor],

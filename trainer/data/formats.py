@@ -16,24 +16,24 @@ from trainer.config.schema import Config
 from trainer.data.plan import DOMAINS, data_root, reading
 
 
-def data_formats(cfg: Config) -> dict[str, PixelFormat] | None:
-    """The formats of X and Y from data.root's manifest (their training splits; test splits must agree), or None
-    for shards given by URL (data.x_train/y_train), which have no manifest.
+def data_formats(cfg: Config, manifest: dict | None) -> dict[str, PixelFormat] | None:
+    """The formats of X and Y from data.root's `manifest` (`data_manifest`: their training splits; test splits must
+    agree), or None for shards given by URL (data.x_train/y_train), which have no manifest.
 
     Raises:
-        ConfigError: an unreadable manifest, or a test split of another format than its training split.
+        ConfigError: a test split of another format than its training split, or a malformed format record.
     """
-    data, manifest = cfg.data, data_manifest(cfg)
     if manifest is None:
         return None
+    root = cfg.data.root
     try:
-        formats = {d: split_format(manifest, f"{d}-train", f"data.root={data.root}") for d in DOMAINS}
+        formats = {d: split_format(manifest, f"{d}-train", f"data.root={root}") for d in DOMAINS}
         for domain in DOMAINS:
             test = f"{domain}-test"
-            if test in manifest["splits"] and split_format(manifest, test) != formats[domain]:
+            found = split_format(manifest, test) if test in manifest["splits"] else formats[domain]
+            if found != formats[domain]:
                 raise ShardsError(
-                    f"data.root={data.root}: {test} is {split_format(manifest, test).describe()} but {domain}-train "
-                    f"is {formats[domain].describe()}"
+                    f"data.root={root}: {test} is {found.describe()} but {domain}-train is {formats[domain].describe()}"
                 )
     except ShardsError as err:
         raise ConfigError(str(err)) from None
@@ -55,10 +55,9 @@ def data_manifest(cfg: Config) -> dict | None:
         raise ConfigError(str(err)) from None
 
 
-def aspect_note(cfg: Config) -> str | None:
-    """A line saying that data.load_size squashes the training images, where the manifest says some are not
-    square; None otherwise (or when it does not say)."""
-    manifest = data_manifest(cfg)
+def aspect_note(cfg: Config, manifest: dict | None) -> str | None:
+    """A line saying that data.load_size squashes the training images, where data.root's `manifest` says some are
+    not square; None otherwise (or when it does not say)."""
     for split, entry in (manifest or {"splits": {}})["splits"].items():
         sizes = entry.get("sizes") if split.endswith("-train") else None
         if isinstance(sizes, dict) and sizes.get("square") is False:
@@ -70,13 +69,14 @@ def aspect_note(cfg: Config) -> str | None:
     return None
 
 
-def resolve_formats(cfg: Config) -> Config:
-    """`cfg` with model.x_channels/y_channels and data.x_bits/y_bits from the data where they are null.
+def resolve_formats(cfg: Config, manifest: dict | None) -> Config:
+    """`cfg` with model.x_channels/y_channels and data.x_bits/y_bits from data.root's `manifest` (`data_manifest`)
+    where they are null.
 
     Raises:
         ConfigError: a stated value the data contradicts (one line naming the key), or what `data_formats` raises.
     """
-    formats = data_formats(cfg)
+    formats = data_formats(cfg, manifest)
     if formats is None:
         return cfg
     for domain, found in formats.items():
@@ -99,6 +99,11 @@ def pixel_format(cfg: Config, domain: str) -> PixelFormat:
     """The format of `domain`'s images under `cfg` (8-bit RGB where nothing set it)."""
     bits = cfg.data.x_bits if domain == "x" else cfg.data.y_bits
     return PixelFormat(cfg.model.channels(domain), bits or 8)
+
+
+def domain_formats(cfg: Config) -> dict[str, PixelFormat]:
+    """Each domain's format under `cfg` (see `pixel_format`)."""
+    return {domain: pixel_format(cfg, domain) for domain in DOMAINS}
 
 
 def formats_note(cfg: Config) -> str:
